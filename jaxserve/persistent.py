@@ -1,0 +1,176 @@
+"""Small persistent (immutable, structure-sharing) containers for scheduler state.
+
+Schedulers are pure, so every step returns a new state; these containers make that cost O(change)
+rather than O(state): an update shares everything it did not touch with the old version. Maps come
+from ``immutables.Map`` (a C hash-array-mapped trie). Here:
+
+* cons lists: ``(head, tail)`` pairs, ``None`` is empty (O(1) push, used for stacks and token logs);
+* ``Queue``: Okasaki's two-list FIFO queue;
+* ``KeyedQueue``: a leftist heap keyed by a sort key, with removal by id (lazy deletion).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import immutables
+
+Cons = Optional[tuple]  # None | (head, tail)
+EMPTY_MAP = immutables.Map()
+
+
+def cons_from(items: Iterable[Any], tail: Cons = None) -> Cons:
+    """Pushes ``items`` in order onto ``tail``: the last item ends up at the head."""
+    for x in items:
+        tail = (x, tail)
+    return tail
+
+
+def cons_iter(lst: Cons) -> Iterator[Any]:
+    """Iterates head first."""
+    while lst is not None:
+        yield lst[0]
+        lst = lst[1]
+
+
+def cons_to_list_oldest_first(lst: Cons) -> list:
+    out = list(cons_iter(lst))
+    out.reverse()
+    return out
+
+
+class Queue:
+    """Persistent FIFO. Invariant: ``front`` is empty only when the queue is empty."""
+
+    __slots__ = ("front", "rear", "size")
+
+    def __init__(self, front: Cons = None, rear: Cons = None, size: int = 0):
+        self.front, self.rear, self.size = front, rear, size
+
+    def push(self, x: Any) -> "Queue":
+        if self.front is None:
+            return Queue((x, None), None, 1)
+        return Queue(self.front, (x, self.rear), self.size + 1)
+
+    def peek(self) -> Any:
+        if self.front is None:
+            raise IndexError("peek from an empty Queue")
+        return self.front[0]
+
+    def pop(self) -> "Queue":
+        if self.front is None:
+            raise IndexError("pop from an empty Queue")
+        front = self.front[1]
+        if front is None:
+            return Queue(cons_from(cons_iter(self.rear)), None, self.size - 1)
+        return Queue(front, self.rear, self.size - 1)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from cons_iter(self.front)
+        yield from cons_to_list_oldest_first(self.rear)
+
+
+# -- leftist heap: node = (rank, key, item, left, right) ------------------------------------------
+
+
+def _merge(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if b[1] < a[1]:
+        a, b = b, a
+    rank, key, item, left, right = a
+    right = _merge(right, b)
+    if left is None or left[0] < right[0]:
+        left, right = right, left
+    return ((right[0] + 1) if right is not None else 1, key, item, left, right)
+
+
+class KeyedQueue:
+    """A persistent priority queue of items that each have a unique ``id``; smallest key first.
+
+    ``remove(id)`` is O(log n) amortized through lazy deletion: ``members`` maps each live id to the
+    stamp of its live heap entry, and dead entries are dropped when they reach the top.
+    """
+
+    __slots__ = ("heap", "members", "next_stamp")
+
+    def __init__(self, heap: Any = None, members: immutables.Map = EMPTY_MAP, next_stamp: int = 0):
+        self.heap, self.members, self.next_stamp = heap, members, next_stamp
+
+    def push(self, key: tuple, item_id: str, item: Any) -> "KeyedQueue":
+        if item_id in self.members:
+            raise ValueError(f"KeyedQueue already holds {item_id!r}")
+        stamp = self.next_stamp
+        node = (1, (key, stamp), (item_id, item), None, None)
+        return KeyedQueue(_merge(self.heap, node), self.members.set(item_id, stamp), stamp + 1)
+
+    def peek(self) -> Any:
+        """The item with the smallest key; IndexError when empty."""
+        if self.heap is None:
+            raise IndexError("peek from an empty KeyedQueue")
+        return self.heap[2][1]
+
+    def pop(self) -> "KeyedQueue":
+        if self.heap is None:
+            raise IndexError("pop from an empty KeyedQueue")
+        _, _, (item_id, _), left, right = self.heap
+        return KeyedQueue(_merge(left, right), self.members.delete(item_id), self.next_stamp)._clean()
+
+    def remove(self, item_id: str) -> "KeyedQueue":
+        if item_id not in self.members:
+            return self
+        return KeyedQueue(self.heap, self.members.delete(item_id), self.next_stamp)._clean()
+
+    def get(self, item_id: str) -> Any:
+        """The live item with this id, or None (O(n): for inspection and tests)."""
+        for i, item in self._live_items():
+            if i == item_id:
+                return item
+        return None
+
+    def _clean(self) -> "KeyedQueue":
+        heap = self.heap
+        while heap is not None:
+            (_, stamp), (item_id, _) = heap[1], heap[2]
+            if self.members.get(item_id) == stamp:
+                break
+            heap = _merge(heap[3], heap[4])
+        return self if heap is self.heap else KeyedQueue(heap, self.members, self.next_stamp)
+
+    def _live_items(self) -> Iterator[tuple[str, Any]]:
+        stack = [self.heap] if self.heap is not None else []
+        while stack:
+            node = stack.pop()
+            (_, stamp), (item_id, item) = node[1], node[2]
+            if self.members.get(item_id) == stamp:
+                yield item_id, item
+            stack.extend(n for n in (node[3], node[4]) if n is not None)
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self.members
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __bool__(self) -> bool:
+        return self.heap is not None
+
+    def sorted_items(self) -> list[Any]:
+        """Items in key order (O(n log n)): for inspection and tests."""
+        q, out = self, []
+        while q:
+            out.append(q.peek())
+            q = q.pop()
+        return out
+
+
+def map_update(m: immutables.Map, fn: Callable[[Any], None]) -> immutables.Map:
+    """Applies ``fn`` to a mutation of ``m`` and returns the new map (one batch of edits)."""
+    with m.mutate() as mm:
+        fn(mm)
+        return mm.finish()

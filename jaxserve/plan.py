@@ -1,0 +1,175 @@
+"""The scheduler/executor contract: BatchPlan (one engine iteration) and StepOutput.
+
+A BatchPlan is stored column-wise (one array per field, one row per scheduled request) in the ragged
+layout of ragged paged attention, because executors consume arrays and a 256-request plan must be
+cheap to build. ``entries`` gives the same data row-wise as ``ScheduledRequest`` values.
+
+Executors apply, in this order, before running the step: ``swap_out_blocks`` (device -> host),
+``swap_in_blocks`` (host -> device), ``copy_blocks`` (device -> device copy-on-write).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import numpy as np
+
+
+class ScheduledRequest(NamedTuple):
+    """One request's share of a step."""
+
+    request_id: str
+    num_computed_tokens: int  # tokens already in KV before this step
+    num_new_tokens: int  # tokens computed this step (a prefill chunk, or 1 for a decode)
+    block_ids: tuple[int, ...]  # the whole block table after this step's allocation
+    token_ids: tuple[int, ...]  # ids of the num_new_tokens tokens
+    samples_token: bool  # whether this step samples a token for the request
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BatchPlan:
+    """One engine iteration. Rows are scheduled requests; arrays have one entry per row.
+
+    ``token_ids`` is flat: row ``i``'s new tokens are ``token_ids[cu_q_lens[i]:cu_q_lens[i+1]]``.
+    A request in ``preempted`` or ``swapped_out`` is not among the rows.
+    """
+
+    request_ids: tuple[str, ...]
+    num_computed_tokens: np.ndarray  # int64 [num_seqs]
+    num_new_tokens: np.ndarray  # int64 [num_seqs], each >= 1
+    samples_token: np.ndarray  # bool [num_seqs]
+    block_tables: tuple[tuple[int, ...], ...]  # per row, after this step's allocation
+    token_ids: np.ndarray  # int32 [num_tokens]
+    block_size: int
+    step: int = 0
+    preempted: tuple[str, ...] = ()
+    swapped_out: tuple[str, ...] = ()
+    swapped_in: tuple[str, ...] = ()
+    copy_blocks: tuple[tuple[int, int], ...] = ()  # (src, dst) device blocks
+    swap_out_blocks: tuple[tuple[int, int], ...] = ()  # (device src, host dst)
+    swap_in_blocks: tuple[tuple[int, int], ...] = ()  # (host src, device dst)
+
+    def __post_init__(self):
+        n = len(self.request_ids)
+        for name in ("num_computed_tokens", "num_new_tokens", "samples_token"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"BatchPlan.{name} has {len(getattr(self, name))} rows, expected {n}")
+        if len(self.block_tables) != n:
+            raise ValueError(f"BatchPlan.block_tables has {len(self.block_tables)} rows, expected {n}")
+        for name in ("num_computed_tokens", "num_new_tokens", "samples_token", "token_ids"):
+            _frozen(getattr(self, name))
+
+    @classmethod
+    def empty(cls, block_size: int, step: int = 0, **ops) -> "BatchPlan":
+        z = np.zeros(0, np.int64)
+        return cls((), z, z.copy(), np.zeros(0, bool), (), np.zeros(0, np.int32), block_size, step, **ops)
+
+    # -- sizes ---------------------------------------------------------------------------------
+    @property
+    def num_seqs(self) -> int:
+        return len(self.request_ids)
+
+    @functools.cached_property
+    def num_tokens(self) -> int:
+        """Total new tokens in the step (the GEMM batch size)."""
+        return int(self.num_new_tokens.sum())
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.request_ids
+
+    @functools.cached_property
+    def is_decode(self) -> np.ndarray:
+        """Rows that compute exactly one token and sample (decodes), bool [num_seqs]."""
+        return _frozen((self.num_new_tokens == 1) & self.samples_token)
+
+    @functools.cached_property
+    def num_decode_tokens(self) -> int:
+        return int(self.is_decode.sum())
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return self.num_tokens - self.num_decode_tokens
+
+    # -- ragged layout -------------------------------------------------------------------------
+    @functools.cached_property
+    def cu_q_lens(self) -> np.ndarray:
+        """int32 [num_seqs + 1]: prefix sums of ``num_new_tokens``."""
+        cu = np.zeros(self.num_seqs + 1, np.int32)
+        np.cumsum(self.num_new_tokens, out=cu[1:])
+        return _frozen(cu)
+
+    @functools.cached_property
+    def kv_lens(self) -> np.ndarray:
+        """int32 [num_seqs]: tokens in KV after the step (computed + new)."""
+        return _frozen((self.num_computed_tokens + self.num_new_tokens).astype(np.int32))
+
+    @functools.cached_property
+    def page_indices(self) -> np.ndarray:
+        """int32 [num_seqs, max_pages]: block tables padded with 0 (pages past a row's kv_len unused)."""
+        width = max((len(t) for t in self.block_tables), default=0)
+        out = np.zeros((self.num_seqs, width), np.int32)
+        for i, table in enumerate(self.block_tables):
+            out[i, : len(table)] = table
+        return _frozen(out)
+
+    @functools.cached_property
+    def entries(self) -> tuple[ScheduledRequest, ...]:
+        cu = self.cu_q_lens.tolist()
+        toks = self.token_ids.tolist()
+        return tuple(
+            ScheduledRequest(rid, nc, nn, table, tuple(toks[cu[i] : cu[i + 1]]), s)
+            for i, (rid, nc, nn, table, s) in enumerate(
+                zip(
+                    self.request_ids,
+                    self.num_computed_tokens.tolist(),
+                    self.num_new_tokens.tolist(),
+                    self.block_tables,
+                    self.samples_token.tolist(),
+                )
+            )
+        )
+
+    def validate(self) -> None:
+        """Full O(tokens) consistency check (tests, debugging): raises ValueError on a bad plan."""
+        if np.any(self.num_new_tokens < 1):
+            raise ValueError("BatchPlan: every row must compute at least one token")
+        if np.any(self.num_computed_tokens < 0):
+            raise ValueError("BatchPlan: negative num_computed_tokens")
+        if len(self.token_ids) != self.num_tokens:
+            raise ValueError(f"BatchPlan: {len(self.token_ids)} token ids for {self.num_tokens} tokens")
+        if len(set(self.request_ids)) != self.num_seqs:
+            raise ValueError("BatchPlan: a request appears twice")
+        for rid, table, kv_len in zip(self.request_ids, self.block_tables, self.kv_lens.tolist()):
+            if len(table) * self.block_size < kv_len:
+                raise ValueError(f"BatchPlan: request {rid!r} has {len(table)} blocks for {kv_len} tokens")
+        absent = set(self.preempted) | set(self.swapped_out)
+        if absent & set(self.request_ids):
+            raise ValueError("BatchPlan: a preempted or swapped-out request is scheduled")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOutput:
+    """What an executor returns: the sampled token of every row with ``samples_token``, and the
+    step's measured (engine) or modelled (simulator) duration in seconds and energy in joules."""
+
+    token_ids: Mapping[str, int]
+    duration_s: float = 0.0
+    energy_j: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.token_ids, Mapping):
+            raise ValueError(f"StepOutput.token_ids must be a mapping, got {type(self.token_ids).__name__}")
+        for name in ("duration_s", "energy_j"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"StepOutput.{name} must be a finite number >= 0, got {value!r}")

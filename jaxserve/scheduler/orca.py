@@ -1,0 +1,23 @@
+"""``orca``: iteration-level scheduling (Yu et al., OSDI'22).
+
+Every step runs all running decodes plus whole-prompt prefills of newly admitted requests (no
+chunking); a request is admitted, FCFS, only if KV for its prompt + max_new_tokens fits, so running
+requests never need more memory and nothing is ever preempted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxserve.scheduler.base import WholePromptScheduler
+from jaxserve.scheduler.chunking import whole
+from jaxserve.scheduler.step import StepBuilder
+
+
+@dataclasses.dataclass(frozen=True)
+class OrcaScheduler(WholePromptScheduler):
+    def schedule(self, state, now):
+        step = StepBuilder(self, state, self.max_num_batched_tokens)
+        step.run_running(whole)
+        step.admit_waiting(whole, reserve="full")
+        return step.build()

@@ -1,0 +1,41 @@
+"""``sarathi``: Sarathi-Serve chunked prefills with stall-free batching (Agrawal et al., OSDI'24).
+
+Each step has a token budget ``chunk_size``. It is filled by (1) every running decode, (2) the
+ongoing prefills' next chunks, (3) new prefills, each chunk cut to the budget left (rounded down to
+a multiple of ``chunk_align`` unless it finishes the prompt). Decodes are never paused for a prefill.
+KV is paged on demand with vLLM's preemption of the latest arrival.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxserve.scheduler.base import BatchingScheduler, _check_option
+from jaxserve.scheduler.chunking import Chunked
+from jaxserve.scheduler.step import StepBuilder
+
+
+@dataclasses.dataclass(frozen=True)
+class SarathiScheduler(BatchingScheduler):
+    chunk_size: int = 512
+    chunk_align: int = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_option("chunk_size", self.chunk_size, 1)
+        _check_option("chunk_align", self.chunk_align, 1)
+        if self.chunk_align > self.chunk_size:
+            raise ValueError(
+                f"scheduler option chunk_align ({self.chunk_align}) must not exceed chunk_size ({self.chunk_size})"
+            )
+
+    def schedule(self, state, now):
+        chunk = Chunked(self.chunk_align)
+        step = StepBuilder(self, state, self.chunk_size)
+        step.run_running(chunk)
+        if state.num_swapped:
+            if not step.preempted and not step.swapped_out:
+                step.swap_in(chunk)
+        else:
+            step.admit_waiting(chunk)
+        return step.build()

@@ -1,0 +1,60 @@
+"""Per-request scheduler records: SeqState (a request outside the running batch) and FinishedRequest."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from jaxserve.persistent import Cons, cons_iter
+from jaxserve.request import Request
+
+
+class SeqState(NamedTuple):
+    """A request waiting or swapped out, with the progress it keeps across preemptions."""
+
+    request: Request
+    seq_no: int  # arrival order (order of add_request calls); smaller = earlier
+    outputs: Cons = None  # generated token ids, newest first
+    num_output: int = 0
+    block_hashes: tuple[int, ...] = ()  # hash chain of the full blocks known so far
+    num_preemptions: int = 0
+    num_computed: int = 0  # swapped only: tokens whose KV sits in host_blocks
+    host_blocks: tuple[int, ...] = ()  # swapped only
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens: what a recompute must process."""
+        return self.request.prompt_len + self.num_output
+
+
+class FinishedRequest(NamedTuple):
+    request_id: str
+    output_token_ids: tuple[int, ...]
+    finish_reason: str  # "length" or "stop"
+    num_preemptions: int
+
+
+def seq_tokens(request: Request, outputs: Cons, num_output: int, start: int, stop: int) -> list[int]:
+    """Token ids ``[start, stop)`` of prompt + generated tokens (``outputs`` newest first).
+
+    Walks only the generated tokens at or after ``start``, so reading a recent block is cheap.
+    """
+    prompt_len = request.prompt_len
+    out = list(request.prompt_token_ids[start:min(stop, prompt_len)]) if start < prompt_len else []
+    if stop > prompt_len:
+        lo, hi = max(start, prompt_len) - prompt_len, stop - prompt_len
+        if hi > num_output:
+            raise IndexError(f"token {stop - 1} of {request.request_id!r} is not known yet")
+        tail = []
+        for i, tok in enumerate(cons_iter(outputs)):
+            pos = num_output - 1 - i
+            if pos < lo:
+                break
+            if pos < hi:
+                tail.append(tok)
+        tail.reverse()
+        out.extend(tail)
+    return out

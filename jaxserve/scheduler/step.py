@@ -1,0 +1,298 @@
+"""StepBuilder: the shared mechanics of one ``schedule`` call.
+
+Policies compose a step from these moves, in the order their paper prescribes:
+
+* ``run_running(chunk)`` — give running requests their next tokens (decodes first, then ongoing
+  prefill chunks), allocating blocks on demand and preempting the latest-arrived running request
+  when blocks run out (by recompute or swap);
+* ``admit_waiting(chunk, reserve)`` — admit waiting requests in queue order while the token
+  budget, ``max_num_seqs`` and free blocks (less the watermark) allow; prefix-cache hits reuse
+  blocks, and a fully cached prompt copy-on-writes its last block;
+* ``swap_in(chunk)`` — bring swapped-out requests back;
+* ``build()`` — the new state and the BatchPlan.
+
+A builder is a local scratchpad inside one pure ``schedule`` call: it reads the input state, never
+writes into it, and everything it produces is a fresh value. Running rows are sorted by arrival and
+only ever preempted from the tail, so the rows that remain are always a prefix ``[0, live)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from jaxserve.kv.state import KVState
+from jaxserve.plan import BatchPlan
+from jaxserve.request import PLACEHOLDER_TOKEN_ID
+from jaxserve.scheduler.running import RunningBatch, row_from_seq
+from jaxserve.scheduler.seq import seq_tokens
+
+ChunkFn = Callable[[int, int], int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Inflight:
+    """Which running rows the last plan scheduled: ``rows[i]`` ran as plan row ``entries[i]``."""
+
+    step: int
+    rows: np.ndarray
+    entries: np.ndarray
+
+
+class StepBuilder:
+    def __init__(self, sched, state, token_budget: int):
+        self.sched = sched
+        self.state = state
+        self.cfg = state.kv.config
+        self.bs = self.cfg.block_size
+        self.pool = state.kv.device
+        self.host = state.kv.host
+        self.waiting = state.waiting
+        self.swapped = state.swapped
+        self.run: RunningBatch = state.running
+        self.live = len(self.run)  # rows [0, live) remain; the rest were preempted
+        self.num_new = np.zeros(self.live, np.int64)
+        self.tables: list | None = None  # copied on first change
+        self.budget = token_budget
+        self.new_rows: list[dict] = []
+        self.preempted: list[str] = []
+        self.swapped_out: list[str] = []
+        self.swapped_in: list[str] = []
+        self.copy_blocks: list[tuple[int, int]] = []
+        self.swap_out_blocks: list[tuple[int, int]] = []
+        self.swap_in_blocks: list[tuple[int, int]] = []
+
+    # -- helpers -------------------------------------------------------------------------------
+    @property
+    def num_seqs(self) -> int:
+        return self.live + len(self.new_rows)
+
+    @property
+    def has_room(self) -> bool:
+        return self.budget > 0 and self.num_seqs < self.sched.max_num_seqs
+
+    def _blocks_for(self, tokens):
+        return -(-tokens // self.bs)
+
+    def _table(self, r: int) -> tuple[int, ...]:
+        return self.tables[r] if self.tables is not None else self.run.block_tables[r]
+
+    def _set_table(self, r: int, table: tuple[int, ...]) -> None:
+        if self.tables is None:
+            self.tables = list(self.run.block_tables)
+        self.tables[r] = table
+
+    def _reserve(self) -> int:
+        """Blocks admission must leave free (vLLM's watermark); none when nothing else runs, so a
+        request that fits the cache alone can always start."""
+        return int(self.sched.watermark * self.cfg.num_blocks) if self.num_seqs > 0 else 0
+
+    # -- running requests ----------------------------------------------------------------------
+    def run_running(self, chunk: ChunkFn) -> None:
+        """Decodes of every running request first (never stalled by prefills), then the running
+        prefills' next chunks in arrival order, within the token budget."""
+        run = self.run
+        if not self.live:
+            return
+        remaining = run.num_tokens[: self.live] - run.num_computed[: self.live]
+        decodes = np.flatnonzero(remaining == 1)
+        if len(decodes):
+            self._run_decodes(decodes[: max(self.budget, 0)])
+        for r in np.flatnonzero(remaining > 1).tolist():
+            if r >= self.live or self.budget <= 0:
+                break
+            n = chunk(int(remaining[r]), self.budget)
+            if n <= 0:
+                break
+            self._run_row(r, n)
+
+    def _run_decodes(self, rows: np.ndarray) -> None:
+        run = self.run
+        nc = run.num_computed[rows]
+        need = np.maximum(self._blocks_for(nc + 1) - run.num_blocks[rows], 0)
+        total = int(need.sum())
+        if total > self.pool.num_free:  # someone must be preempted: go row by row
+            for r in rows.tolist():
+                if r < self.live:
+                    self._run_row(r, 1)
+            return
+        if total:
+            self.pool, blocks = self.pool.allocate(total)
+            k = 0
+            for r, m in zip(rows[need > 0].tolist(), need[need > 0].tolist()):
+                self._set_table(r, self._table(r) + blocks[k : k + m])
+                k += m
+        self.num_new[rows] = 1
+        self.budget -= len(rows)
+
+    def _run_row(self, r: int, n: int) -> bool:
+        """Schedules ``n`` tokens for running row ``r``, preempting later arrivals (or ``r``
+        itself, when it is the latest) until its blocks fit. Returns whether ``r`` runs."""
+        need = self._blocks_for(int(self.run.num_computed[r]) + n) - len(self._table(r))
+        while need > self.pool.num_free:
+            if self.live - 1 == r:
+                self._preempt(r)
+                return False
+            self._preempt(self.live - 1)
+        if need > 0:
+            self.pool, blocks = self.pool.allocate(need)
+            self._set_table(r, self._table(r) + blocks)
+        self.num_new[r] = n
+        self.budget -= n
+        return True
+
+    def _preempt(self, r: int) -> None:
+        """Takes the tail row ``r`` out of the batch: swap it out when asked and the host has room,
+        else free its blocks and requeue it for recompute."""
+        assert r == self.live - 1, "only the latest-arrived live row is preempted"
+        run, table = self.run, self._table(r)
+        self.budget += int(self.num_new[r])
+        self.num_new[r] = 0
+        self.live -= 1
+        num_computed = int(run.num_computed[r])
+        seq = run.seq_state(r, num_preemptions=int(run.num_preemptions[r]) + 1)
+        keep = self._blocks_for(num_computed)
+        if self.sched.preemption_mode == "swap" and self.host.can_allocate(keep):
+            self.host, host_blocks = self.host.allocate(keep)
+            self.swap_out_blocks.extend(zip(table[:keep], host_blocks))
+            self.pool = self.pool.free(reversed(table))
+            seq = seq._replace(num_computed=num_computed, host_blocks=host_blocks)
+            self.swapped = self.swapped.push((seq.seq_no,), seq.request_id, seq)
+            self.swapped_out.append(seq.request_id)
+            return
+        self.pool = self.pool.free(reversed(table))
+        self.waiting = self.sched.order.push(self.waiting, seq, is_arrival=False)
+        self.preempted.append(seq.request_id)
+
+    # -- new requests --------------------------------------------------------------------------
+    def admit_waiting(self, chunk: ChunkFn, *, reserve: str = "prompt") -> None:
+        """Admits waiting requests in queue order until one does not fit (no skipping ahead).
+
+        ``reserve`` is what admission allocates blocks for: "prompt" (every pending prompt token,
+        even when only a first chunk runs now, as vLLM's block manager does) or "full" (prompt +
+        max_new_tokens up front: Orca, static batching).
+        """
+        if reserve not in ("prompt", "full"):
+            raise ValueError(f"admit_waiting: reserve must be 'prompt' or 'full', got {reserve!r}")
+        order, bs = self.sched.order, self.bs
+        while self.has_room:
+            seq = order.peek(self.waiting)
+            if seq is None:
+                return
+            total = seq.num_tokens
+            hits = self.pool.match_prefix(seq.block_hashes)
+            num_computed = len(hits) * bs
+            cow = num_computed == total  # all cached: recompute the last token into a copy
+            if cow:
+                num_computed -= 1
+            n = chunk(total - num_computed, self.budget)
+            if n <= 0:
+                return
+            kept = hits[:-1] if cow else hits
+            target = total if reserve == "prompt" else seq.request.max_total_tokens
+            need = self._blocks_for(target) - len(kept)
+            available = self.pool.num_free - self.pool.num_evictable_in(hits)
+            if need + self._reserve() > available:
+                return
+            pool = self.pool.acquire(hits)
+            pool, blocks = pool.allocate(need)
+            if cow:
+                self.copy_blocks.append((hits[-1], blocks[0]))
+                pool = pool.free([hits[-1]])
+            self.pool = pool
+            self.waiting = order.on_admit(order.pop(self.waiting), seq)
+            row = row_from_seq(seq, num_computed, kept + blocks, num_registered=len(kept))
+            row["num_new"] = n
+            self.new_rows.append(row)
+            self.budget -= n
+
+    def swap_in(self, chunk: ChunkFn) -> None:
+        """Brings swapped-out requests back in arrival order while their blocks fit."""
+        while self.has_room and self.swapped:
+            seq = self.swapped.peek()
+            n = chunk(seq.num_tokens - seq.num_computed, self.budget)
+            need = self._blocks_for(seq.num_computed + n)
+            if n <= 0 or need + self._reserve() > self.pool.num_free:
+                return
+            self.pool, blocks = self.pool.allocate(need)
+            self.swap_in_blocks.extend(zip(seq.host_blocks, blocks))
+            self.host = self.host.free(seq.host_blocks)
+            self.swapped = self.swapped.pop()
+            row = row_from_seq(seq, seq.num_computed, blocks, num_registered=0)
+            row["num_new"] = n
+            self.new_rows.append(row)
+            self.swapped_in.append(seq.request_id)
+            self.budget -= n
+
+    # -- result --------------------------------------------------------------------------------
+    def build(self):
+        """Returns ``(new_state, plan)``."""
+        run, live, state = self.run, self.live, self.state
+        if live < len(run):
+            run = run.take(np.arange(live))
+        nc_before = run.num_computed
+        num_new = self.num_new[:live]
+        changes = dict(num_computed=nc_before + num_new)
+        if self.tables is not None:
+            tables = tuple(self.tables[:live])
+            changes.update(block_tables=tables, num_blocks=np.fromiter(map(len, tables), np.int64, live))
+        run = run.replace(**changes)
+        if self.new_rows:
+            new = RunningBatch.from_rows(
+                [dict(r, num_computed=r["num_computed"] + r["num_new"]) for r in self.new_rows]
+            )
+            run, perm = run.concat_sorted(new)
+            new_n = np.array([r["num_new"] for r in self.new_rows], np.int64)
+            num_new = np.concatenate([num_new, new_n])[perm]
+            nc_before = run.num_computed - num_new
+        rows = np.flatnonzero(num_new)
+        plan = self._plan(run, rows, nc_before[rows], num_new[rows])
+        new_state = dataclasses.replace(
+            state,
+            kv=KVState(self.cfg, self.pool, self.host),
+            waiting=self.waiting,
+            swapped=self.swapped,
+            running=run,
+            step=state.step + 1,
+            inflight=Inflight(plan.step, rows, np.arange(len(rows))),
+        )
+        return new_state, plan
+
+    def _plan(self, run: RunningBatch, rows: np.ndarray, nc: np.ndarray, n: np.ndarray) -> BatchPlan:
+        everyone = len(rows) == len(run)
+        ids = run.ids if everyone else tuple(run.ids[i] for i in rows.tolist())
+        tables = run.block_tables if everyone else tuple(run.block_tables[i] for i in rows.tolist())
+        num_tokens = run.num_tokens[rows]
+        samples = nc + n == num_tokens
+        cu = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum(n, out=cu[1:])
+        token_ids = np.full(int(cu[-1]), PLACEHOLDER_TOKEN_ID, np.int32)
+        newest = samples & (n == 1)  # decodes: the input is the newest known token
+        token_ids[cu[:-1][newest]] = run.last_token[rows[newest]]
+        for i in np.flatnonzero(~newest).tolist():
+            r = int(rows[i])
+            start, stop = int(nc[i]), int(nc[i] + n[i])
+            req = run.requests[r]
+            if not req.has_real_tokens and stop <= req.prompt_len:
+                continue  # placeholders are already in place
+            token_ids[cu[i] : cu[i + 1]] = seq_tokens(
+                req, run.outputs[r], int(run.num_output[r]), start, stop
+            )
+        return BatchPlan(
+            request_ids=ids,
+            num_computed_tokens=nc,
+            num_new_tokens=n,
+            samples_token=samples,
+            block_tables=tables,
+            token_ids=token_ids,
+            block_size=self.bs,
+            step=self.state.step,
+            preempted=tuple(self.preempted),
+            swapped_out=tuple(self.swapped_out),
+            swapped_in=tuple(self.swapped_in),
+            copy_blocks=tuple(self.copy_blocks),
+            swap_out_blocks=tuple(self.swap_out_blocks),
+            swap_in_blocks=tuple(self.swap_in_blocks),
+        )
