@@ -208,6 +208,15 @@ class BlockPool:
                 bh[b] = h
             return self._with(cached=ca.finish(), block_hash=bh.finish())
 
+    def uncache(self, block: int) -> "BlockPool":
+        """Drops an allocated block's cache entry so its owner may write into it."""
+        if block not in self.refcounts:
+            raise ValueError(f"uncache: block {block} is not allocated")
+        h = self.block_hash.get(block)
+        if h is None:
+            return self
+        return self._with(cached=self.cached.delete(h), block_hash=self.block_hash.delete(block))
+
     def check(self) -> None:
         """Verifies the pool's internal invariants (O(num_blocks): tests and debugging)."""
         stacked = []

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Optional, Protocol, runtime_checkable
+from typing import Any, Callable, Optional, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -72,6 +72,11 @@ class Scheduler(Protocol):
     ) -> SchedulerState: ...
 
 
+def same_rank(request: Request) -> int:
+    """Every request is equally preemptible: victims go by arrival alone."""
+    return 0
+
+
 def _check_option(name: str, value: Any, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"scheduler option {name} must be an int >= {minimum}, got {value!r}")
@@ -87,6 +92,8 @@ class BatchingScheduler(abc.ABC):
     * ``preemption_mode``: "recompute" (free the victim's blocks; it recomputes prompt + output
       later) or "swap" (copy its KV to host blocks; falls back to recompute when the host is full).
     * ``watermark``: fraction of device blocks admission keeps free, to avoid immediate preemption.
+    * ``preempt_rank``: Request -> int; when blocks run out, the running request with the highest
+      rank is preempted first, the latest arrival among equals (default: all 0, vLLM's rule).
     """
 
     max_num_seqs: int = 256
@@ -94,6 +101,7 @@ class BatchingScheduler(abc.ABC):
     enable_prefix_caching: bool = False
     preemption_mode: str = "recompute"
     watermark: float = 0.01
+    preempt_rank: Callable[[Request], int] = same_rank
 
     def __post_init__(self):
         _check_option("max_num_seqs", self.max_num_seqs, 1)

@@ -19,5 +19,5 @@ class OrcaScheduler(WholePromptScheduler):
     def schedule(self, state, now):
         step = StepBuilder(self, state, self.max_num_batched_tokens)
         step.run_running(whole)
-        step.admit_waiting(whole, reserve="full")
+        step.admit_new(whole, reserve="full")
         return step.build()

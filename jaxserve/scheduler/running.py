@@ -1,4 +1,6 @@
-"""RunningBatch: the running requests as columns (structure of arrays), sorted by arrival.
+"""RunningBatch: the running requests as columns (structure of arrays), sorted by (rank, arrival).
+
+The last row is always the first preemption victim: the latest arrival of the highest rank.
 
 Column-wise storage lets a 256-request decode step update every request with a handful of numpy
 operations instead of 256 object copies. Arrays are never written in place after construction:
@@ -16,7 +18,8 @@ from jaxserve.persistent import Cons
 from jaxserve.scheduler.seq import SeqState
 
 ARRAY_COLUMNS = (
-    "seq_no",  # arrival order; rows are sorted by it
+    "rank",  # preemption rank (higher = preempted first); rows are sorted by (rank, seq_no)
+    "seq_no",  # arrival order
     "num_computed",  # tokens in KV (after the last scheduled step)
     "num_tokens",  # prompt + generated tokens known
     "num_output",  # generated tokens
@@ -38,6 +41,7 @@ class RunningBatch:
     outputs: tuple[Cons, ...]
     block_tables: tuple[tuple[int, ...], ...]
     block_hashes: tuple[tuple[int, ...], ...]
+    rank: np.ndarray
     seq_no: np.ndarray
     num_computed: np.ndarray
     num_tokens: np.ndarray
@@ -57,7 +61,7 @@ class RunningBatch:
 
     @classmethod
     def from_rows(cls, rows: list[dict]) -> "RunningBatch":
-        """Builds a batch from row dicts holding every column (rows must be sorted by seq_no)."""
+        """Builds a batch from row dicts holding every column (rows must be sorted by (rank, seq_no))."""
         if not rows:
             return cls.empty()
         cols = {c: tuple(r[c] for r in rows) for c in TUPLE_COLUMNS}
@@ -79,11 +83,12 @@ class RunningBatch:
         return RunningBatch(**cols)
 
     def concat_sorted(self, other: "RunningBatch") -> tuple["RunningBatch", Optional[np.ndarray]]:
-        """Both batches merged by seq_no, and the permutation applied (None when ``other`` is empty)."""
+        """Both batches merged by (rank, seq_no), and the permutation applied (None when ``other``
+        is empty)."""
         if len(other) == 0:
             return self, None
         seq_no = np.concatenate([self.seq_no, other.seq_no])
-        order = np.argsort(seq_no, kind="stable")
+        order = np.lexsort((seq_no, np.concatenate([self.rank, other.rank])))
         cols = {}
         for c in TUPLE_COLUMNS:
             both = getattr(self, c) + getattr(other, c)
@@ -112,7 +117,9 @@ class RunningBatch:
         return SeqState(**fields)
 
 
-def row_from_seq(seq: SeqState, num_computed: int, block_table: tuple[int, ...], num_registered: int) -> dict:
+def row_from_seq(
+    seq: SeqState, num_computed: int, block_table: tuple[int, ...], num_registered: int, rank: int = 0
+) -> dict:
     """A row dict for ``RunningBatch.from_rows`` for a request entering the batch."""
     req = seq.request
     outputs = seq.outputs
@@ -123,6 +130,7 @@ def row_from_seq(seq: SeqState, num_computed: int, block_table: tuple[int, ...],
         outputs=outputs,
         block_tables=block_table,
         block_hashes=seq.block_hashes,
+        rank=rank,
         seq_no=seq.seq_no,
         num_computed=num_computed,
         num_tokens=seq.num_tokens,

@@ -33,9 +33,5 @@ class SarathiScheduler(BatchingScheduler):
         chunk = Chunked(self.chunk_align)
         step = StepBuilder(self, state, self.chunk_size)
         step.run_running(chunk)
-        if state.num_swapped:
-            if not step.preempted and not step.swapped_out:
-                step.swap_in(chunk)
-        else:
-            step.admit_waiting(chunk)
+        step.admit_waiting(chunk)
         return step.build()

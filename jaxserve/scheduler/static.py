@@ -20,5 +20,5 @@ class StaticScheduler(WholePromptScheduler):
         if state.num_running:
             step.run_running(whole)
         else:
-            step.admit_waiting(whole, reserve="full")
+            step.admit_new(whole, reserve="full")
         return step.build()

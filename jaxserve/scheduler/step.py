@@ -5,15 +5,18 @@ Policies compose a step from these moves, in the order their paper prescribes:
 * ``run_running(chunk)`` — give running requests their next tokens (decodes first, then ongoing
   prefill chunks), allocating blocks on demand and preempting the latest-arrived running request
   when blocks run out (by recompute or swap);
-* ``admit_waiting(chunk, reserve)`` — admit waiting requests in queue order while the token
+* ``admit_new(chunk, reserve)`` — admit waiting requests in queue order while the token
   budget, ``max_num_seqs`` and free blocks (less the watermark) allow; prefix-cache hits reuse
   blocks, and a fully cached prompt copy-on-writes its last block;
 * ``swap_in(chunk)`` — bring swapped-out requests back;
+* ``admit_waiting(chunk, reserve)`` — ``swap_in`` then ``admit_new``, never letting a new request
+  overtake a swapped one (what most policies want);
 * ``build()`` — the new state and the BatchPlan.
 
 A builder is a local scratchpad inside one pure ``schedule`` call: it reads the input state, never
 writes into it, and everything it produces is a fresh value. Running rows are sorted by arrival and
-only ever preempted from the tail, so the rows that remain are always a prefix ``[0, live)``.
+only ever preempted from the tail, so the rows that remain are always a prefix ``[0, live)``. Rows are
+sorted by (preemption rank, arrival), so the tail is the latest arrival of the most preemptible rank.
 """
 
 from __future__ import annotations
@@ -128,8 +131,9 @@ class StepBuilder:
         self.budget -= len(rows)
 
     def _run_row(self, r: int, n: int) -> bool:
-        """Schedules ``n`` tokens for running row ``r``, preempting later arrivals (or ``r``
-        itself, when it is the latest) until its blocks fit. Returns whether ``r`` runs."""
+        """Schedules ``n`` tokens for running row ``r``, preempting the rows after it (later
+        arrivals, or higher preemption rank), or ``r`` itself when it is last, until its blocks
+        fit. Returns whether ``r`` runs."""
         need = self._blocks_for(int(self.run.num_computed[r]) + n) - len(self._table(r))
         while need > self.pool.num_free:
             if self.live - 1 == r:
@@ -144,7 +148,7 @@ class StepBuilder:
         return True
 
     def _preempt(self, r: int) -> None:
-        """Takes the tail row ``r`` out of the batch: swap it out when asked and the host has room,
+        """Takes the tail row ``r`` (latest arrival of the highest preemption rank) out of the batch: swap it out when asked and the host has room,
         else free its blocks and requeue it for recompute."""
         assert r == self.live - 1, "only the latest-arrived live row is preempted"
         run, table = self.run, self._table(r)
@@ -168,6 +172,14 @@ class StepBuilder:
 
     # -- new requests --------------------------------------------------------------------------
     def admit_waiting(self, chunk: ChunkFn, *, reserve: str = "prompt") -> None:
+        """Swapped-out requests come back first (unless this step just preempted); new requests are
+        admitted only once none is left swapped out, so a swapped request is never overtaken."""
+        if self.swapped and not (self.preempted or self.swapped_out):
+            self.swap_in(chunk)
+        if not self.swapped:
+            self.admit_new(chunk, reserve=reserve)
+
+    def admit_new(self, chunk: ChunkFn, *, reserve: str = "prompt") -> None:
         """Admits waiting requests in queue order until one does not fit (no skipping ahead).
 
         ``reserve`` is what admission allocates blocks for: "prompt" (every pending prompt token,
@@ -184,26 +196,33 @@ class StepBuilder:
             total = seq.num_tokens
             hits = self.pool.match_prefix(seq.block_hashes)
             num_computed = len(hits) * bs
-            cow = num_computed == total  # all cached: recompute the last token into a copy
-            if cow:
+            # A fully cached sequence still computes its last token, which writes into the last
+            # hit block: take that block over when nobody else uses it, else copy it (CoW).
+            fully_cached = num_computed == total
+            copy = fully_cached and hits[-1] not in self.pool.evictable
+            if fully_cached:
                 num_computed -= 1
             n = chunk(total - num_computed, self.budget)
             if n <= 0:
                 return
-            kept = hits[:-1] if cow else hits
+            kept = hits[:-1] if copy else hits
             target = total if reserve == "prompt" else seq.request.max_total_tokens
             need = self._blocks_for(target) - len(kept)
-            available = self.pool.num_free - self.pool.num_evictable_in(hits)
+            available = self.pool.num_free - self.pool.num_evictable_in(kept)
             if need + self._reserve() > available:
                 return
             pool = self.pool.acquire(hits)
             pool, blocks = pool.allocate(need)
-            if cow:
+            if copy:
                 self.copy_blocks.append((hits[-1], blocks[0]))
                 pool = pool.free([hits[-1]])
+            elif fully_cached:
+                pool = pool.uncache(hits[-1])
             self.pool = pool
             self.waiting = order.on_admit(order.pop(self.waiting), seq)
-            row = row_from_seq(seq, num_computed, kept + blocks, num_registered=len(kept))
+            row = row_from_seq(
+                seq, num_computed, kept + blocks, len(hits) - fully_cached, self.sched.preempt_rank(seq.request)
+            )
             row["num_new"] = n
             self.new_rows.append(row)
             self.budget -= n
@@ -220,7 +239,7 @@ class StepBuilder:
             self.swap_in_blocks.extend(zip(seq.host_blocks, blocks))
             self.host = self.host.free(seq.host_blocks)
             self.swapped = self.swapped.pop()
-            row = row_from_seq(seq, seq.num_computed, blocks, num_registered=0)
+            row = row_from_seq(seq, seq.num_computed, blocks, 0, self.sched.preempt_rank(seq.request))
             row["num_new"] = n
             self.new_rows.append(row)
             self.swapped_in.append(seq.request_id)

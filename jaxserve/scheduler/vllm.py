@@ -25,7 +25,7 @@ class VLLMScheduler(WholePromptScheduler):
     def schedule(self, state, now):
         step = StepBuilder(self, state, self.max_num_batched_tokens)
         if not state.num_swapped:
-            step.admit_waiting(whole)
+            step.admit_new(whole)
         if not step.new_rows:
             step.run_running(whole)
             if not step.preempted and not step.swapped_out:
