@@ -13,7 +13,9 @@ from jaxserve.persistent import (
     cons_from,
     cons_iter,
     cons_to_list_oldest_first,
+    evolve,
     map_update,
+    pick,
 )
 
 # -- cons lists -------------------------------------------------------------------------------
@@ -56,10 +58,43 @@ def test_map_update_returns_new_map_and_keeps_old():
     assert dict(m) == {"a": 1, "b": 2}
 
 
+@given(items=st.lists(st.integers(), max_size=10), data=st.data())
+@settings(max_examples=100, deadline=None)
+def test_pick_matches_indexing(items, data):
+    idx = data.draw(st.lists(st.integers(0, len(items) - 1), max_size=6) if items else st.just([]))
+    assert pick(items, idx) == tuple(items[i] for i in idx)
+    assert pick(tuple(items), tuple(idx)) == tuple(items[i] for i in idx)
+    assert type(pick(items, idx)) is tuple
+
+
+def test_evolve_copies_a_frozen_dataclass_with_changes():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class P:
+        a: int
+        b: tuple
+        c: str = "x"
+
+    p = P(1, (2, 3))
+    q = evolve(p, a=5, c="y")
+    assert type(q) is P and q == P(5, (2, 3), "y")
+    assert q.b is p.b  # untouched fields are shared, not copied
+    assert p == P(1, (2, 3), "x")  # the original is unchanged
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        q.a = 7
+    assert evolve(p) == p and evolve(p) is not p
+
+
 # -- Queue ------------------------------------------------------------------------------------
 
 queue_ops = st.lists(
-    st.one_of(st.tuples(st.just("push"), st.integers(0, 1000)), st.just(("pop",)), st.just(("peek",))),
+    st.one_of(
+        st.tuples(st.just("push"), st.integers(0, 1000)),
+        st.just(("pop",)),
+        st.just(("peek",)),
+        st.tuples(st.just("extend"), st.lists(st.integers(0, 1000), max_size=4)),
+    ),
     max_size=80,
 )
 
@@ -73,6 +108,9 @@ def test_queue_matches_deque_and_old_versions_are_unchanged(ops, data):
         if op[0] == "push":
             q = q.push(op[1])
             ref.append(op[1])
+        elif op[0] == "extend":
+            q = q.extend(iter(op[1]))  # any iterable, consumed once
+            ref.extend(op[1])
         elif op[0] == "pop":
             if not ref:
                 with pytest.raises(IndexError):
@@ -123,6 +161,11 @@ def test_queue_basics():
     assert list(q3) == ["d"] and q3.peek() == "d"
     assert list(q1) == ["a", "b", "c"] and list(q2) == ["b", "c"]
     assert len(q3.pop()) == 0
+    assert list(q.extend([])) == [] and len(q.extend([])) == 0
+    e = q.extend(["x", "y"]).extend(["z"])
+    assert list(e) == ["x", "y", "z"] and len(e) == 3 and e.peek() == "x"
+    assert list(e.pop().pop()) == ["z"]
+    assert list(q1.extend(["d", "e"])) == ["a", "b", "c", "d", "e"] and list(q1) == ["a", "b", "c"]
 
 
 # -- KeyedQueue -------------------------------------------------------------------------------

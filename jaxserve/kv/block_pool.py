@@ -164,8 +164,9 @@ class BlockPool:
     def free(self, blocks: Iterable[int]) -> "BlockPool":
         """Drops one reference from each block; a block reaching 0 becomes evictable if it caches a
         full block, else reusable at once. Free a table tail-first so its tail is evicted first."""
-        stack, num_stacked, clock, lru = self.free_stack, self.num_stacked, self.clock, self.lru
+        stack, num_stacked, clock = self.free_stack, self.num_stacked, self.clock
         block_hash = self.block_hash
+        newly_evictable = []
         with self.refcounts.mutate() as rc, self.evictable.mutate() as ev:
             for b in blocks:
                 count = rc.get(b, 0)
@@ -177,12 +178,13 @@ class BlockPool:
                 del rc[b]
                 if b in block_hash:
                     ev[b] = clock
-                    lru = lru.push((clock, b))
+                    newly_evictable.append((clock, b))
                     clock += 1
                 else:
                     stack = (b, stack)
                     num_stacked += 1
             evictable = ev.finish()
+            lru = self.lru.extend(newly_evictable) if newly_evictable else self.lru
             pool = self._with(
                 refcounts=rc.finish(),
                 evictable=evictable,
@@ -196,16 +198,15 @@ class BlockPool:
         return pool
 
     def register(self, blocks: Sequence[int], hashes: Sequence[int]) -> "BlockPool":
-        """Caches full, allocated ``blocks`` under ``hashes``. A hash already cached (the same content
-        computed twice) keeps its first block; a block already cached keeps its hash."""
+        """Caches full, allocated, uncached ``blocks`` under ``hashes``. A hash already cached (the
+        same content computed twice) keeps its first block."""
         if not self.enable_caching:
             return self
         with self.cached.mutate() as ca, self.block_hash.mutate() as bh:
             for b, h in zip(blocks, hashes):
-                if h in ca or b in bh:
-                    continue
-                ca[h] = b
-                bh[b] = h
+                if h not in ca:
+                    ca[h] = b
+                    bh[b] = h
             return self._with(cached=ca.finish(), block_hash=bh.finish())
 
     def uncache(self, block: int) -> "BlockPool":

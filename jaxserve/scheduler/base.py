@@ -15,7 +15,7 @@ import numpy as np
 from jaxserve.kv.config import KVConfig
 from jaxserve.kv.prefix_hash import prompt_block_hashes
 from jaxserve.kv.state import KVState
-from jaxserve.persistent import KeyedQueue
+from jaxserve.persistent import KeyedQueue, evolve
 from jaxserve.plan import BatchPlan, StepOutput
 from jaxserve.request import Request, RequestStatus
 from jaxserve.scheduler.queues import FCFS, QueueOrder
@@ -144,7 +144,7 @@ class BatchingScheduler(abc.ABC):
             raise ValueError(f"request {rid!r} is already in the scheduler")
         hashes = prompt_block_hashes(request, cfg.block_size) if self.enable_prefix_caching else ()
         seq = SeqState(request, state.next_seq_no, block_hashes=hashes)
-        return dataclasses.replace(
+        return evolve(
             state,
             waiting=self.order.push(state.waiting, seq, is_arrival=True),
             next_seq_no=state.next_seq_no + 1,
@@ -160,19 +160,19 @@ class BatchingScheduler(abc.ABC):
                 keep = inflight.rows != r
                 rows = inflight.rows[keep]
                 inflight = Inflight(inflight.step, rows - (rows > r), inflight.entries[keep])
-            return dataclasses.replace(
+            return evolve(
                 state,
-                kv=dataclasses.replace(state.kv, device=pool),
+                kv=evolve(state.kv, device=pool),
                 running=run.take(np.delete(np.arange(len(run)), r)),
                 inflight=inflight,
             )
         if self.order.contains(state.waiting, request_id):
-            return dataclasses.replace(state, waiting=self.order.remove(state.waiting, request_id))
+            return evolve(state, waiting=self.order.remove(state.waiting, request_id))
         if request_id in state.swapped:
             seq = state.swapped.get(request_id)
-            return dataclasses.replace(
+            return evolve(
                 state,
-                kv=dataclasses.replace(state.kv, host=state.kv.host.free(seq.host_blocks)),
+                kv=evolve(state.kv, host=state.kv.host.free(seq.host_blocks)),
                 swapped=state.swapped.remove(request_id),
             )
         return state

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 import immutables
 
-from jaxserve.persistent import EMPTY_MAP, KeyedQueue
+from jaxserve.persistent import EMPTY_MAP, KeyedQueue, evolve
 from jaxserve.scheduler.seq import SeqState
 
 
@@ -182,7 +182,7 @@ class FairOrder:
             return q
         client = seq.request.client_id
         charge = self.w_p * seq.request.prompt_len / self.weight(client)
-        return dataclasses.replace(q, counters=q.counters.set(client, self.counter(q, client) + charge))
+        return evolve(q, counters=q.counters.set(client, self.counter(q, client) + charge))
 
     def on_generated(self, q: FairQueue, client_ids: list[str]) -> FairQueue:
         if not client_ids:
@@ -190,7 +190,7 @@ class FairOrder:
         with q.counters.mutate() as counters:
             for client, n in collections.Counter(client_ids).items():
                 counters[client] = counters.get(client, 0.0) + n * self.w_q / self.weight(client)
-            return dataclasses.replace(q, counters=counters.finish())
+            return evolve(q, counters=counters.finish())
 
 
 QueueOrder = Any  # KeyedOrder | FairOrder | anything with the same methods

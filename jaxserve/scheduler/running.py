@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from jaxserve.persistent import Cons
+from jaxserve.persistent import Cons, evolve, pick
 from jaxserve.scheduler.seq import SeqState
 
 ARRAY_COLUMNS = (
@@ -25,6 +25,7 @@ ARRAY_COLUMNS = (
     "num_output",  # generated tokens
     "max_new",  # SamplingParams.max_new_tokens
     "last_token",  # id of the newest known token (the next decode's input)
+    "num_hashed",  # len(block_hashes[i])
     "num_registered",  # leading blocks already offered to the prefix cache
     "num_preemptions",
     "num_blocks",  # len(block_tables[i])
@@ -48,6 +49,7 @@ class RunningBatch:
     num_output: np.ndarray
     max_new: np.ndarray
     last_token: np.ndarray
+    num_hashed: np.ndarray
     num_registered: np.ndarray
     num_preemptions: np.ndarray
     num_blocks: np.ndarray
@@ -73,12 +75,12 @@ class RunningBatch:
         return len(self.ids)
 
     def replace(self, **columns) -> "RunningBatch":
-        return dataclasses.replace(self, **columns)
+        return evolve(self, **columns)
 
     def take(self, rows: np.ndarray) -> "RunningBatch":
         """The rows at integer indices ``rows`` (in that order)."""
         idx = rows.tolist()
-        cols = {c: tuple(getattr(self, c)[i] for i in idx) for c in TUPLE_COLUMNS}
+        cols = {c: pick(getattr(self, c), idx) for c in TUPLE_COLUMNS}
         cols.update({c: getattr(self, c)[rows] for c in ARRAY_COLUMNS})
         return RunningBatch(**cols)
 
@@ -90,9 +92,9 @@ class RunningBatch:
         seq_no = np.concatenate([self.seq_no, other.seq_no])
         order = np.lexsort((seq_no, np.concatenate([self.rank, other.rank])))
         cols = {}
+        idx = order.tolist()
         for c in TUPLE_COLUMNS:
-            both = getattr(self, c) + getattr(other, c)
-            cols[c] = tuple(both[i] for i in order.tolist())
+            cols[c] = pick(getattr(self, c) + getattr(other, c), idx)
         for c in ARRAY_COLUMNS:
             cols[c] = np.concatenate([getattr(self, c), getattr(other, c)])[order]
         return RunningBatch(**cols), order
@@ -137,6 +139,7 @@ def row_from_seq(
         num_output=seq.num_output,
         max_new=req.sampling.max_new_tokens,
         last_token=last,
+        num_hashed=len(seq.block_hashes),
         num_registered=num_registered,
         num_preemptions=seq.num_preemptions,
         num_blocks=len(block_table),

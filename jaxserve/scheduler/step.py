@@ -26,9 +26,11 @@ from typing import Callable
 
 import numpy as np
 
+from jaxserve.persistent import evolve
 from jaxserve.kv.state import KVState
 from jaxserve.plan import BatchPlan
 from jaxserve.request import PLACEHOLDER_TOKEN_ID
+from jaxserve.scheduler.caching import offer_generated_blocks
 from jaxserve.scheduler.running import RunningBatch, row_from_seq
 from jaxserve.scheduler.seq import seq_tokens
 
@@ -156,7 +158,8 @@ class StepBuilder:
         self.num_new[r] = 0
         self.live -= 1
         num_computed = int(run.num_computed[r])
-        seq = run.seq_state(r, num_preemptions=int(run.num_preemptions[r]) + 1)
+        self.pool, chain = offer_generated_blocks(run, self.pool, r, self.bs)  # for its own recompute
+        seq = run.seq_state(r, num_preemptions=int(run.num_preemptions[r]) + 1, block_hashes=chain)
         keep = self._blocks_for(num_computed)
         if self.sched.preemption_mode == "swap" and self.host.can_allocate(keep):
             self.host, host_blocks = self.host.allocate(keep)
@@ -180,14 +183,17 @@ class StepBuilder:
             self.admit_new(chunk, reserve=reserve)
 
     def admit_new(self, chunk: ChunkFn, *, reserve: str = "prompt") -> None:
-        """Admits waiting requests in queue order until one does not fit (no skipping ahead).
+        """Admits waiting requests in queue order until one does not fit (no skipping ahead);
+        nothing when this step preempted.
 
         ``reserve`` is what admission allocates blocks for: "prompt" (every pending prompt token,
         even when only a first chunk runs now, as vLLM's block manager does) or "full" (prompt +
         max_new_tokens up front: Orca, static batching).
         """
         if reserve not in ("prompt", "full"):
-            raise ValueError(f"admit_waiting: reserve must be 'prompt' or 'full', got {reserve!r}")
+            raise ValueError(f"admit_new: reserve must be 'prompt' or 'full', got {reserve!r}")
+        if self.preempted or self.swapped_out:
+            return  # memory just ran out: admitting more would only thrash (as vLLM does)
         order, bs = self.sched.order, self.bs
         while self.has_room:
             seq = order.peek(self.waiting)
@@ -268,7 +274,7 @@ class StepBuilder:
             nc_before = run.num_computed - num_new
         rows = np.flatnonzero(num_new)
         plan = self._plan(run, rows, nc_before[rows], num_new[rows])
-        new_state = dataclasses.replace(
+        new_state = evolve(
             state,
             kv=KVState(self.cfg, self.pool, self.host),
             waiting=self.waiting,

@@ -1,7 +1,7 @@
 """BlockPool (refcounts, check-then-commit, reuse order, prefix cache, LRU eviction, persistence),
 prefix hashing (chain_hashes, prompt_block_hashes) and KVConfig / KVState."""
 
-import copy
+import random
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -221,17 +221,17 @@ def test_match_prefix_stops_at_first_miss():
     assert p.match_prefix([]) == ()
 
 
-def test_register_duplicate_hash_keeps_first_block_and_cached_block_keeps_hash():
+def test_register_duplicate_hash_keeps_first_block():
     p = BlockPool(4, enable_caching=True)
     p, t = p.allocate(3)
     p = p.register([0], [50])
     p = p.register([1], [50])  # same content computed twice: the first block stays
     assert p.match_prefix([50]) == (0,)
-    assert 1 not in p.block_hash
-    p = p.register([0], [60])  # a block already cached keeps its hash
-    assert p.match_prefix([60]) == ()
-    assert p.block_hash[0] == 50
+    assert 1 not in p.block_hash and p.block_hash[0] == 50
     p.check()
+    q = p.register([2, 1], [70, 70])  # duplicates within one call: the first one wins too
+    assert q.match_prefix([70]) == (2,) and 1 not in q.block_hash
+    q.check()
     # the duplicate (uncached) block is reusable at once when freed, the cached one is evictable
     p = p.free([1, 0])
     assert p.num_evictable_in([0, 1]) == 1
@@ -244,7 +244,7 @@ def test_register_does_not_touch_refcounts():
     p, t = BlockPool(3, enable_caching=True).allocate(2)
     q = p.register(t, [1, 2])
     assert dict(q.refcounts) == dict(p.refcounts) and q.num_free == p.num_free
-    assert p.cached == {} or len(p.cached) == 0  # old pool has no cache entries
+    assert len(p.cached) == 0 and len(q.cached) == 2  # the old pool has no cache entries
 
 
 def test_evicted_block_is_no_longer_matched_and_can_be_recached():
@@ -269,6 +269,37 @@ def test_evicted_block_is_no_longer_matched_and_can_be_recached():
     assert p.num_free == 2
 
 
+def test_uncache_drops_the_entry_of_an_allocated_block():
+    p = BlockPool(3, enable_caching=True)
+    p, t = p.allocate(3)
+    p = p.register(t[:2], [5, 6])
+    q = p.uncache(0)
+    q.check()
+    assert q.match_prefix([5, 6]) == ()
+    assert 0 not in q.block_hash and 5 not in q.cached
+    assert q.match_prefix([6]) == (1,)
+    assert dict(q.refcounts) == dict(p.refcounts)
+    assert p.match_prefix([5, 6]) == (0, 1)  # the old pool still has the entry
+    # an uncached block is no longer evictable when freed: it is reusable at once
+    q = q.free([0, 1])
+    assert q.num_evictable_in([0, 1]) == 1 and q.num_stacked == 1
+    q.check()
+    # uncaching a block without an entry changes nothing
+    r = p.uncache(2)
+    assert snap(r) == snap(p)
+
+
+def test_uncache_rejects_unallocated_blocks():
+    p = BlockPool(3, enable_caching=True)
+    p, t = p.allocate(2)
+    p = p.register([0], [5]).free([0, 1])  # 0 evictable, 1 stacked, 2 fresh
+    before = snap(p)
+    for b in (0, 1, 2):
+        with pytest.raises(ValueError, match=f"block {b}"):
+            p.uncache(b)
+    assert snap(p) == before
+
+
 def test_caching_disabled():
     p = BlockPool(3)
     p, t = p.allocate(2)
@@ -286,13 +317,18 @@ def test_lru_compaction_keeps_order_and_bounds_queue():
     p, t = p.allocate(4)
     p = p.register(t, [10, 11, 12, 13]).free([3, 2, 1, 0])
     order = [3, 2, 1, 0]  # reference LRU order, oldest first
+    compactions = 0
     for i in range(300):
         b = order[i % 3]  # churn: never touch the last-freed block directly
+        queued = len(p.lru)
         p = p.acquire([b]).free([b])
+        compactions += len(p.lru) < queued
         order.remove(b)
         order.append(b)
         assert len(p.lru) <= 2 * len(p.evictable) + 64 + 1
         p.check()
+        assert list(p.allocate(4)[1]) == order  # eviction order is right whether or not the queue was compacted
+    assert compactions >= 2  # the stale-entry queue was compacted along the way
     assert p.num_free == 4
     p, blocks = p.allocate(4)
     assert list(blocks) == order
@@ -387,9 +423,15 @@ class RefPool:
         if not self.caching:
             return
         for b, h in zip(blocks, hashes):
-            if h in self.cache or b in self.bhash:
-                continue
-            self.cache[h], self.bhash[b] = b, h
+            assert b in self.rc and b not in self.bhash  # the documented precondition
+            if h not in self.cache:
+                self.cache[h], self.bhash[b] = b, h
+
+    def uncache(self, b):
+        if b not in self.rc:
+            raise ValueError
+        if b in self.bhash:
+            del self.cache[self.bhash.pop(b)]
 
     def match(self, hashes):
         out = []
@@ -413,80 +455,140 @@ def assert_same(pool, ref):
         assert pool.refcount(b) == ref.rc.get(b, 0)
 
 
-@given(n=st.integers(1, 8), caching=st.booleans(), data=st.data())
-@settings(max_examples=200, deadline=None)
+class DrawChoices:
+    """Choices drawn by hypothesis (shrinkable)."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def int(self, lo, hi):
+        return self.data.draw(st.integers(lo, hi))
+
+    def sample(self, seq):
+        return self.data.draw(st.sampled_from(seq))
+
+    def sublist(self, seq, lo, hi, unique=False):
+        return self.data.draw(st.lists(st.sampled_from(seq), min_size=lo, max_size=hi, unique=unique))
+
+
+class RandomChoices:
+    """Choices from a seeded random.Random (cheap long walks)."""
+
+    def __init__(self, seed):
+        self.rng = random.Random(seed)
+
+    def int(self, lo, hi):
+        return self.rng.randint(lo, hi)
+
+    def sample(self, seq):
+        return self.rng.choice(seq)
+
+    def sublist(self, seq, lo, hi, unique=False):
+        k = self.rng.randint(lo, min(hi, len(seq)) if unique else hi)
+        return self.rng.sample(list(seq), k) if unique else [self.rng.choice(seq) for _ in range(k)]
+
+
+OPS = ["allocate", "allocate", "free", "free", "acquire", "acquire", "register", "register", "uncache", "match", "can"]
+
+
+def random_op(pool, ref, c):
+    """Performs one random operation on both the pool and the model, checking the pool's answers."""
+    n, op, live = ref.n, c.sample(OPS), sorted(ref.rc)
+    before = snap(pool)
+
+    def expect_error(exc, fn):
+        with pytest.raises(exc):
+            fn()
+        assert snap(pool) == before  # a failed operation changes nothing
+        return pool
+
+    if op == "allocate":
+        k = c.int(0, 2) if c.int(0, 3) else c.int(0, n + 1)
+        try:
+            expected = ref.allocate(k)
+        except OutOfBlocksError:
+            return expect_error(OutOfBlocksError, lambda: pool.allocate(k))
+        pool, got = pool.allocate(k)
+        assert got == expected
+        assert len(set(got)) == k
+        assert not set(got) & set(live)  # freed-page hygiene: never a block a live table references
+    elif op == "free":
+        refs = [b for b in live for _ in range(ref.rc[b])]
+        blocks = c.sublist(refs, 0, len(refs)) if refs else []
+        if not c.int(0, 4):
+            blocks = blocks + [c.int(0, n - 1)]  # often not allocated (or freed once too often)
+        try:
+            ref.free(blocks)
+        except ValueError:
+            return expect_error(ValueError, lambda: pool.free(blocks))
+        pool = pool.free(blocks)
+    elif op == "acquire":
+        kind, valid = c.int(0, 4), live + ref.lru
+        if ref.lru and kind >= 2:  # a prefix-cache hit on evictable blocks
+            blocks = c.sublist(ref.lru, 1, 2)
+        elif valid and kind:
+            blocks = c.sublist(valid, 1, 3)
+        else:  # anything, often a stacked or fresh block
+            blocks = c.sublist(list(range(n)), 0, 3)
+        try:
+            ref.acquire(blocks)
+        except ValueError:
+            return expect_error(ValueError, lambda: pool.acquire(blocks))
+        num_ev, old_free = pool.num_evictable_in(set(blocks)), pool.num_free
+        pool = pool.acquire(blocks)
+        assert pool.num_free == old_free - num_ev
+    elif op == "register":  # full, allocated, not yet cached blocks (the documented precondition)
+        candidates = [b for b in live if b not in ref.bhash]
+        if not candidates:
+            return pool
+        blocks = c.sublist(candidates, 0, 4, unique=True)
+        hashes = [c.int(0, n + 2) for _ in blocks]
+        ref.register(blocks, hashes)
+        pool = pool.register(blocks, hashes)
+    elif op == "uncache":
+        b = c.sample(live) if live and c.int(0, 3) else c.int(0, n - 1)
+        try:
+            ref.uncache(b)
+        except ValueError:
+            return expect_error(ValueError, lambda: pool.uncache(b))
+        pool = pool.uncache(b)
+    elif op == "match":
+        hashes = [c.int(0, n + 2) for _ in range(c.int(0, 5))]
+        assert pool.match_prefix(hashes) == ref.match(hashes)
+        assert snap(pool) == before
+        return pool
+    else:
+        k, reserve = c.int(0, n + 1), c.int(0, 2)
+        assert pool.can_allocate(k, reserve) == (k + reserve <= ref.num_free())
+        assert snap(pool) == before
+        return pool
+    assert_same(pool, ref)
+    return pool
+
+
+@given(n=st.integers(1, 4) | st.integers(1, 10), caching=st.booleans() | st.just(True), data=st.data())
+@settings(max_examples=150, deadline=None)
 def test_random_operations_match_reference_model(n, caching, data):
-    pool, ref = BlockPool(n, enable_caching=caching), RefPool(n, caching)
+    pool, ref, c = BlockPool(n, enable_caching=caching), RefPool(n, caching), DrawChoices(data)
     history = [(pool, snap(pool))]
-    for _ in range(data.draw(st.integers(0, 40), label="num_ops")):
-        op = data.draw(st.sampled_from(["allocate", "free", "acquire", "register", "match", "can"]), label="op")
-        live = sorted(ref.rc)
-        if op == "allocate":
-            k = data.draw(st.integers(0, n + 1), label="k")
-            before = snap(pool)
-            try:
-                expected = ref.allocate(k)
-            except OutOfBlocksError:
-                with pytest.raises(OutOfBlocksError):
-                    pool.allocate(k)
-                assert snap(pool) == before
-                continue
-            pool, got = pool.allocate(k)
-            assert got == expected
-            assert len(set(got)) == k
-            # freed-page hygiene: a new block is never one a live table still references
-            assert not set(got) & set(live)
-        elif op == "free":
-            refs = [b for b in live for _ in range(ref.rc[b])]
-            blocks = data.draw(st.lists(st.sampled_from(refs), unique_by=None, max_size=len(refs)) if refs
-                               else st.just([]), label="free")
-            if data.draw(st.booleans(), label="bad_free"):
-                blocks = blocks + [data.draw(st.integers(0, n - 1), label="extra")]
-            before = snap(pool)
-            try:
-                ref.free(blocks)
-            except ValueError:
-                with pytest.raises(ValueError):
-                    pool.free(blocks)
-                assert snap(pool) == before
-                continue
-            pool = pool.free(blocks)
-        elif op == "acquire":
-            blocks = data.draw(st.lists(st.integers(0, n - 1), max_size=4), label="acquire")
-            before = snap(pool)
-            try:
-                ref.acquire(blocks)
-            except ValueError:
-                with pytest.raises(ValueError):
-                    pool.acquire(blocks)
-                assert snap(pool) == before
-                continue
-            num_ev = pool.num_evictable_in(set(blocks))
-            old_free = pool.num_free
-            pool = pool.acquire(blocks)
-            assert pool.num_free == old_free - num_ev
-        elif op == "register":
-            if not live:
-                continue
-            blocks = data.draw(st.lists(st.sampled_from(live), max_size=4), label="reg_blocks")
-            hashes = data.draw(st.lists(st.integers(0, 5), min_size=len(blocks), max_size=len(blocks)),
-                               label="reg_hashes")
-            ref.register(blocks, hashes)
-            pool = pool.register(blocks, hashes)
-        elif op == "match":
-            hashes = data.draw(st.lists(st.integers(0, 5), max_size=5), label="match")
-            before = snap(pool)
-            assert pool.match_prefix(hashes) == ref.match(hashes)
-            assert snap(pool) == before
-            continue
-        else:
-            k, reserve = data.draw(st.integers(0, n + 1)), data.draw(st.integers(0, 2))
-            before = snap(pool)
-            assert pool.can_allocate(k, reserve) == (k + reserve <= ref.num_free())
-            assert snap(pool) == before
-            continue
-        assert_same(pool, ref)
+    for _ in range(data.draw(st.integers(0, 50), label="num_ops")):
+        pool = random_op(pool, ref, c)
         history.append((pool, snap(pool)))
+    for old, s in history:  # persistence: every version still holds what it held
+        assert snap(old) == s
+        old.check()
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_long_random_walks_match_reference_model(seed):
+    c = RandomChoices(seed)
+    n, caching = c.sample([1, 2, 3, 4, 6, 8, 16]), seed % 4 != 3
+    pool, ref = BlockPool(n, enable_caching=caching), RefPool(n, caching)
+    history = []
+    for i in range(600):
+        pool = random_op(pool, ref, c)
+        if i % 50 == 0:
+            history.append((pool, snap(pool)))
     for old, s in history:
         assert snap(old) == s
 
@@ -557,13 +659,9 @@ def test_chain_hashes_prefix_property(prefix, a_tail, b_tail, bs):
     diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     shared = diff // bs
     common = min(len(ha), len(hb))
-    for i in range(common):
-        if i < shared:
-            assert ha[i] == hb[i]
-        elif a[: (i + 1) * bs] != b[: (i + 1) * bs]:
-            assert ha[i] != hb[i]
-        else:
-            assert ha[i] == hb[i]
+    assert ha[:shared] == hb[:shared]
+    for i in range(shared, common):  # from the first block holding a differing token on, all differ
+        assert ha[i] != hb[i]
 
 
 @given(tokens=st.lists(st.integers(0, 1000), max_size=60), bs=st.integers(1, 8), data=st.data())
@@ -624,6 +722,14 @@ def test_prompt_block_hashes_trace_ids_mooncake_shape():
     # trace chains never collide with token chains of the same length
     real = Request("t", prompt_token_ids=[0] * (5 * 512), sampling=SP)
     assert not set(prompt_block_hashes(real, 16)) & set(ha)
+
+
+def test_prompt_block_hashes_trace_chain_needs_every_earlier_id():
+    # Same second trace id after a different first one: chained, so no block is shared at all.
+    ha = prompt_block_hashes(trace_req("a", [1, 7], 1024), 16)
+    hb = prompt_block_hashes(trace_req("b", [2, 7], 1024), 16)
+    assert len(ha) == len(hb) == 64
+    assert not set(ha) & set(hb)
 
 
 def test_prompt_block_hashes_trace_counts():

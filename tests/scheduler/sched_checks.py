@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-import numpy as np
 
 
 def plan_key(plan):
