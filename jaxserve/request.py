@@ -9,8 +9,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import numbers
+import operator
 from collections.abc import Sequence
 from typing import Any, Optional
+
+import numpy as np
 
 PLACEHOLDER_TOKEN_ID = 0
 
@@ -42,14 +46,21 @@ def _check_float(owner: str, name: str, value: Any, minimum: float, *, strict: b
         raise ValueError(f"{owner}.{name} must be a finite number {op} {minimum}, got {value!r}")
 
 
-def _int_tuple(owner: str, name: str, values: Any) -> tuple[int, ...]:
-    """Coerces a sequence (list, tuple, numpy array) of non-negative ints to a tuple of ints."""
+def _int_tuple(owner: str, name: str, values: Any, *, non_negative: bool = True) -> tuple[int, ...]:
+    """Coerces a sequence (list, tuple, numpy array) of ints to a tuple of Python ints."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) and not hasattr(values, "tolist"):
         raise ValueError(f"{owner}.{name} must be a sequence of ints, got {type(values).__name__}")
     out = tuple(values.tolist()) if hasattr(values, "tolist") else tuple(values)
-    for i, t in enumerate(out):
-        if not _is_int(t) or t < 0:
-            raise ValueError(f"{owner}.{name}[{i}] must be an int >= 0, got {t!r}")
+    if not all(type(t) is int for t in out):  # slow path: numpy scalars, bools, junk
+        fixed = []
+        for i, t in enumerate(out):
+            if not isinstance(t, numbers.Integral) or isinstance(t, (bool, np.bool_)):
+                raise ValueError(f"{owner}.{name}[{i}] must be an int, got {t!r}")
+            fixed.append(int(t))
+        out = tuple(fixed)
+    if non_negative and out and min(out) < 0:
+        i = next(i for i, t in enumerate(out) if t < 0)
+        raise ValueError(f"{owner}.{name}[{i}] must be an int >= 0, got {out[i]!r}")
     return out
 
 
@@ -106,15 +117,19 @@ class PlaceholderTokens(Sequence):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return PlaceholderTokens(len(range(*index.indices(self._n))))
+        index = operator.index(index)
         if not -self._n <= index < self._n:
             raise IndexError(index)
         return PLACEHOLDER_TOKEN_ID
 
+    def __contains__(self, value) -> bool:
+        return self._n > 0 and value == PLACEHOLDER_TOKEN_ID
+
     def __eq__(self, other) -> bool:
+        # Equal only to another placeholder run: a length-only prompt is not the same request as
+        # real ids that happen to be zeros (and hash/eq stay consistent).
         if isinstance(other, PlaceholderTokens):
             return self._n == other._n
-        if isinstance(other, Sequence):
-            return len(other) == self._n and all(t == PLACEHOLDER_TOKEN_ID for t in other)
         return NotImplemented
 
     def __hash__(self) -> int:
@@ -154,16 +169,19 @@ class Request:
                 f"Request.sampling must be a SamplingParams (request {self.request_id!r}), "
                 f"got {type(self.sampling).__name__}"
             )
+        if self.prompt_len is not None:
+            _check_int("Request", "prompt_len", self.prompt_len, 1)
         if self.prompt_token_ids is None:
             if self.prompt_len is None:
                 raise ValueError(
                     f"Request {self.request_id!r}: give prompt_token_ids or prompt_len"
                 )
-            _check_int("Request", "prompt_len", self.prompt_len, 1)
             object.__setattr__(self, "prompt_token_ids", PlaceholderTokens(self.prompt_len))
-        elif not isinstance(self.prompt_token_ids, PlaceholderTokens):
-            ids = _int_tuple("Request", "prompt_token_ids", self.prompt_token_ids)
-            if not ids:
+        else:
+            ids = self.prompt_token_ids
+            if not isinstance(ids, PlaceholderTokens):
+                ids = _int_tuple("Request", "prompt_token_ids", ids)
+            if not len(ids):
                 raise ValueError(f"Request {self.request_id!r}: prompt_token_ids is empty")
             if self.prompt_len is not None and self.prompt_len != len(ids):
                 raise ValueError(
@@ -179,13 +197,11 @@ class Request:
             raise ValueError(f"Request.priority must be an int, got {self.priority!r}")
         _check_int("Request", "prefix_hash_block_size", self.prefix_hash_block_size, 1)
         if self.prefix_block_hashes is not None:
-            hashes = self.prefix_block_hashes
-            if isinstance(hashes, (str, bytes)) or not isinstance(hashes, Sequence):
-                raise ValueError("Request.prefix_block_hashes must be a sequence of ints")
-            for i, h in enumerate(hashes):
-                if not _is_int(h):
-                    raise ValueError(f"Request.prefix_block_hashes[{i}] must be an int, got {h!r}")
-            object.__setattr__(self, "prefix_block_hashes", tuple(hashes))
+            object.__setattr__(
+                self,
+                "prefix_block_hashes",
+                _int_tuple("Request", "prefix_block_hashes", self.prefix_block_hashes, non_negative=False),
+            )
         if self.slo is not None and not isinstance(self.slo, SLO):
             raise ValueError(f"Request.slo must be an SLO or None, got {type(self.slo).__name__}")
 

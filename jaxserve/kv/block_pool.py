@@ -111,6 +111,8 @@ class BlockPool:
     # -- updates -------------------------------------------------------------------------------
     def allocate(self, n: int) -> tuple["BlockPool", tuple[int, ...]]:
         """Takes ``n`` free blocks (refcount 1 each). Raises OutOfBlocksError, changing nothing."""
+        if n < 0:
+            raise ValueError(f"allocate: n must be >= 0, got {n}")
         if n > self.num_free:
             raise OutOfBlocksError(f"asked for {n} blocks, {self.num_free} free")
         if n == 0:
@@ -204,6 +206,8 @@ class BlockPool:
             return self
         with self.cached.mutate() as ca, self.block_hash.mutate() as bh:
             for b, h in zip(blocks, hashes):
+                if b in bh:
+                    raise ValueError(f"register: block {b} is already cached")
                 if h not in ca:
                     ca[h] = b
                     bh[b] = h

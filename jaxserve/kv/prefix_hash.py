@@ -15,6 +15,11 @@ from jaxserve.request import Request
 _TRACE_SALT = 0x6A617873  # keeps trace-derived chains apart from token-derived ones
 
 
+def _distinct(x: int) -> int:
+    """A bijection onto non-negative ints (hash(-1) == hash(-2) in CPython; these stay apart)."""
+    return 2 * x if x >= 0 else -2 * x - 1
+
+
 def chain_hashes(tokens: Sequence[int], block_size: int, num_blocks: int, parent: int = 0) -> list[int]:
     """Hashes of the first ``num_blocks`` full blocks of ``tokens``, continuing the chain at ``parent``."""
     out = []
@@ -43,6 +48,6 @@ def prompt_block_hashes(request: Request, block_size: int) -> tuple[int, ...]:
     n_full = min(n_full, (len(ids) * span) // block_size)
     out, parent = [], _TRACE_SALT
     for i in range(n_full):
-        parent = hash((parent, ids[((i + 1) * block_size - 1) // span], i))
+        parent = hash((parent, _distinct(ids[((i + 1) * block_size - 1) // span]), i))
         out.append(parent)
     return tuple(out)

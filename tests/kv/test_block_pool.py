@@ -355,8 +355,6 @@ def test_old_pools_are_unchanged_by_later_operations():
         old.check()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: allocate(n) with n < 0 is not rejected; it decrements next_fresh "
-                   "and returns a corrupt pool (num_free > num_blocks, check() fails)")
 def test_allocate_negative_is_rejected():
     p = BlockPool(4)
     with pytest.raises((ValueError, OutOfBlocksError)):
