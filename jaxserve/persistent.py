@@ -6,16 +6,20 @@ from ``immutables.Map`` (a C hash-array-mapped trie). Here:
 
 * cons lists: ``(head, tail)`` pairs, ``None`` is empty (O(1) push, used for stacks and token logs);
 * ``Queue``: Okasaki's two-list FIFO queue;
-* ``KeyedQueue``: a leftist heap keyed by a sort key, with removal by id (lazy deletion).
+* ``KeyedQueue``: a leftist heap keyed by a sort key, with removal by id (lazy deletion);
+* shared append-only logs (``log_append_rows``): lists that successive versions share, each
+  version reading only its own prefix.
 """
 
 from __future__ import annotations
 
+import collections
 import operator
 from collections.abc import Sequence
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import immutables
+import numpy as np
 
 Cons = Optional[tuple]  # None | (head, tail)
 EMPTY_MAP = immutables.Map()
@@ -186,6 +190,27 @@ class KeyedQueue:
             out.append(q.peek())
             q = q.pop()
         return out
+
+
+# -- shared append-only logs ---------------------------------------------------------------------
+# A log is a list shared by successive versions of a value; each version stores how many items it
+# sees (n) and reads only log[:n]. Appending at n works in place when no other version has appended
+# past n (len(log) == n); otherwise the appender forks a copy of log[:n] first. Every version
+# therefore stays valid and unchanged, and the usual linear history costs O(1) per append.
+
+
+def log_append_rows(logs: tuple, lengths: np.ndarray, items: list) -> tuple:
+    """Appends ``items[i]`` to ``logs[i]`` as seen at ``lengths[i]``; returns the logs (a new
+    tuple only when some log had to be forked)."""
+    current = np.fromiter(map(len, logs), np.int64, len(logs))
+    forked = np.flatnonzero(current != lengths)
+    if len(forked):
+        logs = list(logs)
+        for i in forked.tolist():
+            logs[i] = logs[i][: int(lengths[i])]
+        logs = tuple(logs)
+    collections.deque(map(list.append, logs, items), maxlen=0)  # C-speed loop
+    return logs
 
 
 def evolve(obj: Any, **changes: Any) -> Any:

@@ -9,11 +9,11 @@ recompute — and hashing them once there is much cheaper than per decode step.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from jaxserve.kv.block_pool import BlockPool
-from jaxserve.kv.prefix_hash import extend_chain
-from jaxserve.persistent import cons_to_list_oldest_first
 
 
 def offer_prompt_blocks(run, pool: BlockPool, rows: np.ndarray, block_size: int):
@@ -32,28 +32,30 @@ def offer_prompt_blocks(run, pool: BlockPool, rows: np.ndarray, block_size: int)
     return run.replace(num_registered=registered), pool.register(blocks, hashes)
 
 
-def offer_generated_blocks(run, pool: BlockPool, r: int, block_size: int):
+def offer_generated_blocks(run, pool: BlockPool, r: int, block_size: int, generated: Optional[list] = None):
     """Registers row ``r``'s remaining computed full blocks; returns ``(pool, hash chain)``.
 
-    Only requests with real token ids are extended past their precomputed (prompt) hashes.
+    ``generated`` is the row's output tokens oldest first, when the caller has it already. Only
+    requests with real token ids are extended past their precomputed (prompt) hashes.
     """
     chain = run.block_hashes[r]
     registered = int(run.num_registered[r])
     n_full = int(run.num_computed[r]) // block_size
-    if not pool.enable_caching or (n_full <= registered):
+    if not pool.enable_caching or n_full <= registered:
         return pool, chain
     if run.real_tokens[r] and n_full > len(chain):
         req = run.requests[r]
-        prompt_len = req.prompt_len
-        generated = cons_to_list_oldest_first(run.outputs[r])
-        tokens = req.prompt_token_ids
-        extra = list(chain)
-        for k in range(len(chain), n_full):
-            start, stop = k * block_size, (k + 1) * block_size
-            block = list(tokens[start:prompt_len]) if start < prompt_len else []
-            block += generated[max(start - prompt_len, 0) : stop - prompt_len]
-            extra.append(extend_chain(extra, block))
-        chain = tuple(extra)
+        prompt_len, start, stop = req.prompt_len, len(chain) * block_size, n_full * block_size
+        if generated is None:
+            generated = run.outputs[r][: int(run.num_output[r])]
+        tokens = list(req.prompt_token_ids[start:prompt_len]) if start < prompt_len else []
+        tokens += generated[max(start - prompt_len, 0) : stop - prompt_len]
+        extended = list(chain)
+        parent = chain[-1] if chain else 0
+        for i in range(0, stop - start, block_size):
+            parent = hash((parent, tuple(tokens[i : i + block_size])))
+            extended.append(parent)
+        chain = tuple(extended)
     upto = min(n_full, len(chain))
     table = run.block_tables[r]
     return pool.register(table[registered:upto], chain[registered:upto]), chain

@@ -23,6 +23,16 @@ def constant_token(token_id: int = 1) -> TokenFn:
     return lambda request_id, index: token_id
 
 
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+    before: object  # state before schedule()
+    scheduled: object  # state returned by schedule()
+    plan: BatchPlan
+    pre_update: object  # state given to update() (after any aborts)
+    out: StepOutput
+    after: object  # state returned by update()
+
+
 @dataclasses.dataclass
 class DriveResult:
     plans: list[BatchPlan]
@@ -56,7 +66,7 @@ def drive(
 
     ``arrival_steps[i]`` is the step before which ``requests[i]`` is added (default: all at 0);
     ``aborts[step]`` lists request ids aborted right after that step's ``schedule``.
-    ``on_step(state_before, state_after_schedule, plan, state_after_update)`` sees every step.
+    ``on_step(StepRecord)`` sees every step (the states around it, the plan and the output).
     """
     arrival_steps = list(arrival_steps) if arrival_steps is not None else [0] * len(requests)
     pending = sorted(range(len(requests)), key=lambda i: (arrival_steps[i], i))
@@ -76,6 +86,7 @@ def drive(
         scheduled = state
         for rid in aborts.get(step, ()):
             state = scheduler.abort(state, rid, float(step))
+        pre_update = state
         out = step_output(plan, token_fn, generated)
         state = scheduler.update(state, plan, out, float(step))
         for rid in out.token_ids:
@@ -85,6 +96,6 @@ def drive(
         if keep_plans:
             plans.append(plan)
         if on_step is not None:
-            on_step(before, scheduled, plan, state)
+            on_step(StepRecord(before, scheduled, plan, pre_update, out, state))
         step += 1
     return DriveResult(plans, finished, step, state)

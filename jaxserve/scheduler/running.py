@@ -14,10 +14,10 @@ from typing import Optional
 
 import numpy as np
 
-from jaxserve.persistent import Cons, evolve, pick
+from jaxserve.persistent import evolve, pick
 from jaxserve.scheduler.seq import SeqState
 
-ARRAY_COLUMNS = (
+NUM_COLUMNS = (
     "rank",  # preemption rank (higher = preempted first); rows are sorted by (rank, seq_no)
     "seq_no",  # arrival order
     "num_computed",  # tokens in KV (after the last scheduled step)
@@ -29,37 +29,33 @@ ARRAY_COLUMNS = (
     "num_registered",  # leading blocks already offered to the prefix cache
     "num_preemptions",
     "num_blocks",  # len(block_tables[i])
-    "has_stop",  # bool: the request has stop tokens
-    "real_tokens",  # bool: prompt ids are real (placeholders are never cached past the prompt)
+    "has_stop",  # 1 if the request has stop tokens
+    "real_tokens",  # 1 if prompt ids are real (placeholders are never cached past the prompt)
 )
 TUPLE_COLUMNS = ("ids", "requests", "outputs", "block_tables", "block_hashes")
+_INDEX = {name: k for k, name in enumerate(NUM_COLUMNS)}
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class RunningBatch:
+    """Numeric columns live in one int64 matrix ``nums`` [rows, len(NUM_COLUMNS)] (read-only), so
+    selecting or merging rows is one numpy call; ``batch.num_computed`` etc. are column views."""
+
     ids: tuple[str, ...]
     requests: tuple
-    outputs: tuple[Cons, ...]
+    outputs: tuple[list, ...]  # shared append-only logs: row i reads outputs[i][:num_output[i]]
     block_tables: tuple[tuple[int, ...], ...]
     block_hashes: tuple[tuple[int, ...], ...]
-    rank: np.ndarray
-    seq_no: np.ndarray
-    num_computed: np.ndarray
-    num_tokens: np.ndarray
-    num_output: np.ndarray
-    max_new: np.ndarray
-    last_token: np.ndarray
-    num_hashed: np.ndarray
-    num_registered: np.ndarray
-    num_preemptions: np.ndarray
-    num_blocks: np.ndarray
-    has_stop: np.ndarray
-    real_tokens: np.ndarray
+    nums: np.ndarray
 
     @classmethod
     def empty(cls) -> "RunningBatch":
-        arrays = {c: np.zeros(0, bool if c in ("has_stop", "real_tokens") else np.int64) for c in ARRAY_COLUMNS}
-        return cls(**{c: () for c in TUPLE_COLUMNS}, **arrays)
+        return cls((), (), (), (), (), _frozen(np.zeros((0, len(NUM_COLUMNS)), np.int64)))
 
     @classmethod
     def from_rows(cls, rows: list[dict]) -> "RunningBatch":
@@ -67,37 +63,38 @@ class RunningBatch:
         if not rows:
             return cls.empty()
         cols = {c: tuple(r[c] for r in rows) for c in TUPLE_COLUMNS}
-        for c in ARRAY_COLUMNS:
-            cols[c] = np.array([r[c] for r in rows], bool if c in ("has_stop", "real_tokens") else np.int64)
-        return cls(**cols)
+        nums = np.array([[r[c] for c in NUM_COLUMNS] for r in rows], np.int64)
+        return cls(**cols, nums=_frozen(nums))
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def replace(self, **columns) -> "RunningBatch":
+        """A copy with some columns replaced (numeric ones given as [rows] arrays)."""
+        numeric = {k: columns.pop(k) for k in list(columns) if k in _INDEX}
+        if numeric:
+            nums = self.nums.copy()
+            for k, v in numeric.items():
+                nums[:, _INDEX[k]] = v
+            columns["nums"] = _frozen(nums)
         return evolve(self, **columns)
 
     def take(self, rows: np.ndarray) -> "RunningBatch":
         """The rows at integer indices ``rows`` (in that order)."""
         idx = rows.tolist()
         cols = {c: pick(getattr(self, c), idx) for c in TUPLE_COLUMNS}
-        cols.update({c: getattr(self, c)[rows] for c in ARRAY_COLUMNS})
-        return RunningBatch(**cols)
+        return RunningBatch(**cols, nums=_frozen(self.nums[rows]))
 
     def concat_sorted(self, other: "RunningBatch") -> tuple["RunningBatch", Optional[np.ndarray]]:
         """Both batches merged by (rank, seq_no), and the permutation applied (None when ``other``
         is empty)."""
         if len(other) == 0:
             return self, None
-        seq_no = np.concatenate([self.seq_no, other.seq_no])
-        order = np.lexsort((seq_no, np.concatenate([self.rank, other.rank])))
-        cols = {}
+        nums = np.concatenate([self.nums, other.nums])
+        order = np.lexsort((nums[:, _INDEX["seq_no"]], nums[:, _INDEX["rank"]]))
         idx = order.tolist()
-        for c in TUPLE_COLUMNS:
-            cols[c] = pick(getattr(self, c) + getattr(other, c), idx)
-        for c in ARRAY_COLUMNS:
-            cols[c] = np.concatenate([getattr(self, c), getattr(other, c)])[order]
-        return RunningBatch(**cols), order
+        cols = {c: pick(getattr(self, c) + getattr(other, c), idx) for c in TUPLE_COLUMNS}
+        return RunningBatch(**cols, nums=_frozen(nums[order])), order
 
     def row_index(self, request_id: str) -> Optional[int]:
         try:
@@ -119,13 +116,21 @@ class RunningBatch:
         return SeqState(**fields)
 
 
+def _column(k: int):
+    return property(lambda self: self.nums[:, k], doc=f"column {NUM_COLUMNS[k]!r} [rows] (a read-only view)")
+
+
+for _name, _k in _INDEX.items():
+    setattr(RunningBatch, _name, _column(_k))
+
+
 def row_from_seq(
     seq: SeqState, num_computed: int, block_table: tuple[int, ...], num_registered: int, rank: int = 0
 ) -> dict:
     """A row dict for ``RunningBatch.from_rows`` for a request entering the batch."""
     req = seq.request
-    outputs = seq.outputs
-    last = outputs[0] if outputs is not None else req.prompt_token_ids[-1]
+    outputs = seq.outputs if seq.outputs is not None else []
+    last = outputs[seq.num_output - 1] if seq.num_output else req.prompt_token_ids[-1]
     return dict(
         ids=req.request_id,
         requests=req,
@@ -143,6 +148,6 @@ def row_from_seq(
         num_registered=num_registered,
         num_preemptions=seq.num_preemptions,
         num_blocks=len(block_table),
-        has_stop=bool(req.sampling.stop_token_ids),
-        real_tokens=req.has_real_tokens,
+        has_stop=int(bool(req.sampling.stop_token_ids)),
+        real_tokens=int(req.has_real_tokens),
     )

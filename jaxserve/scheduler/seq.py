@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from jaxserve.persistent import Cons, cons_iter
 from jaxserve.request import Request
 
 
@@ -13,7 +12,7 @@ class SeqState(NamedTuple):
 
     request: Request
     seq_no: int  # arrival order (order of add_request calls); smaller = earlier
-    outputs: Cons = None  # generated token ids, newest first
+    outputs: list = None  # shared append-only log of generated ids: read outputs[:num_output]
     num_output: int = 0
     block_hashes: tuple[int, ...] = ()  # hash chain of the full blocks known so far
     num_preemptions: int = 0
@@ -37,24 +36,12 @@ class FinishedRequest(NamedTuple):
     num_preemptions: int
 
 
-def seq_tokens(request: Request, outputs: Cons, num_output: int, start: int, stop: int) -> list[int]:
-    """Token ids ``[start, stop)`` of prompt + generated tokens (``outputs`` newest first).
-
-    Walks only the generated tokens at or after ``start``, so reading a recent block is cheap.
-    """
+def seq_tokens(request: Request, outputs: list, num_output: int, start: int, stop: int) -> list[int]:
+    """Token ids ``[start, stop)`` of prompt + generated tokens (``outputs[:num_output]``)."""
     prompt_len = request.prompt_len
     out = list(request.prompt_token_ids[start:min(stop, prompt_len)]) if start < prompt_len else []
     if stop > prompt_len:
-        lo, hi = max(start, prompt_len) - prompt_len, stop - prompt_len
-        if hi > num_output:
+        if stop - prompt_len > num_output:
             raise IndexError(f"token {stop - 1} of {request.request_id!r} is not known yet")
-        tail = []
-        for i, tok in enumerate(cons_iter(outputs)):
-            pos = num_output - 1 - i
-            if pos < lo:
-                break
-            if pos < hi:
-                tail.append(tok)
-        tail.reverse()
-        out.extend(tail)
+        out += outputs[max(start - prompt_len, 0) : stop - prompt_len]
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxserve.kv.state import KVState
-from jaxserve.persistent import cons_to_list_oldest_first, evolve, pick
+from jaxserve.persistent import evolve, log_append_rows, pick
 from jaxserve.plan import BatchPlan, StepOutput
 from jaxserve.scheduler.caching import offer_generated_blocks, offer_prompt_blocks
 from jaxserve.scheduler.seq import FinishedRequest
@@ -43,12 +43,14 @@ def apply_step_output(sched, state, plan: BatchPlan, out: StepOutput):
     num_tokens[rows] += 1
     last_token = run.last_token.copy()
     last_token[rows] = tokens
-    if len(rows) == len(run):  # every row sampled (rows are then 0..n-1 in order): C-speed cons
-        outputs = tuple(zip(tokens, run.outputs))
+    everyone = len(rows) == len(run)  # then rows are 0..n-1 in order
+    logs = log_append_rows(run.outputs if everyone else pick(run.outputs, row_list), run.num_output[rows], tokens)
+    if everyone:
+        outputs = logs
     else:
         outputs = list(run.outputs)
-        for r, t in zip(row_list, tokens):
-            outputs[r] = (t, outputs[r])
+        for r, log in zip(row_list, logs):
+            outputs[r] = log
         outputs = tuple(outputs)
     run = run.replace(num_output=num_output, num_tokens=num_tokens, last_token=last_token, outputs=outputs)
     if pool.enable_caching:
@@ -67,10 +69,10 @@ def apply_step_output(sched, state, plan: BatchPlan, out: StepOutput):
         for i in np.flatnonzero(done).tolist():
             r = row_list[i]
             keep[r] = False
-            pool, _ = offer_generated_blocks(run, pool, r, bs)
+            output = run.outputs[r][: int(num_output[r])]
+            pool, _ = offer_generated_blocks(run, pool, r, bs, output)
             pool = pool.free(reversed(run.block_tables[r]))
-            output = tuple(cons_to_list_oldest_first(run.outputs[r]))
-            finished.append(FinishedRequest(run.ids[r], output, reasons[i], int(run.num_preemptions[r])))
+            finished.append(FinishedRequest(run.ids[r], tuple(output), reasons[i], int(run.num_preemptions[r])))
         run = run.take(np.flatnonzero(keep))
     waiting = state.waiting
     if sched.order.accounts_service:

@@ -31,6 +31,23 @@ def plan_key(plan):
     )
 
 
+def state_key(sched, state):
+    """The observable content of a scheduler state, as a comparable value."""
+    run = state.running
+    outputs = tuple(tuple(o[:n]) for o, n in zip(run.outputs, run.num_output.tolist()))
+    return (
+        run.ids,
+        run.nums.tobytes(),
+        outputs,
+        run.block_tables,
+        run.block_hashes,
+        tuple((q.request_id, tuple((q.outputs or [])[: q.num_output])) for q in sched.waiting_requests(state)),
+        tuple((q.request_id, tuple((q.outputs or [])[: q.num_output])) for q in state.swapped.sorted_items()),
+        state.finished,
+        tuple(sorted(state.kv.device.refcounts.items())),
+    )
+
+
 def live_tables(state):
     return dict(zip(state.running.ids, state.running.block_tables))
 
@@ -80,15 +97,21 @@ class Checker:
     computed_ranges: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
     empty_plans_with_work: int = 0
 
-    def on_step(self, before, scheduled, plan, after):
+    def on_step(self, rec):
+        before, scheduled, plan, after = rec.before, rec.scheduled, rec.plan, rec.after
         self.steps += 1
         plan.validate()
         sched = self.scheduler
-        # Purity: the same state gives the same plan, and scheduling did not touch `before`.
         if self.check_purity:
+            # The same state gives the same plan, and scheduling did not touch `before`.
             again_state, again = sched.schedule(before, float(plan.step))
             assert plan_key(again) == plan_key(plan), "schedule() is not deterministic"
             assert again_state.step == scheduled.step
+            # Updating an older state again (a fork) neither differs nor disturbs the newer one.
+            snapshot = state_key(sched, after)
+            redo = sched.update(rec.pre_update, plan, rec.out, float(plan.step))
+            assert state_key(sched, redo) == snapshot, "update() is not deterministic"
+            assert state_key(sched, after) == snapshot, "update() of an old state changed a newer state"
         check_kv(scheduled)
         check_kv(after)
         self._check_plan(before, scheduled, plan)
