@@ -171,13 +171,12 @@ class BlockPool:
         newly_evictable = []
         with self.refcounts.mutate() as rc, self.evictable.mutate() as ev:
             for b in blocks:
-                count = rc.get(b, 0)
-                if count <= 0:
-                    raise ValueError(f"free: block {b} is not allocated")
-                if count > 1:
+                count = rc.pop(b, 0)
+                if count != 1:
+                    if count <= 0:
+                        raise ValueError(f"free: block {b} is not allocated")
                     rc[b] = count - 1
                     continue
-                del rc[b]
                 if b in block_hash:
                     ev[b] = clock
                     newly_evictable.append((clock, b))
@@ -204,14 +203,18 @@ class BlockPool:
         same content computed twice) keeps its first block."""
         if not self.enable_caching:
             return self
-        with self.cached.mutate() as ca, self.block_hash.mutate() as bh:
-            for b, h in zip(blocks, hashes):
-                if b in bh:
-                    raise ValueError(f"register: block {b} is already cached")
-                if h not in ca:
-                    ca[h] = b
-                    bh[b] = h
-            return self._with(cached=ca.finish(), block_hash=bh.finish())
+        cached, block_hash = self.cached, self.block_hash
+        fresh: dict[int, int] = {}
+        for h, b in zip(hashes, blocks):
+            if h not in cached and h not in fresh:
+                fresh[h] = b
+        if not fresh:
+            return self
+        pairs = fresh.items()
+        block_hash = block_hash.update((b, h) for h, b in pairs)
+        if len(block_hash) != len(self.block_hash) + len(pairs):
+            raise ValueError("register: a block is already cached, or listed twice")
+        return self._with(cached=cached.update(pairs), block_hash=block_hash)
 
     def uncache(self, block: int) -> "BlockPool":
         """Drops an allocated block's cache entry so its owner may write into it."""

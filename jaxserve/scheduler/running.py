@@ -85,6 +85,17 @@ class RunningBatch:
         cols = {c: pick(getattr(self, c), idx) for c in TUPLE_COLUMNS}
         return RunningBatch(**cols, nums=_frozen(self.nums[rows]))
 
+    def drop(self, rows: list[int]) -> "RunningBatch":
+        """The batch without the rows at the sorted indices ``rows`` (cheap for a few rows)."""
+        if not rows:
+            return self
+        cuts = [-1, *rows, len(self)]
+        cols = {}
+        for c in TUPLE_COLUMNS:
+            col = getattr(self, c)
+            cols[c] = sum((col[a + 1 : b] for a, b in zip(cuts, cuts[1:])), ())
+        return RunningBatch(**cols, nums=_frozen(np.delete(self.nums, rows, axis=0)))
+
     def concat_sorted(self, other: "RunningBatch") -> tuple["RunningBatch", Optional[np.ndarray]]:
         """Both batches merged by (rank, seq_no), and the permutation applied (None when ``other``
         is empty)."""

@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from jaxserve.persistent import evolve
+from jaxserve.persistent import evolve, pick
 from jaxserve.kv.state import KVState
 from jaxserve.plan import BatchPlan
 from jaxserve.request import PLACEHOLDER_TOKEN_ID
@@ -60,6 +60,7 @@ class StepBuilder:
         self.live = len(self.run)  # rows [0, live) remain; the rest were preempted
         self.num_new = np.zeros(self.live, np.int64)
         self.tables: list | None = None  # copied on first change
+        self.num_blocks: np.ndarray | None = None  # len(tables[r]), copied with tables
         self.budget = token_budget
         self.new_rows: list[dict] = []
         self.preempted: list[str] = []
@@ -87,7 +88,9 @@ class StepBuilder:
     def _set_table(self, r: int, table: tuple[int, ...]) -> None:
         if self.tables is None:
             self.tables = list(self.run.block_tables)
+            self.num_blocks = self.run.num_blocks.copy()
         self.tables[r] = table
+        self.num_blocks[r] = len(table)
 
     def _reserve(self) -> int:
         """Blocks admission must leave free (vLLM's watermark); none when nothing else runs, so a
@@ -261,8 +264,7 @@ class StepBuilder:
         num_new = self.num_new[:live]
         changes = dict(num_computed=nc_before + num_new)
         if self.tables is not None:
-            tables = tuple(self.tables[:live])
-            changes.update(block_tables=tables, num_blocks=np.fromiter(map(len, tables), np.int64, live))
+            changes.update(block_tables=tuple(self.tables[:live]), num_blocks=self.num_blocks[:live])
         run = run.replace(**changes)
         if self.new_rows:
             new = RunningBatch.from_rows(
@@ -287,24 +289,25 @@ class StepBuilder:
 
     def _plan(self, run: RunningBatch, rows: np.ndarray, nc: np.ndarray, n: np.ndarray) -> BatchPlan:
         everyone = len(rows) == len(run)
-        ids = run.ids if everyone else tuple(run.ids[i] for i in rows.tolist())
-        tables = run.block_tables if everyone else tuple(run.block_tables[i] for i in rows.tolist())
-        num_tokens = run.num_tokens[rows]
-        samples = nc + n == num_tokens
-        cu = np.zeros(len(rows) + 1, np.int64)
-        np.cumsum(n, out=cu[1:])
-        token_ids = np.full(int(cu[-1]), PLACEHOLDER_TOKEN_ID, np.int32)
+        row_list = rows.tolist()
+        ids = run.ids if everyone else pick(run.ids, row_list)
+        tables = run.block_tables if everyone else pick(run.block_tables, row_list)
+        samples = nc + n == run.num_tokens[rows]
         newest = samples & (n == 1)  # decodes: the input is the newest known token
-        token_ids[cu[:-1][newest]] = run.last_token[rows[newest]]
-        for i in np.flatnonzero(~newest).tolist():
-            r = int(rows[i])
-            start, stop = int(nc[i]), int(nc[i] + n[i])
-            req = run.requests[r]
-            if not req.has_real_tokens and stop <= req.prompt_len:
-                continue  # placeholders are already in place
-            token_ids[cu[i] : cu[i + 1]] = seq_tokens(
-                req, run.outputs[r], int(run.num_output[r]), start, stop
-            )
+        if newest.all():
+            token_ids = run.last_token[rows].astype(np.int32)
+        else:
+            cu = np.zeros(len(rows) + 1, np.int64)
+            np.cumsum(n, out=cu[1:])
+            token_ids = np.full(int(cu[-1]), PLACEHOLDER_TOKEN_ID, np.int32)
+            token_ids[cu[:-1][newest]] = run.last_token[rows[newest]]
+            for i in np.flatnonzero(~newest).tolist():
+                r = row_list[i]
+                start, stop = int(nc[i]), int(nc[i] + n[i])
+                req = run.requests[r]
+                if not req.has_real_tokens and stop <= req.prompt_len:
+                    continue  # placeholders are already in place
+                token_ids[cu[i] : cu[i + 1]] = seq_tokens(req, run.outputs[r], int(run.num_output[r]), start, stop)
         return BatchPlan(
             request_ids=ids,
             num_computed_tokens=nc,

@@ -11,7 +11,8 @@ from jaxserve.scheduler.caching import offer_generated_blocks, offer_prompt_bloc
 from jaxserve.scheduler.seq import FinishedRequest
 
 
-def _sampled_tokens(out: StepOutput, ids: tuple[str, ...]) -> list[int]:
+def _sampled_tokens(out: StepOutput, ids: tuple[str, ...]) -> tuple[list[int], np.ndarray]:
+    """The sampled token of each of ``ids``, as a list and as an int64 array."""
     try:
         tokens = list(map(out.token_ids.__getitem__, ids))
     except KeyError as e:
@@ -19,7 +20,7 @@ def _sampled_tokens(out: StepOutput, ids: tuple[str, ...]) -> list[int]:
     arr = np.array(tokens)
     if len(arr) and (arr.dtype.kind not in "iu" or arr.min() < 0):
         raise ValueError(f"StepOutput.token_ids must map request ids to ints >= 0, got {tokens[:8]}...")
-    return tokens
+    return tokens, arr
 
 
 def apply_step_output(sched, state, plan: BatchPlan, out: StepOutput):
@@ -35,14 +36,14 @@ def apply_step_output(sched, state, plan: BatchPlan, out: StepOutput):
     bs = plan.block_size
     rows = inflight.rows[plan.samples_token[inflight.entries]]
     row_list = rows.tolist()
-    tokens = _sampled_tokens(out, pick(run.ids, row_list))
+    tokens, token_arr = _sampled_tokens(out, pick(run.ids, row_list))
 
     num_output = run.num_output.copy()
     num_output[rows] += 1
     num_tokens = run.num_tokens.copy()
     num_tokens[rows] += 1
     last_token = run.last_token.copy()
-    last_token[rows] = tokens
+    last_token[rows] = token_arr
     everyone = len(rows) == len(run)  # then rows are 0..n-1 in order
     logs = log_append_rows(run.outputs if everyone else pick(run.outputs, row_list), run.num_output[rows], tokens)
     if everyone:
@@ -65,15 +66,15 @@ def apply_step_output(sched, state, plan: BatchPlan, out: StepOutput):
                 reasons[i] = "stop"
     finished = []
     if done.any():
-        keep = np.ones(len(run), bool)
+        gone = []
         for i in np.flatnonzero(done).tolist():
             r = row_list[i]
-            keep[r] = False
+            gone.append(r)
             output = run.outputs[r][: int(num_output[r])]
             pool, _ = offer_generated_blocks(run, pool, r, bs, output)
             pool = pool.free(reversed(run.block_tables[r]))
             finished.append(FinishedRequest(run.ids[r], tuple(output), reasons[i], int(run.num_preemptions[r])))
-        run = run.take(np.flatnonzero(keep))
+        run = run.drop(sorted(gone))
     waiting = state.waiting
     if sched.order.accounts_service:
         requests = state.running.requests
