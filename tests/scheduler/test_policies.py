@@ -340,29 +340,47 @@ def test_add_request_rejects_what_could_never_run():
         sched.add_request(state, req("x", 4, 4), 0.0)
 
 
-@pytest.mark.parametrize("name", ["vllm", "sarathi"])
+def _step(sched, state, step, abort=None):
+    state, plan = sched.schedule(state, float(step))
+    if abort is not None:
+        state = sched.abort(state, abort, float(step))
+    out = StepOutput({r: 1 for r, s in zip(plan.request_ids, plan.samples_token.tolist()) if s})
+    return sched.update(state, plan, out, float(step)), plan
+
+
+@pytest.mark.parametrize("name", ["vllm", "sarathi", "vtc"])
 def test_abort_in_every_state_releases_everything(name):
+    from jaxserve.request import RequestStatus as S
+
     kv = KVConfig(num_blocks=12, block_size=4, num_host_blocks=16)
-    sched = jaxserve.scheduler.make(name, preemption_mode="swap", **({"chunk_size": 6} if name == "sarathi" else {}))
+    opts = {"chunk_size": 6} if name == "sarathi" else {}
+    sched = jaxserve.scheduler.make(name, preemption_mode="swap", enable_prefix_caching=True, **opts)
     state = sched.init(kv)
     for r in _pressure_workload() + [req("w", 8, 4)]:
         state = sched.add_request(state, r, 0.0)
-    seen = set()
-    for step in range(200):
-        state, plan = sched.schedule(state, float(step))
-        for rid in ("a", "b", "c", "w"):
-            status = sched.status(state, rid)
-            if status is not None and status not in seen and (status.value, rid) not in seen:
-                seen.add((status.value, rid))
-        out = StepOutput({r: 1 for r, s in zip(plan.request_ids, plan.samples_token.tolist()) if s})
-        if step == 3:  # abort between schedule and update: its tokens are dropped
-            state = sched.abort(state, plan.request_ids[0], float(step))
-        state = sched.update(state, plan, out, float(step))
-        if any(s == "swapped" for s, _ in seen) and step > 10:
-            break
+    assert sched.status(state, "w") is S.WAITING
+    state = sched.abort(state, "w", 0.0)  # waiting
+    assert sched.status(state, "w") is None
+    if name == "sarathi":  # running mid-prefill (chunks of 6 tokens for 8-token prompts)
+        state, plan = _step(sched, state, 0)
+        assert sched.status(state, "a") is S.RUNNING and not plan.samples_token.all()
+        state = sched.abort(state, "b", 0.0)
+        state = sched.add_request(state, req("b", 8, 24, first=200), 0.0)
+    step = 1
+    while sched.status(state, "c") is not S.SWAPPED:
+        state, _ = _step(sched, state, step)
+        step += 1
+        assert step < 200, "c was never swapped out"
+    used, held = state.kv.host.num_used, len(state.swapped.get("c").host_blocks)
+    assert held > 0
+    state = sched.abort(state, "c", 0.0)  # swapped
+    assert state.kv.host.num_used == used - held
+    state, plan = _step(sched, state, step, abort="a")  # between schedule and update: tokens dropped
+    assert "a" in plan.request_ids and "a" not in {f.request_id for f in state.finished}
     for rid in ("a", "b", "c", "w", "unknown"):
         state = sched.abort(state, rid, 100.0)
-    state = sched.abort(state, "a", 100.0)  # twice: a no-op
+    state = sched.abort(state, "a", 100.0)  # again: a no-op
     assert not state.has_unfinished
     assert state.kv.device.num_used == 0 and state.kv.host.num_used == 0
     assert state.kv.device.num_free == kv.num_blocks
+    state.kv.device.check()
