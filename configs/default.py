@@ -1,0 +1,67 @@
+"""Defaults every experiment config starts from (see DESIGN.md "Configs and experiments").
+
+Override any key on the command line: --config.scheduler.chunk_size=256 --config.workload.qps=4.
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.backend = "sim"  # "sim" | "engine"
+    c.output_dir = "outputs/default"
+    c.seed = 0
+
+    c.model = ConfigDict()
+    c.model.name = "llama-2-7b"  # jaxserve.sim.models.MODELS (sim) ...
+    c.model.path = ""  # ... or a local HF checkpoint directory (engine)
+    c.model.dtype = "bf16"
+    c.model.max_context = 0  # 0: the model's max_position_embeddings
+
+    c.hardware = ConfigDict()
+    c.hardware.name = "a100-80gb"  # jaxserve.sim.hardware
+    c.hardware.tp = 1
+    c.hardware.pp = 1
+
+    c.scheduler = ConfigDict()  # every key but name is passed to jaxserve.scheduler.make
+    c.scheduler.name = "vllm"
+    c.scheduler.max_num_seqs = 256
+
+    c.kv = ConfigDict()
+    c.kv.block_size = 16
+    c.kv.num_blocks = 0  # 0: what fits in memory_fraction of the device after the weights
+    c.kv.memory_fraction = 0.9
+    c.kv.num_host_blocks = 0
+
+    c.workload = ConfigDict()
+    c.workload.kind = "trace"  # "poisson" | "gamma" | "fixed" | "trace"
+    c.workload.trace_path = "azure_llm_2023/AzureLLMInferenceTrace_conv.csv"  # under ../shared/traces
+    c.workload.trace_format = "auto"
+    c.workload.qps = 0.0  # 0: replay at the recorded rate; > 0: rescale to this mean rate
+    c.workload.cv = 1.0
+    c.workload.num_requests = 1000
+    c.workload.seed = 0
+    c.workload.time_scale = 1.0
+    c.workload.start_s = 0.0
+    c.workload.duration_s = 300.0  # 0: the whole trace
+    c.workload.max_requests = 0  # 0: no limit
+    c.workload.client_id = "default"
+    c.workload.lengths = ConfigDict()
+    c.workload.lengths.kind = "trace"  # "fixed" | "uniform" | "zipf" | "trace" (a length-only CSV)
+    c.workload.lengths.prompt_len = 512
+    c.workload.lengths.output_len = 128
+    c.workload.lengths.low = 32
+    c.workload.lengths.high = 2048
+    c.workload.lengths.a = 1.2
+    c.workload.lengths.path = "vidur_processed/sharegpt_8k_filtered_stats_llama2_tokenizer.csv"
+
+    c.slo = ConfigDict()
+    c.slo.ttft_s = 0.0  # 0: no target
+    c.slo.tpot_s = 0.0
+
+    c.sim = ConfigDict()
+    c.sim.max_time_s = 0.0  # 0: until every request is served
+
+    c.cluster = ConfigDict()
+    c.cluster.num_replicas = 1
+    return c

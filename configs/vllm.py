@@ -1,0 +1,11 @@
+"""vllm: vLLM PagedAttention scheduling (prefill-prioritizing, preemption by recompute)."""
+
+from configs import default
+
+
+def get_config():
+    c = default.get_config()
+    c.output_dir = "outputs/vllm"
+    c.scheduler.name = "vllm"
+    c.scheduler.max_num_batched_tokens = 8192
+    return c

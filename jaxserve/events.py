@@ -1,0 +1,152 @@
+"""The event log every executor loop writes (simulator and engine alike); metrics read only this.
+
+Per step it records when the step ended, how long it took, its energy, its shape, the queue and KV
+state after it, and which requests received a token. Per request it records arrival, rejection,
+first scheduling and finish. Everything is appended as plain numbers; ``freeze()`` turns the log
+into numpy arrays for vectorized metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numpy as np
+
+from jaxserve.plan import BatchPlan
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestInfo:
+    request_id: str
+    client_id: str
+    arrival_s: float
+    prompt_len: int
+    max_new_tokens: int
+
+
+class EventLog:
+    """Append-only record of one run. Request indices are the order of ``add_request`` calls."""
+
+    def __init__(self):
+        self.requests: list[RequestInfo] = []
+        self.index: dict[str, int] = {}
+        self.rejected: dict[int, str] = {}  # request index -> reason
+        self.first_scheduled: dict[int, float] = {}
+        self.finished: dict[int, float] = {}
+        self.preemptions: dict[int, int] = {}
+        self._step_end: list[float] = []
+        self._step_duration: list[float] = []
+        self._step_energy: list[float] = []
+        self._step_tokens: list[int] = []
+        self._step_prefill_tokens: list[int] = []
+        self._step_seqs: list[int] = []
+        self._step_waiting: list[int] = []
+        self._step_running: list[int] = []
+        self._step_kv_usage: list[float] = []
+        self._token_req: list[np.ndarray] = []  # per step: indices of requests that got a token
+
+    # -- writing ---------------------------------------------------------------------------------
+    def add_request(self, request, now: float) -> int:
+        i = len(self.requests)
+        self.requests.append(
+            RequestInfo(request.request_id, request.client_id, float(now), request.prompt_len, request.sampling.max_new_tokens)
+        )
+        self.index[request.request_id] = i
+        return i
+
+    def reject(self, request_id: str, reason: str) -> None:
+        self.rejected[self.index[request_id]] = reason
+
+    def step(self, plan: BatchPlan, start_s: float, duration_s: float, energy_j: float, state, finished_ids) -> None:
+        """Records a step that ran ``plan`` from ``start_s`` for ``duration_s`` and left ``state``."""
+        end = start_s + duration_s
+        index = self.index
+        for rid in plan.preempted + plan.swapped_out:
+            i = index[rid]
+            self.preemptions[i] = self.preemptions.get(i, 0) + 1
+        sampled = [rid for rid, s in zip(plan.request_ids, plan.samples_token.tolist()) if s]
+        for rid in plan.request_ids:
+            i = index[rid]
+            if i not in self.first_scheduled:
+                self.first_scheduled[i] = start_s
+        self._token_req.append(np.fromiter(map(index.__getitem__, sampled), np.int64, len(sampled)))
+        for rid in finished_ids:
+            self.finished[index[rid]] = end
+        self._step_end.append(end)
+        self._step_duration.append(duration_s)
+        self._step_energy.append(energy_j)
+        self._step_tokens.append(plan.num_tokens)
+        self._step_prefill_tokens.append(plan.num_prefill_tokens)
+        self._step_seqs.append(plan.num_seqs)
+        self._step_waiting.append(state.num_waiting)
+        self._step_running.append(state.num_running)
+        self._step_kv_usage.append(state.kv.usage)
+
+    # -- reading ---------------------------------------------------------------------------------
+    def freeze(self) -> "FrozenLog":
+        n = len(self.requests)
+        counts = np.fromiter((len(t) for t in self._token_req), np.int64, len(self._token_req))
+        ends = np.asarray(self._step_end, np.float64)
+
+        def per_request(d: dict, fill) -> np.ndarray:
+            out = np.full(n, fill, np.float64)
+            if d:
+                keys = np.fromiter(d.keys(), np.int64, len(d))
+                out[keys] = np.fromiter(d.values(), np.float64, len(d))
+            return out
+
+        return FrozenLog(
+            requests=tuple(self.requests),
+            arrival_s=np.array([r.arrival_s for r in self.requests], np.float64),
+            prompt_len=np.array([r.prompt_len for r in self.requests], np.int64),
+            client_id=np.array([r.client_id for r in self.requests], object),
+            rejected=np.isin(np.arange(n), np.fromiter(self.rejected.keys(), np.int64, len(self.rejected))),
+            first_scheduled_s=per_request(self.first_scheduled, np.nan),
+            finish_s=per_request(self.finished, np.nan),
+            preemptions=per_request(self.preemptions, 0).astype(np.int64),
+            token_req=np.concatenate(self._token_req) if self._token_req else np.zeros(0, np.int64),
+            token_time_s=np.repeat(ends, counts),
+            step_end_s=ends,
+            step_duration_s=np.asarray(self._step_duration, np.float64),
+            step_energy_j=np.asarray(self._step_energy, np.float64),
+            step_tokens=np.asarray(self._step_tokens, np.int64),
+            step_prefill_tokens=np.asarray(self._step_prefill_tokens, np.int64),
+            step_seqs=np.asarray(self._step_seqs, np.int64),
+            step_waiting=np.asarray(self._step_waiting, np.int64),
+            step_running=np.asarray(self._step_running, np.int64),
+            step_kv_usage=np.asarray(self._step_kv_usage, np.float64),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenLog:
+    """The log as arrays. ``token_req[k]`` got a token at ``token_time_s[k]`` (time order)."""
+
+    requests: tuple[RequestInfo, ...]
+    arrival_s: np.ndarray
+    prompt_len: np.ndarray
+    client_id: np.ndarray
+    rejected: np.ndarray
+    first_scheduled_s: np.ndarray
+    finish_s: np.ndarray
+    preemptions: np.ndarray
+    token_req: np.ndarray
+    token_time_s: np.ndarray
+    step_end_s: np.ndarray
+    step_duration_s: np.ndarray
+    step_energy_j: np.ndarray
+    step_tokens: np.ndarray
+    step_prefill_tokens: np.ndarray
+    step_seqs: np.ndarray
+    step_waiting: np.ndarray
+    step_running: np.ndarray
+    step_kv_usage: np.ndarray
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.requests)
+
+    def request_tokens(self) -> tuple[np.ndarray, np.ndarray]:
+        """(request index, token time) pairs sorted by request then time."""
+        order = np.lexsort((self.token_time_s, self.token_req))
+        return self.token_req[order], self.token_time_s[order]
+

@@ -1,0 +1,225 @@
+"""Serving metrics computed from an event log (the simulator's or the engine's).
+
+Per request: TTFT, every inter-token gap (TBT), TPOT, E2E latency, normalized latency (E2E / output
+tokens, vLLM's metric), queueing delay, preemptions. Aggregates: mean/p50/p90/p99, throughput, SLO
+attainment, energy per token, cost per million tokens. Searches: capacity (Sarathi-Serve: the
+highest request rate whose P99 TBT meets an SLO) and goodput (DistServe: the highest rate at which
+at least 90 % of requests meet both TTFT and TPOT SLOs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Optional
+
+import numpy as np
+
+from jaxserve.events import FrozenLog
+
+PERCENTILES = (("p50", 50), ("p90", 90), ("p99", 99))
+
+
+def distribution(values: np.ndarray) -> dict:
+    """mean, p50, p90, p99 of ``values`` (NaN when empty), as plain floats."""
+    values = np.asarray(values, np.float64)
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return {"mean": math.nan, **{k: math.nan for k, _ in PERCENTILES}}
+    out = {"mean": float(values.mean())}
+    out.update({k: float(v) for (k, _), v in zip(PERCENTILES, np.percentile(values, [q for _, q in PERCENTILES]))})
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestMetrics:
+    """Per-request columns (index = request index in the log); NaN where undefined."""
+
+    request_id: tuple[str, ...]
+    client_id: np.ndarray
+    arrival_s: np.ndarray
+    prompt_len: np.ndarray
+    num_output: np.ndarray
+    finished: np.ndarray  # bool
+    rejected: np.ndarray  # bool
+    ttft_s: np.ndarray
+    e2e_s: np.ndarray
+    tpot_s: np.ndarray  # (finish - first token) / (output tokens - 1)
+    normalized_latency_s: np.ndarray  # E2E / output tokens
+    queueing_s: np.ndarray  # first scheduled - arrival
+    max_tbt_s: np.ndarray
+    preemptions: np.ndarray
+    tbt_s: np.ndarray  # every inter-token gap of every request, pooled
+    tbt_req: np.ndarray  # the request index of each gap
+
+    def rows(self) -> list[dict]:
+        """One dict per request (for CSV)."""
+        cols = [f.name for f in dataclasses.fields(self) if f.name not in ("tbt_s", "tbt_req")]
+        return [{c: _plain(getattr(self, c)[i]) for c in cols} for i in range(len(self.request_id))]
+
+
+def _plain(x):
+    if isinstance(x, (np.floating, float)):
+        return float(x)
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+def request_metrics(log: FrozenLog) -> RequestMetrics:
+    n = log.num_requests
+    req, times = log.request_tokens()
+    num_output = np.bincount(req, minlength=n)
+    starts = np.zeros(n + 1, np.int64)
+    np.cumsum(num_output, out=starts[1:])
+    has = num_output > 0
+    first = np.full(n, np.nan)
+    last = np.full(n, np.nan)
+    first[has] = times[starts[:-1][has]]
+    last[has] = times[starts[1:][has] - 1]
+    gaps = np.diff(times)
+    same = req[1:] == req[:-1] if len(req) > 1 else np.zeros(0, bool)
+    tbt, tbt_req = gaps[same], req[1:][same]
+    max_tbt = np.full(n, np.nan)
+    if len(tbt):
+        np.fmax.at(max_tbt, tbt_req, tbt)
+    finished = ~np.isnan(log.finish_s)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        e2e = np.where(finished, log.finish_s - log.arrival_s, np.nan)
+        tpot = np.where(finished & (num_output > 1), (last - first) / (num_output - 1), np.nan)
+        normalized = np.where(finished, e2e / np.maximum(num_output, 1), np.nan)
+    return RequestMetrics(
+        request_id=tuple(r.request_id for r in log.requests),
+        client_id=log.client_id,
+        arrival_s=log.arrival_s,
+        prompt_len=log.prompt_len,
+        num_output=num_output,
+        finished=finished,
+        rejected=log.rejected,
+        ttft_s=first - log.arrival_s,
+        e2e_s=e2e,
+        tpot_s=tpot,
+        normalized_latency_s=normalized,
+        queueing_s=log.first_scheduled_s - log.arrival_s,
+        max_tbt_s=max_tbt,
+        preemptions=log.preemptions,
+        tbt_s=tbt,
+        tbt_req=tbt_req,
+    )
+
+
+def slo_met(rm: RequestMetrics, ttft_s: Optional[float], tpot_s: Optional[float]) -> np.ndarray:
+    """Per request: finished and within both targets (a missing target always holds)."""
+    ok = rm.finished.copy()
+    if ttft_s is not None:
+        ok &= rm.ttft_s <= ttft_s
+    if tpot_s is not None:
+        ok &= np.nan_to_num(rm.tpot_s, nan=0.0) <= tpot_s
+    return ok
+
+
+def summarize(
+    log: FrozenLog,
+    *,
+    slo_ttft_s: Optional[float] = None,
+    slo_tpot_s: Optional[float] = None,
+    price_per_hour_usd: Optional[float] = None,
+) -> dict:
+    """The metrics.json dictionary (DESIGN.md keys plus counts, energy and cost where modelled)."""
+    rm = request_metrics(log)
+    admitted = ~rm.rejected
+    start = float(log.arrival_s[admitted].min()) if admitted.any() else 0.0
+    end = float(np.nanmax(log.finish_s)) if rm.finished.any() else start
+    makespan = max(end - start, 1e-12)
+    out_tokens = int(rm.num_output[rm.finished].sum())
+    energy = float(log.step_energy_j.sum())
+    busy = float(log.step_duration_s.sum())
+    metrics = {
+        "num_requests": int(log.num_requests),
+        "num_admitted": int(admitted.sum()),
+        "num_rejected": int(rm.rejected.sum()),
+        "num_finished": int(rm.finished.sum()),
+        "num_steps": int(len(log.step_end_s)),
+        "makespan_s": makespan,
+        "ttft_s": distribution(rm.ttft_s[admitted]),
+        "tbt_s": distribution(rm.tbt_s),
+        "tpot_s": distribution(rm.tpot_s[admitted]),
+        "e2e_s": distribution(rm.e2e_s[admitted]),
+        "normalized_latency_s": distribution(rm.normalized_latency_s[admitted]),
+        "queueing_s": distribution(rm.queueing_s[admitted]),
+        "throughput_req_s": float(rm.finished.sum() / makespan),
+        "throughput_tok_s": float(out_tokens / makespan),
+        "slo_attainment": float(slo_met(rm, slo_ttft_s, slo_tpot_s)[admitted].mean()) if admitted.any() else math.nan,
+        "num_preemptions": int(log.preemptions.sum()),
+        "busy_fraction": float(min(busy / makespan, 1.0)),
+        "mean_batch_tokens": float(log.step_tokens.mean()) if len(log.step_tokens) else 0.0,
+        "peak_kv_usage": float(log.step_kv_usage.max()) if len(log.step_kv_usage) else 0.0,
+    }
+    if energy > 0:
+        metrics["energy_j"] = energy
+        metrics["energy_j_per_token"] = energy / max(out_tokens, 1)
+    if price_per_hour_usd is not None:
+        metrics["cost_usd_per_mtok"] = price_per_hour_usd * makespan / 3600.0 / max(out_tokens, 1) * 1e6
+    return metrics
+
+
+# -- searches ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RateSearch:
+    """Result of a max-rate search: the best passing rate and every rate tried."""
+
+    rate: float
+    tried: tuple[tuple[float, bool], ...]
+
+
+def search_max_rate(
+    passes: Callable[[float], bool],
+    low: float,
+    high: float,
+    *,
+    rel_tol: float = 0.02,
+    max_iters: int = 30,
+) -> RateSearch:
+    """The largest rate in [low, high] for which ``passes`` holds, assuming it is monotone
+    (passes at low rates, fails at high ones). Returns ``low`` when even ``low`` fails (tried
+    records it) and ``high`` when ``high`` passes."""
+    if not 0 < low < high:
+        raise ValueError(f"search_max_rate needs 0 < low < high, got {low}, {high}")
+    tried = []
+
+    def check(rate):
+        ok = bool(passes(rate))
+        tried.append((rate, ok))
+        return ok
+
+    if not check(low):
+        return RateSearch(low, tuple(tried))
+    if check(high):
+        return RateSearch(high, tuple(tried))
+    lo, hi = low, high
+    for _ in range(max_iters):
+        if hi - lo <= rel_tol * lo:
+            break
+        mid = math.sqrt(lo * hi) if hi / lo > 4 else (lo + hi) / 2
+        if check(mid):
+            lo = mid
+        else:
+            hi = mid
+    return RateSearch(lo, tuple(tried))
+
+
+def capacity(evaluate: Callable[[float], dict], p99_tbt_slo_s: float, low: float, high: float, **kw) -> RateSearch:
+    """Sarathi-Serve capacity: the highest request rate whose P99 TBT stays under the SLO.
+    ``evaluate(rate)`` returns a metrics dict (``summarize`` output)."""
+    return search_max_rate(lambda r: evaluate(r)["tbt_s"]["p99"] <= p99_tbt_slo_s, low, high, **kw)
+
+
+def goodput(evaluate: Callable[[float], dict], low: float, high: float, attainment: float = 0.9, **kw) -> RateSearch:
+    """DistServe goodput: the highest request rate at which at least ``attainment`` of requests
+    meet both SLOs (``evaluate(rate)["slo_attainment"]``)."""
+    return search_max_rate(lambda r: evaluate(r)["slo_attainment"] >= attainment, low, high, **kw)

@@ -1,0 +1,146 @@
+"""Metrics on hand-computed event logs, and the capacity / goodput searches on synthetic systems."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import jaxserve
+from jaxserve.events import EventLog
+from jaxserve.kv import KVConfig
+from jaxserve.metrics import capacity, distribution, goodput, request_metrics, search_max_rate, summarize
+from jaxserve.scheduler.driver import step_output
+
+
+class FakeState:
+    """The few state fields EventLog.step reads."""
+
+    def __init__(self, waiting=0, running=0, usage=0.0):
+        self.num_waiting, self.num_running = waiting, running
+        self.kv = type("KV", (), {"usage": usage})()
+
+
+def _plan(rows, step):
+    """rows: (request_id, num_computed, num_new, samples)."""
+    return jaxserve.BatchPlan(
+        request_ids=tuple(r[0] for r in rows),
+        num_computed_tokens=np.array([r[1] for r in rows], np.int64),
+        num_new_tokens=np.array([r[2] for r in rows], np.int64),
+        samples_token=np.array([r[3] for r in rows], bool),
+        block_tables=tuple((0,) * 8 for _ in rows),
+        token_ids=np.zeros(sum(r[2] for r in rows), np.int32),
+        block_size=16,
+        step=step,
+    )
+
+
+def hand_log():
+    """a arrives at 0 (4-token prompt, 3 outputs); b arrives at 0.5 (2-token prompt, 2 outputs).
+
+    step 0: [0, 1)    a prefill -> a token 1 at 1.0
+    step 1: [1, 2)    a decode, b prefill -> a token 2 at 2.0, b token 1 at 2.0
+    step 2: [2, 2.5)  a decode, b decode -> a token 3 at 2.5 (a done), b token 2 at 2.5 (b done)
+    """
+    log = EventLog()
+    sp = jaxserve.SamplingParams
+    a = jaxserve.Request("a", prompt_len=4, sampling=sp(3), arrival_time=0.0)
+    b = jaxserve.Request("b", prompt_len=2, sampling=sp(2), arrival_time=0.5, client_id="other")
+    log.add_request(a, 0.0)
+    log.add_request(b, 0.5)
+    log.step(_plan([("a", 0, 4, True)], 0), 0.0, 1.0, 10.0, FakeState(1, 1, 0.25), [])
+    log.step(_plan([("a", 4, 1, True), ("b", 0, 2, True)], 1), 1.0, 1.0, 20.0, FakeState(0, 2, 0.5), [])
+    log.step(_plan([("a", 5, 1, True), ("b", 2, 1, True)], 2), 2.0, 0.5, 5.0, FakeState(0, 0, 0.0), ["a", "b"])
+    return log.freeze()
+
+
+def test_request_metrics_by_hand():
+    rm = request_metrics(hand_log())
+    np.testing.assert_allclose(rm.ttft_s, [1.0, 1.5])
+    np.testing.assert_allclose(rm.e2e_s, [2.5, 2.0])
+    np.testing.assert_allclose(rm.tpot_s, [(2.5 - 1.0) / 2, (2.5 - 2.0) / 1])
+    np.testing.assert_allclose(rm.normalized_latency_s, [2.5 / 3, 2.0 / 2])
+    np.testing.assert_allclose(rm.queueing_s, [0.0, 0.5])
+    np.testing.assert_array_equal(rm.num_output, [3, 2])
+    np.testing.assert_allclose(sorted(rm.tbt_s), sorted([1.0, 0.5, 0.5]))
+    np.testing.assert_allclose(rm.max_tbt_s, [1.0, 0.5])
+
+
+def test_summary_by_hand():
+    m = summarize(hand_log(), slo_ttft_s=1.2, slo_tpot_s=1.0, price_per_hour_usd=3.6)
+    assert m["num_requests"] == 2 and m["num_finished"] == 2 and m["num_rejected"] == 0
+    assert m["ttft_s"]["mean"] == pytest.approx(1.25)
+    assert m["e2e_s"]["p50"] == pytest.approx(2.25)
+    assert m["throughput_req_s"] == pytest.approx(2 / 2.5)
+    assert m["throughput_tok_s"] == pytest.approx(5 / 2.5)
+    assert m["slo_attainment"] == pytest.approx(0.5)  # b's TTFT 1.5 > 1.2
+    assert m["energy_j_per_token"] == pytest.approx(35.0 / 5)
+    assert m["cost_usd_per_mtok"] == pytest.approx(3.6 * 2.5 / 3600 / 5 * 1e6)
+    assert m["peak_kv_usage"] == 0.5
+
+
+def test_rejected_requests_are_counted_not_measured():
+    log = EventLog()
+    r = jaxserve.Request("x", prompt_len=9, sampling=jaxserve.SamplingParams(2))
+    log.add_request(r, 0.0)
+    log.reject("x", "too long")
+    m = summarize(log.freeze())
+    assert m["num_rejected"] == 1 and m["num_finished"] == 0 and math.isnan(m["ttft_s"]["mean"])
+
+
+def test_event_log_from_a_real_scheduler_run():
+    sched = jaxserve.scheduler.make("sarathi", chunk_size=8)
+    state = sched.init(KVConfig(64, 4))
+    log = EventLog()
+    reqs = [jaxserve.Request(f"r{i}", prompt_len=10 + i, sampling=jaxserve.SamplingParams(4)) for i in range(3)]
+    now = 0.0
+    for r in reqs:
+        log.add_request(r, now)
+        state = sched.add_request(state, r, now)
+    while state.has_unfinished:
+        state, plan = sched.schedule(state, now)
+        out = step_output(plan, lambda rid, i: 5, {})
+        state = sched.update(state, plan, out, now + 0.1)
+        log.step(plan, now, 0.1, 1.0, state, [f.request_id for f in state.finished])
+        now += 0.1
+    rm = request_metrics(log.freeze())
+    assert rm.finished.all() and (rm.num_output == 4).all()
+    assert (rm.ttft_s > 0).all() and np.all(rm.e2e_s >= rm.ttft_s)
+
+
+def test_distribution_ignores_nan():
+    d = distribution(np.array([1.0, np.nan, 3.0]))
+    assert d["mean"] == 2.0 and d["p50"] == 2.0
+
+
+@pytest.mark.parametrize("true_capacity", [0.37, 3.0, 11.5, 80.0])
+def test_search_finds_the_threshold_of_a_monotone_system(true_capacity):
+    calls = []
+
+    def passes(rate):
+        calls.append(rate)
+        return rate <= true_capacity
+
+    found = search_max_rate(passes, 0.1, 100.0, rel_tol=0.01)
+    assert found.rate <= true_capacity <= found.rate * 1.01 + 1e-9
+    assert len(calls) < 30
+
+
+def test_search_edges():
+    assert search_max_rate(lambda r: False, 1.0, 10.0).rate == 1.0
+    assert search_max_rate(lambda r: True, 1.0, 10.0).rate == 10.0
+    with pytest.raises(ValueError, match="low < high"):
+        search_max_rate(lambda r: True, 5.0, 1.0)
+
+
+def test_capacity_and_goodput_on_a_queueing_model():
+    # An M/M/1-like system: latency blows up as the rate approaches 10 req/s.
+    def evaluate(rate):
+        wait = 0.05 / max(1e-9, 1 - rate / 10.0)
+        return {"tbt_s": {"p99": wait}, "slo_attainment": max(0.0, 1.0 - rate / 20.0)}
+
+    cap = capacity(evaluate, p99_tbt_slo_s=0.1, low=0.5, high=9.99, rel_tol=0.001)
+    assert cap.rate == pytest.approx(5.0, rel=0.01)  # 0.05 / (1 - r/10) <= 0.1  <=>  r <= 5
+    gp = goodput(evaluate, low=0.1, high=19.0, rel_tol=0.001)
+    assert gp.rate == pytest.approx(2.0, rel=0.01)  # 1 - r/20 >= 0.9  <=>  r <= 2
