@@ -4,6 +4,7 @@ Override any key on the command line: --config.scheduler.chunk_size=256 --config
 """
 
 from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ConfigDict:
@@ -37,30 +38,30 @@ def get_config() -> ConfigDict:
     c.workload.kind = "trace"  # "poisson" | "gamma" | "fixed" | "trace"
     c.workload.trace_path = "azure_llm_2023/AzureLLMInferenceTrace_conv.csv"  # under ../shared/traces
     c.workload.trace_format = "auto"
-    c.workload.qps = 0.0  # 0: replay at the recorded rate; > 0: rescale to this mean rate
+    c.workload.qps = placeholder(float)  # unset: replay at the recorded rate; set: rescale to it
     c.workload.cv = 1.0
     c.workload.num_requests = 1000
     c.workload.seed = 0
     c.workload.time_scale = 1.0
     c.workload.start_s = 0.0
-    c.workload.duration_s = 300.0  # 0: the whole trace
-    c.workload.max_requests = 0  # 0: no limit
+    c.workload.duration_s = 600.0  # seconds of the trace to replay (the first 10 min: a fast default)
+    c.workload.max_requests = placeholder(int)  # unset: no limit
     c.workload.client_id = "default"
     c.workload.lengths = ConfigDict()
-    c.workload.lengths.kind = "trace"  # "fixed" | "uniform" | "zipf" | "trace" (a length-only CSV)
+    c.workload.lengths.kind = "trace"  # "fixed" | "uniform" | "zipf" | "trace" (the trace's own, or path's)
     c.workload.lengths.prompt_len = 512
     c.workload.lengths.output_len = 128
     c.workload.lengths.low = 32
     c.workload.lengths.high = 2048
     c.workload.lengths.a = 1.2
-    c.workload.lengths.path = "vidur_processed/sharegpt_8k_filtered_stats_llama2_tokenizer.csv"
+    c.workload.lengths.path = placeholder(str)  # a length-only CSV, e.g. vidur_processed/sharegpt_8k_...csv
 
     c.slo = ConfigDict()
-    c.slo.ttft_s = 0.0  # 0: no target
-    c.slo.tpot_s = 0.0
+    c.slo.ttft_s = placeholder(float)  # unset: no target
+    c.slo.tpot_s = placeholder(float)
 
     c.sim = ConfigDict()
-    c.sim.max_time_s = 0.0  # 0: until every request is served
+    c.sim.max_time_s = placeholder(float)  # unset: until every request is served
 
     c.cluster = ConfigDict()
     c.cluster.num_replicas = 1

@@ -4,7 +4,7 @@ Schedulers are pure functions that emit BatchPlans; executors (a jitted Flax mod
 cost model) run them. See docs/architecture.md.
 """
 
-from jaxserve import kv, scheduler
+from jaxserve import kv, scheduler, sim, workload
 from jaxserve.plan import BatchPlan, ScheduledRequest, StepOutput
 from jaxserve.request import SLO, Request, RequestStatus, SamplingParams
 
@@ -20,4 +20,6 @@ __all__ = [
     "StepOutput",
     "kv",
     "scheduler",
+    "sim",
+    "workload",
 ]

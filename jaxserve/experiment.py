@@ -117,8 +117,13 @@ def main(argv):
 def cli():
     try:
         app.run(lambda argv: sys.exit(main(argv)))
-    except flags.Error as e:  # flag parsing problems surface here with absl's own message
-        print(f"config error: {e}", file=sys.stderr)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        # --config.a.b=v overrides are applied while absl parses flags, before main() runs: an
+        # unknown key or a value of the wrong type surfaces here.
+        msg = str(e).replace("\\'", "'").replace("\\n", " ").replace("\n", " ").strip("'\"")
+        overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+        arg = next((a for a in overrides if a.split("=")[0].rsplit(".", 1)[-1] in msg), "")
+        print(f"config error: {arg + ': ' if arg else ''}{msg}", file=sys.stderr)
         sys.exit(2)
 
 

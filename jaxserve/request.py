@@ -17,6 +17,7 @@ from typing import Any, Optional
 import numpy as np
 
 PLACEHOLDER_TOKEN_ID = 0
+MAX_TOKEN_ID = 2**31 - 1  # token ids travel to executors as int32
 
 
 class RequestStatus(enum.Enum):
@@ -58,9 +59,9 @@ def _int_tuple(owner: str, name: str, values: Any, *, non_negative: bool = True)
                 raise ValueError(f"{owner}.{name}[{i}] must be an int, got {t!r}")
             fixed.append(int(t))
         out = tuple(fixed)
-    if non_negative and out and min(out) < 0:
-        i = next(i for i, t in enumerate(out) if t < 0)
-        raise ValueError(f"{owner}.{name}[{i}] must be an int >= 0, got {out[i]!r}")
+    if non_negative and out and (min(out) < 0 or max(out) > MAX_TOKEN_ID):
+        i = next(i for i, t in enumerate(out) if not 0 <= t <= MAX_TOKEN_ID)
+        raise ValueError(f"{owner}.{name}[{i}] must be a token id in [0, {MAX_TOKEN_ID}], got {out[i]!r}")
     return out
 
 

@@ -271,7 +271,7 @@ def test_request_prompt_len_agreeing_with_ids_is_accepted():
     assert r.prompt_len == 3 and r.prompt_token_ids == (1, 2, 3)
 
 
-@given(ids=st.lists(st.integers(0, 2**31), min_size=1, max_size=50), delta=st.integers(-60, 60))
+@given(ids=st.lists(st.integers(0, 2**31 - 1), min_size=1, max_size=50), delta=st.integers(-60, 60))
 @settings(max_examples=100, deadline=None)
 def test_request_prompt_len_must_match_len_ids(ids, delta):
     if delta == 0:
@@ -411,3 +411,10 @@ def test_request_equality_and_hash_by_value():
 
 def test_request_status_values():
     assert {s.value for s in RequestStatus} == {"waiting", "running", "swapped", "finished", "aborted"}
+
+
+def test_token_ids_must_fit_int32():
+    with pytest.raises(ValueError, match="token id"):
+        req(prompt_token_ids=[5, 2**31])
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        SamplingParams(4, stop_token_ids=(2**40,))

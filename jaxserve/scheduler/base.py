@@ -111,6 +111,14 @@ class BatchingScheduler(abc.ABC):
             )
         if not isinstance(self.watermark, (int, float)) or not 0 <= self.watermark < 1:
             raise ValueError(f"scheduler option watermark must be in [0, 1), got {self.watermark!r}")
+        if not callable(self.preempt_rank):
+            raise ValueError(f"scheduler option preempt_rank must be a function Request -> int, got {self.preempt_rank!r}")
+        missing = [m for m in ("empty", "push", "peek", "pop", "remove", "contains", "size", "items") if not hasattr(self.order, m)]
+        if missing:
+            raise ValueError(
+                f"scheduler option order must be a queue order (KeyedOrder, FairOrder, ...); "
+                f"{self.order!r} lacks {', '.join(missing)}"
+            )
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(
                 f"scheduler option enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}"

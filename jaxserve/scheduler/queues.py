@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
@@ -76,6 +77,10 @@ class KeyedOrder:
 FCFS = KeyedOrder(fcfs_key)
 
 
+def _finite_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 @dataclasses.dataclass(frozen=True)
 class FairQueue:
     """VTC's queue value: one FCFS queue per backlogged client and every client's counter."""
@@ -83,6 +88,7 @@ class FairQueue:
     per_client: immutables.Map = EMPTY_MAP  # client -> non-empty KeyedQueue
     counters: immutables.Map = EMPTY_MAP  # client -> virtual service received
     where: immutables.Map = EMPTY_MAP  # request id -> client
+    last_left: Optional[str] = None  # the client whose queue emptied most recently
 
     def __len__(self) -> int:
         return len(self.where)
@@ -93,7 +99,8 @@ class FairOrder:
     """Virtual token counters. Service = (w_p * input + w_q * output tokens) / weight[client].
 
     A client that becomes backlogged has its counter lifted to the least counter among the other
-    backlogged clients, so it cannot bank service while idle. Prompts are charged once, when a
+    backlogged clients (or, when nobody is backlogged, to the counter of the client that left the
+    queue last), so it cannot bank service while idle. Prompts are charged once, when a
     request is first admitted (a recompute after preemption is not the client's service).
     """
 
@@ -104,11 +111,11 @@ class FairOrder:
 
     def __post_init__(self):
         for name in ("w_p", "w_q"):
-            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
-                raise ValueError(f"vtc option {name} must be a number >= 0, got {getattr(self, name)!r}")
+            if not _finite_number(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"vtc option {name} must be a finite number >= 0, got {getattr(self, name)!r}")
         for client, w in dict(self.weights).items():
-            if not isinstance(w, (int, float)) or w <= 0:
-                raise ValueError(f"vtc option weights[{client!r}] must be a number > 0, got {w!r}")
+            if not _finite_number(w) or w <= 0:
+                raise ValueError(f"vtc option weights[{client!r}] must be a finite number > 0, got {w!r}")
         object.__setattr__(self, "weights", immutables.Map(dict(self.weights)))
 
     def weight(self, client: str) -> float:
@@ -132,13 +139,16 @@ class FairOrder:
         counters = q.counters
         if sub is None:
             sub = KeyedQueue()
-            others = [counters.get(c, 0.0) for c in q.per_client.keys()]
             lifted = counters.get(client, 0.0)
-            if is_arrival and others:
-                lifted = max(lifted, min(others))
+            if is_arrival:
+                others = [counters.get(c, 0.0) for c in q.per_client.keys()]
+                if others:
+                    lifted = max(lifted, min(others))
+                elif q.last_left is not None:  # nobody waits: no banking idle time either
+                    lifted = max(lifted, counters.get(q.last_left, 0.0))
             counters = counters.set(client, lifted)
         sub = sub.push(fcfs_key(seq), seq.request_id, seq)
-        return FairQueue(q.per_client.set(client, sub), counters, q.where.set(seq.request_id, client))
+        return FairQueue(q.per_client.set(client, sub), counters, q.where.set(seq.request_id, client), q.last_left)
 
     def peek(self, q: FairQueue) -> Optional[SeqState]:
         client = self._next_client(q)
@@ -156,8 +166,9 @@ class FairOrder:
 
     def _remove_from(self, q: FairQueue, client: str, request_id: str) -> FairQueue:
         sub = q.per_client[client].remove(request_id)
-        per_client = q.per_client.set(client, sub) if sub else q.per_client.delete(client)
-        return FairQueue(per_client, q.counters, q.where.delete(request_id))
+        if sub:
+            return FairQueue(q.per_client.set(client, sub), q.counters, q.where.delete(request_id), q.last_left)
+        return FairQueue(q.per_client.delete(client), q.counters, q.where.delete(request_id), client)
 
     def contains(self, q: FairQueue, request_id: str) -> bool:
         return request_id in q.where

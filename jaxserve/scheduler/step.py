@@ -48,6 +48,11 @@ class Inflight:
 
 class StepBuilder:
     def __init__(self, sched, state, token_budget: int):
+        if state.inflight is not None:
+            raise ValueError(
+                f"schedule() called again before update() of step {state.inflight.step}: "
+                "every schedule must be followed by exactly one update with its plan"
+            )
         self.sched = sched
         self.state = state
         self.cfg = state.kv.config
@@ -284,6 +289,7 @@ class StepBuilder:
             running=run,
             step=state.step + 1,
             inflight=Inflight(plan.step, rows, np.arange(len(rows))),
+            finished=(),
         )
         return new_state, plan
 

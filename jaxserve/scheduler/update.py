@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from jaxserve.kv.state import KVState
 from jaxserve.persistent import evolve, log_append_rows, pick
 from jaxserve.plan import BatchPlan, StepOutput
+from jaxserve.request import MAX_TOKEN_ID
 from jaxserve.scheduler.caching import offer_generated_blocks, offer_prompt_blocks
 from jaxserve.scheduler.seq import FinishedRequest
 
@@ -17,9 +20,14 @@ def _sampled_tokens(out: StepOutput, ids: tuple[str, ...]) -> tuple[list[int], n
         tokens = list(map(out.token_ids.__getitem__, ids))
     except KeyError as e:
         raise ValueError(f"StepOutput.token_ids has no token for request {e.args[0]!r}") from None
-    arr = np.array(tokens)
-    if len(arr) and (arr.dtype.kind not in "iu" or arr.min() < 0):
-        raise ValueError(f"StepOutput.token_ids must map request ids to ints >= 0, got {tokens[:8]}...")
+    if not all(type(t) is int for t in tokens):  # numpy ints are fine, bools and floats are not
+        bad = next((t for t in tokens if not isinstance(t, numbers.Integral) or isinstance(t, (bool, np.bool_))), None)
+        if bad is not None:
+            raise ValueError(f"StepOutput.token_ids must map request ids to int token ids, got {bad!r}")
+        tokens = [int(t) for t in tokens]
+    arr = np.array(tokens, np.int64)
+    if len(arr) and (arr.min() < 0 or arr.max() > MAX_TOKEN_ID):
+        raise ValueError(f"StepOutput.token_ids must be token ids in [0, {MAX_TOKEN_ID}], got {tokens[:8]}...")
     return tokens, arr
 
 

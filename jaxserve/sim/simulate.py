@@ -108,12 +108,12 @@ def simulate(config, on_progress: Optional[Callable[[float, int], None]] = None)
     try:
         requests = workload_from_config(_get(config, "workload"))
     except FileNotFoundError as e:
-        raise ConfigError(f"workload.trace_path: {e}") from None
+        raise ConfigError(str(e) if "trace_path" in str(e) else f"workload.trace_path: {e}") from None
     except ValueError as e:
         raise ConfigError(f"workload: {e}") from None
     limits = RunLimits(
         max_context=max_context(config, cost_model),
-        max_sim_time_s=float(_get(config, "sim.max_time_s", 0.0) or math.inf),
+        max_sim_time_s=float(_get(config, "sim.max_time_s") or math.inf),
     )
     log = run_replica(sched, kv, SimExecutor(cost_model), requests, limits=limits, on_progress=on_progress).freeze()
     metrics = summarize(

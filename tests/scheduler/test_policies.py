@@ -384,3 +384,43 @@ def test_abort_in_every_state_releases_everything(name):
     assert state.kv.device.num_used == 0 and state.kv.host.num_used == 0
     assert state.kv.device.num_free == kv.num_blocks
     state.kv.device.check()
+
+
+def test_call_order_and_bad_outputs_are_refused():
+    sched = jaxserve.scheduler.make("vllm")
+    state = sched.add_request(sched.init(KVConfig(8, 4)), req("a", 3, 3), 0.0)
+    state, plan = sched.schedule(state, 0.0)
+    with pytest.raises(ValueError, match="before update"):
+        sched.schedule(state, 0.0)
+    for bad in ({"a": 2**32 + 7}, {"a": True}, {"a": 1.5}, {"a": -1}, {}):
+        with pytest.raises(ValueError, match="token"):
+            sched.update(state, plan, StepOutput(bad), 0.0)
+    state = sched.update(state, plan, StepOutput({"a": np.int64(4)}), 0.0)  # numpy ints are fine
+    assert state.running.last_token[0] == 4
+
+
+def test_scheduler_options_are_validated():
+    for opts, key in (
+        ({"order": "fcfs"}, "order"),
+        ({"preempt_rank": 3}, "preempt_rank"),
+    ):
+        with pytest.raises(ValueError, match=key):
+            jaxserve.scheduler.make("sarathi", **opts)
+    for bad in (float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="w_p"):
+            jaxserve.scheduler.make("vtc", w_p=bad)
+        with pytest.raises(ValueError, match="weights"):
+            jaxserve.scheduler.make("vtc", weights={"a": bad})
+
+
+def test_vtc_idle_client_cannot_bank_service_when_nobody_waits():
+    sched = jaxserve.scheduler.make("vtc", max_num_seqs=1)
+    state = sched.init(KVConfig(num_blocks=256, block_size=4))
+    state = sched.add_request(state, req("b0", 40, 4, client="B"), 0.0)
+    for step in range(4):  # b is served alone; its queue empties when b0 is admitted
+        state, plan = sched.schedule(state, float(step))
+        state = sched.update(state, plan, StepOutput({r: 1 for r in plan.request_ids}), float(step))
+    served_b = sched.order.counter(state.waiting, "B")
+    assert served_b > 0 and state.num_waiting == 0
+    state = sched.add_request(state, req("a0", 40, 4, client="A"), 4.0)  # nobody waits: lift to B's
+    assert sched.order.counter(state.waiting, "A") == served_b
