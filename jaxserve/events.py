@@ -81,6 +81,24 @@ class EventLog:
         self._step_running.append(state.num_running)
         self._step_kv_usage.append(state.kv.usage)
 
+    def decode_run(self, request_ids, start_s: float, durations, energies, state, kv_usage) -> np.ndarray:
+        """Records k decode steps of the same requests at once (``len(durations)`` steps, the
+        same as k calls of ``step``); returns the steps' end times."""
+        k = len(durations)
+        ends = np.cumsum(np.concatenate([[start_s], durations]))[1:]  # sequential, like now += d
+        rows = np.fromiter(map(self.index.__getitem__, request_ids), np.int64, len(request_ids))
+        self._token_req.extend([rows] * k)
+        self._step_end.extend(ends.tolist())
+        self._step_duration.extend(np.asarray(durations).tolist())
+        self._step_energy.extend(np.asarray(energies).tolist())
+        self._step_tokens.extend([len(rows)] * k)
+        self._step_prefill_tokens.extend([0] * k)
+        self._step_seqs.extend([len(rows)] * k)
+        self._step_waiting.extend([state.num_waiting] * k)
+        self._step_running.extend([state.num_running] * k)
+        self._step_kv_usage.extend(np.asarray(kv_usage, np.float64).tolist())
+        return ends
+
     # -- reading ---------------------------------------------------------------------------------
     def freeze(self) -> "FrozenLog":
         n = len(self.requests)

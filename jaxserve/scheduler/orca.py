@@ -16,6 +16,8 @@ from jaxserve.scheduler.step import StepBuilder
 
 @dataclasses.dataclass(frozen=True)
 class OrcaScheduler(WholePromptScheduler):
+    fast_forward_safe = True  # see scheduler/fast_forward.py
+
     def schedule(self, state, now):
         step = StepBuilder(self, state, self.max_num_batched_tokens)
         step.run_running(whole)

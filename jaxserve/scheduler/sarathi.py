@@ -17,6 +17,7 @@ from jaxserve.scheduler.step import StepBuilder
 
 @dataclasses.dataclass(frozen=True)
 class SarathiScheduler(BatchingScheduler):
+    fast_forward_safe = True  # see scheduler/fast_forward.py
     chunk_size: int = 512
     chunk_align: int = 1
 

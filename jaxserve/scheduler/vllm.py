@@ -18,6 +18,8 @@ from jaxserve.scheduler.step import StepBuilder
 
 @dataclasses.dataclass(frozen=True)
 class VLLMScheduler(WholePromptScheduler):
+    fast_forward_safe = True  # see scheduler/fast_forward.py
+
     def longest_prefill(self, request: Request) -> int:
         # A recompute after preemption prefills prompt + every generated token but the last.
         return request.max_total_tokens - 1

@@ -232,6 +232,30 @@ class RooflineCostModel:
         energy = (self._idle_w + self._dyn_w * utilization) * duration * self._devices
         return StepCost(duration, energy, compute, memory, comm)
 
+    def decode_run(self, num_rows: int, context_tokens: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Durations and energies of ``k`` consecutive decode steps of the same ``num_rows`` rows
+        whose contexts sum to ``context_tokens`` at the first step (each step adds ``num_rows``).
+
+        Element j equals ``step(plan_j).duration_s`` / ``.energy_j`` bit for bit: the same
+        expressions in the same order, evaluated for all j at once (the simulator's fast path)."""
+        tokens = float(num_rows)
+        computed = (context_tokens + num_rows * np.arange(k, dtype=np.int64)).astype(np.float64)
+        pairs = computed + 0.5 * (float(num_rows) + tokens)
+        samples = num_rows
+        compute = tokens * self._s_per_token_gemm + samples * self._s_per_sample_gemm + pairs * self._s_per_attn_pair
+        memory = (
+            self._s_weights
+            + (self._s_lm_head if samples else 0.0)
+            + (computed + 2.0 * tokens) * self._s_per_kv_token
+            + tokens * self._s_per_token_act
+        )
+        comm = tokens * self._s_per_token_comm + samples * self._s_per_sample_comm + self._comm_fixed
+        busy = np.maximum(memory, compute)
+        duration = self.step_overhead_s + num_rows * self.per_seq_overhead_s + busy + comm
+        utilization = busy / (self.pp * duration)
+        energy = (self._idle_w + self._dyn_w * utilization) * duration * self._devices
+        return duration, energy
+
     def _swap_s(self, plan: BatchPlan) -> float:
         if self.host_bandwidth is None:
             raise ValueError(

@@ -1,0 +1,123 @@
+"""Closed-form runs of identical decode steps (the simulator's fast path).
+
+Between arrivals, finishes and memory exhaustion, a stable batch decodes step after step with the
+same rows: every step computes one token per row, samples one token per row, and allocates a new
+block for each row that crosses a block boundary. ``advance_decodes`` applies k such steps at once
+and returns exactly the state k schedule/update rounds would (tests prove it). ``decode_run_limit``
+says how many steps are safe to skip.
+
+Only policies whose admission can never become possible during such a run are eligible (FCFS-like
+queue orders: no arrival, no finish and shrinking free memory keep a blocked queue blocked); a
+scheduler class opts in by declaring ``fast_forward_safe = True`` itself (a subclass that overrides
+``schedule`` is not eligible until it declares it too). Fair queueing (VTC) reorders its queue as
+service accrues, so it is always stepped one step at a time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxserve.kv.state import KVState
+from jaxserve.persistent import evolve
+from jaxserve.plan import BatchPlan
+
+
+def is_stable_decode(sched, state, plan: BatchPlan) -> bool:
+    """Whether ``plan`` (scheduled from ``state``) is one step of a run ``advance_decodes`` can
+    repeat: every running request decodes, nothing else happens, nothing can stop early."""
+    run = state.running
+    return (
+        type(sched).__dict__.get("fast_forward_safe", False)  # declared by the class itself
+        and not sched.order.accounts_service
+        and plan.num_seqs == len(run) > 0
+        and plan.num_tokens == len(run)
+        and bool(plan.samples_token.all())
+        and not (plan.preempted or plan.swapped_out or plan.swapped_in or plan.copy_blocks)
+        and not run.has_stop.any()
+    )
+
+
+def decode_run_limit(state) -> int:
+    """The most decode steps ``advance_decodes`` may take from ``state``: none may finish a request
+    (the finishing step is left to the normal path) or run out of free blocks."""
+    run = state.running
+    if not len(run):
+        return 0
+    k = int((run.max_new - run.num_output).min()) - 1
+    if k <= 0:
+        return 0
+    free = state.kv.device.num_free
+    lo, hi = 0, k  # largest k with allocations(k) <= free (allocations grow with k)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _allocations(run, state.kv.block_size, mid).sum() <= free:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _allocations(run, block_size: int, k: int) -> np.ndarray:
+    """Blocks each row allocates over k decode steps."""
+    return np.maximum(-(-(run.num_computed + k) // block_size) - run.num_blocks, 0)
+
+
+def advance_decodes(state, k: int, token_id: int):
+    """The state after k decode steps of every running request, each sampling ``token_id``
+    (``decode_run_limit(state) >= k`` must hold); also the number of blocks in use after each
+    step, int64 [k]."""
+    run, kv = state.running, state.kv
+    bs = kv.block_size
+    c, b = run.num_computed, run.num_blocks
+    need = _allocations(run, bs, k)
+    pool = kv.device
+    used_after = np.full(k, pool.num_used, np.int64)
+    tables = run.block_tables
+    if need.any():
+        rows = np.repeat(np.arange(len(run)), need)
+        # Row r's m-th new block is needed at the step that computes token b_r*bs + m*bs.
+        first = b * bs - c + 1
+        m = np.arange(len(rows)) - np.repeat(np.cumsum(need) - need, need)
+        steps = np.repeat(first, need) + m * bs
+        order = np.lexsort((rows, steps))  # the step-by-step order: by step, then by row
+        pool, blocks = pool.allocate(int(need.sum()))
+        assigned = np.empty(len(rows), np.int64)
+        assigned[order] = blocks
+        new_tables = list(tables)
+        starts = np.cumsum(need) - need
+        for r in np.flatnonzero(need).tolist():
+            s = int(starts[r])
+            new_tables[r] = tables[r] + tuple(assigned[s : s + int(need[r])].tolist())
+        tables = tuple(new_tables)
+        used_after += np.cumsum(np.bincount(steps - 1, minlength=k)[:k])
+    outputs = _extend_logs(run.outputs, run.num_output, k, token_id)
+    running = run.replace(
+        num_computed=c + k,
+        num_tokens=run.num_tokens + k,
+        num_output=run.num_output + k,
+        last_token=np.full(len(run), token_id, np.int64),
+        num_blocks=b + need,
+        block_tables=tables,
+        outputs=outputs,
+    )
+    new_state = evolve(
+        state,
+        kv=KVState(kv.config, pool, kv.host),
+        running=running,
+        step=state.step + k,
+        inflight=None,
+        finished=(),
+    )
+    return new_state, used_after
+
+
+def _extend_logs(logs: tuple, lengths: np.ndarray, k: int, token_id: int) -> tuple:
+    """Appends k copies of ``token_id`` to each shared append-only log (see persistent.py)."""
+    out = list(logs)
+    tail = [token_id] * k
+    for i, (log, n) in enumerate(zip(logs, lengths.tolist())):
+        if len(log) != n:
+            log = log[:n]  # another version appended past n: fork
+            out[i] = log
+        log.extend(tail)
+    return tuple(out)

@@ -1,0 +1,116 @@
+"""Fast-forwarding runs of identical decode steps gives exactly the step-by-step result."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import jaxserve
+from jaxserve.kv import KVConfig
+from jaxserve.scheduler.fast_forward import advance_decodes, decode_run_limit, is_stable_decode
+from jaxserve.sim import RooflineCostModel, get_hardware, get_model
+from jaxserve.sim.simulator import SIM_TOKEN_ID, SimExecutor, run_replica
+from jaxserve.plan import StepOutput
+
+COST = RooflineCostModel(get_model("llama-2-7b"), get_hardware("a100-80gb"))
+
+
+def workload(rng, n, max_prompt=300, max_out=200, rate=20.0):
+    times = np.cumsum(rng.exponential(1 / rate, n))
+    return [
+        jaxserve.Request(
+            f"r{i}", prompt_len=int(rng.integers(1, max_prompt)),
+            sampling=jaxserve.SamplingParams(int(rng.integers(1, max_out))), arrival_time=float(t),
+        )
+        for i, t in enumerate(times)
+    ]
+
+
+def run(name, requests, kv, fast_forward, **opts):
+    sched = jaxserve.scheduler.make(name, **opts)
+    return run_replica(sched, kv, SimExecutor(COST), requests, fast_forward=fast_forward).freeze()
+
+
+def assert_same_log(a, b):
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, np.ndarray) and x.dtype != object:
+            np.testing.assert_array_equal(x, y, err_msg=f.name)
+        else:
+            assert x == y if not isinstance(x, np.ndarray) else list(x) == list(y), f.name
+
+
+@pytest.mark.parametrize("name, opts", [
+    ("vllm", {}), ("vllm", {"enable_prefix_caching": True}), ("sarathi", {"chunk_size": 256}),
+    ("orca", {}), ("static", {"max_num_seqs": 8}), ("vtc", {}),
+])
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(0, 10_000), num_blocks=st.sampled_from([40, 200, 2000]), block_size=st.sampled_from([1, 4, 16]))
+def test_fast_forward_equals_step_by_step(name, opts, seed, num_blocks, block_size):
+    rng = np.random.default_rng(seed)
+    kv = KVConfig(num_blocks, block_size)
+    cap = kv.capacity_tokens
+    requests = [r for r in workload(rng, 40) if r.max_total_tokens <= cap]
+    slow = run(name, requests, kv, fast_forward=False, **opts)
+    fast = run(name, requests, kv, fast_forward=True, **opts)
+    assert_same_log(slow, fast)
+
+
+def test_fast_forward_skips_most_steps_of_a_long_decode():
+    rng = np.random.default_rng(0)
+    requests = workload(rng, 8, max_prompt=50, max_out=2000, rate=1000.0)
+    import time
+
+    times = {}
+    for ff in (False, True):
+        t = time.perf_counter()
+        log = run("vllm", requests, KVConfig(4000, 16), fast_forward=ff)
+        times[ff] = time.perf_counter() - t
+    assert len(log.step_end_s) > 1000
+    assert times[True] < times[False] / 3  # the run is mostly skipped, not stepped
+
+
+def test_advance_matches_update_loop_state():
+    sched = jaxserve.scheduler.make("vllm", enable_prefix_caching=True)
+    state = sched.init(KVConfig(64, 4))
+    for i in range(3):
+        state = sched.add_request(state, jaxserve.Request(f"r{i}", prompt_token_ids=list(range(1, 6 + i)),
+                                                          sampling=jaxserve.SamplingParams(30)), 0.0)
+    for _ in range(2):  # prefill, then one decode
+        before = state
+        state, plan = sched.schedule(state, 0.0)
+        state = sched.update(state, plan, StepOutput({r: SIM_TOKEN_ID for r in plan.request_ids}), 0.0)
+    assert is_stable_decode(sched, before, plan)
+    k = decode_run_limit(state)
+    assert k == 30 - 2 - 1  # every request would finish at its 30th token
+    fast, used = advance_decodes(state, k, SIM_TOKEN_ID)
+    slow = state
+    for _ in range(k):
+        slow, plan = sched.schedule(slow, 0.0)
+        slow = sched.update(slow, plan, StepOutput({r: SIM_TOKEN_ID for r in plan.request_ids}), 0.0)
+    assert fast.running.block_tables == slow.running.block_tables
+    np.testing.assert_array_equal(fast.running.nums, slow.running.nums)
+    assert [o[:n] for o, n in zip(fast.running.outputs, fast.running.num_output)] == \
+        [o[:n] for o, n in zip(slow.running.outputs, slow.running.num_output)]
+    assert fast.kv.device.num_used == slow.kv.device.num_used == used[-1]
+    assert fast.step == slow.step
+    fast.kv.device.check()
+
+
+def test_cost_model_decode_run_is_bitwise_step():
+    rows, ctx = 37, 5000
+    durations, energies = COST.decode_run(rows, ctx, 50)
+    for j in (0, 1, 17, 49):
+        c = np.full(rows, 0, np.int64)
+        c[:] = (ctx + rows * j) // rows
+        c[: (ctx + rows * j) % rows] += 1
+        plan = jaxserve.BatchPlan(
+            tuple(f"r{i}" for i in range(rows)), c, np.ones(rows, np.int64), np.ones(rows, bool),
+            tuple(() for _ in range(rows)), np.zeros(rows, np.int32), 16,
+        )
+        cost = COST.step(plan)
+        assert cost.duration_s == durations[j] and cost.energy_j == energies[j]
