@@ -27,6 +27,8 @@ import dataclasses
 import types
 from collections.abc import Mapping
 
+from jaxserve.sim.tables import lookup
+
 GiB = 1024**3
 MiB = 1024**2
 
@@ -351,8 +353,4 @@ HARDWARE: Mapping[str, HardwareSpec] = types.MappingProxyType(_entries())
 
 def get_hardware(name: str) -> HardwareSpec:
     """The spec called ``name`` (case-insensitive); ``ValueError`` listing the known names otherwise."""
-    key = name.strip().lower() if isinstance(name, str) else name
-    try:
-        return HARDWARE[key]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown hardware {name!r}; known: {', '.join(sorted(HARDWARE))}") from None
+    return lookup(HARDWARE, name, "hardware")

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from jaxserve.sim.hardware import DTYPE_BYTES
+from jaxserve.sim.tables import lookup
 
 MLP_MATRICES = {"swiglu": 3, "gelu": 2, "relu": 2}  # gate+up+down vs up+down
 
@@ -368,8 +369,4 @@ MODELS: Mapping[str, ModelSpec] = types.MappingProxyType(
 
 def get_model(name: str) -> ModelSpec:
     """The spec called ``name`` (case-insensitive); ``ValueError`` listing the known names otherwise."""
-    key = name.strip().lower() if isinstance(name, str) else name
-    try:
-        return MODELS[key]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}") from None
+    return lookup(MODELS, name, "model")
