@@ -23,6 +23,9 @@ def get_config() -> ConfigDict:
     c.hardware.name = "a100-80gb"  # jaxserve.sim.hardware
     c.hardware.tp = 1
     c.hardware.pp = 1
+    c.hardware.mfu = placeholder(float)  # unset: the hardware table's cited efficiency
+    c.hardware.mbu = placeholder(float)
+    c.hardware.step_overhead_s = placeholder(float)  # unset: 4 ms (vLLM's measured CPU bubble)
 
     c.scheduler = ConfigDict()  # every key but name is passed to jaxserve.scheduler.make
     c.scheduler.name = "vllm"

@@ -61,7 +61,7 @@ def build_cost_model(config) -> RooflineCostModel:
     options = {}
     for key in ("tp", "pp", "mfu", "mbu", "step_overhead_s"):
         value = _get(config, f"hardware.{key}")
-        if value not in (None, 0, 0.0) or key in ("tp", "pp") and value is not None:
+        if value is not None:  # unset keys keep the cost model's cited defaults
             options[key] = value
     dtype = _get(config, "model.dtype", "bf16")
     try:
