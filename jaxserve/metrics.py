@@ -4,7 +4,8 @@ Per request: TTFT, every inter-token gap (TBT), TPOT, E2E latency, normalized la
 tokens, vLLM's metric), queueing delay, preemptions. Aggregates: mean/p50/p90/p99, throughput, SLO
 attainment, energy per token, cost per million tokens. Searches: capacity (Sarathi-Serve: the
 highest request rate whose P99 TBT meets an SLO) and goodput (DistServe: the highest rate at which
-at least 90 % of requests meet both TTFT and TPOT SLOs).
+at least 90 % of requests meet both TTFT and TPOT SLOs). Fairness: VTC's largest service gap between
+two clients over an interval in which both stayed backlogged.
 """
 
 from __future__ import annotations
@@ -158,6 +159,8 @@ def summarize(
         "mean_batch_tokens": float(log.step_tokens.mean()) if len(log.step_tokens) else 0.0,
         "peak_kv_usage": float(log.step_kv_usage.max()) if len(log.step_kv_usage) else 0.0,
     }
+    if len(set(log.client_id.tolist())) > 1 and len(log.step_end_s):
+        metrics["fairness_max_service_diff"] = max_service_difference(service_trace(log))
     if energy > 0:
         metrics["energy_j"] = energy
         metrics["energy_j_per_token"] = energy / max(out_tokens, 1)
@@ -223,3 +226,62 @@ def goodput(evaluate: Callable[[float], dict], low: float, high: float, attainme
     """DistServe goodput: the highest request rate at which at least ``attainment`` of requests
     meet both SLOs (``evaluate(rate)["slo_attainment"]``)."""
     return search_max_rate(lambda r: evaluate(r)["slo_attainment"] >= attainment, low, high, **kw)
+
+
+# -- fairness ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceTrace:
+    """Service each client received up to each step end: ``service[c, i]`` for ``clients[c]`` at
+    ``times[i]``, counting w_p per prompt token (when the request is first scheduled) and w_q per
+    generated token; ``backlogged[c, i]``: the client had a request waiting (arrived, not yet
+    scheduled) at that moment."""
+
+    clients: tuple[str, ...]
+    times: np.ndarray
+    service: np.ndarray
+    backlogged: np.ndarray
+
+
+def service_trace(log: FrozenLog, w_p: float = 1.0, w_q: float = 2.0) -> ServiceTrace:
+    clients = tuple(sorted(set(log.client_id.tolist())))
+    cid = np.searchsorted(np.array(clients, object), log.client_id)
+    times = log.step_end_s
+    n_steps = len(times)
+    service = np.zeros((len(clients), n_steps))
+    # generated tokens: one per (request, step) entry in time order
+    step_of_token = np.searchsorted(times, log.token_time_s)
+    np.add.at(service, (cid[log.token_req], step_of_token), w_q)
+    # prompts: charged at the step that first scheduled the request (it ends at or after that start)
+    started = ~np.isnan(log.first_scheduled_s)
+    first_step = np.searchsorted(times, log.first_scheduled_s[started], side="right")
+    first_step = np.minimum(first_step, n_steps - 1)
+    np.add.at(service, (cid[started], first_step), w_p * log.prompt_len[started])
+    service = np.cumsum(service, axis=1)
+    backlogged = np.zeros((len(clients), n_steps), bool)
+    waiting_from = log.arrival_s
+    waiting_until = np.where(np.isnan(log.first_scheduled_s), np.inf, log.first_scheduled_s)
+    for c in range(len(clients)):
+        mine = (cid == c) & ~log.rejected
+        # backlogged at t: some request with arrival <= t < first scheduled
+        starts = np.sort(waiting_from[mine])
+        ends = np.sort(waiting_until[mine])
+        backlogged[c] = np.searchsorted(starts, times, side="right") > np.searchsorted(ends, times, side="right")
+    return ServiceTrace(clients, times, service, backlogged)
+
+
+def max_service_difference(trace: ServiceTrace) -> float:
+    """VTC's fairness measure: the largest gap in service gained by two clients over any interval
+    in which both stayed backlogged (0 with fewer than two clients)."""
+    worst = 0.0
+    for a in range(len(trace.clients)):
+        for b in range(a + 1, len(trace.clients)):
+            both = trace.backlogged[a] & trace.backlogged[b]
+            diff = trace.service[a] - trace.service[b]
+            # split into maximal runs of `both`; measure each run from its first step
+            edges = np.flatnonzero(np.diff(np.concatenate([[False], both, [False]]).astype(np.int8)))
+            for start, stop in zip(edges[::2], edges[1::2]):
+                run = diff[start:stop] - diff[start]
+                worst = max(worst, float(np.abs(run).max()))
+    return worst

@@ -144,3 +144,28 @@ def test_capacity_and_goodput_on_a_queueing_model():
     assert cap.rate == pytest.approx(5.0, rel=0.01)  # 0.05 / (1 - r/10) <= 0.1  <=>  r <= 5
     gp = goodput(evaluate, low=0.1, high=19.0, rel_tol=0.001)
     assert gp.rate == pytest.approx(2.0, rel=0.01)  # 1 - r/20 >= 0.9  <=>  r <= 2
+
+
+def test_service_trace_and_fairness_by_hand():
+    from jaxserve.metrics import max_service_difference, service_trace
+
+    log = EventLog()
+    sp = jaxserve.SamplingParams
+    reqs = [
+        jaxserve.Request("a1", prompt_len=10, sampling=sp(3), client_id="A"),
+        jaxserve.Request("a2", prompt_len=10, sampling=sp(3), client_id="A"),
+        jaxserve.Request("b1", prompt_len=4, sampling=sp(3), client_id="B"),
+        jaxserve.Request("b2", prompt_len=4, sampling=sp(3), client_id="B"),
+    ]
+    for r in reqs:
+        log.add_request(r, 0.0)
+    # step 0 serves a1's prefill; steps 1-2 decode a1; b1 and a2, b2 wait throughout
+    log.step(_plan([("a1", 0, 10, True)], 0), 0.0, 1.0, 0.0, FakeState(3, 1), [])
+    log.step(_plan([("a1", 10, 1, True)], 1), 1.0, 1.0, 0.0, FakeState(3, 1), [])
+    log.step(_plan([("a1", 11, 1, True)], 2), 2.0, 1.0, 0.0, FakeState(3, 0), ["a1"])
+    trace = service_trace(log.freeze(), w_p=1.0, w_q=2.0)
+    assert trace.clients == ("A", "B")
+    np.testing.assert_allclose(trace.service[0], [10 + 2, 14, 16])
+    np.testing.assert_allclose(trace.service[1], [0, 0, 0])
+    assert trace.backlogged.all()  # a2 and b1/b2 never got scheduled
+    assert max_service_difference(trace) == 4.0  # measured from the first step of the window
