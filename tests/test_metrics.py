@@ -138,10 +138,12 @@ def test_capacity_and_goodput_on_a_queueing_model():
     # An M/M/1-like system: latency blows up as the rate approaches 10 req/s.
     def evaluate(rate):
         wait = 0.05 / max(1e-9, 1 - rate / 10.0)
-        return {"tbt_s": {"p99": wait}, "slo_attainment": max(0.0, 1.0 - rate / 20.0)}
+        return {"tbt_s": {"p99": wait}, "slo_attainment": max(0.0, 1.0 - rate / 20.0), "queueing_s": {"p50": rate / 4}}
 
     cap = capacity(evaluate, p99_tbt_slo_s=0.1, low=0.5, high=9.99, rel_tol=0.001)
     assert cap.rate == pytest.approx(5.0, rel=0.01)  # 0.05 / (1 - r/10) <= 0.1  <=>  r <= 5
+    bounded = capacity(evaluate, 0.1, 0.5, 9.99, max_median_queueing_s=0.75, rel_tol=0.001)
+    assert bounded.rate == pytest.approx(3.0, rel=0.01)  # the queueing bound binds first
     gp = goodput(evaluate, low=0.1, high=19.0, rel_tol=0.001)
     assert gp.rate == pytest.approx(2.0, rel=0.01)  # 1 - r/20 >= 0.9  <=>  r <= 2
 
