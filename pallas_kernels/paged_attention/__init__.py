@@ -1,0 +1,1 @@
+"""paged_attention: Pallas kernel (kernel.py) and its jnp reference (reference.py)."""
