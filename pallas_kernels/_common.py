@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import pallas as pl
 
 # A large finite negative logit for masked positions: exp(MASK_VALUE - m) underflows to 0 for any real
 # running max m, and MASK_VALUE - MASK_VALUE stays finite (no inf - inf = nan in the rescale factor).
@@ -162,3 +163,35 @@ def merge_splits(o, m, l):
     denom = jnp.sum(w, axis=0)
     out = jnp.sum(w[..., None] * o, axis=0)
     return out / jnp.where(denom == 0.0, 1.0, denom)[..., None]
+
+
+def grid_page_steps(j, q_ref, k_refs, v_refs, o_ref, scratch, *, active, mask_for, sm_scale: float) -> None:
+    """The grid variant's body, shared by both kernels: grid step ``j`` folds its pages into the
+    online-softmax state held in ``scratch`` (m, l, acc) when ``active``, starting fresh at j == 0
+    and writing the normalized output at the last step. ``mask_for(start)`` gives the
+    [rows, page_size] visibility mask of the page whose first kv position is ``start``."""
+    m_sc, l_sc, acc_sc = scratch
+    pages = len(k_refs)
+    page_size = k_refs[0].shape[0]
+
+    @pl.when(j == 0)
+    def _init():
+        m_sc[...] = jnp.full(m_sc.shape, MASK_VALUE, jnp.float32)
+        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+    @pl.when(active)
+    def _compute():
+        q = q_ref[...]
+        m, l, acc = m_sc[...][:, :1], l_sc[...][:, :1], acc_sc[...]
+        for p in range(pages):
+            mask = mask_for((j * pages + p) * page_size)
+            m, l, acc = online_softmax_step(q, k_refs[p][...], v_refs[p][...], mask, m, l, acc, sm_scale=sm_scale)
+        m_sc[...] = jnp.broadcast_to(m, m_sc.shape)
+        l_sc[...] = jnp.broadcast_to(l, l_sc.shape)
+        acc_sc[...] = acc
+
+    @pl.when(j == pl.num_programs(2) - 1)
+    def _finish():
+        o_ref[...] = normalize(acc_sc[...], l_sc[...][:, :1]).astype(o_ref.dtype)
+

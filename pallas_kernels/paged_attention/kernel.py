@@ -20,8 +20,8 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import (
-    MASK_VALUE,
     check_paged_shapes,
+    grid_page_steps,
     group_rows,
     init_state,
     merge_splits,
@@ -93,29 +93,13 @@ def _decode_grid_kernel(
     s, j = pl.program_id(0), pl.program_id(2)
     kv_len = lens_ref[s]
 
-    @pl.when(j == 0)
-    def _init():
-        m_sc[...] = jnp.full(m_sc.shape, MASK_VALUE, jnp.float32)
-        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
-        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+    def mask_for(start):
+        return start + lax.broadcasted_iota(jnp.int32, (rows, page_size), 1) < kv_len
 
-    @pl.when(j * pages_per_block * page_size < kv_len)
-    def _compute():
-        q = q_ref[...]
-        m, l, acc = m_sc[...][:, :1], l_sc[...][:, :1], acc_sc[...]
-        for p in range(pages_per_block):
-            start = (j * pages_per_block + p) * page_size
-            kv_pos = start + lax.broadcasted_iota(jnp.int32, (rows, page_size), 1)
-            m, l, acc = online_softmax_step(
-                q, k_refs[p][...], v_refs[p][...], kv_pos < kv_len, m, l, acc, sm_scale=sm_scale
-            )
-        m_sc[...] = jnp.broadcast_to(m, m_sc.shape)
-        l_sc[...] = jnp.broadcast_to(l, l_sc.shape)
-        acc_sc[...] = acc
-
-    @pl.when(j == pl.num_programs(2) - 1)
-    def _finish():
-        o_ref[...] = normalize(acc_sc[...], l_sc[...][:, :1]).astype(o_ref.dtype)
+    grid_page_steps(
+        j, q_ref, k_refs, v_refs, o_ref, (m_sc, l_sc, acc_sc),
+        active=j * pages_per_block * page_size < kv_len, mask_for=mask_for, sm_scale=sm_scale,
+    )
 
 
 def supports(
