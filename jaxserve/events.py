@@ -33,6 +33,8 @@ class EventLog:
         self.first_scheduled: dict[int, float] = {}
         self.finished: dict[int, float] = {}
         self.preemptions: dict[int, int] = {}
+        self._requeued_at: dict[int, float] = {}  # preempted, waiting to run again since then
+        self.rewaits: list[tuple[int, float, float]] = []  # (request, preempted at, resumed at)
         self._step_end: list[float] = []
         self._step_duration: list[float] = []
         self._step_energy: list[float] = []
@@ -63,11 +65,14 @@ class EventLog:
         for rid in plan.preempted + plan.swapped_out:
             i = index[rid]
             self.preemptions[i] = self.preemptions.get(i, 0) + 1
+            self._requeued_at[i] = start_s
         sampled = [rid for rid, s in zip(plan.request_ids, plan.samples_token.tolist()) if s]
         for rid in plan.request_ids:
             i = index[rid]
             if i not in self.first_scheduled:
                 self.first_scheduled[i] = start_s
+            elif self._requeued_at and i in self._requeued_at:
+                self.rewaits.append((i, self._requeued_at.pop(i), start_s))
         self._token_req.append(np.fromiter(map(index.__getitem__, sampled), np.int64, len(sampled)))
         for rid in finished_ids:
             self.finished[index[rid]] = end
@@ -121,6 +126,9 @@ class EventLog:
             first_scheduled_s=per_request(self.first_scheduled, np.nan),
             finish_s=per_request(self.finished, np.nan),
             preemptions=per_request(self.preemptions, 0).astype(np.int64),
+            rewaits=np.array(
+                self.rewaits + [(i, t, np.inf) for i, t in self._requeued_at.items()], np.float64
+            ).reshape(-1, 3),
             token_req=np.concatenate(self._token_req) if self._token_req else np.zeros(0, np.int64),
             token_time_s=np.repeat(ends, counts),
             step_end_s=ends,
@@ -147,6 +155,7 @@ class FrozenLog:
     first_scheduled_s: np.ndarray
     finish_s: np.ndarray
     preemptions: np.ndarray
+    rewaits: np.ndarray  # [n, 3]: request index, preempted at, scheduled again at (inf: never)
     token_req: np.ndarray
     token_time_s: np.ndarray
     step_end_s: np.ndarray

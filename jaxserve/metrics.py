@@ -253,8 +253,8 @@ def goodput(evaluate: Callable[[float], dict], low: float, high: float, attainme
 class ServiceTrace:
     """Service each client received up to each step end: ``service[c, i]`` for ``clients[c]`` at
     ``times[i]``, counting w_p per prompt token (when the request is first scheduled) and w_q per
-    generated token; ``backlogged[c, i]``: the client had a request waiting (arrived, not yet
-    scheduled) at that moment."""
+    generated token; ``backlogged[c, i]``: the client had a request waiting (arrived and not yet
+    scheduled, or preempted and not yet resumed) at that moment."""
 
     clients: tuple[str, ...]
     times: np.ndarray
@@ -280,11 +280,14 @@ def service_trace(log: FrozenLog, w_p: float = 1.0, w_q: float = 2.0) -> Service
     backlogged = np.zeros((len(clients), n_steps), bool)
     waiting_from = log.arrival_s
     waiting_until = np.where(np.isnan(log.first_scheduled_s), np.inf, log.first_scheduled_s)
+    re_req = log.rewaits[:, 0].astype(np.int64)
     for c in range(len(clients)):
         mine = (cid == c) & ~log.rejected
-        # backlogged at t: some request with arrival <= t < first scheduled
-        starts = np.sort(waiting_from[mine])
-        ends = np.sort(waiting_until[mine])
+        again = cid[re_req] == c
+        # backlogged at t: some request waits, between arrival and its first scheduling or
+        # between a preemption and its next scheduling
+        starts = np.sort(np.concatenate([waiting_from[mine], log.rewaits[again, 1]]))
+        ends = np.sort(np.concatenate([waiting_until[mine], log.rewaits[again, 2]]))
         backlogged[c] = np.searchsorted(starts, times, side="right") > np.searchsorted(ends, times, side="right")
     return ServiceTrace(clients, times, service, backlogged)
 

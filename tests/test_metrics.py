@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -171,3 +172,24 @@ def test_service_trace_and_fairness_by_hand():
     np.testing.assert_allclose(trace.service[1], [0, 0, 0])
     assert trace.backlogged.all()  # a2 and b1/b2 never got scheduled
     assert max_service_difference(trace) == 4.0  # measured from the first step of the window
+
+
+def test_a_preempted_request_makes_its_client_backlogged_again():
+    from jaxserve.metrics import service_trace
+
+    log = EventLog()
+    sp = jaxserve.SamplingParams
+    log.add_request(jaxserve.Request("a", prompt_len=4, sampling=sp(5), client_id="A"), 0.0)
+    log.add_request(jaxserve.Request("b", prompt_len=4, sampling=sp(5), client_id="B"), 0.0)
+    plan = _plan([("a", 0, 4, True), ("b", 0, 4, True)], 0)
+    log.step(plan, 0.0, 1.0, 0.0, FakeState(0, 2), [])
+    preempting = dataclasses.replace(_plan([("a", 4, 1, True)], 1), preempted=("b",))
+    log.step(preempting, 1.0, 1.0, 0.0, FakeState(1, 1), [])
+    log.step(_plan([("a", 5, 1, True)], 2), 2.0, 1.0, 0.0, FakeState(1, 1), [])
+    log.step(_plan([("b", 0, 5, True)], 3), 3.0, 1.0, 0.0, FakeState(0, 1), [])
+    frozen = log.freeze()
+    np.testing.assert_allclose(frozen.rewaits, [[1, 1.0, 3.0]])
+    trace = service_trace(frozen)
+    # step ends 1, 2, 3, 4: B waits from its preemption at 1.0 until it runs again at 3.0
+    np.testing.assert_array_equal(trace.backlogged[1], [True, True, False, False])
+    np.testing.assert_array_equal(trace.backlogged[0], [False, False, False, False])
