@@ -195,3 +195,12 @@ def grid_page_steps(j, q_ref, k_refs, v_refs, o_ref, scratch, *, active, mask_fo
     def _finish():
         o_ref[...] = normalize(acc_sc[...], l_sc[...][:, :1]).astype(o_ref.dtype)
 
+
+def split_shapes(q_shape, k_pages_shape) -> tuple[list[str], int, int, int, int]:
+    """(problems, num_q_heads, num_kv_heads, head_dim, page_size) for the compiled kernels'
+    ``supports``: the GQA grouping must divide evenly."""
+    _, num_q_heads, head_dim = q_shape
+    num_kv_heads, _, page_size, _ = k_pages_shape
+    problems = [f"num_q_heads {num_q_heads} % num_kv_heads {num_kv_heads} != 0"] if num_q_heads % num_kv_heads else []
+    return problems, num_q_heads, num_kv_heads, head_dim, page_size
+

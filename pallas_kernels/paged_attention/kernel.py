@@ -30,6 +30,7 @@ from pallas_kernels._common import (
     pad_page_table,
     pages_per_block,
     resolve_variant,
+    split_shapes,
     triton_shape_problems,
 )
 
@@ -116,12 +117,9 @@ def supports(
     block; when omitted the requested ``pages_per_compute_block`` is assumed to fit.
     """
     variant = resolve_variant(variant)
-    _, num_q_heads, head_dim = q_shape
-    num_kv_heads, _, page_size, _ = k_pages_shape
-    if num_q_heads % num_kv_heads:
-        return [f"num_q_heads {num_q_heads} % num_kv_heads {num_kv_heads} != 0"]
-    if variant == "grid":
-        return []
+    problems, num_q_heads, num_kv_heads, head_dim, page_size = split_shapes(q_shape, k_pages_shape)
+    if problems or variant == "grid":
+        return problems
     ppb = pages_per_block(pages_per_compute_block, pages_per_seq or pages_per_compute_block, variant)
     rows = _loop_rows(num_q_heads // num_kv_heads)
     return triton_shape_problems(rows=rows, head_dim=head_dim, page_size=page_size, pages_per_block=ppb)
