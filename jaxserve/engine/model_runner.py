@@ -1,0 +1,294 @@
+"""ModelRunner: executes BatchPlans on a jit-compiled Llama-family model with a paged KV cache.
+
+``execute(plan) -> StepOutput`` does what the plan asks before the step (copy-on-write page copies,
+swap-out to and swap-in from a host pool), packs the plan into bucketed arrays
+(``engine/packing.py``), runs one jitted step (model + sampling) with the per-layer caches donated,
+and returns the sampled tokens and the step's measured wall time. The runner keeps no scheduling
+state: block tables, token ids and positions all come from the plan; it only needs each request's
+sampling parameters (``register``/``release``).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.engine.packing import HostBatch, PackSpec, RequestSampling, bucket, pack
+from jaxserve.kv.config import KVConfig
+from jaxserve.model.attention import ATTENTION_IMPLS, default_attention_impl
+from jaxserve.model.config import ModelConfig
+from jaxserve.model.llama import bind
+from jaxserve.model.sampling import sample
+from jaxserve.plan import BatchPlan, StepOutput
+from jaxserve.request import Request
+
+
+def _step_fn(
+    params,
+    caches,
+    token_ids,
+    attn,
+    logits_rows,
+    sampling,
+    *,
+    cfg,
+    impl,
+    chunk_pages,
+    all_logits,
+    on_trace,
+):
+    on_trace()  # runs once per compilation: counts them
+    model = bind(cfg, params)
+    attend = functools.partial(
+        ATTENTION_IMPLS[impl],
+        sm_scale=cfg.head_dim**-0.5,
+        sliding_window=cfg.sliding_window,
+        chunk_pages=chunk_pages,
+    )
+    hidden, caches = model(token_ids, caches, attn, attend)
+    logits = model.logits(hidden[logits_rows])
+    tokens = sample(logits, *sampling)
+    return tokens, caches, (model.logits(hidden) if all_logits else None)
+
+
+def _copy_pages(caches, src, dst):
+    """Copies pages ``src -> dst`` in every layer; ``dst == num_pages`` entries are padding (dropped)."""
+    return tuple(
+        (
+            k.at[:, dst].set(k[:, src], mode="drop"),
+            v.at[:, dst].set(v[:, src], mode="drop"),
+        )
+        for k, v in caches
+    )
+
+
+def _gather_pages(caches, src):
+    """``[L, 2, Hkv, n, page_size, D]``: the pages ``src`` of every layer (for swap-out)."""
+    return jnp.stack([jnp.stack([k[:, src], v[:, src]]) for k, v in caches])
+
+
+def _scatter_pages(caches, pages, dst):
+    """Writes ``pages [L, 2, Hkv, n, page_size, D]`` to ``dst`` (swap-in; padding dst dropped)."""
+    return tuple(
+        (
+            k.at[:, dst].set(pages[i, 0], mode="drop"),
+            v.at[:, dst].set(pages[i, 1], mode="drop"),
+        )
+        for i, (k, v) in enumerate(caches)
+    )
+
+
+def default_seed(request_id: str, engine_seed: int) -> int:
+    """A request's sampling seed when it sets none: stable across runs and batch compositions."""
+    return (zlib.crc32(request_id.encode()) + 1_000_003 * engine_seed) % (1 << 32)
+
+
+class ModelRunner:
+    """See the module docstring. ``max_model_len`` bounds prompt + output tokens per request."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params: dict,
+        kv: KVConfig,
+        *,
+        max_model_len: int | None = None,
+        block_rows: int = 32,
+        attention: str = "auto",
+        chunk_pages: int = 8,
+        seed: int = 0,
+    ):
+        self.cfg = cfg
+        self.kv = kv
+        self.max_model_len = int(
+            max_model_len
+            or min(cfg.max_position_embeddings, kv.num_blocks * kv.block_size)
+        )
+        impl = default_attention_impl() if attention == "auto" else attention
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"attention={attention!r}; expected 'auto' or one of {sorted(ATTENTION_IMPLS)}"
+            )
+        self.attention = impl
+        self.seed = int(seed)
+        # Slack of one block of rows: the ragged layout may address a chunk's padded rows past its end.
+        pages = -(-(self.max_model_len + block_rows) // kv.block_size)
+        pages = -(-pages // chunk_pages) * chunk_pages
+        self.spec = PackSpec(
+            num_pages=kv.num_blocks,
+            page_size=kv.block_size,
+            pages_per_seq=pages,
+            block_rows=block_rows,
+        )
+        dtype = jnp.dtype(cfg.dtype)
+        self.params = jax.device_put(params)
+        shape = (cfg.num_kv_heads, kv.num_blocks, kv.block_size, cfg.head_dim)
+        self.caches = tuple(
+            (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+            for _ in range(cfg.num_layers)
+        )
+        host_shape = (
+            cfg.num_layers,
+            2,
+            cfg.num_kv_heads,
+            kv.num_host_blocks,
+            kv.block_size,
+            cfg.head_dim,
+        )
+        self.host_pages = np.zeros(host_shape, dtype) if kv.num_host_blocks else None
+        self.num_compilations = 0
+        self._sampling: dict[str, RequestSampling] = {}
+        jit = functools.partial(jax.jit, donate_argnums=(1,))
+        self._steps = {
+            flag: jit(
+                functools.partial(
+                    _step_fn,
+                    cfg=cfg,
+                    impl=impl,
+                    chunk_pages=chunk_pages,
+                    all_logits=flag,
+                    on_trace=self._count_trace,
+                )
+            )
+            for flag in (False, True)
+        }
+        self._copy = jax.jit(_copy_pages, donate_argnums=(0,))
+        self._scatter = jax.jit(_scatter_pages, donate_argnums=(0,))
+        self._gather = jax.jit(_gather_pages)
+
+    def _count_trace(self):
+        self.num_compilations += 1
+
+    # -- requests ------------------------------------------------------------------------------
+    def register(self, request: Request) -> None:
+        sp = request.sampling
+        if request.max_total_tokens > self.max_model_len:
+            raise ValueError(
+                f"request {request.request_id!r}: prompt + max_new_tokens = {request.max_total_tokens} "
+                f"exceeds max_model_len={self.max_model_len}"
+            )
+        if not request.has_real_tokens:
+            raise ValueError(
+                f"request {request.request_id!r} has only a prompt length; the engine needs token ids"
+            )
+        vocab = self.cfg.vocab_size
+        bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(
+                f"request {request.request_id!r}: prompt token id {bad[0]} is outside the vocabulary [0, {vocab})"
+            )
+        seed = (
+            sp.seed
+            if sp.seed is not None
+            else default_seed(request.request_id, self.seed)
+        )
+        self._sampling[request.request_id] = RequestSampling(
+            request.prompt_len, sp.temperature, sp.top_k, sp.top_p, seed % (1 << 32)
+        )
+
+    def release(self, request_id: str) -> None:
+        self._sampling.pop(request_id, None)
+
+    # -- execution -----------------------------------------------------------------------------
+    def execute(self, plan: BatchPlan) -> StepOutput:
+        return self._execute(plan, all_logits=False)[0]
+
+    def execute_with_logits(
+        self, plan: BatchPlan
+    ) -> tuple[StepOutput, dict[str, np.ndarray]]:
+        """Also returns float32 logits ``[num_new_tokens, vocab]`` of every row of every request."""
+        return self._execute(plan, all_logits=True)
+
+    def _execute(self, plan: BatchPlan, all_logits: bool):
+        start = time.perf_counter()
+        self._apply_memory_ops(plan)
+        if plan.num_seqs == 0:
+            return StepOutput({}, duration_s=time.perf_counter() - start), {}
+        batch = pack(plan, self.spec, self._sampling)
+        tokens, self.caches, logits = self._run(batch, all_logits)
+        tokens = np.asarray(tokens)
+        out = {rid: int(tokens[slot]) for rid, slot in batch.sampled}
+        per_request = {}
+        if all_logits:
+            per_request = self._split_logits(plan, batch, np.asarray(logits))
+        return StepOutput(out, duration_s=time.perf_counter() - start), per_request
+
+    def _run(self, batch: HostBatch, all_logits: bool):
+        return self._steps[all_logits](
+            self.params,
+            self.caches,
+            batch.token_ids,
+            batch.attn,
+            batch.logits_rows,
+            tuple(batch.sampling),
+        )
+
+    @staticmethod
+    def _split_logits(
+        plan: BatchPlan, batch: HostBatch, logits: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        rows = zip(
+            plan.request_ids, batch.first_rows.tolist(), plan.num_new_tokens.tolist()
+        )
+        return {rid: logits[first : first + n] for rid, first, n in rows}
+
+    def _apply_memory_ops(self, plan: BatchPlan) -> None:
+        if plan.swap_out_blocks:
+            k = len(plan.swap_out_blocks)
+            src = np.zeros(bucket(k), np.int32)
+            src[:k] = [d for d, _ in plan.swap_out_blocks]
+            host = [h for _, h in plan.swap_out_blocks]
+            self.host_pages[:, :, :, host] = np.asarray(self._gather(self.caches, src))[
+                :, :, :, :k
+            ]
+        if plan.swap_in_blocks:
+            n = bucket(len(plan.swap_in_blocks))
+            dst = np.full(n, self.spec.num_pages, np.int32)
+            dst[: len(plan.swap_in_blocks)] = [d for _, d in plan.swap_in_blocks]
+            pages = np.zeros(
+                self.host_pages.shape[:3] + (n,) + self.host_pages.shape[4:],
+                self.host_pages.dtype,
+            )
+            pages[:, :, :, : len(plan.swap_in_blocks)] = self.host_pages[
+                :, :, :, [h for h, _ in plan.swap_in_blocks]
+            ]
+            self.caches = self._scatter(self.caches, pages, dst)
+        if plan.copy_blocks:
+            n = bucket(len(plan.copy_blocks))
+            src = np.zeros(n, np.int32)
+            dst = np.full(n, self.spec.num_pages, np.int32)
+            src[: len(plan.copy_blocks)] = [s for s, _ in plan.copy_blocks]
+            dst[: len(plan.copy_blocks)] = [d for _, d in plan.copy_blocks]
+            self.caches = self._copy(self.caches, src, dst)
+
+    def warmup(self, max_decode_rows: int, max_blocks: int, mixed: bool = True) -> int:
+        """Compiles every bucket shape up to these sizes (decode-only, prefill-only and, with
+        ``mixed``, both); returns how many shapes it ran. Runs on padding rows only: no KV changes."""
+        decodes = _buckets_up_to(max_decode_rows, self.spec.min_decode_rows)
+        blocks = _buckets_up_to(max_blocks, self.spec.min_blocks)
+        empty = BatchPlan.empty(self.kv.block_size)
+        shapes = [
+            (d, b)
+            for d in decodes
+            for b in blocks
+            if (d or b) and (mixed or not (d and b))
+        ]
+        for d, b in shapes:
+            self._run(pack(empty, self.spec, {}, shape=(d, b)), all_logits=False)[
+                0
+            ].block_until_ready()
+        return len(shapes)
+
+
+def _buckets_up_to(n: int, minimum: int) -> list[int]:
+    """0 and every bucket size (see ``packing.bucket``) up to ``bucket(n)``."""
+    sizes, size = [0], bucket(1, minimum)
+    while n > 0 and size <= bucket(n, minimum):
+        sizes.append(size)
+        size *= 2
+    return sizes

@@ -1,0 +1,45 @@
+"""On-device token sampling: greedy, temperature, top-k, top-p, with per-request seeds.
+
+Every row draws from its own key ``fold_in(key(seed), index)`` where ``index`` counts the request's
+generated tokens, so a request's samples do not depend on what else is in the batch, on chunking or
+on preemption. Top-k/top-p filtering sorts the vocabulary, so it runs (under ``lax.cond``) only
+when some row asks for it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def _filtered_sample(logits, top_k, top_p, keys):
+    """Samples from the top-k / nucleus set of each row of temperature-scaled ``logits [S, V]``."""
+    _S, V = logits.shape
+    order = jnp.argsort(-logits, axis=-1, stable=True)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    rank = jnp.arange(V)[None, :]
+    keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])
+    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it < top_p.
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep &= (mass_before < top_p[:, None]) | (rank == 0)
+    masked = jnp.where(keep, sorted_logits, -jnp.inf)
+    choice = jax.vmap(jax.random.categorical)(keys, masked)
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+
+
+def sample(logits: jax.Array, temperature, top_k, top_p, seed, index) -> jax.Array:
+    """int32 ``[S]`` tokens from float32 ``logits [S, V]`` and per-row parameters ``[S]``
+    (``temperature`` 0 = greedy, ``top_k`` 0 = off, ``top_p`` 1 = off, uint32 ``seed``, int32
+    ``index`` of the token being sampled)."""
+    keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seed, index)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    needs_filter = jnp.any((temperature > 0) & ((top_k > 0) | (top_p < 1.0)))
+    sampled = lax.cond(
+        needs_filter,
+        lambda: _filtered_sample(scaled, top_k, top_p, keys).astype(jnp.int32),
+        lambda: jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32),
+    )
+    return jnp.where(temperature > 0, sampled, greedy)
