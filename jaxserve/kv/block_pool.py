@@ -1,90 +1,121 @@
 """A persistent pool of KV blocks: reference counts, free blocks, prefix cache, LRU eviction.
 
-Every operation returns a new ``BlockPool`` and leaves the old one valid and unchanged; the cost is
-proportional to the blocks touched, not to the pool size (see ``jaxserve.persistent``).
+Every operation returns a new ``BlockPool`` and leaves the old one valid and unchanged. The
+per-block tables are numpy arrays (and one dict) shared by all versions through rerooting
+(``jaxserve.kv.versioned``), so an operation costs O(blocks it touches), vectorized, whatever the
+pool size; only switching to an older version pays for the edits in between.
 
 A block is in exactly one of four places:
-* allocated: ``refcounts[b] >= 1`` (it is in that many block tables);
-* evictable: refcount 0 but still holding a cached full block (``evictable[b]`` is its LRU stamp);
-* stacked: freed and holding nothing useful (``free_stack``), reused first;
+* allocated: ``refcount(b) >= 1`` (it is in that many block tables);
+* evictable: refcount 0 but still holding a cached full block; evictable blocks form a doubly
+  linked list in the order they were freed (least recently freed first);
+* stacked: freed and holding nothing useful, reused first (LIFO);
 * fresh: never used (``b >= next_fresh``).
-Allocation takes stacked, then fresh, then the least recently freed evictable block, whose cache
-entry is dropped at that moment (so a freed block is visible to nobody until it is rewritten).
+Allocation takes stacked, then fresh, then the least recently freed evictable blocks, whose cache
+entries are dropped at that moment (so a freed block is visible to nobody until it is rewritten).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
-import immutables
+import numpy as np
 
-from jaxserve.persistent import EMPTY_MAP, Cons, Queue
+from jaxserve.kv.versioned import MISSING, Versioned
+
+# Slots of the shared tables (Versioned._data), each indexed by block id unless noted.
+RC = 0  # int64 reference count
+CACHED = 1  # bool: the block holds a prefix-cache entry
+HASH = 2  # int64: its hash (meaningful where CACHED)
+NEXT = 3  # int64: LRU successor (meaningful for evictable blocks; NONE at the tail)
+PREV = 4  # int64: LRU predecessor (NONE at the head)
+STACK = 5  # int64: the free stack's storage; entries [0, num_stacked) are live, the top last
+BY_HASH = 6  # dict: hash -> block, for every cached block
+NONE = -1
 
 
 class OutOfBlocksError(RuntimeError):
     """``allocate`` was asked for more blocks than are free (callers check ``can_allocate`` first)."""
 
 
-class BlockPool:
+def _coalesce(blocks: Iterable[int]) -> tuple[list[int], np.ndarray, Any]:
+    """``(blocks as a list, unique blocks as an array, multiplicity)``. The unique blocks keep
+    the order of each one's last occurrence (when a block's count drops to 0 in a ``free``); the
+    multiplicity is 1 when nothing repeats (the usual case: one block table)."""
+    lst = blocks if type(blocks) is list else list(blocks)
+    if len(set(lst)) == len(lst):
+        return lst, np.array(lst, np.int64), 1
+    counts: dict[int, int] = {}
+    for b in lst:
+        counts[b] = counts.get(b, 0) + 1
+    last = {b: i for i, b in enumerate(lst)}
+    uniq = sorted(counts, key=last.__getitem__)
+    return lst, np.array(uniq, np.int64), np.array([counts[b] for b in uniq], np.int64)
+
+
+def _first_in(lst: list[int], bad: np.ndarray) -> int:
+    bad_set = set(bad.tolist())
+    return next(b for b in lst if b in bad_set)
+
+
+class BlockPool(Versioned):
     __slots__ = (
-        "num_blocks",
         "enable_caching",
-        "refcounts",
-        "next_fresh",
-        "free_stack",
+        "lru_head",  # least recently freed evictable block, or NONE
+        "lru_tail",  # most recently freed evictable block, or NONE
+        "next_fresh",  # blocks >= next_fresh were never used
+        "num_blocks",
+        "num_evictable",
         "num_stacked",
-        "cached",
-        "block_hash",
-        "evictable",
-        "lru",
-        "clock",
+        "num_used",  # allocated blocks
     )
 
-    def __init__(
-        self,
-        num_blocks: int,
-        enable_caching: bool = False,
-        refcounts: immutables.Map = EMPTY_MAP,
-        next_fresh: int = 0,
-        free_stack: Cons = None,
-        num_stacked: int = 0,
-        cached: immutables.Map = EMPTY_MAP,
-        block_hash: immutables.Map = EMPTY_MAP,
-        evictable: immutables.Map = EMPTY_MAP,
-        lru: Queue = Queue(),
-        clock: int = 0,
-    ):
+    def __init__(self, num_blocks: int, enable_caching: bool = False):
+        n = num_blocks
+        # np.zeros is lazily backed by the OS, so a big pool costs nothing until blocks are used.
+        self._data = [np.zeros(n, np.int64), np.zeros(n, bool), np.zeros(n, np.int64),
+                      np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64), {}]
+        self._link = None
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
-        self.refcounts = refcounts  # block -> refcount >= 1
-        self.next_fresh = next_fresh
-        self.free_stack = free_stack
-        self.num_stacked = num_stacked
-        self.cached = cached  # block hash -> block
-        self.block_hash = block_hash  # block -> block hash (cached blocks only)
-        self.evictable = evictable  # block -> LRU stamp (cached blocks with refcount 0)
-        self.lru = lru  # (stamp, block), oldest first; entries whose stamp is stale are skipped
-        self.clock = clock
+        self.next_fresh = 0
+        self.num_stacked = 0
+        self.num_used = 0
+        self.num_evictable = 0
+        self.lru_head = NONE
+        self.lru_tail = NONE
 
-    def _with(self, **changes) -> "BlockPool":
+    def _with(self, **changes) -> BlockPool:
+        """A new version object with this one's small fields and ``changes`` (no tables yet)."""
         new = object.__new__(BlockPool)
-        for name in BlockPool.__slots__:
-            setattr(new, name, changes.get(name, getattr(self, name)))
+        new.num_blocks = self.num_blocks
+        new.enable_caching = self.enable_caching
+        new.next_fresh = self.next_fresh
+        new.num_stacked = self.num_stacked
+        new.num_used = self.num_used
+        new.num_evictable = self.num_evictable
+        new.lru_head = self.lru_head
+        new.lru_tail = self.lru_tail
+        for name, value in changes.items():
+            setattr(new, name, value)
         return new
 
     # -- queries -------------------------------------------------------------------------------
     @property
     def num_free(self) -> int:
         """Blocks an allocation may take now (stacked + fresh + evictable)."""
-        return self.num_stacked + (self.num_blocks - self.next_fresh) + len(self.evictable)
+        return self.num_stacked + (self.num_blocks - self.next_fresh) + self.num_evictable
 
-    @property
-    def num_used(self) -> int:
-        """Blocks referenced by at least one block table."""
-        return len(self.refcounts)
+    def _valid(self, b) -> bool:
+        return 0 <= b < self.num_blocks
 
     def refcount(self, block: int) -> int:
-        return self.refcounts.get(block, 0)
+        return int(self._read()[RC][block]) if self._valid(block) else 0
+
+    def is_evictable(self, block: int) -> bool:
+        data = self._read()
+        return self._valid(block) and data[RC].item(block) == 0 and data[CACHED].item(block)
 
     def can_allocate(self, n: int, reserve: int = 0) -> bool:
         """Whether ``n`` blocks can be allocated leaving at least ``reserve`` free. No side effects."""
@@ -95,9 +126,9 @@ class BlockPool:
         if not self.enable_caching:
             return ()
         out = []
-        cached = self.cached
+        get = self._read()[BY_HASH].get
         for h in hashes:
-            b = cached.get(h)
+            b = get(h)
             if b is None:
                 break
             out.append(b)
@@ -105,11 +136,47 @@ class BlockPool:
 
     def num_evictable_in(self, blocks: Iterable[int]) -> int:
         """How many of ``blocks`` are evictable (acquiring them lowers ``num_free`` by this much)."""
-        ev = self.evictable
-        return sum(1 for b in blocks if b in ev)
+        arr = np.fromiter(blocks, np.int64)
+        arr = arr[(arr >= 0) & (arr < self.num_blocks)]
+        if not len(arr):
+            return 0
+        data = self._read()
+        return int(((data[RC][arr] == 0) & data[CACHED][arr]).sum())
+
+    # -- inspection (tests, debugging): read-only views of this version -------------------------
+    @property
+    def refcounts(self) -> Mapping[int, int]:
+        """block -> refcount, for allocated blocks."""
+        return _View(self, lambda d, b: int(d[RC][b]) if self._valid(b) and d[RC][b] > 0 else None,
+                     lambda d: np.flatnonzero(d[RC]).tolist(), lambda d: self.num_used)
+
+    @property
+    def cached(self) -> Mapping[int, int]:
+        """hash -> block, for cached blocks."""
+        return _View(self, lambda d, h: d[BY_HASH].get(h), lambda d: list(d[BY_HASH]), lambda d: len(d[BY_HASH]))
+
+    @property
+    def block_hash(self) -> Mapping[int, int]:
+        """block -> hash, for cached blocks."""
+        return _View(self, lambda d, b: int(d[HASH][b]) if self._valid(b) and d[CACHED][b] else None,
+                     lambda d: np.flatnonzero(d[CACHED]).tolist(), lambda d: len(d[BY_HASH]))
+
+    @property
+    def evictable(self) -> tuple[int, ...]:
+        """Evictable blocks, least recently freed (next evicted) first. O(evictable)."""
+        nxt, out, b = self._read()[NEXT], [], self.lru_head
+        for _ in range(self.num_evictable):
+            out.append(b)
+            b = nxt.item(b)
+        return tuple(out)
+
+    @property
+    def stacked(self) -> tuple[int, ...]:
+        """Stacked blocks, the next one reused first."""
+        return tuple(self._read()[STACK][: self.num_stacked][::-1].tolist())
 
     # -- updates -------------------------------------------------------------------------------
-    def allocate(self, n: int) -> tuple["BlockPool", tuple[int, ...]]:
+    def allocate(self, n: int) -> tuple[BlockPool, tuple[int, ...]]:
         """Takes ``n`` free blocks (refcount 1 each). Raises OutOfBlocksError, changing nothing."""
         if n < 0:
             raise ValueError(f"allocate: n must be >= 0, got {n}")
@@ -117,136 +184,205 @@ class BlockPool:
             raise OutOfBlocksError(f"asked for {n} blocks, {self.num_free} free")
         if n == 0:
             return self, ()
-        out: list[int] = []
-        stack, num_stacked = self.free_stack, self.num_stacked
-        while stack is not None and len(out) < n:
-            out.append(stack[0])
-            stack = stack[1]
-            num_stacked -= 1
-        take = min(n - len(out), self.num_blocks - self.next_fresh)
-        out.extend(range(self.next_fresh, self.next_fresh + take))
-        changes = dict(free_stack=stack, num_stacked=num_stacked, next_fresh=self.next_fresh + take)
-        if len(out) < n:
-            changes.update(self._evict(n - len(out), out))
-        with self.refcounts.mutate() as rc:
-            for b in out:
-                rc[b] = 1
-            changes["refcounts"] = rc.finish()
-        return self._with(**changes), tuple(out)
+        data = self._read()
+        parts = []
+        top = self.num_stacked
+        k = min(n, top)
+        if k:
+            parts.append(data[STACK][top - k : top][::-1])
+        take = min(n - k, self.num_blocks - self.next_fresh)
+        if take:
+            parts.append(np.arange(self.next_fresh, self.next_fresh + take, dtype=np.int64))
+        edits = []
+        changes = {"num_stacked": top - k, "next_fresh": self.next_fresh + take, "num_used": self.num_used + n}
+        if n - k - take:
+            parts.append(self._evict(data, n - k - take, edits, changes))
+        out = np.concatenate(parts) if len(parts) > 1 else parts[0].copy()  # never a view of a table
+        edits.append((RC, out, 1))
+        return self._derive(edits, self._with(**changes)), tuple(out.tolist())
 
-    def _evict(self, n: int, out: list[int]) -> dict:
-        """Pops the ``n`` least recently freed evictable blocks into ``out``, dropping their cache entries."""
-        lru, evictable, cached, block_hash = self.lru, self.evictable, self.cached, self.block_hash
-        with evictable.mutate() as ev, cached.mutate() as ca, block_hash.mutate() as bh:
-            while n:
-                stamp, b = lru.peek()
-                lru = lru.pop()
-                if ev.get(b) != stamp:
-                    continue  # touched or re-freed since this entry was queued
-                del ev[b]
-                del ca[bh[b]]
-                del bh[b]
-                out.append(b)
-                n -= 1
-            return dict(lru=lru, evictable=ev.finish(), cached=ca.finish(), block_hash=bh.finish())
+    def _evict(self, data: list, m: int, edits: list, changes: dict) -> np.ndarray:
+        """The ``m`` least recently freed evictable blocks; adds the edits that unlink them and
+        drop their cache entries."""
+        nxt = data[NEXT]
+        out, b = [], self.lru_head
+        for _ in range(m):
+            out.append(b)
+            b = nxt.item(b)
+        changes.update(lru_head=b, num_evictable=self.num_evictable - m)
+        if b == NONE:
+            changes["lru_tail"] = NONE
+        else:
+            edits.append((PREV, b, NONE))
+        blocks = np.array(out, np.int64)
+        edits.append((BY_HASH, data[HASH][blocks].tolist(), MISSING))
+        edits.append((CACHED, blocks, False))
+        return blocks
 
-    def acquire(self, blocks: Iterable[int]) -> "BlockPool":
+    def acquire(self, blocks: Iterable[int]) -> BlockPool:
         """Adds one reference to each block (allocated or evictable), e.g. on a prefix-cache hit."""
-        evictable = self.evictable
-        with self.refcounts.mutate() as rc, evictable.mutate() as ev:
-            for b in blocks:
-                count = rc.get(b, 0)
-                if count == 0:
-                    if b not in ev:
-                        raise ValueError(f"acquire: block {b} is neither allocated nor cached")
-                    del ev[b]
-                rc[b] = count + 1
-            return self._with(refcounts=rc.finish(), evictable=ev.finish())
+        lst, arr, inc = _coalesce(blocks)
+        if not lst:
+            return self
+        data = self._read()
+        bad = arr[(arr < 0) | (arr >= self.num_blocks)]
+        if not len(bad):
+            old = data[RC][arr]
+            revive = arr[old == 0]
+            bad = revive[~data[CACHED][revive]]
+        if len(bad):
+            raise ValueError(f"acquire: block {_first_in(lst, bad)} is neither allocated nor cached")
+        edits = [(RC, arr, old + inc)]
+        changes = {"num_used": self.num_used + len(revive)}
+        if len(revive):
+            self._unlink(data, revive.tolist(), edits, changes)
+        return self._derive(edits, self._with(**changes))
 
-    def free(self, blocks: Iterable[int]) -> "BlockPool":
+    def _unlink(self, data: list, blocks: list[int], edits: list, changes: dict) -> None:
+        """Adds the edits that take evictable ``blocks`` out of the LRU list."""
+        nxt, prv = data[NEXT], data[PREV]
+        new_next: dict[int, int] = {}  # links changed so far in this operation
+        new_prev: dict[int, int] = {}
+        head, tail = self.lru_head, self.lru_tail
+        for b in blocks:
+            p = new_prev[b] if b in new_prev else prv.item(b)
+            n = new_next[b] if b in new_next else nxt.item(b)
+            if p == NONE:
+                head = n
+            else:
+                new_next[p] = n
+            if n == NONE:
+                tail = p
+            else:
+                new_prev[n] = p
+        for slot, links in ((NEXT, new_next), (PREV, new_prev)):
+            if links:
+                edits.append((slot, np.array(list(links), np.int64), np.array(list(links.values()), np.int64)))
+        changes.update(lru_head=head, lru_tail=tail, num_evictable=self.num_evictable - len(blocks))
+
+    def free(self, blocks: Iterable[int]) -> BlockPool:
         """Drops one reference from each block; a block reaching 0 becomes evictable if it caches a
-        full block, else reusable at once. Free a table tail-first so its tail is evicted first."""
-        stack, num_stacked, clock = self.free_stack, self.num_stacked, self.clock
-        block_hash = self.block_hash
-        newly_evictable = []
-        with self.refcounts.mutate() as rc, self.evictable.mutate() as ev:
-            for b in blocks:
-                count = rc.pop(b, 0)
-                if count != 1:
-                    if count <= 0:
-                        raise ValueError(f"free: block {b} is not allocated")
-                    rc[b] = count - 1
-                    continue
-                if b in block_hash:
-                    ev[b] = clock
-                    newly_evictable.append((clock, b))
-                    clock += 1
-                else:
-                    stack = (b, stack)
-                    num_stacked += 1
-            evictable = ev.finish()
-            lru = self.lru.extend(newly_evictable) if newly_evictable else self.lru
-            pool = self._with(
-                refcounts=rc.finish(),
-                evictable=evictable,
-                free_stack=stack,
-                num_stacked=num_stacked,
-                clock=clock,
-                lru=lru,
-            )
-        if len(lru) > 2 * len(evictable) + 64:
-            pool = pool._with(lru=_compact_lru(evictable))
-        return pool
+        full block, else reusable at once. Free a table tail-first so its tail is evicted first.
+        Raises ValueError, changing nothing, if a block would drop below 0 references."""
+        lst, arr, dec = _coalesce(blocks)
+        if not lst:
+            return self
+        data = self._read()
+        bad = arr[(arr < 0) | (arr >= self.num_blocks)]
+        if not len(bad):
+            new = data[RC][arr] - dec
+            bad = arr[new < 0]
+        if len(bad):
+            raise ValueError(f"free: block {_first_in(lst, bad)} is not allocated")
+        edits = [(RC, arr, new)]
+        zero = arr[new == 0]
+        is_cached = data[CACHED][zero]
+        stack_up, lru_up = zero[~is_cached], zero[is_cached]
+        top = self.num_stacked
+        changes = {"num_used": self.num_used - len(zero), "num_stacked": top + len(stack_up)}
+        if len(stack_up):
+            edits.append((STACK, slice(top, top + len(stack_up)), stack_up))
+        if len(lru_up):
+            self._append_lru(lru_up, edits, changes)
+        return self._derive(edits, self._with(**changes))
 
-    def register(self, blocks: Sequence[int], hashes: Sequence[int]) -> "BlockPool":
+    def _append_lru(self, blocks: np.ndarray, edits: list, changes: dict) -> None:
+        """Adds the edits that append ``blocks``, in order, at the LRU list's tail."""
+        k, tail = len(blocks), self.lru_tail
+        prev = np.empty(k, np.int64)
+        prev[0], prev[1:] = tail, blocks[:-1]
+        nxt = np.empty(k + 1, np.int64)  # successors of [tail, *blocks]
+        nxt[:k], nxt[k] = blocks, NONE
+        if tail == NONE:
+            edits.append((NEXT, blocks, nxt[1:]))
+            changes["lru_head"] = int(blocks[0])
+        else:
+            edits.append((NEXT, np.concatenate(([tail], blocks)), nxt))
+        edits.append((PREV, blocks, prev))
+        changes.update(lru_tail=int(blocks[-1]), num_evictable=self.num_evictable + k)
+
+    def register(self, blocks: Sequence[int], hashes: Sequence[int]) -> BlockPool:
         """Caches full, allocated, uncached ``blocks`` under ``hashes``. A hash already cached (the
         same content computed twice) keeps its first block."""
         if not self.enable_caching:
             return self
-        cached, block_hash = self.cached, self.block_hash
+        data = self._read()
+        cached = data[BY_HASH]
         fresh: dict[int, int] = {}
         for h, b in zip(hashes, blocks):
             if h not in cached and h not in fresh:
                 fresh[h] = b
         if not fresh:
             return self
-        pairs = fresh.items()
-        block_hash = block_hash.update((b, h) for h, b in pairs)
-        if len(block_hash) != len(self.block_hash) + len(pairs):
-            raise ValueError("register: a block is already cached, or listed twice")
-        return self._with(cached=cached.update(pairs), block_hash=block_hash)
+        new_blocks = list(fresh.values())
+        arr = np.array(new_blocks, np.int64)
+        if len(set(new_blocks)) != len(new_blocks) or arr.min() < 0 or arr.max() >= self.num_blocks:
+            raise ValueError("register: a block is listed twice, or is no block of this pool")
+        if data[CACHED][arr].any():
+            raise ValueError("register: a block is already cached")
+        if (data[RC][arr] == 0).any():
+            raise ValueError("register: only allocated blocks can be cached")
+        try:
+            hash_arr = np.array(list(fresh), np.int64)
+        except OverflowError:
+            raise ValueError("register: hashes must be 64-bit integers") from None
+        edits = [(BY_HASH, list(fresh), new_blocks), (CACHED, arr, True), (HASH, arr, hash_arr)]
+        return self._derive(edits, self._with())
 
-    def uncache(self, block: int) -> "BlockPool":
+    def uncache(self, block: int) -> BlockPool:
         """Drops an allocated block's cache entry so its owner may write into it."""
-        if block not in self.refcounts:
+        data = self._read()
+        if not self._valid(block) or data[RC][block] < 1:
             raise ValueError(f"uncache: block {block} is not allocated")
-        h = self.block_hash.get(block)
-        if h is None:
+        if not data[CACHED][block]:
             return self
-        return self._with(cached=self.cached.delete(h), block_hash=self.block_hash.delete(block))
+        edits = [(BY_HASH, [int(data[HASH][block])], MISSING), (CACHED, block, False)]
+        return self._derive(edits, self._with())
 
     def check(self) -> None:
         """Verifies the pool's internal invariants (O(num_blocks): tests and debugging)."""
-        stacked = []
-        node = self.free_stack
-        while node is not None:
-            stacked.append(node[0])
-            node = node[1]
-        places = [set(self.refcounts.keys()), set(self.evictable.keys()), set(stacked),
-                  set(range(self.next_fresh, self.num_blocks))]
-        assert len(stacked) == len(places[2]) == self.num_stacked, "free stack corrupt"
-        assert sum(map(len, places)) == self.num_blocks, "a block is lost or in two places"
-        assert set().union(*places) == set(range(self.num_blocks)), "unknown block id"
-        assert all(c >= 1 for c in self.refcounts.values()), "refcount below 1"
-        assert set(self.evictable.keys()) <= set(self.block_hash.keys()), "evictable block not cached"
-        assert len(self.cached) == len(self.block_hash), "cache maps disagree"
-        for b, h in self.block_hash.items():
-            assert self.cached.get(h) == b, f"cache maps disagree on block {b}"
+        rc, cached, hashes, nxt, prv, stack, by_hash = self._read()
+        n = self.num_blocks
+        assert (rc >= 0).all(), "refcount below 0"
+        allocated = np.flatnonzero(rc).tolist()
+        assert len(allocated) == self.num_used, "num_used is wrong"
+        lru, b, prev = [], self.lru_head, NONE
+        while b != NONE and len(lru) <= n:
+            assert prv[b] == prev, f"LRU list broken at block {b}"
+            lru.append(b)
+            prev, b = b, int(nxt[b])
+        assert prev == self.lru_tail and len(lru) == self.num_evictable, "LRU list broken"
+        stacked = stack[: self.num_stacked].tolist()
+        places = [set(allocated), set(lru), set(stacked), set(range(self.next_fresh, n))]
+        assert len(lru) == len(places[1]) and len(stacked) == len(places[2]), "a block is listed twice"
+        assert sum(map(len, places)) == n, "a block is lost or in two places"
+        assert set().union(*places) == set(range(n)), "unknown block id"
+        assert set(lru) == set(np.flatnonzero((rc == 0) & cached).tolist()), "evictable != cached with refcount 0"
+        assert int(cached.sum()) == len(by_hash), "cache tables disagree"
+        for h, b in by_hash.items():
+            assert cached[b] and hashes[b] == h, f"cache tables disagree on block {b}"
             assert b < self.next_fresh and b not in places[2], f"cached block {b} is free"
 
 
-def _compact_lru(evictable: immutables.Map) -> Queue:
-    q = Queue()
-    for stamp, b in sorted((s, b) for b, s in evictable.items()):
-        q = q.push((stamp, b))
-    return q
+class _View(Mapping):
+    """A read-only mapping over one pool version's tables (``get(data, key)`` is None if absent)."""
+
+    __slots__ = ("_get", "_keys", "_len", "_pool")
+
+    def __init__(self, pool: BlockPool, get: Callable, keys: Callable, size: Callable):
+        self._pool, self._get, self._keys, self._len = pool, get, keys, size
+
+    def __getitem__(self, key):
+        value = self._get(self._pool._read(), key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key) -> bool:
+        return self._get(self._pool._read(), key) is not None
+
+    def __iter__(self) -> Iterator:
+        return iter(self._keys(self._pool._read()))
+
+    def __len__(self) -> int:
+        return self._len(self._pool._read())

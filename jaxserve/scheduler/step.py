@@ -213,7 +213,7 @@ class StepBuilder:
             # A fully cached sequence still computes its last token, which writes into the last
             # hit block: take that block over when nobody else uses it, else copy it (CoW).
             fully_cached = num_computed == total
-            copy = fully_cached and hits[-1] not in self.pool.evictable
+            copy = fully_cached and not self.pool.is_evictable(hits[-1])
             if fully_cached:
                 num_computed -= 1
             n = chunk(total - num_computed, self.budget)
