@@ -10,9 +10,21 @@ from jaxserve.request import SLO, Request, RequestStatus, SamplingParams
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # The engine pulls in flax and the model code; load it only when asked for.
+    if name in ("LLM", "Completion"):
+        from jaxserve import llm
+
+        return getattr(llm, name)
+    raise AttributeError(f"module 'jaxserve' has no attribute {name!r}")
+
+
 __all__ = [
+    "LLM",
     "SLO",
     "BatchPlan",
+    "Completion",
     "Request",
     "RequestStatus",
     "SamplingParams",

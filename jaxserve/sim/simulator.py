@@ -62,11 +62,14 @@ def run_replica(
     on_progress: Optional[Callable[[float, int], None]] = None,
     progress_every: int = 2000,
     fast_forward: bool = True,
+    admit: Optional[Callable[[Request], None]] = None,
+    on_step: Optional[Callable[[BatchPlan, StepOutput, object], None]] = None,
 ) -> EventLog:
     """Serves ``requests`` (sorted by arrival_time) on one replica and returns the event log.
 
-    A request longer than ``limits.max_context`` or that the scheduler refuses (it could never fit
-    the KV cache or the step budget) is rejected and counted, never dropped silently.
+    A request longer than ``limits.max_context``, that ``admit`` refuses (raises ``ValueError``) or
+    that the scheduler refuses (it could never fit the KV cache or the step budget) is rejected with
+    its reason and counted, never dropped silently. ``on_step(plan, out, state)`` sees every step.
     With ``fast_forward``, runs of identical decode steps between events are applied in closed
     form (``scheduler.fast_forward``); the log and final state are exactly the step-by-step ones.
     """
@@ -84,6 +87,8 @@ def run_replica(
                 log.reject(req.request_id, f"prompt + max_new_tokens = {req.max_total_tokens} > context {limits.max_context}")
                 continue
             try:
+                if admit is not None:
+                    admit(req)
                 state = scheduler.add_request(state, req, now)
             except ValueError as e:
                 log.reject(req.request_id, str(e))
@@ -106,6 +111,8 @@ def run_replica(
         start, now = now, now + out.duration_s
         state = scheduler.update(state, plan, out, now)
         log.step(plan, start, out.duration_s, out.energy_j, state, [f.request_id for f in state.finished])
+        if on_step is not None:
+            on_step(plan, out, state)
         steps += 1
         next_arrival = requests[order[nxt]].arrival_time if nxt < len(order) else math.inf
         if fast_forward and not state.finished and now < next_arrival and now < limits.max_sim_time_s:

@@ -1,0 +1,149 @@
+"""``jaxserve.LLM``: offline generation on a local Hugging Face model directory.
+
+    llm = jaxserve.LLM("path/to/model", scheduler="sarathi", scheduler_options={"chunk_size": 256})
+    outs = llm.generate(["Hello"], jaxserve.SamplingParams(max_new_tokens=32, temperature=0))
+    outs[0].text, outs[0].token_ids
+
+Every request goes through the same scheduler, paged KV cache and jitted step as served traffic
+(``engine.Engine``); the completions come back in prompt order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+
+from jaxserve import scheduler as schedulers
+from jaxserve.engine.engine import Engine
+from jaxserve.engine.model_runner import ModelRunner
+from jaxserve.kv.config import KVConfig
+from jaxserve.model import checkpoint
+from jaxserve.model.config import ModelConfig
+from jaxserve.model.loader import load_model
+from jaxserve.model.tokenizer import Tokenizer
+from jaxserve.request import Request, SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    text: str | None  # None when the model directory has no tokenizer.json
+    finish_reason: str  # "length", "stop", or "rejected: <reason>"
+    num_preemptions: int = 0
+
+
+def kv_blocks_for(cfg: ModelConfig, block_size: int, kv_cache_gb: float, max_model_len: int, max_num_seqs: int) -> int:
+    """KV pages that fit ``kv_cache_gb``, but no more than ``max_num_seqs`` full-length sequences need."""
+    per_block = 2 * cfg.num_layers * cfg.num_kv_heads * block_size * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+    by_memory = int(kv_cache_gb * 2**30 // per_block)
+    by_need = max_num_seqs * math.ceil(max_model_len / block_size)
+    return max(1, min(by_memory, by_need))
+
+
+class LLM:
+    """A model, its tokenizer, a scheduler and an engine (see the module docstring).
+
+    Options: ``scheduler`` (a registered name) and ``scheduler_options``; ``block_size``;
+    ``num_blocks`` (else as many as ``kv_cache_gb`` holds, capped at what ``max_num_seqs``
+    full-length sequences need); ``max_model_len`` (default: the model's, at most 4096); ``dtype``
+    (override the checkpoint's); ``attention`` ("auto" | "grouped" | "ragged"); ``block_rows``
+    (prefill rows per block); ``params_cache`` (a directory: restore converted parameters from it
+    with orbax if present, else convert and save them there); ``seed`` (for requests without one);
+    ``stop_at_eos`` (add the model's EOS ids to every request's stop tokens).
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        scheduler: str = "vllm",
+        scheduler_options: dict | None = None,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        kv_cache_gb: float = 0.5,
+        max_model_len: int | None = None,
+        dtype: str | None = None,
+        attention: str = "auto",
+        block_rows: int = 32,
+        params_cache: str | None = None,
+        seed: int = 0,
+        stop_at_eos: bool = True,
+    ):
+        if not os.path.isdir(model_dir):
+            raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
+        self.model_dir = model_dir
+        self.cfg, params = _load(model_dir, dtype, params_cache)
+        self.tokenizer = Tokenizer.from_dir(model_dir)
+        options = dict(scheduler_options or {})
+        self.scheduler = schedulers.make(scheduler, **options)
+        self.max_model_len = int(max_model_len or min(self.cfg.max_position_embeddings, 4096))
+        max_num_seqs = int(getattr(self.scheduler, "max_num_seqs", options.get("max_num_seqs", 256)))
+        if num_blocks is None:
+            num_blocks = kv_blocks_for(self.cfg, block_size, kv_cache_gb, self.max_model_len, max_num_seqs)
+        self.kv = KVConfig(num_blocks=num_blocks, block_size=block_size)
+        self.runner = ModelRunner(
+            self.cfg, params, self.kv, max_model_len=self.max_model_len, block_rows=block_rows, attention=attention, seed=seed
+        )
+        self.engine = Engine(self.runner, self.scheduler, self.kv)
+        self.stop_at_eos = stop_at_eos
+        self._next_id = 0
+
+    def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], sampling: SamplingParams | None = None) -> list[Completion]:
+        """Completes every prompt (text, or token ids) with ``sampling`` (default: 16 greedy tokens)."""
+        sampling = sampling or SamplingParams(max_new_tokens=16, temperature=0.0)
+        if self.stop_at_eos and self.cfg.eos_token_ids:
+            stops = tuple(dict.fromkeys(sampling.stop_token_ids + self.cfg.eos_token_ids))
+            sampling = dataclasses.replace(sampling, stop_token_ids=stops)
+        requests = [
+            Request(self._new_id(), prompt_token_ids=tuple(self._encode(p)), sampling=sampling, arrival_time=0.0)
+            for p in prompts
+        ]
+        run = self.engine.serve(requests)
+        rejected = {run.log.requests[i].request_id: reason for i, reason in run.log.rejected.items()}
+        out = []
+        for r in requests:
+            f = run.finished.get(r.request_id)
+            if f is None:
+                reason = rejected.get(r.request_id, "not finished")
+                out.append(Completion(r.request_id, r.prompt_token_ids, (), None, f"rejected: {reason}"))
+                continue
+            text = self.tokenizer.decode(f.output_token_ids) if self.tokenizer else None
+            out.append(Completion(r.request_id, r.prompt_token_ids, f.output_token_ids, text, f.finish_reason, f.num_preemptions))
+        return out
+
+    def warmup(self, max_decode_rows: int | None = None, max_blocks: int | None = None, mixed: bool = True) -> int:
+        """Compiles the step for every bucket shape up to these sizes (defaults: the scheduler's
+        ``max_num_seqs`` decode rows and its token budget in prefill blocks); returns the count."""
+        max_decode_rows = max_decode_rows or int(getattr(self.scheduler, "max_num_seqs", 256))
+        budget = getattr(self.scheduler, "chunk_size", None) or getattr(self.scheduler, "max_num_batched_tokens", 2048)
+        max_blocks = max_blocks or math.ceil(int(budget) / self.runner.spec.block_rows) + 1
+        return self.runner.warmup(max_decode_rows, max_blocks, mixed=mixed)
+
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.model_dir!r} has no tokenizer.json; pass prompts as token id lists")
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def _new_id(self) -> str:
+        self._next_id += 1
+        return f"gen-{self._next_id - 1}"
+
+
+def _load(model_dir: str, dtype: str | None, params_cache: str | None):
+    if params_cache and checkpoint.has_params(params_cache):
+        cfg = ModelConfig.from_dir(model_dir)
+        if dtype is not None:
+            cfg = cfg.replace(dtype=str(jnp.dtype(dtype)))
+        return checkpoint.restore_params(params_cache, cfg)
+    cfg, params = load_model(model_dir, dtype)
+    if params_cache:
+        checkpoint.save_params(params_cache, cfg, params)
+    return cfg, params
