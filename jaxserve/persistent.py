@@ -202,13 +202,9 @@ class KeyedQueue:
 def log_append_rows(logs: tuple, lengths: np.ndarray, items: list) -> tuple:
     """Appends ``items[i]`` to ``logs[i]`` as seen at ``lengths[i]``; returns the logs (a new
     tuple only when some log had to be forked)."""
-    current = np.fromiter(map(len, logs), np.int64, len(logs))
-    forked = np.flatnonzero(current != lengths)
-    if len(forked):
-        logs = list(logs)
-        for i in forked.tolist():
-            logs[i] = logs[i][: int(lengths[i])]
-        logs = tuple(logs)
+    lengths = lengths.tolist()
+    if list(map(len, logs)) != lengths:  # some log was appended past this version: fork those
+        logs = tuple(log if len(log) == n else log[:n] for log, n in zip(logs, lengths))
     collections.deque(map(list.append, logs, items), maxlen=0)  # C-speed loop
     return logs
 

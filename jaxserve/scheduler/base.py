@@ -10,8 +10,6 @@ import abc
 import dataclasses
 from typing import Any, Callable, Optional, Protocol, runtime_checkable
 
-import numpy as np
-
 from jaxserve.kv.config import KVConfig
 from jaxserve.kv.prefix_hash import prompt_block_hashes
 from jaxserve.kv.state import KVState
@@ -171,7 +169,7 @@ class BatchingScheduler(abc.ABC):
             return evolve(
                 state,
                 kv=evolve(state.kv, device=pool),
-                running=run.take(np.delete(np.arange(len(run)), r)),
+                running=run.drop([r]),
                 inflight=inflight,
             )
         if self.order.contains(state.waiting, request_id):

@@ -10,6 +10,7 @@ an update builds new arrays (O(batch), not O(all state)) and shares the untouche
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Optional
 
 import numpy as np
@@ -34,6 +35,8 @@ NUM_COLUMNS = (
 )
 TUPLE_COLUMNS = ("ids", "requests", "outputs", "block_tables", "block_hashes")
 _INDEX = {name: k for k, name in enumerate(NUM_COLUMNS)}
+COL = _INDEX  # column name -> index into ``nums``, for code that edits a copy of ``nums`` directly
+assert COL["num_output"] == COL["num_tokens"] + 1  # a sampled token bumps both with one slice
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
@@ -55,16 +58,16 @@ class RunningBatch:
 
     @classmethod
     def empty(cls) -> "RunningBatch":
-        return cls((), (), (), (), (), _frozen(np.zeros((0, len(NUM_COLUMNS)), np.int64)))
+        return _make((), (), (), (), (), _frozen(np.zeros((0, len(NUM_COLUMNS)), np.int64)))
 
     @classmethod
     def from_rows(cls, rows: list[dict]) -> "RunningBatch":
         """Builds a batch from row dicts holding every column (rows must be sorted by (rank, seq_no))."""
         if not rows:
             return cls.empty()
-        cols = {c: tuple(r[c] for r in rows) for c in TUPLE_COLUMNS}
+        cols = [tuple(r[c] for r in rows) for c in TUPLE_COLUMNS]
         nums = np.array([[r[c] for c in NUM_COLUMNS] for r in rows], np.int64)
-        return cls(**cols, nums=_frozen(nums))
+        return _make(*cols, _frozen(nums))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -82,30 +85,44 @@ class RunningBatch:
     def take(self, rows: np.ndarray) -> "RunningBatch":
         """The rows at integer indices ``rows`` (in that order)."""
         idx = rows.tolist()
-        cols = {c: pick(getattr(self, c), idx) for c in TUPLE_COLUMNS}
-        return RunningBatch(**cols, nums=_frozen(self.nums[rows]))
+        return _make(*(pick(getattr(self, c), idx) for c in TUPLE_COLUMNS), _frozen(self.nums[rows]))
+
+    def head(self, n: int) -> "RunningBatch":
+        """The first ``n`` rows."""
+        if n == len(self):
+            return self
+        return _make(*(getattr(self, c)[:n] for c in TUPLE_COLUMNS), _frozen(self.nums[:n]))
 
     def drop(self, rows: list[int]) -> "RunningBatch":
-        """The batch without the rows at the sorted indices ``rows`` (cheap for a few rows)."""
+        """The batch without the rows at the sorted indices ``rows`` (cheap for a few rows: tuple
+        slices, not a gather)."""
         if not rows:
             return self
-        cuts = [-1, *rows, len(self)]
-        cols = {}
+        cuts = list(zip([-1, *rows], [*rows, len(self)]))
+        cols = []
         for c in TUPLE_COLUMNS:
             col = getattr(self, c)
-            cols[c] = sum((col[a + 1 : b] for a, b in zip(cuts, cuts[1:])), ())
-        return RunningBatch(**cols, nums=_frozen(np.delete(self.nums, rows, axis=0)))
+            cols.append(tuple(itertools.chain.from_iterable(col[a + 1 : b] for a, b in cuts)))
+        keep = np.ones(len(self), bool)
+        keep[rows] = False
+        return _make(*cols, _frozen(self.nums[keep]))
 
     def concat_sorted(self, other: "RunningBatch") -> tuple["RunningBatch", Optional[np.ndarray]]:
-        """Both batches merged by (rank, seq_no), and the permutation applied (None when ``other``
-        is empty)."""
+        """Both batches merged by (rank, seq_no), and the permutation applied (None when the rows
+        of ``other`` simply follow, the usual case: new arrivals rank last)."""
         if len(other) == 0:
             return self, None
         nums = np.concatenate([self.nums, other.nums])
-        order = np.lexsort((nums[:, _INDEX["seq_no"]], nums[:, _INDEX["rank"]]))
+        rank, seq = nums[:, _INDEX["rank"]], nums[:, _INDEX["seq_no"]]
+        # Already sorted when the new rows are sorted and follow the last old row.
+        start = max(len(self) - 1, 0)
+        d_rank, d_seq = np.diff(rank[start:]), np.diff(seq[start:])
+        if ((d_rank > 0) | ((d_rank == 0) & (d_seq > 0))).all():
+            return _make(*(getattr(self, c) + getattr(other, c) for c in TUPLE_COLUMNS), _frozen(nums)), None
+        order = np.lexsort((seq, rank))
         idx = order.tolist()
-        cols = {c: pick(getattr(self, c) + getattr(other, c), idx) for c in TUPLE_COLUMNS}
-        return RunningBatch(**cols, nums=_frozen(nums[order])), order
+        cols = (pick(getattr(self, c) + getattr(other, c), idx) for c in TUPLE_COLUMNS)
+        return _make(*cols, _frozen(nums[order])), order
 
     def row_index(self, request_id: str) -> Optional[int]:
         try:
@@ -133,6 +150,15 @@ def _column(k: int):
 
 for _name, _k in _INDEX.items():
     setattr(RunningBatch, _name, _column(_k))
+
+
+def _make(ids, requests, outputs, block_tables, block_hashes, nums) -> RunningBatch:
+    """A RunningBatch from its columns without the frozen-dataclass __init__ (hot paths)."""
+    new = object.__new__(RunningBatch)
+    new.__dict__.update(
+        ids=ids, requests=requests, outputs=outputs, block_tables=block_tables, block_hashes=block_hashes, nums=nums
+    )
+    return new
 
 
 def row_from_seq(

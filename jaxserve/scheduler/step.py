@@ -263,8 +263,7 @@ class StepBuilder:
     def build(self):
         """Returns ``(new_state, plan)``."""
         run, live, state = self.run, self.live, self.state
-        if live < len(run):
-            run = run.take(np.arange(live))
+        run = run.head(live)
         nc_before = run.num_computed
         num_new = self.num_new[:live]
         changes = dict(num_computed=nc_before + num_new)
@@ -277,7 +276,9 @@ class StepBuilder:
             )
             run, perm = run.concat_sorted(new)
             new_n = np.array([r["num_new"] for r in self.new_rows], np.int64)
-            num_new = np.concatenate([num_new, new_n])[perm]
+            num_new = np.concatenate([num_new, new_n])
+            if perm is not None:
+                num_new = num_new[perm]
             nc_before = run.num_computed - num_new
         rows = np.flatnonzero(num_new)
         plan = self._plan(run, rows, nc_before[rows], num_new[rows])

@@ -11,24 +11,29 @@ from jaxserve.persistent import evolve, log_append_rows, pick
 from jaxserve.plan import BatchPlan, StepOutput
 from jaxserve.request import MAX_TOKEN_ID
 from jaxserve.scheduler.caching import offer_generated_blocks, offer_prompt_blocks
+from jaxserve.scheduler.running import COL, _frozen
 from jaxserve.scheduler.seq import FinishedRequest
 
+_SAMPLED = slice(COL["num_tokens"], COL["num_output"] + 1)  # both grow by one per sampled token
+_LAST, _OUTPUT, _MAX_NEW = COL["last_token"], COL["num_output"], COL["max_new"]
 
-def _sampled_tokens(out: StepOutput, ids: tuple[str, ...]) -> tuple[list[int], np.ndarray]:
-    """The sampled token of each of ``ids``, as a list and as an int64 array."""
+
+def _sampled_tokens(out: StepOutput, ids: tuple[str, ...]) -> list[int]:
+    """The sampled token of each of ``ids`` (validated token ids, as Python ints)."""
     try:
         tokens = list(map(out.token_ids.__getitem__, ids))
     except KeyError as e:
         raise ValueError(f"StepOutput.token_ids has no token for request {e.args[0]!r}") from None
-    if not all(type(t) is int for t in tokens):  # numpy ints are fine, bools and floats are not
+    if not tokens:
+        return tokens
+    if set(map(type, tokens)) != {int}:  # numpy ints are fine, bools and floats are not
         bad = next((t for t in tokens if not isinstance(t, numbers.Integral) or isinstance(t, (bool, np.bool_))), None)
         if bad is not None:
             raise ValueError(f"StepOutput.token_ids must map request ids to int token ids, got {bad!r}")
         tokens = [int(t) for t in tokens]
-    arr = np.array(tokens, np.int64)
-    if len(arr) and (arr.min() < 0 or arr.max() > MAX_TOKEN_ID):
+    if min(tokens) < 0 or max(tokens) > MAX_TOKEN_ID:
         raise ValueError(f"StepOutput.token_ids must be token ids in [0, {MAX_TOKEN_ID}], got {tokens[:8]}...")
-    return tokens, arr
+    return tokens
 
 
 def apply_step_output(sched, state, plan: BatchPlan, out: StepOutput):
@@ -44,34 +49,35 @@ def apply_step_output(sched, state, plan: BatchPlan, out: StepOutput):
     bs = plan.block_size
     rows = inflight.rows[plan.samples_token[inflight.entries]]
     row_list = rows.tolist()
-    tokens, token_arr = _sampled_tokens(out, pick(run.ids, row_list))
+    everyone = len(rows) == len(run)  # then rows are 0..n-1 in order: whole columns, no gathers
+    tokens = _sampled_tokens(out, run.ids if everyone else pick(run.ids, row_list))
 
-    num_output = run.num_output.copy()
-    num_output[rows] += 1
-    num_tokens = run.num_tokens.copy()
-    num_tokens[rows] += 1
-    last_token = run.last_token.copy()
-    last_token[rows] = token_arr
-    everyone = len(rows) == len(run)  # then rows are 0..n-1 in order
-    logs = log_append_rows(run.outputs if everyone else pick(run.outputs, row_list), run.num_output[rows], tokens)
+    # Append to the shared output logs, then bump the counters in one copy of the numeric columns.
     if everyone:
-        outputs = logs
+        outputs = log_append_rows(run.outputs, run.num_output, tokens)
     else:
+        logs = log_append_rows(pick(run.outputs, row_list), run.num_output[rows], tokens)
         outputs = list(run.outputs)
         for r, log in zip(row_list, logs):
             outputs[r] = log
         outputs = tuple(outputs)
-    run = run.replace(num_output=num_output, num_tokens=num_tokens, last_token=last_token, outputs=outputs)
+    nums = run.nums.copy()
+    at = slice(None) if everyone else rows
+    nums[at, _SAMPLED] += 1
+    nums[at, _LAST] = tokens
+    run = evolve(run, outputs=outputs, nums=_frozen(nums))
     if pool.enable_caching:
         run, pool = offer_prompt_blocks(run, pool, inflight.rows, bs)
 
-    done = num_output[rows] >= run.max_new[rows]
-    reasons = ["length"] * len(rows)
-    for i in np.flatnonzero(run.has_stop[rows]).tolist():
+    num_output = nums[:, _OUTPUT]
+    done = nums[at, _OUTPUT] >= nums[at, _MAX_NEW]
+    stop = np.flatnonzero(run.has_stop[rows])
+    reasons = {}  # plan row -> "stop" where a stop token ended the request early
+    for i in stop.tolist():
         if tokens[i] in run.requests[row_list[i]].sampling.stop_token_ids:
-            done[i] = True
-            if num_output[row_list[i]] < run.max_new[row_list[i]]:
+            if not done[i]:
                 reasons[i] = "stop"
+            done[i] = True
     finished = []
     if done.any():
         gone = []
@@ -81,7 +87,9 @@ def apply_step_output(sched, state, plan: BatchPlan, out: StepOutput):
             output = run.outputs[r][: int(num_output[r])]
             pool, _ = offer_generated_blocks(run, pool, r, bs, output)
             pool = pool.free(reversed(run.block_tables[r]))
-            finished.append(FinishedRequest(run.ids[r], tuple(output), reasons[i], int(run.num_preemptions[r])))
+            finished.append(
+                FinishedRequest(run.ids[r], tuple(output), reasons.get(i, "length"), int(run.num_preemptions[r]))
+            )
         run = run.drop(sorted(gone))
     waiting = state.waiting
     if sched.order.accounts_service:

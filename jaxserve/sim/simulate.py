@@ -99,18 +99,23 @@ def max_context(config, cost_model: RooflineCostModel) -> Optional[int]:
     return value if value > 0 else cost_model.model.max_position_embeddings
 
 
+def build_workload(config) -> list:
+    """The config's requests (length-only unless the trace carries token ids)."""
+    try:
+        return workload_from_config(_get(config, "workload"))
+    except FileNotFoundError as e:
+        raise ConfigError(str(e) if "trace_path" in str(e) else f"workload.trace_path: {e}") from None
+    except ValueError as e:
+        raise ConfigError(f"workload: {e}") from None
+
+
 def simulate(config, on_progress: Optional[Callable[[float, int], None]] = None) -> Results:
     """Runs the experiment ``config`` (an ml_collections.ConfigDict, see configs/default.py) in the
     simulator and returns metrics, per-request rows and the event log."""
     cost_model = build_cost_model(config)
     kv = build_kv(config, cost_model)
     sched = build_scheduler(config)
-    try:
-        requests = workload_from_config(_get(config, "workload"))
-    except FileNotFoundError as e:
-        raise ConfigError(str(e) if "trace_path" in str(e) else f"workload.trace_path: {e}") from None
-    except ValueError as e:
-        raise ConfigError(f"workload: {e}") from None
+    requests = build_workload(config)
     limits = RunLimits(
         max_context=max_context(config, cost_model),
         max_sim_time_s=float(_get(config, "sim.max_time_s") or math.inf),
