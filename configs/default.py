@@ -66,6 +66,13 @@ def get_config() -> ConfigDict:
     c.sim = ConfigDict()
     c.sim.max_time_s = placeholder(float)  # unset: until every request is served
 
+    c.engine = ConfigDict()  # backend="engine": a real jit-compiled model from model.path
+    c.engine.dtype = "auto"  # "auto": the checkpoint's torch_dtype; or float32 | bfloat16 | float16
+    c.engine.attention = "auto"  # "auto" | "grouped" (chunked jnp, CPU) | "ragged" (Pallas on GPU/TPU)
+    c.engine.block_rows = 32  # prefill rows per block (chunks are padded to whole blocks)
+    c.engine.kv_cache_gb = 0.5  # KV pool size when kv.num_blocks is 0
+    c.engine.warmup = True  # compile every step shape before serving (latencies exclude compiles)
+
     c.cluster = ConfigDict()
     c.cluster.num_replicas = 1
     return c

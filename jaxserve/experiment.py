@@ -60,6 +60,7 @@ def summary_table(metrics: dict, title: str) -> Table:
     for key in (
         "num_requests", "num_finished", "num_rejected", "num_preemptions", "throughput_req_s",
         "throughput_tok_s", "slo_attainment", "energy_j_per_token", "cost_usd_per_mtok", "num_kv_blocks",
+        "num_compilations",
     ):
         if key in metrics:
             v = metrics[key]
@@ -70,22 +71,37 @@ def summary_table(metrics: dict, title: str) -> Table:
     return outer
 
 
+def _title(config) -> str:
+    sched, workload = config.scheduler.name, config.workload.kind
+    if config.backend == "engine":
+        import jax
+
+        model = os.path.basename(os.path.normpath(config.model.path or "?"))
+        return f"{sched} | {model} on {jax.default_backend()} (engine) | {workload}"
+    return f"{sched} | {config.model.name} on {config.hardware.name} | {workload}"
+
+
 def run(config, console: Console) -> dict:
+    """Runs ``config`` on its backend, writes the outputs and prints the summary; returns metrics."""
     backend = config.backend
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "engine":
-        raise ValueError("backend='engine' needs the real engine (jaxserve.engine), which is not built yet")
-    from jaxserve.sim.simulate import simulate
+        from jaxserve.engine.serve_config import run_engine as execute
 
-    title = f"{config.scheduler.name} | {config.model.name} on {config.hardware.name} | {config.workload.kind}"
+        verb, unit = "serving", "s served"
+    else:
+        from jaxserve.sim.simulate import simulate as execute
+
+        verb, unit = "simulating", "s simulated"
+    title = _title(config)
     wall = time.perf_counter()
     with Progress(
-        TextColumn("[bold]simulating"), BarColumn(), TextColumn("{task.fields[sim_time]:.0f} s simulated"),
+        TextColumn(f"[bold]{verb}"), BarColumn(), TextColumn("{task.fields[clock]:.1f} " + unit),
         TextColumn("{task.completed} steps"), TimeElapsedColumn(), console=console, transient=True,
     ) as progress:
-        task = progress.add_task("sim", total=None, sim_time=0.0)
-        results = simulate(config, on_progress=lambda t, steps: progress.update(task, completed=steps, sim_time=t))
+        task = progress.add_task(verb, total=None, clock=0.0)
+        results = execute(config, on_progress=lambda t, steps: progress.update(task, completed=steps, clock=t))
     wall = time.perf_counter() - wall
     paths = write_outputs(results, config.output_dir, title)
     console.print(summary_table(results.metrics, title))
@@ -114,10 +130,23 @@ def main(argv):
     return 0
 
 
+def _put_config_root_on_path(argv: list[str]) -> None:
+    """Config files import their base as ``from configs import default``: make that work from any
+    working directory by putting the folder that holds the config's ``configs`` package on the path."""
+    for arg in argv[1:]:
+        if arg.startswith("--config="):
+            folder = os.path.dirname(os.path.abspath(arg.split("=", 1)[1]))
+            if os.path.isfile(os.path.join(folder, "__init__.py")):
+                root = os.path.dirname(folder)
+                if root not in sys.path:
+                    sys.path.insert(0, root)
+
+
 def cli():
+    _put_config_root_on_path(sys.argv)
     try:
         app.run(lambda argv: sys.exit(main(argv)))
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, ImportError, OSError) as e:
         # --config.a.b=v overrides are applied while absl parses flags, before main() runs: an
         # unknown key or a value of the wrong type surfaces here.
         msg = str(e).replace("\\'", "'").replace("\\n", " ").replace("\n", " ").strip("'\"")

@@ -279,9 +279,8 @@ class ModelRunner:
             if (d or b) and (mixed or not (d and b))
         ]
         for d, b in shapes:
-            self._run(pack(empty, self.spec, {}, shape=(d, b)), all_logits=False)[
-                0
-            ].block_until_ready()
+            tokens, self.caches, _ = self._run(pack(empty, self.spec, {}, shape=(d, b)), all_logits=False)
+            tokens.block_until_ready()  # the caches were donated: keep the returned ones
         return len(shapes)
 
 
