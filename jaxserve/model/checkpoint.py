@@ -76,5 +76,5 @@ def restore_params(directory: str, cfg: ModelConfig | None = None, sharding: jax
 def _abstract_params(cfg: ModelConfig, sharding) -> dict:
     from flax import nnx
 
-    shapes = nnx.split(abstract_model(cfg))[1].to_pure_dict()
+    shapes = nnx.to_pure_dict(nnx.split(abstract_model(cfg))[1])
     return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)

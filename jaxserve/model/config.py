@@ -22,6 +22,12 @@ ARCHITECTURES = {
 MODEL_TYPES = frozenset(ARCHITECTURES.values())
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
+# ModelConfig fields whose Hugging Face config.json name differs (for error messages).
+_HF_FIELDS = {
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+}
 
 
 class CheckpointError(ValueError):
@@ -79,8 +85,10 @@ class ModelConfig:
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                hf_name = _HF_FIELDS.get(name)
+                also = f" ({hf_name!r} in config.json)" if hf_name else ""
                 raise CheckpointError(
-                    f"config field {name!r} must be a positive integer, got {value!r}"
+                    f"config field {name!r}{also} must be a positive integer, got {value!r}"
                 )
         if self.num_heads % self.num_kv_heads:
             raise CheckpointError(
@@ -199,7 +207,9 @@ def _from_hf(cls, hf: dict) -> ModelConfig:
     heads = _require(hf, "num_attention_heads")
     kv_heads = hf.get("num_key_value_heads") or heads
     head_dim = hf.get("head_dim") or (
-        hidden // heads if isinstance(hidden, int) and isinstance(heads, int) else None
+        hidden // heads
+        if isinstance(hidden, int) and isinstance(heads, int) and heads > 0
+        else None
     )
     theta, scaling = _rope(hf)
     dtype = hf.get("torch_dtype", hf.get("dtype", "float32")) or "float32"

@@ -154,7 +154,7 @@ def bind(cfg: ModelConfig, params: dict, dtype=None) -> LlamaForCausalLM:
 
 def params_of(model: LlamaForCausalLM) -> dict:
     """The model's parameters as a nested dict of arrays (what the engine jits over and orbax saves)."""
-    return nnx.split(model)[1].to_pure_dict()
+    return nnx.to_pure_dict(nnx.split(model)[1])
 
 
 def random_model(cfg: ModelConfig, seed: int = 0, dtype=None) -> LlamaForCausalLM:

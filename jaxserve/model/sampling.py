@@ -24,9 +24,11 @@ def _filtered_sample(logits, top_k, top_p, keys):
     # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it < top_p.
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     keep &= (mass_before < top_p[:, None]) | (rank == 0)
-    masked = jnp.where(keep, sorted_logits, -jnp.inf)
-    choice = jax.vmap(jax.random.categorical)(keys, masked)
-    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+    # Draw in vocabulary order (not sorted order) so that an unfiltered row gets the very token the
+    # unfiltered path would give it: a row's sample must not depend on whether another row filters.
+    keep = jnp.take_along_axis(keep, jnp.argsort(order, axis=-1), axis=-1)
+    masked = jnp.where(keep, logits, -jnp.inf)
+    return jax.vmap(jax.random.categorical)(keys, masked)
 
 
 def sample(logits: jax.Array, temperature, top_k, top_p, seed, index) -> jax.Array:
