@@ -15,6 +15,8 @@
    jaxserve and transformers. The roofline step time is the bytes a decode step must read -- every
    weight but the embedding table (one row of it), plus the KV cache at the mean context -- divided
    by the machine's measured copy bandwidth (numpy copy of a 1 GiB array, read + write bytes).
+4. **Prefill**: ``prefill_batch`` prompts of 512 tokens, one output token each: prompt tokens/s of
+   jaxserve against one padded ``transformers`` forward pass over the same batch.
 
 Run it with the machine otherwise idle. Prints one JSON line.
 """
@@ -134,6 +136,7 @@ def main() -> None:
     p.add_argument("--kv_heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=16000)
     p.add_argument("--decode_tokens", type=int, default=64)
+    p.add_argument("--prefill_batch", type=int, default=4)
     p.add_argument("--quick", action="store_true", help="a tiny model and 8 requests (a smoke run)")
     args = p.parse_args()
     if args.quick:
@@ -186,6 +189,19 @@ def main() -> None:
         n = args.decode_tokens
         js_step = per_step(js_one, n)
         hf_step = per_step(hf_one, n)
+        # Prefill.
+        pre_prompts = [p + [5] * (512 - len(p)) for p in prompts[: args.prefill_batch]]
+        pre_tokens = 512 * len(pre_prompts)
+        llm.generate(pre_prompts, jaxserve.SamplingParams(max_new_tokens=1))  # compiles this shape
+        t = time.perf_counter()
+        llm.generate(pre_prompts, jaxserve.SamplingParams(max_new_tokens=1))
+        js_prefill = pre_tokens / (time.perf_counter() - t)
+        with torch.no_grad():
+            t = time.perf_counter()
+            hf_model(torch.tensor(pre_prompts))
+            hf_prefill = pre_tokens / (time.perf_counter() - t)
+        log(f"prefill: jaxserve {js_prefill:.0f} tok/s, transformers {hf_prefill:.0f} tok/s")
+
         bandwidth = copy_bandwidth()
         cfg = llm.cfg
         weight_bytes = (num_params - cfg.vocab_size * cfg.hidden_size + cfg.hidden_size) * 4
@@ -207,6 +223,8 @@ def main() -> None:
         "transformers_tok_s": round(useful_tokens / hf_wall, 1),
         "throughput_ratio": round((js_tokens / js_wall) / (useful_tokens / hf_wall), 2),
         "target_throughput_ratio": 1.5,
+        "prefill_tok_s": {"jaxserve": round(js_prefill, 1), "transformers": round(hf_prefill, 1),
+                          "ratio": round(js_prefill / hf_prefill, 2), "batch": len(pre_prompts), "prompt_len": 512},
         "jaxserve_compile": {"shapes": shapes, "seconds": round(warmup_s, 1), "during_run": new_compiles},
         "decode_batch1": {
             "jaxserve_step_ms": round(js_step * 1e3, 3),

@@ -51,7 +51,8 @@ class LLM:
 
     Options: ``scheduler`` (a registered name) and ``scheduler_options``; ``block_size``;
     ``num_blocks`` (else as many as ``kv_cache_gb`` holds, capped at what ``max_num_seqs``
-    full-length sequences need); ``max_model_len`` (default: the model's, at most 4096); ``dtype``
+    full-length sequences need); ``num_host_blocks`` (a host swap pool, for
+    ``scheduler_options={"preemption_mode": "swap"}``); ``max_model_len`` (default: the model's, at most 4096); ``dtype``
     (override the checkpoint's); ``attention`` ("auto" | "grouped" | "ragged"); ``block_rows``
     (prefill rows per block); ``params_cache`` (a directory: restore converted parameters from it
     with orbax if present, else convert and save them there); ``seed`` (for requests without one);
@@ -66,6 +67,7 @@ class LLM:
         scheduler_options: dict | None = None,
         block_size: int = 16,
         num_blocks: int | None = None,
+        num_host_blocks: int = 0,
         kv_cache_gb: float = 0.5,
         max_model_len: int | None = None,
         dtype: str | None = None,
@@ -86,7 +88,7 @@ class LLM:
         max_num_seqs = int(getattr(self.scheduler, "max_num_seqs", options.get("max_num_seqs", 256)))
         if num_blocks is None:
             num_blocks = kv_blocks_for(self.cfg, block_size, kv_cache_gb, self.max_model_len, max_num_seqs)
-        self.kv = KVConfig(num_blocks=num_blocks, block_size=block_size)
+        self.kv = KVConfig(num_blocks=num_blocks, block_size=block_size, num_host_blocks=num_host_blocks)
         self.runner = ModelRunner(
             self.cfg, params, self.kv, max_model_len=self.max_model_len, block_rows=block_rows, attention=attention, seed=seed
         )

@@ -33,6 +33,8 @@ class Engine:
     def __init__(self, runner: ModelRunner, scheduler, kv: KVConfig):
         if (kv.num_blocks, kv.block_size) != (runner.kv.num_blocks, runner.kv.block_size):
             raise ValueError(f"scheduler KV {kv} does not match the runner's cache {runner.kv}")
+        if kv.num_host_blocks > runner.kv.num_host_blocks:  # swap-outs would have nowhere to go
+            raise ValueError(f"scheduler KV {kv} has more host blocks than the runner's host pool {runner.kv}")
         self.runner = runner
         self.scheduler = scheduler
         self.kv = kv
@@ -45,7 +47,14 @@ class Engine:
         on_progress: Callable[[float, int], None] | None = None,
         progress_every: int = 50,
     ) -> EngineRun:
-        """Serves ``requests`` by arrival time; rejected requests are in the log with a reason."""
+        """Serves ``requests`` by arrival time; rejected requests are in the log with a reason.
+        Request ids must be unique (a duplicate would re-register, and so re-parameterize, the
+        running request of that id; the log keys requests by id too)."""
+        seen: set[str] = set()
+        for r in requests:
+            if r.request_id in seen:
+                raise ValueError(f"request id {r.request_id!r} appears more than once")
+            seen.add(r.request_id)
         finished: dict[str, FinishedRequest] = {}
         runner = self.runner
 

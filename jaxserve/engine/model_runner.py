@@ -126,12 +126,13 @@ class ModelRunner:
             block_rows=block_rows,
         )
         dtype = jnp.dtype(cfg.dtype)
-        self.params = jax.device_put(params)
+        # Parameters and caches committed to one device from the start: a step's outputs are
+        # committed, and a jit cache keyed on uncommitted inputs would compile every shape twice.
+        device = jax.devices()[0]
+        self.params = jax.device_put(params, device)
         shape = (cfg.num_kv_heads, kv.num_blocks, kv.block_size, cfg.head_dim)
-        self.caches = tuple(
-            (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-            for _ in range(cfg.num_layers)
-        )
+        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=jax.sharding.SingleDeviceSharding(device))
+        self.caches = tuple((zeros(), zeros()) for _ in range(cfg.num_layers))
         host_shape = (
             cfg.num_layers,
             2,

@@ -72,11 +72,10 @@ def apply_step_output(sched, state, plan: BatchPlan, out: StepOutput):
     num_output = nums[:, _OUTPUT]
     done = nums[at, _OUTPUT] >= nums[at, _MAX_NEW]
     stop = np.flatnonzero(run.has_stop[rows])
-    reasons = {}  # plan row -> "stop" where a stop token ended the request early
+    reasons = {}  # plan row -> "stop" where a stop token ended the request (it wins over length, as in vLLM)
     for i in stop.tolist():
         if tokens[i] in run.requests[row_list[i]].sampling.stop_token_ids:
-            if not done[i]:
-                reasons[i] = "stop"
+            reasons[i] = "stop"
             done[i] = True
     finished = []
     if done.any():
