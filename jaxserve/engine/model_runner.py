@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.engine.packing import HostBatch, PackSpec, RequestSampling, bucket, pack
+from jaxserve.engine.packing import HostBatch, PackSpec, RequestSampling, bucket, bucket_sizes, pack
 from jaxserve.kv.config import KVConfig
 from jaxserve.model.attention import ATTENTION_IMPLS, default_attention_impl
 from jaxserve.model.config import ModelConfig
@@ -89,7 +89,9 @@ def default_seed(request_id: str, engine_seed: int) -> int:
 
 
 class ModelRunner:
-    """See the module docstring. ``max_model_len`` bounds prompt + output tokens per request."""
+    """See the module docstring. ``max_model_len`` bounds prompt + output tokens per request;
+    ``buckets_per_octave`` (decode rows, prefill blocks) trades compilations for padding
+    (``packing.bucket``)."""
 
     def __init__(
         self,
@@ -102,6 +104,7 @@ class ModelRunner:
         attention: str = "auto",
         chunk_pages: int = 8,
         seed: int = 0,
+        buckets_per_octave: tuple[int, int] = (2, 4),
     ):
         self.cfg = cfg
         self.kv = kv
@@ -124,6 +127,8 @@ class ModelRunner:
             page_size=kv.block_size,
             pages_per_seq=pages,
             block_rows=block_rows,
+            decode_per_octave=buckets_per_octave[0],
+            blocks_per_octave=buckets_per_octave[1],
         )
         dtype = jnp.dtype(cfg.dtype)
         # Parameters and caches committed to one device from the start: a step's outputs are
@@ -270,8 +275,9 @@ class ModelRunner:
     def warmup(self, max_decode_rows: int, max_blocks: int, mixed: bool = True) -> int:
         """Compiles every bucket shape up to these sizes (decode-only, prefill-only and, with
         ``mixed``, both); returns how many shapes it ran. Runs on padding rows only: no KV changes."""
-        decodes = _buckets_up_to(max_decode_rows, self.spec.min_decode_rows)
-        blocks = _buckets_up_to(max_blocks, self.spec.min_blocks)
+        spec = self.spec
+        decodes = bucket_sizes(max_decode_rows, spec.min_decode_rows, spec.decode_per_octave)
+        blocks = bucket_sizes(max_blocks, spec.min_blocks, spec.blocks_per_octave)
         empty = BatchPlan.empty(self.kv.block_size)
         shapes = [
             (d, b)
@@ -283,12 +289,3 @@ class ModelRunner:
             tokens, self.caches, _ = self._run(pack(empty, self.spec, {}, shape=(d, b)), all_logits=False)
             tokens.block_until_ready()  # the caches were donated: keep the returned ones
         return len(shapes)
-
-
-def _buckets_up_to(n: int, minimum: int) -> list[int]:
-    """0 and every bucket size (see ``packing.bucket``) up to ``bucket(n)``."""
-    sizes, size = [0], bucket(1, minimum)
-    while n > 0 and size <= bucket(n, minimum):
-        sizes.append(size)
-        size *= 2
-    return sizes

@@ -1,9 +1,10 @@
 """BatchPlan -> fixed-shape host arrays for one jitted step (the row layout of
 ``jaxserve.model.attention``), bucketed so that few shapes are ever compiled.
 
-A step's shape is ``(num_decode_rows, num_blocks)``: decode rows are padded to the next power of
-two (or 0), prefill rows come in blocks of ``block_rows`` (each prefill chunk padded to whole
-blocks) and the block count is padded to the next power of two. Everything else is static per
+A step's shape is ``(num_decode_rows, num_blocks)``: prefill rows come in blocks of ``block_rows``
+(each prefill chunk padded to whole blocks); decode rows and blocks are padded up to a bucket
+(``bucket``: a few sizes per power of two, finer for blocks), so a workload compiles
+O(log max_num_seqs x log token budget) shapes. Everything else is static per
 runner: the page-table width ``pages_per_seq`` and the padding page ``num_pages``.
 """
 
@@ -18,11 +19,24 @@ from jaxserve.model.attention import AttentionBatch
 from jaxserve.plan import BatchPlan
 
 
-def bucket(n: int, minimum: int = 1) -> int:
-    """0 for 0, else the next power of two >= max(n, minimum)."""
+def bucket(n: int, minimum: int = 1, per_octave: int = 1) -> int:
+    """0 for 0, else the smallest size >= max(n, minimum) on a grid of ``per_octave`` evenly spaced
+    sizes between consecutive powers of two (1: powers of two; 4: ..., 256, 320, 384, 448, 512),
+    so at most ``1 / (per_octave + 1)`` of a step's rows are padding."""
     if n <= 0:
         return 0
-    return max(minimum, 1 << (int(n) - 1).bit_length())
+    n = max(int(n), minimum)
+    power = 1 << (n - 1).bit_length()
+    step = max(1, power // 2 // per_octave)
+    return -(-n // step) * step
+
+
+def bucket_sizes(n: int, minimum: int = 1, per_octave: int = 1) -> list[int]:
+    """0 and every bucket size (see ``bucket``) up to n's bucket, ascending."""
+    top, sizes = bucket(n, minimum, per_octave), [0]
+    while n > 0 and sizes[-1] < top:
+        sizes.append(bucket(sizes[-1] + 1, minimum, per_octave))
+    return sizes
 
 
 class SamplingArrays(NamedTuple):
@@ -66,10 +80,14 @@ class PackSpec:
     block_rows: int = 32  # rows per prefill block
     min_decode_rows: int = 1
     min_blocks: int = 1
+    # Bucket grids (see ``bucket``): finer for prefill blocks, where padding rows cost full FLOPs.
+    decode_per_octave: int = 2
+    blocks_per_octave: int = 4
 
     def shape(self, num_decode: int, num_blocks: int) -> tuple[int, int]:
-        return bucket(num_decode, self.min_decode_rows), bucket(
-            num_blocks, self.min_blocks
+        return (
+            bucket(num_decode, self.min_decode_rows, self.decode_per_octave),
+            bucket(num_blocks, self.min_blocks, self.blocks_per_octave),
         )
 
 

@@ -42,6 +42,11 @@ def sample(logits: jax.Array, temperature, top_k, top_p, seed, index) -> jax.Arr
     sampled = lax.cond(
         needs_filter,
         lambda: _filtered_sample(scaled, top_k, top_p, keys).astype(jnp.int32),
-        lambda: jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32),
+        # An all-greedy batch skips drawing S x V Gumbel noise (a large share of a CPU decode step).
+        lambda: lax.cond(
+            jnp.any(temperature > 0),
+            lambda: jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32),
+            lambda: greedy,
+        ),
     )
     return jnp.where(temperature > 0, sampled, greedy)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxserve.engine.packing import bucket
+from jaxserve.engine.packing import PackSpec
 from jaxserve.kv.config import KVConfig
 from jaxserve.plan import BatchPlan
 from jaxserve.request import Request, SamplingParams
@@ -89,7 +89,8 @@ def step_compiles():
 def shape_of(plan: BatchPlan, block_rows: int) -> tuple[int, int]:
     """The bucket ``(num_decode_rows, num_blocks)`` that ``packing.pack`` gives ``plan``."""
     n = plan.num_new_tokens.tolist()
-    return bucket(sum(1 for k in n if k == 1)), bucket(sum(-(-k // block_rows) for k in n if k > 1))
+    spec = PackSpec(num_pages=1, page_size=1, pages_per_seq=1, block_rows=block_rows)
+    return spec.shape(sum(1 for k in n if k == 1), sum(-(-k // block_rows) for k in n if k > 1))
 
 
 def run_steps(

@@ -6,11 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jaxserve.engine.packing import PackSpec, RequestSampling, bucket, pack
+from jaxserve.engine.packing import PackSpec, RequestSampling, bucket, bucket_sizes, pack
 from jaxserve.plan import BatchPlan
 
 NUM_PAGES, PAGE, WIDTH, B = 20, 4, 8, 8
-SPEC = PackSpec(num_pages=NUM_PAGES, page_size=PAGE, pages_per_seq=WIDTH, block_rows=B)
+# Power-of-two buckets here, so the layout tests see padding decode rows and padding blocks.
+SPEC = PackSpec(
+    num_pages=NUM_PAGES, page_size=PAGE, pages_per_seq=WIDTH, block_rows=B, decode_per_octave=1, blocks_per_octave=1
+)
 
 
 def make_plan(rows, block_size=PAGE) -> BatchPlan:
@@ -154,9 +157,8 @@ def test_bucketed_shapes(num_decodes, chunks):
     hb = pack(plan, PackSpec(num_pages=64, page_size=PAGE, pages_per_seq=WIDTH, block_rows=B), sampling)
     blocks = sum(-(-n // B) for n in chunks)
     D, NB = hb.shape_key
-    assert D == (0 if not num_decodes else 1 << (num_decodes - 1).bit_length())
-    assert NB == (0 if not blocks else 1 << (blocks - 1).bit_length())
-    assert D >= num_decodes and NB >= blocks and (D & (D - 1)) == 0 and (NB & (NB - 1)) == 0
+    assert (D, NB) == (bucket(num_decodes, 1, 2), bucket(blocks, 1, 4))
+    assert D >= num_decodes and NB >= blocks
     assert len(hb.token_ids) == D + NB * B and len(hb.logits_rows) == D + NB
     # Every row's last token is where its slot's logits come from.
     for i, (rid, c, toks, _, _) in enumerate(rows):
@@ -168,6 +170,16 @@ def test_bucketed_shapes(num_decodes, chunks):
 def test_bucket():
     assert [bucket(n) for n in range(0, 10)] == [0, 1, 2, 4, 4, 8, 8, 8, 8, 16]
     assert bucket(3, minimum=8) == 8 and bucket(0, minimum=8) == 0
+    assert [bucket(n, 1, 2) for n in range(0, 14)] == [0, 1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]
+    assert [bucket(n, 1, 4) for n in (9, 11, 17, 263, 384, 385)] == [10, 12, 20, 320, 384, 448]
+
+
+@pytest.mark.parametrize("per_octave", [1, 2, 4])
+def test_padding_is_bounded_and_bucket_sizes_enumerate_every_bucket(per_octave):
+    sizes = bucket_sizes(700, 1, per_octave)
+    assert sizes == sorted(set(bucket(n, 1, per_octave) for n in range(0, 701)))
+    for n in range(1, 701):  # at most 1 / (per_octave + 1) of the rows are padding
+        assert (bucket(n, 1, per_octave) - n) * (per_octave + 1) < bucket(n, 1, per_octave) + per_octave
 
 
 def test_forced_shape_and_empty_plan():

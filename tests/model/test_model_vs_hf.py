@@ -82,6 +82,7 @@ def _runner(cfg, params, impl, num_pages=NUM_PAGES, max_model_len=MAX_MODEL_LEN)
         block_rows=BLOCK_ROWS,
         attention=impl,
         chunk_pages=CHUNK_PAGES,
+        buckets_per_octave=(1, 1),  # power-of-two buckets: the steps below all pack to one shape
     )
     assert runner.attention == impl
     return runner, kv
