@@ -23,6 +23,14 @@ BASE = {
     "eos_token_id": 2,
     "pad_token_id": 0,
 }
+# Llama 3.1's scaling with a short original context, so the tiny tests reach the rescaled band.
+LLAMA3_ROPE_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 ARCHS = {
     "llama": (
         transformers.LlamaConfig,
@@ -34,13 +42,7 @@ ARCHS = {
         transformers.LlamaForCausalLM,
         {
             "rope_theta": 500000.0,
-            "rope_scaling": {
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 64,
-            },
+            "rope_scaling": LLAMA3_ROPE_SCALING,
             "tie_word_embeddings": True,
             "head_dim": 16,
         },

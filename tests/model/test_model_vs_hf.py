@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_checkpoints import VOCAB, hf_greedy, hf_logits, make_checkpoint, torch, transformers
+from hf_checkpoints import LLAMA3_ROPE_SCALING, VOCAB, hf_greedy, hf_logits, make_checkpoint, torch, transformers
 
 from jaxserve import scheduler as schedulers
 from jaxserve.engine.model_runner import ModelRunner
@@ -281,16 +281,7 @@ def _hf_rope_config(**extra):
 ROPE_CASES = {
     "default": {"rope_theta": 10000.0},
     "linear": {"rope_theta": 10000.0, "rope_scaling": {"rope_type": "linear", "factor": 4.0}},
-    "llama3": {
-        "rope_theta": 500000.0,
-        "rope_scaling": {
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64,
-        },
-    },
+    "llama3": {"rope_theta": 500000.0, "rope_scaling": LLAMA3_ROPE_SCALING},
 }
 
 
