@@ -15,6 +15,7 @@ from jaxserve.metrics import request_metrics, summarize
 from jaxserve.sim.cost_model import RooflineCostModel
 from jaxserve.sim.hardware import get_hardware
 from jaxserve.sim.models import get_model
+from jaxserve.sim.profiled_cost_model import ProfiledCostModel
 from jaxserve.sim.simulator import RunLimits, SimExecutor, run_replica
 from jaxserve.workload import workload_from_config
 
@@ -49,7 +50,12 @@ def _as_dict(node) -> dict:
     return dict(node)
 
 
-def build_cost_model(config) -> RooflineCostModel:
+def build_cost_model(config) -> RooflineCostModel | ProfiledCostModel:
+    kind = _get(config, "sim.cost_model") or "roofline"
+    if kind == "profiled":
+        return build_profiled_cost_model(config)
+    if kind != "roofline":
+        raise ConfigError(f"sim.cost_model must be 'roofline' or 'profiled', got {kind!r}")
     try:
         model = get_model(_get(config, "model.name"))
     except ValueError as e:
@@ -68,6 +74,34 @@ def build_cost_model(config) -> RooflineCostModel:
         return RooflineCostModel(model, hardware, dtype=dtype, **options)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"hardware/model: {e}") from None
+
+
+def build_profiled_cost_model(config) -> ProfiledCostModel:
+    """``sim.cost_model="profiled"``: step times fitted to ``sim.profile``; the model is the
+    profile's (``model.name`` is not used), ``hardware.name`` gives memory, power and price, and
+    ``hardware.mfu``/``mbu``/``step_overhead_s`` do not apply (the profile measured the step)."""
+    path = _get(config, "sim.profile")
+    if not path:
+        raise ConfigError("sim.profile: sim.cost_model='profiled' needs a profile file (python -m jaxserve.profile)")
+    for key in ("tp", "pp"):
+        if (_get(config, f"hardware.{key}") or 1) != 1:
+            raise ConfigError(f"hardware.{key}: a profile measures one device; profiled cost models need {key}=1")
+    try:
+        hardware = get_hardware(_get(config, "hardware.name"))
+    except ValueError as e:
+        raise ConfigError(f"hardware.name: {e}") from None
+    from jaxserve.profile import load_profile  # here: `python -m jaxserve.profile` imports jaxserve.sim
+
+    try:
+        profile = load_profile(str(path))
+    except OSError as e:
+        raise ConfigError(f"sim.profile: cannot read {path!r} ({e.strerror or e})") from None
+    except ValueError as e:
+        raise ConfigError(f"sim.profile: {e}") from None
+    try:
+        return ProfiledCostModel.from_profile(profile, hardware)
+    except ValueError as e:
+        raise ConfigError(f"sim.profile/hardware.name: {e}") from None
 
 
 def build_kv(config, cost_model: RooflineCostModel) -> KVConfig:

@@ -1,0 +1,582 @@
+"""Profile the real engine's step time over a grid of batch shapes: the data a fitted
+("profiled") simulator cost model is calibrated on (``jaxserve.sim.profiled_cost_model``).
+
+    python -m jaxserve.profile --model <hf dir> --out profile.json [--dtype float32]
+        [--repeats 5] [--warmup 2] [--grid small|default] [--block-size 16] [--kv-cache-gb 4]
+
+A ``ModelRunner`` is built on the model and ``runner.execute(plan)`` is timed on hand-built
+BatchPlans (block tables from a bump allocator over the runner's pool, no scheduler): the step time
+is ``StepOutput.duration_s``, the same wall time the engine's clock advances by (packing, the
+jitted device step, sampling, transfer back). Every point runs ``warmup`` untimed steps first (the
+first compiles its bucket shape), then ``repeats`` timed ones; all samples are stored and their
+median is what the cost model is fitted on. The grid has prefill-only points (chunk sizes, one or
+several chunks per step, chunks that start mid-prompt after prior context), decode-only points
+(number of decodes x context length) and mixed points (decodes + a prefill chunk). Points the model
+cannot hold (a row longer than ``max_position_embeddings``) or the KV pool cannot hold are skipped
+and listed.
+
+**Resumable.** The profile file is rewritten atomically after every point; on restart, points
+already in the file are not measured again. A file measured on another model, dtype, block size,
+device or engine setting is an error (use another ``--out``), never silently mixed.
+
+Row classes follow the engine's packing (``engine/packing.py``): a row with one new token is a
+*decode* row (one query row, one sequence slot); every other row is a *prefill* chunk, padded to
+whole blocks of ``block_rows`` rows.
+
+File format (JSON, ``"format": 1``)::
+
+    {"format": 1,
+     "model": {ModelConfig fields},        # jaxserve.model.config.ModelConfig, as JSON
+     "model_name": "<checkpoint dir name>", # informational
+     "dtype": "float32" | "bfloat16" | "float16",
+     "device": {"backend": "cpu" | "gpu" | "tpu", "kind": "<jax device_kind>"},
+     "block_size": 16,                      # tokens per KV page
+     "engine": {"attention": "grouped" | "ragged", "block_rows": 32},
+     "grid": "small" | "default",          # informational
+     "points": [{
+        "prefill_chunk_lens": [n_1, ...],   # new tokens of each prefill row (each >= 2)
+        "prefill_context": [c_1, ...],      # tokens already in KV before each prefill row's chunk
+        "num_prefill_tokens": sum(n_i),
+        "num_decodes": D,                   # decode rows (one new token each)
+        "decode_context_tokens": sum over decode rows of tokens already in KV before the step,
+        "num_seqs": D + number of prefill rows,
+        "times_s": [seconds, ...],          # every timed repeat
+        "median_s": median(times_s)}, ...]}
+
+Features the cost model is fitted on (``profiled_cost_model.FEATURES``), per step, from these
+fields or equally from a BatchPlan:
+
+* ``const``: 1 (per-step overhead: dispatch, weight reads, sampling setup);
+* ``prefill_tokens``: ``sum(n_i)`` over prefill rows (GEMM work on new tokens);
+* ``prefill_attention_pairs``: ``sum(n_i * (c_i + (n_i + 1) / 2))``, the query-key pairs of the
+  prefill chunks, causal within each chunk (attention work growing with prior context);
+* ``decode_context_tokens``: as above (KV read by decode attention);
+* ``num_decodes``: decode rows (their GEMM rows, LM head and sampling);
+* ``num_prefill_seqs``: prefill rows (per-chunk work: a padded block, a logits row, host packing).
+
+``load_profile(path)`` validates a file and names the first problem in a ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+FORMAT = 1
+GRIDS = ("small", "default")
+_TOP_KEYS = ("format", "model", "dtype", "device", "block_size", "points")
+# What makes two profiles comparable: measuring any of these differently changes step times.
+# "model" last: its fields include the dtype, and a dtype mismatch should be reported as one.
+FINGERPRINT_KEYS = ("dtype", "device", "block_size", "engine", "model")
+
+
+# -- the file format ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfilePoint:
+    """One measured step shape; see the module docstring for the fields (tokens and seconds)."""
+
+    prefill_chunk_lens: tuple[int, ...]
+    prefill_context: tuple[int, ...]
+    num_decodes: int
+    decode_context_tokens: int
+    times_s: tuple[float, ...]
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(self.prefill_chunk_lens)
+
+    @property
+    def num_seqs(self) -> int:
+        return self.num_decodes + len(self.prefill_chunk_lens)
+
+    @property
+    def median_s(self) -> float:
+        return float(np.median(self.times_s))
+
+    @property
+    def key(self) -> tuple:
+        """The shape measured (what a resumed run compares to skip a point)."""
+        return (self.prefill_chunk_lens, self.prefill_context, self.num_decodes, self.decode_context_tokens)
+
+    def to_json(self) -> dict:
+        return {
+            "prefill_chunk_lens": list(self.prefill_chunk_lens),
+            "prefill_context": list(self.prefill_context),
+            "num_prefill_tokens": self.num_prefill_tokens,
+            "num_decodes": self.num_decodes,
+            "decode_context_tokens": self.decode_context_tokens,
+            "num_seqs": self.num_seqs,
+            "times_s": list(self.times_s),
+            "median_s": self.median_s,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """A validated profile file (``load_profile``); ``model`` holds ModelConfig fields as JSON."""
+
+    model: Mapping[str, Any]
+    dtype: str
+    device: Mapping[str, str]
+    block_size: int
+    points: tuple[ProfilePoint, ...]
+    engine: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    model_name: str = ""
+    grid: str = ""
+
+    def model_config(self):
+        """The profiled model's ``ModelConfig``."""
+        return _model_config(self.model, "model")
+
+    def fingerprint(self) -> dict:
+        return {k: _normalized(getattr(self, k)) for k in FINGERPRINT_KEYS}
+
+    def with_points(self, points: Sequence[ProfilePoint]) -> Profile:
+        return dataclasses.replace(self, points=tuple(points))
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "model": _normalized(self.model),
+            "model_name": self.model_name,
+            "dtype": self.dtype,
+            "device": dict(self.device),
+            "block_size": self.block_size,
+            "engine": dict(self.engine),
+            "grid": self.grid,
+            "points": [p.to_json() for p in self.points],
+        }
+
+
+def _normalized(value):
+    """JSON round trip: tuples become lists, so values compare equal however they were built."""
+    return json.loads(json.dumps(value))
+
+
+def _model_config(d, where: str):
+    from jaxserve.model.config import ModelConfig, RopeScaling
+
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{where} must be an object of ModelConfig fields, got {type(d).__name__}")
+    fields = dict(d)
+    try:
+        rope = fields.pop("rope_scaling", None)
+        if rope is not None:
+            if not isinstance(rope, Mapping):
+                raise ValueError(f"rope_scaling must be an object, got {type(rope).__name__}")
+            fields["rope_scaling"] = RopeScaling(**rope)
+        if "eos_token_ids" in fields:
+            if not isinstance(fields["eos_token_ids"], list):
+                raise ValueError("eos_token_ids must be a list")
+            fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
+        return ModelConfig(**fields)
+    except (TypeError, ValueError) as e:  # CheckpointError is a ValueError
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _int(value, where: str, minimum: int = 0) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{where} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _int_list(value, where: str, minimum: int) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"{where} must be a list of ints, got {type(value).__name__}")
+    return tuple(_int(v, f"{where}[{i}]", minimum) for i, v in enumerate(value))
+
+
+def _point_from_json(d, where: str) -> ProfilePoint:
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{where} must be an object, got {type(d).__name__}")
+    for key in ("prefill_chunk_lens", "prefill_context", "num_prefill_tokens", "num_decodes",
+                "decode_context_tokens", "num_seqs", "times_s", "median_s"):
+        if key not in d:
+            raise ValueError(f"{where} is missing key {key!r}")
+    # A one-token row is packed as a decode row, so a prefill chunk has at least 2 tokens.
+    lens = _int_list(d["prefill_chunk_lens"], f"{where}.prefill_chunk_lens", 2)
+    context = _int_list(d["prefill_context"], f"{where}.prefill_context", 0)
+    if len(context) != len(lens):
+        raise ValueError(f"{where}: prefill_context has {len(context)} entries, prefill_chunk_lens {len(lens)}")
+    num_decodes = _int(d["num_decodes"], f"{where}.num_decodes")
+    decode_context = _int(d["decode_context_tokens"], f"{where}.decode_context_tokens")
+    if num_decodes == 0 and decode_context:
+        raise ValueError(f"{where}: decode_context_tokens={decode_context} with no decodes")
+    times = d["times_s"]
+    if not isinstance(times, list) or not times:
+        raise ValueError(f"{where}.times_s must be a non-empty list of seconds, got {times!r}")
+    for i, t in enumerate(times):
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
+            raise ValueError(f"{where}.times_s[{i}] must be a finite number of seconds > 0, got {t!r}")
+    point = ProfilePoint(lens, context, num_decodes, decode_context, tuple(float(t) for t in times))
+    if point.num_seqs == 0:
+        raise ValueError(f"{where} has no rows (no prefill chunks and no decodes)")
+    # The derived fields are stored for readers of the JSON; they must agree with the primary ones.
+    for key, value in (("num_prefill_tokens", point.num_prefill_tokens), ("num_seqs", point.num_seqs)):
+        if d[key] != value:
+            raise ValueError(f"{where}.{key} = {d[key]!r} disagrees with the rows ({value})")
+    median = d["median_s"]
+    is_number = isinstance(median, (int, float)) and not isinstance(median, bool)
+    if not is_number or not math.isclose(median, point.median_s, rel_tol=1e-9):
+        raise ValueError(f"{where}.median_s = {median!r} is not the median of times_s ({point.median_s!r})")
+    return point
+
+
+def profile_from_json(obj, source: str = "profile") -> Profile:
+    """Validates a parsed profile; ``ValueError`` naming ``source`` and the first problem."""
+
+    def fail(msg):
+        raise ValueError(f"{source}: {msg}")
+
+    if not isinstance(obj, Mapping):
+        fail(f"expected a JSON object, got {type(obj).__name__}")
+    for key in _TOP_KEYS:
+        if key not in obj:
+            fail(f"missing key {key!r}")
+    if obj["format"] != FORMAT:
+        fail(f"format {obj['format']!r} is not supported (this jaxserve reads format {FORMAT})")
+    try:
+        _model_config(obj["model"], "model")
+        dtype = obj["dtype"]
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+        device = obj["device"]
+        if not isinstance(device, Mapping) or not all(isinstance(device.get(k), str) for k in ("backend", "kind")):
+            raise ValueError(f"device must be an object with string 'backend' and 'kind', got {device!r}")
+        block_size = _int(obj["block_size"], "block_size", 1)
+        engine = obj.get("engine", {})
+        if not isinstance(engine, Mapping):
+            raise ValueError(f"engine must be an object, got {type(engine).__name__}")
+        raw = obj["points"]
+        if not isinstance(raw, list):
+            raise ValueError(f"points must be a list, got {type(raw).__name__}")
+        if not raw:
+            raise ValueError("points is empty (nothing was measured)")
+        points, seen = [], {}
+        for i, p in enumerate(raw):
+            point = _point_from_json(p, f"points[{i}]")
+            if point.key in seen:
+                raise ValueError(f"points[{i}] measures the same shape as points[{seen[point.key]}]")
+            seen[point.key] = i
+            points.append(point)
+    except ValueError as e:
+        fail(str(e))
+    return Profile(
+        model=_normalized(obj["model"]), dtype=dtype, device=dict(device), block_size=block_size,
+        points=tuple(points), engine=dict(engine), model_name=str(obj.get("model_name", "")),
+        grid=str(obj.get("grid", "")),
+    )
+
+
+def load_profile(path: str) -> Profile:
+    """Reads and validates a profile file. ``FileNotFoundError`` if absent; ``ValueError`` naming the
+    file and the problem (not JSON, a missing key, a wrong type, another format version, no points)."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return profile_from_json(obj, source=path)
+
+
+def save_profile(profile: Profile, path: str) -> None:
+    """Writes ``profile`` atomically: a temporary file in the same directory, then a rename, so an
+    interrupted run leaves either the previous file or the new one, never a torn one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".profile-", suffix=".tmp", dir=directory)
+    try:
+        obj = profile.to_json()
+        points = obj.pop("points")
+        head = json.dumps(obj, indent=1)
+        assert head.endswith("\n}")
+        # One line per point: a long profile stays readable and diffable.
+        lines = ",\n".join("  " + json.dumps(p) for p in points)
+        with os.fdopen(fd, "w") as f:
+            f.write(f'{head[:-2]},\n "points": [\n{lines}\n ]\n}}\n')
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# -- the grid ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PointSpec:
+    """A step shape to measure: prefill rows ``(context, chunk_len)`` and ``num_decodes`` decode rows
+    with ``decode_context`` tokens each already in KV."""
+
+    prefill: tuple[tuple[int, int], ...] = ()
+    num_decodes: int = 0
+    decode_context: int = 0
+
+    @property
+    def key(self) -> tuple:
+        return (tuple(n for _, n in self.prefill), tuple(c for c, _ in self.prefill), self.num_decodes,
+                self.num_decodes * self.decode_context)
+
+    @property
+    def row_lens(self) -> list[int]:
+        """Tokens in KV after the step, per row (decodes first)."""
+        return [self.decode_context + 1] * self.num_decodes + [c + n for c, n in self.prefill]
+
+    def blocks_needed(self, block_size: int) -> int:
+        return sum(-(-n // block_size) for n in self.row_lens)
+
+    def describe(self) -> str:
+        parts = []
+        if self.num_decodes:
+            parts.append(f"{self.num_decodes} decodes x {self.decode_context} ctx")
+        if self.prefill:
+            parts.append(" + ".join(f"{n}@{c}" for c, n in self.prefill) + " prefill")
+        return ", ".join(parts)
+
+    def point(self, times_s: Sequence[float]) -> ProfilePoint:
+        lens, context, d, dctx = self.key
+        return ProfilePoint(lens, context, d, dctx, tuple(float(t) for t in times_s))
+
+
+def grid_points(name: str) -> tuple[PointSpec, ...]:
+    """The shapes of grid ``name``. ``small``: 15 points in 4 bucket shapes of a tiny model (tests,
+    a quick look); ``default``: 63 points up to 2048-token chunks and 256 decodes."""
+    if name == "small":
+        # Decode counts 5 and 6 share one decode bucket and every chunk fits 1-2 blocks of 32 rows,
+        # so the whole grid compiles 4 step shapes; contexts stay under 256 positions.
+        prefill = [((0, 32),), ((0, 16),), ((64, 32),), ((160, 32),), ((0, 64),),
+                   ((0, 32), (0, 32)), ((32, 32), (0, 20))]  # fmt: skip
+        specs = [PointSpec(p) for p in prefill]
+        specs += [PointSpec((), d, ctx) for d in (5, 6) for ctx in (16, 64, 200)]
+        specs += [PointSpec(((0, 32),), 6, 64), PointSpec(((96, 24),), 5, 160)]
+        return tuple(specs)
+    if name == "default":
+        specs = [PointSpec(((0, n),)) for n in (32, 64, 128, 256, 512, 1024, 2048)]
+        specs += [PointSpec(((c, n),)) for c in (256, 1024, 3072) for n in (128, 512, 1024)]
+        specs += [PointSpec(((0, n),) * k) for k in (2, 4, 8) for n in (64, 256)]
+        specs += [PointSpec(((512, 256),) * 4)]
+        specs += [PointSpec((), d, ctx) for d in (1, 2, 4, 8, 16, 32, 64, 128, 256) for ctx in (64, 512, 2048)]
+        specs += [PointSpec(((0, n),), d, 512) for d in (4, 16, 64, 128) for n in (64, 256, 512)]
+        specs += [PointSpec(((1024, 256),), 32, 2048)]
+        return tuple(specs)
+    raise ValueError(f"grid must be one of {GRIDS}, got {name!r}")
+
+
+class BumpAllocator:
+    """Hands out distinct KV pages ``0..num_blocks-1`` in order; ``reset`` before each point (the
+    pages' contents do not matter for timing, only that rows do not share them)."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks, self.next = num_blocks, 0
+
+    def reset(self) -> None:
+        self.next = 0
+
+    def take(self, n: int) -> tuple[int, ...]:
+        if self.next + n > self.num_blocks:
+            raise ValueError(f"needs {self.next + n} KV pages, the pool has {self.num_blocks}")
+        self.next += n
+        return tuple(range(self.next - n, self.next))
+
+
+def build_plan(spec: PointSpec, block_size: int, vocab_size: int, allocator: BumpAllocator, rng):
+    """``(BatchPlan, requests)``: the step ``spec`` describes, every row sampling (a prefill row is
+    its prompt's last chunk), with the requests to ``register`` on the runner."""
+    from jaxserve.plan import BatchPlan
+    from jaxserve.request import Request, SamplingParams
+
+    allocator.reset()
+    rows = [(f"dec{i}", spec.decode_context, 1) for i in range(spec.num_decodes)]
+    rows += [(f"pre{j}", c, n) for j, (c, n) in enumerate(spec.prefill)]
+    requests, tables, tokens = [], [], []
+    for rid, c, n in rows:
+        decode = n == 1
+        prompt_len = c if decode else c + n  # a decode samples generated token 1; a chunk token 0
+        ids = rng.integers(0, vocab_size, size=prompt_len).tolist()
+        requests.append(Request(rid, prompt_token_ids=ids, sampling=SamplingParams(2 if decode else 1, temperature=0.0)))
+        tables.append(allocator.take(-(-(c + n) // block_size)))
+        tokens.append(rng.integers(0, vocab_size, size=n))
+    plan = BatchPlan(
+        request_ids=tuple(r for r, _, _ in rows),
+        num_computed_tokens=np.array([c for _, c, _ in rows], np.int64),
+        num_new_tokens=np.array([n for _, _, n in rows], np.int64),
+        samples_token=np.ones(len(rows), bool),
+        block_tables=tuple(tables),
+        token_ids=np.concatenate(tokens).astype(np.int32),
+        block_size=block_size,
+    )
+    plan.validate()
+    return plan, requests
+
+
+# -- measuring ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileRun:
+    """What one ``profile_model`` call did: points measured now, found in the file, and skipped."""
+
+    profile: Profile
+    measured: int
+    already: int
+    skipped: tuple[tuple[PointSpec, str], ...]
+
+
+def _fits(spec: PointSpec, max_positions: int) -> str | None:
+    if max(spec.row_lens) > max_positions:
+        return f"a row of {max(spec.row_lens)} tokens exceeds max_position_embeddings={max_positions}"
+    return None
+
+
+def profile_model(
+    model_dir: str,
+    out: str,
+    *,
+    dtype: str | None = None,
+    repeats: int = 5,
+    warmup: int = 2,
+    grid: str = "default",
+    block_size: int = 16,
+    block_rows: int = 32,
+    attention: str = "auto",
+    kv_cache_gb: float = 4.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> ProfileRun:
+    """Measures every point of ``grid`` not yet in ``out`` (see the module docstring) and returns
+    what it did. ``ValueError`` for bad options or an ``out`` measured under another fingerprint."""
+    _int(repeats, "repeats", 1)
+    _int(warmup, "warmup", 1)  # the first run of a shape compiles it: never a sample
+    _int(block_size, "block_size", 1)
+    specs = grid_points(grid)
+    if not kv_cache_gb > 0:
+        raise ValueError(f"kv_cache_gb must be > 0, got {kv_cache_gb!r}")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise ValueError(f"--out {out!r}: its directory does not exist")
+
+    import jax
+
+    from jaxserve.engine.model_runner import ModelRunner
+    from jaxserve.kv.config import KVConfig
+    from jaxserve.model.attention import default_attention_impl
+    from jaxserve.model.loader import load_model
+
+    cfg, params = load_model(model_dir, dtype)
+    impl = default_attention_impl() if attention == "auto" else attention
+    header = Profile(
+        model=_normalized(dataclasses.asdict(cfg)), dtype=cfg.dtype,
+        device={"backend": jax.default_backend(), "kind": jax.devices()[0].device_kind},
+        block_size=block_size, points=(), engine={"attention": impl, "block_rows": block_rows},
+        model_name=os.path.basename(os.path.normpath(model_dir)), grid=grid,
+    )
+    points: list[ProfilePoint] = []
+    if os.path.exists(out):
+        old = load_profile(out)
+        mine, theirs = header.fingerprint(), old.fingerprint()
+        for key in FINGERPRINT_KEYS:
+            if mine[key] != theirs[key]:
+                raise ValueError(
+                    f"{out} was measured with another {key} ({theirs[key]!r}, now {mine[key]!r}); "
+                    "write this profile to another --out"
+                )
+        points = list(old.points)
+    done = {p.key for p in points}
+
+    per_block = 2 * cfg.num_layers * cfg.num_kv_heads * block_size * cfg.head_dim * jax.numpy.dtype(cfg.dtype).itemsize
+    budget_blocks = max(1, int(kv_cache_gb * 2**30 // per_block))
+    skipped, todo = [], []
+    for spec in specs:
+        reason = _fits(spec, cfg.max_position_embeddings)
+        if reason is None and spec.blocks_needed(block_size) > budget_blocks:
+            reason = f"needs {spec.blocks_needed(block_size)} KV pages, --kv-cache-gb holds {budget_blocks}"
+        if reason:
+            skipped.append((spec, reason))
+        elif spec.key not in done:
+            todo.append(spec)
+    already = sum(1 for s in specs if s.key in done)
+    if not todo:
+        return ProfileRun(header.with_points(points), 0, already, tuple(skipped))
+
+    # The pool and the context limit sized to what the grid needs, not to the model's maximum.
+    num_blocks = max(s.blocks_needed(block_size) for s in todo)
+    max_len = max(max(s.row_lens) for s in todo) + 1
+    runner = ModelRunner(cfg, params, KVConfig(num_blocks, block_size), max_model_len=max_len,
+                         block_rows=block_rows, attention=impl, seed=seed)
+    allocator, rng = BumpAllocator(num_blocks), np.random.default_rng(seed)
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("[bold]profile[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task("", total=len(todo))
+        for spec in todo:
+            bar.update(task, description=spec.describe())
+            plan, requests = build_plan(spec, block_size, cfg.vocab_size, allocator, rng)
+            for r in requests:
+                runner.register(r)
+            for _ in range(warmup):
+                runner.execute(plan)
+            times = [runner.execute(plan).duration_s for _ in range(repeats)]
+            for r in requests:
+                runner.release(r.request_id)
+            points.append(spec.point(times))
+            save_profile(header.with_points(points), out)  # after every point: a crash loses one
+            bar.advance(task)
+    return ProfileRun(header.with_points(points), len(todo), already, tuple(skipped))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxserve.profile", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="a local Hugging Face model directory")
+    parser.add_argument("--out", required=True, help="the profile JSON (resumed if it exists)")
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per point")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs per point before them (>= 1)")
+    parser.add_argument("--grid", choices=GRIDS, default="default")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV page")
+    parser.add_argument("--block-rows", type=int, default=32, help="prefill rows per block (engine.block_rows)")
+    parser.add_argument("--attention", default="auto", help="auto | grouped | ragged")
+    parser.add_argument("--kv-cache-gb", type=float, default=4.0, help="largest KV pool a point may use")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    try:
+        run = profile_model(
+            args.model, args.out, dtype=args.dtype, repeats=args.repeats, warmup=args.warmup, grid=args.grid,
+            block_size=args.block_size, block_rows=args.block_rows, attention=args.attention,
+            kv_cache_gb=args.kv_cache_gb, seed=args.seed, progress=not args.quiet,
+        )
+    except (OSError, ValueError) as e:
+        console.print(f"[red]error:[/] {e}")
+        return 1
+    console.print(f"{args.out}: measured {run.measured} points, {run.already} already there, {len(run.skipped)} skipped")
+    for spec, reason in run.skipped:
+        console.print(f"  skipped {spec.describe()}: {reason}")
+    if run.profile.points:
+        from jaxserve.sim.profiled_cost_model import fit
+
+        _, report = fit(run.profile.points)
+        console.print(report.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

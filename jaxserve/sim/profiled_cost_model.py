@@ -1,0 +1,343 @@
+"""ProfiledCostModel: simulator step durations fitted to measurements of the real engine.
+
+A profile (``python -m jaxserve.profile``, format in ``jaxserve/profile.py``) holds the engine's
+measured step time over a grid of batch shapes. The step time is modelled as linear in the
+features ``FEATURES`` (defined in ``jaxserve/profile.py``; seconds per unit)::
+
+    duration_s = c_const + c_pt · prefill_tokens + c_pq · prefill_attention_pairs
+               + c_dt · decode_context_tokens + c_ds · num_decodes + c_ps · num_prefill_seqs
+
+Every coefficient is a cost, so the fit is non-negative least squares. It minimizes the *relative*
+squared error Σ ((pred − t) / t)² over the points' median times: step times span orders of
+magnitude (a 1-row decode vs a 2048-token prefill), and an absolute fit would spend itself on the
+largest points while the simulator mostly runs small decode steps. The problem has six unknowns,
+so it is solved exactly (``nnls``), no iterative optimizer needed.
+
+What a profile does not measure comes from a ``RooflineCostModel`` of the profiled model on the
+configured hardware: KV capacity (device memory minus weights), energy (see ``ProfiledCostModel``),
+price, and KV swaps over the host link (added to the step, as the roofline models them). The
+engine runs on one device, so the roofline is built with tp = pp = 1.
+
+``decode_run`` evaluates the same expression as ``step`` in the same order, so the simulator's fast
+path gives step-by-step durations and energies bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from jaxserve.plan import BatchPlan
+from jaxserve.sim.cost_model import PROFILE_NUM_SEQS, PROFILE_NUM_TOKENS, RooflineCostModel, StepCost
+from jaxserve.sim.hardware import HardwareSpec
+from jaxserve.sim.models import ModelSpec
+
+if TYPE_CHECKING:  # not at run time: `python -m jaxserve.profile` must not find itself imported by jaxserve.sim
+    from jaxserve.profile import Profile, ProfilePoint
+
+FEATURES = (
+    "const",
+    "prefill_tokens",
+    "prefill_attention_pairs",
+    "decode_context_tokens",
+    "num_decodes",
+    "num_prefill_seqs",
+)
+UNITS = ("s/step", "s/token", "s/pair", "s/token", "s/row", "s/row")
+# The profile's jnp dtype names -> the roofline's.
+ROOFLINE_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+# -- features ----------------------------------------------------------------------------------------
+
+
+def _prefill_terms(n: np.ndarray, c: np.ndarray) -> tuple[float, float]:
+    """(tokens, query-key pairs) of prefill rows with ``n`` new and ``c`` prior tokens (int64)."""
+    tokens = float(n.sum())
+    # Σ n·(c + (n+1)/2): each new token sees the prior context and the chunk causally.
+    pairs = float(np.dot(n, c)) + 0.5 * (float(np.dot(n, n)) + tokens)
+    return tokens, pairs
+
+
+def point_features(point: ProfilePoint) -> np.ndarray:
+    """float64 [len(FEATURES)] of a profile point."""
+    n = np.asarray(point.prefill_chunk_lens, np.int64)
+    c = np.asarray(point.prefill_context, np.int64)
+    tokens, pairs = _prefill_terms(n, c)
+    return np.array([1.0, tokens, pairs, float(point.decode_context_tokens), float(point.num_decodes), float(len(n))])
+
+
+def plan_features(plan: BatchPlan) -> tuple[float, float, float, float, float]:
+    """(prefill_tokens, prefill_attention_pairs, decode_context_tokens, num_decodes, num_prefill_seqs)
+    of a non-empty plan. Rows with one new token are decodes, as the engine packs them."""
+    n, c = plan.num_new_tokens, plan.num_computed_tokens
+    if plan.num_tokens == len(n):  # all decodes: the simulator's common case, no masking
+        return 0.0, 0.0, float(c.sum()), float(len(n)), 0.0
+    dec = n == 1
+    pre = ~dec
+    tokens, pairs = _prefill_terms(n[pre], c[pre])
+    return tokens, pairs, float(c[dec].sum()), float(np.count_nonzero(dec)), float(np.count_nonzero(pre))
+
+
+# -- the fit -----------------------------------------------------------------------------------------
+
+
+def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """argmin ||a x − b||₂ subject to x ≥ 0, exactly, for few columns (here 6).
+
+    The optimum is the unconstrained least-squares solution on its own support (KKT), which is
+    feasible; any other feasible support solution is a feasible point, so no better. Hence the best
+    residual over supports whose least-squares solution is non-negative is the optimum: 2^k − 1
+    small solves. Columns are scaled to unit max first (the features span 1 to ~10^9). All-zero
+    columns get 0."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    k = a.shape[1]
+    scale = np.abs(a).max(axis=0)
+    live = [j for j in range(k) if scale[j] > 0]
+    scale[scale == 0] = 1.0
+    a = a / scale
+    best, best_r2 = np.zeros(k), float(b @ b)  # x = 0 is feasible
+    for size in range(1, len(live) + 1):
+        for support in itertools.combinations(live, size):
+            cols = list(support)
+            xs, *_ = np.linalg.lstsq(a[:, cols], b, rcond=None)
+            if np.any(xs < 0):
+                continue
+            r = a[:, cols] @ xs - b
+            r2 = float(r @ r)
+            if r2 < best_r2:
+                best_r2 = r2
+                best = np.zeros(k)
+                best[cols] = xs
+    return best / scale
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTimeModel:
+    """Fitted coefficients, one per ``FEATURES`` entry (units ``UNITS``), each finite and >= 0."""
+
+    coefficients: tuple[float, ...]
+
+    def __post_init__(self):
+        if len(self.coefficients) != len(FEATURES):
+            raise ValueError(f"StepTimeModel needs {len(FEATURES)} coefficients {FEATURES}, got {len(self.coefficients)}")
+        for name, value in zip(FEATURES, self.coefficients):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"StepTimeModel coefficient {name} must be a finite number >= 0, got {value!r}")
+        # Python floats, so step() does scalar float arithmetic (not numpy scalar promotion).
+        object.__setattr__(self, "coefficients", tuple(float(v) for v in self.coefficients))
+
+    def duration(self, prefill_tokens, prefill_pairs, decode_context, num_decodes, prefill_seqs):
+        """Seconds; scalars or float64 arrays. The one expression both ``step`` and ``decode_run``
+        evaluate (same operations in the same order: bitwise-equal results)."""
+        c0, cpt, cpq, cdt, cds, cps = self.coefficients
+        return (c0 + cpt * prefill_tokens + cpq * prefill_pairs + cdt * decode_context + cds * num_decodes
+                + cps * prefill_seqs)
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Seconds per row of ``features`` float64 [n, len(FEATURES)]."""
+        return np.asarray(features, np.float64) @ np.array(self.coefficients)
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(zip(FEATURES, self.coefficients))
+
+
+@dataclasses.dataclass(frozen=True)
+class FitReport:
+    """How well a fit explains the profile. Errors are fractions (0.05 = 5%): MAPE is the mean of
+    |predicted − measured| / measured over the points' medians, ``*_max_ape`` the largest such
+    error; the held-out ones are NaN when no point was held out. ``unidentified`` lists features no
+    training point exercises (their coefficient is 0: the profile says nothing about them)."""
+
+    coefficients: dict
+    num_train: int
+    num_holdout: int
+    train_mape: float
+    train_max_ape: float
+    holdout_mape: float
+    holdout_max_ape: float
+    unidentified: tuple[str, ...]
+
+    def summary(self) -> str:
+        def pct(x):
+            return "n/a" if math.isnan(x) else f"{100 * x:.1f}%"
+
+        lines = [
+            f"fit on {self.num_train} points ({self.num_holdout} held out): train MAPE {pct(self.train_mape)} "
+            f"(max {pct(self.train_max_ape)}), held-out MAPE {pct(self.holdout_mape)} (max {pct(self.holdout_max_ape)})"
+        ]
+        lines += [f"  {name} = {value:.4g} {unit}" for (name, value), unit in zip(self.coefficients.items(), UNITS)]
+        if self.unidentified:
+            lines.append(f"  not exercised by the profile (coefficient 0): {', '.join(self.unidentified)}")
+        return "\n".join(lines)
+
+
+def _ape(model: StepTimeModel, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return np.abs(model.predict(x) - y) / y
+
+
+def fit(points: Sequence[ProfilePoint], holdout_fraction: float = 0.2, seed: int = 0) -> tuple[StepTimeModel, FitReport]:
+    """Fits the step-time model to ``points`` (their median times), holding a random
+    ``holdout_fraction`` of them out (at least one point is kept for training) to report the error
+    on shapes the fit has not seen. ``ValueError`` on no points or a fraction outside [0, 1)."""
+    if not points:
+        raise ValueError("fit needs at least one profile point")
+    if not isinstance(holdout_fraction, (int, float)) or not 0.0 <= holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction!r}")
+    x = np.stack([point_features(p) for p in points])
+    y = np.array([p.median_s for p in points])
+    n = len(points)
+    perm = np.random.default_rng(seed).permutation(n)
+    n_hold = min(n - 1, int(round(holdout_fraction * n)))
+    hold, train = perm[:n_hold], perm[n_hold:]
+    xt, yt = x[train], y[train]
+    coef = nnls(xt / yt[:, None], np.ones(len(train)))
+    model = StepTimeModel(tuple(float(v) for v in coef))
+    train_err = _ape(model, xt, yt)
+    hold_err = _ape(model, x[hold], y[hold]) if n_hold else np.array([math.nan])
+    report = FitReport(
+        coefficients=model.as_dict(),
+        num_train=len(train),
+        num_holdout=int(n_hold),
+        train_mape=float(train_err.mean()),
+        train_max_ape=float(train_err.max()),
+        holdout_mape=float(hold_err.mean()),
+        holdout_max_ape=float(hold_err.max()),
+        unidentified=tuple(name for j, name in enumerate(FEATURES) if not np.any(xt[:, j])),
+    )
+    return model, report
+
+
+# -- the cost model ----------------------------------------------------------------------------------
+
+
+def model_spec(profile: Profile) -> ModelSpec:
+    """The profiled model's shape for the roofline parts (KV bytes, weights). An output-projection
+    bias (``o_bias``) is left out: ``hidden_size`` parameters per layer, nothing a KV budget sees."""
+    cfg = profile.model_config()
+    return ModelSpec(
+        name=profile.model_name or f"profiled-{cfg.model_type}",
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        intermediate_size=cfg.intermediate_size,
+        vocab_size=cfg.vocab_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        mlp="swiglu",
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        qkv_bias=cfg.qkv_bias,
+        rope_theta=cfg.rope_theta,
+    )
+
+
+class ProfiledCostModel:
+    """Step costs from a fitted ``StepTimeModel``; the rest from ``roofline`` (same model, one device).
+
+    ``step(plan)`` and ``decode_run`` have RooflineCostModel's signatures and contracts. Duration:
+    the fitted expression, plus the roofline's host-link time when the plan swaps KV blocks (the
+    profile measures no swaps; copy-on-write copies are not modelled either). Energy is modelled,
+    not measured: the devices draw idle power for the whole measured duration, plus dynamic power
+    for the roofline's busy time of the same work, at most for the whole duration (utilization
+    capped at 1) — 0 on hardware without a power model. ``StepCost.compute_s``/``memory_s`` are 0:
+    a measured time is not split into compute and memory; ``comm_s`` is the swap time.
+    """
+
+    def __init__(self, step_time: StepTimeModel, roofline: RooflineCostModel, fit_report: FitReport | None = None):
+        if roofline.num_devices != 1:
+            raise ValueError(f"a profile measures one device; the roofline has tp={roofline.tp}, pp={roofline.pp}")
+        self.step_time = step_time
+        self.roofline = roofline
+        self.fit_report = fit_report
+        self._models_energy = roofline.models_energy
+        hw = roofline.hardware
+        self._idle_w = roofline.idle_power_w()
+        self._dyn_w = (hw.power_max_w - hw.power_idle_w) * roofline.num_devices if self._models_energy else 0.0
+
+    @classmethod
+    def from_profile(cls, profile: Profile, hardware: HardwareSpec) -> ProfiledCostModel:
+        """Fitted on every point of ``profile`` (the simulator uses all measurements; ``fit`` with a
+        holdout is for judging the model); KV, energy and price from ``hardware``."""
+        dtype = ROOFLINE_DTYPES[profile.dtype]
+        if dtype not in hardware.peak_flops_by_dtype and not hardware.has_power_model:
+            # The roofline's compute peak only feeds its busy time, i.e. energy, which this hardware
+            # does not model; weights and KV keep the profile's dtype. (E.g. a bf16 model on "cpu".)
+            peaks = dict(hardware.peak_flops_by_dtype)
+            hardware = dataclasses.replace(hardware, peak_flops_by_dtype={**peaks, dtype: max(peaks.values())})
+        roofline = RooflineCostModel(model_spec(profile), hardware, dtype=dtype)
+        step_time, report = fit(profile.points, holdout_fraction=0.0)
+        return cls(step_time, roofline, report)
+
+    # -- queries (delegated) -----------------------------------------------------------------------
+    @property
+    def model(self) -> ModelSpec:
+        return self.roofline.model
+
+    @property
+    def hardware(self) -> HardwareSpec:
+        return self.roofline.hardware
+
+    @property
+    def num_devices(self) -> int:
+        return self.roofline.num_devices
+
+    @property
+    def models_energy(self) -> bool:
+        return self._models_energy
+
+    def idle_power_w(self) -> float:
+        return self.roofline.idle_power_w()
+
+    def cost_usd_per_hour(self) -> float:
+        return self.roofline.cost_usd_per_hour()
+
+    def activation_reserve_bytes(self, num_tokens: int = PROFILE_NUM_TOKENS, num_seqs: int = PROFILE_NUM_SEQS) -> int:
+        return self.roofline.activation_reserve_bytes(num_tokens, num_seqs)
+
+    def kv_capacity_blocks(self, block_size: int, gpu_memory_utilization: float = 0.9,
+                           activation_reserve_bytes: int | None = None) -> int:
+        """KV blocks that fit the hardware's memory after the profiled model's weights (roofline)."""
+        return self.roofline.kv_capacity_blocks(block_size, gpu_memory_utilization, activation_reserve_bytes)
+
+    def __repr__(self) -> str:
+        coef = ", ".join(f"{k}={v:.3g}" for k, v in self.step_time.as_dict().items())
+        return f"ProfiledCostModel({self.model.name}, {self.hardware.name}, {coef})"
+
+    # -- the step ----------------------------------------------------------------------------------
+    def _energy(self, duration, roof_duration, roof_energy):
+        """Idle power over ``duration`` plus the roofline's dynamic energy (its energy minus its idle
+        part), capped at full dynamic power over ``duration``; scalars or arrays alike."""
+        dynamic = np.minimum(np.maximum(roof_energy - self._idle_w * roof_duration, 0.0), self._dyn_w * duration)
+        return self._idle_w * duration + dynamic
+
+    def step(self, plan: BatchPlan) -> StepCost:
+        """Cost of ``plan``; an empty plan costs nothing (as the roofline's)."""
+        if not plan.num_seqs:
+            return StepCost(0.0, 0.0, 0.0, 0.0, 0.0)
+        duration = self.step_time.duration(*plan_features(plan))
+        swaps = bool(plan.swap_out_blocks or plan.swap_in_blocks)
+        roof = self.roofline.step(plan) if (swaps or self._models_energy) else None
+        comm = 0.0
+        if swaps:  # only then, so a plain step stays the exact expression decode_run evaluates
+            comm = roof.comm_s
+            duration += comm
+        energy = float(self._energy(duration, roof.duration_s, roof.energy_j)) if self._models_energy else 0.0
+        return StepCost(float(duration), energy, 0.0, 0.0, comm)
+
+    def decode_run(self, num_rows: int, context_tokens: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Durations and energies of ``k`` consecutive decode steps of the same ``num_rows`` rows whose
+        contexts sum to ``context_tokens`` at the first step (each step adds ``num_rows``); element j
+        equals ``step(plan_j)`` bit for bit."""
+        context = (context_tokens + num_rows * np.arange(k, dtype=np.int64)).astype(np.float64)
+        durations = self.step_time.duration(0.0, 0.0, context, float(num_rows), 0.0)
+        if not self._models_energy:
+            return durations, np.zeros(k)
+        roof_durations, roof_energies = self.roofline.decode_run(num_rows, context_tokens, k)
+        return durations, self._energy(durations, roof_durations, roof_energies)
