@@ -19,6 +19,7 @@ from jaxserve.profile import Profile, grid_points, load_profile, save_profile
 from jaxserve.sim import ConfigError, get_hardware, simulate
 from jaxserve.sim.profiled_cost_model import FEATURES, ProfiledCostModel, fit, nnls, point_features
 from jaxserve.sim.simulator import SimExecutor, run_replica
+from sim_testing import assert_same_log
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Seconds per unit of FEATURES; each term is a sizable share of some default-grid point's time.
@@ -214,15 +215,6 @@ def test_decode_run_is_bitwise_step(hardware):
         c[: (ctx + rows * j) % rows] += 1
         cost = cm.step(plan(c, np.ones(rows, np.int64)))
         assert cost.duration_s == durations[j] and cost.energy_j == energies[j]
-
-
-def assert_same_log(a, b):
-    for f in dataclasses.fields(a):
-        x, y = getattr(a, f.name), getattr(b, f.name)
-        if isinstance(x, np.ndarray) and x.dtype != object:
-            np.testing.assert_array_equal(x, y, err_msg=f.name)
-        else:
-            assert (x == y) if not isinstance(x, np.ndarray) else list(x) == list(y), f.name
 
 
 class CountingExecutor(SimExecutor):

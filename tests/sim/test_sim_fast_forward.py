@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from jaxserve.scheduler.fast_forward import advance_decodes, decode_run_limit, i
 from jaxserve.sim import RooflineCostModel, get_hardware, get_model
 from jaxserve.sim.simulator import SIM_TOKEN_ID, SimExecutor, run_replica
 from jaxserve.plan import StepOutput
+from sim_testing import assert_same_log
 
 COST = RooflineCostModel(get_model("llama-2-7b"), get_hardware("a100-80gb"))
 
@@ -33,15 +33,6 @@ def workload(rng, n, max_prompt=300, max_out=200, rate=20.0):
 def run(name, requests, kv, fast_forward, **opts):
     sched = jaxserve.scheduler.make(name, **opts)
     return run_replica(sched, kv, SimExecutor(COST), requests, fast_forward=fast_forward).freeze()
-
-
-def assert_same_log(a, b):
-    for f in dataclasses.fields(a):
-        x, y = getattr(a, f.name), getattr(b, f.name)
-        if isinstance(x, np.ndarray) and x.dtype != object:
-            np.testing.assert_array_equal(x, y, err_msg=f.name)
-        else:
-            assert x == y if not isinstance(x, np.ndarray) else list(x) == list(y), f.name
 
 
 @pytest.mark.parametrize("name, opts", [
