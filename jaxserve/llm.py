@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from jaxserve import scheduler as schedulers
 from jaxserve.engine.engine import Engine
-from jaxserve.engine.model_runner import ModelRunner
+from jaxserve.engine.model_runner import ModelRunner, step_limits
 from jaxserve.kv.config import KVConfig
 from jaxserve.model import checkpoint
 from jaxserve.model.config import ModelConfig
@@ -122,9 +122,9 @@ class LLM:
     def warmup(self, max_decode_rows: int | None = None, max_blocks: int | None = None, mixed: bool = True) -> int:
         """Compiles the step for every bucket shape up to these sizes (defaults: the scheduler's
         ``max_num_seqs`` decode rows and its token budget in prefill blocks); returns the count."""
-        max_decode_rows = max_decode_rows or int(getattr(self.scheduler, "max_num_seqs", 256))
-        budget = getattr(self.scheduler, "chunk_size", None) or getattr(self.scheduler, "max_num_batched_tokens", 2048)
-        max_blocks = max_blocks or math.ceil(int(budget) / self.runner.spec.block_rows) + 1
+        max_seqs, budget = step_limits(self.scheduler)
+        max_decode_rows = max_decode_rows or max_seqs
+        max_blocks = max_blocks or math.ceil(budget / self.runner.spec.block_rows) + 1
         return self.runner.warmup(max_decode_rows, max_blocks, mixed=mixed)
 
     def _encode(self, prompt) -> list[int]:

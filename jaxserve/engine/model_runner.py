@@ -289,3 +289,10 @@ class ModelRunner:
             tokens, self.caches, _ = self._run(pack(empty, self.spec, {}, shape=(d, b)), all_logits=False)
             tokens.block_until_ready()  # the caches were donated: keep the returned ones
         return len(shapes)
+
+
+def step_limits(scheduler) -> tuple[int, int]:
+    """``(max_num_seqs, token budget per step)`` of a scheduler, for sizing warm-up (policies that
+    do not declare them get vLLM's defaults of 256 sequences and 2048 tokens)."""
+    budget = getattr(scheduler, "chunk_size", None) or getattr(scheduler, "max_num_batched_tokens", 2048)
+    return int(getattr(scheduler, "max_num_seqs", 256)), int(budget)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 
 from jaxserve.engine.engine import Engine
-from jaxserve.engine.model_runner import ModelRunner
+from jaxserve.engine.model_runner import ModelRunner, step_limits
 from jaxserve.kv.config import KVConfig
 from jaxserve.llm import kv_blocks_for
 from jaxserve.metrics import request_metrics, summarize
@@ -80,9 +80,9 @@ def run_engine(config, on_progress: Callable[[float, int], None] | None = None) 
     runner, kv = build_runner(config)
     requests = with_token_ids(build_workload(config), runner.cfg.vocab_size, int(_get(config, "workload.seed", 0)))
     if _get(config, "engine.warmup", True):
-        max_decode = int(getattr(sched, "max_num_seqs", 256))
-        budget = getattr(sched, "chunk_size", None) or getattr(sched, "max_num_batched_tokens", 2048)
-        max_blocks = min(math.ceil(int(budget) / runner.spec.block_rows) + max_decode, 4 * math.ceil(int(budget) / runner.spec.block_rows))
+        max_decode, budget = step_limits(sched)
+        budget_blocks = math.ceil(budget / runner.spec.block_rows)
+        max_blocks = min(budget_blocks + max_decode, 4 * budget_blocks)
         runner.warmup(min(max_decode, len(requests)), max_blocks, mixed=True)
     limits = RunLimits(max_context=runner.max_model_len, max_sim_time_s=float(_get(config, "sim.max_time_s") or math.inf))
     run = Engine(runner, sched, kv).serve(requests, limits=limits, on_progress=on_progress)

@@ -50,6 +50,13 @@ def _as_dict(node) -> dict:
     return dict(node)
 
 
+def _hardware(config):
+    try:
+        return get_hardware(_get(config, "hardware.name"))
+    except ValueError as e:
+        raise ConfigError(f"hardware.name: {e}") from None
+
+
 def build_cost_model(config) -> RooflineCostModel | ProfiledCostModel:
     kind = _get(config, "sim.cost_model") or "roofline"
     if kind == "profiled":
@@ -60,10 +67,7 @@ def build_cost_model(config) -> RooflineCostModel | ProfiledCostModel:
         model = get_model(_get(config, "model.name"))
     except ValueError as e:
         raise ConfigError(f"model.name: {e}") from None
-    try:
-        hardware = get_hardware(_get(config, "hardware.name"))
-    except ValueError as e:
-        raise ConfigError(f"hardware.name: {e}") from None
+    hardware = _hardware(config)
     options = {}
     for key in ("tp", "pp", "mfu", "mbu", "step_overhead_s"):
         value = _get(config, f"hardware.{key}")
@@ -86,10 +90,7 @@ def build_profiled_cost_model(config) -> ProfiledCostModel:
     for key in ("tp", "pp"):
         if (_get(config, f"hardware.{key}") or 1) != 1:
             raise ConfigError(f"hardware.{key}: a profile measures one device; profiled cost models need {key}=1")
-    try:
-        hardware = get_hardware(_get(config, "hardware.name"))
-    except ValueError as e:
-        raise ConfigError(f"hardware.name: {e}") from None
+    hardware = _hardware(config)
     from jaxserve.profile import load_profile  # here: `python -m jaxserve.profile` imports jaxserve.sim
 
     try:

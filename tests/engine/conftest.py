@@ -1,8 +1,8 @@
 """Shared fixtures of the engine tests: one tiny random Llama checkpoint and one ModelRunner for the
 whole session, so that every test module reuses the same compiled step shapes.
 
-``tests/model/hf_checkpoints.py`` (the transformers reference) is put on ``sys.path`` here, so the
-test modules import it as ``hf_checkpoints`` whatever pytest's import mode or working directory.
+``tests/model/hf_checkpoints.py`` (the transformers reference) is importable as ``hf_checkpoints``
+through pytest's ``pythonpath`` setting in pyproject.toml.
 
 Compilation dominates the cost of these tests on CPU (about 3-4 s per new step shape and logits
 flag, 0.5 s per shape for a further runner once the session's persistent cache holds it), so the
@@ -12,14 +12,7 @@ scenarios keep to a small set of bucket shapes: at most 2 decode rows and 2 pref
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
 import pytest
-
-_MODEL_TESTS = str(pathlib.Path(__file__).resolve().parents[1] / "model")
-if _MODEL_TESTS not in sys.path:
-    sys.path.insert(0, _MODEL_TESTS)
 
 from engine_testing import RUNNER_KV  # noqa: E402  (tests/engine is on sys.path under pytest)
 
