@@ -83,7 +83,7 @@ class Setup:
 
     def decode_step_s(self, batch: int = 1, context: int = 1024) -> float:
         """Modelled duration of one decode step of ``batch`` rows with ``context`` tokens each."""
-        return float(self.cost_model.decode_run(batch, batch * context, 1)[0][0])
+        return float(self.cost_model.decode_run(batch, batch * context, context, 1)[0][0])
 
     def describe(self) -> str:
         cm = self.cost_model

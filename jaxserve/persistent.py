@@ -6,7 +6,8 @@ from ``immutables.Map`` (a C hash-array-mapped trie). Here:
 
 * cons lists: ``(head, tail)`` pairs, ``None`` is empty (O(1) push, used for stacks and token logs);
 * ``Queue``: Okasaki's two-list FIFO queue;
-* ``KeyedQueue``: a leftist heap keyed by a sort key, with removal by id (lazy deletion);
+* ``KeyedQueue``: a priority queue keyed by a sort key (a FIFO for items pushed in key order, a
+  leftist heap for the rest), with removal by id (lazy deletion);
 * shared append-only logs (``log_append_rows``): lists that successive versions share, each
   version reading only its own prefix.
 """
@@ -96,58 +97,98 @@ class Queue:
         yield from cons_to_list_oldest_first(self.rear)
 
 
+_EMPTY_QUEUE = Queue()
+
+
 # -- leftist heap: node = (rank, key, item, left, right) ------------------------------------------
 
 
 def _merge(a, b):
-    if a is None:
-        return b
-    if b is None:
-        return a
-    if b[1] < a[1]:
-        a, b = b, a
-    rank, key, item, left, right = a
-    right = _merge(right, b)
-    if left is None or left[0] < right[0]:
-        left, right = right, left
-    return ((right[0] + 1) if right is not None else 1, key, item, left, right)
+    """The leftist heap holding both heaps' nodes. Iterative (the recursion merged down the right
+    spines, one Python call per level): walk down, always into the smaller root's right child,
+    then rebuild the path bottom-up, swapping children where the leftist rank requires."""
+    path = []
+    while a is not None and b is not None:
+        if b[1] < a[1]:
+            a, b = b, a
+        path.append(a)
+        a = a[4]
+    merged = b if a is None else a
+    for _, key, item, left, _ in reversed(path):
+        right = merged
+        if left is None or left[0] < right[0]:
+            left, right = right, left
+        merged = ((right[0] + 1) if right is not None else 1, key, item, left, right)
+    return merged
 
 
 class KeyedQueue:
-    """A persistent priority queue of items that each have a unique ``id``; smallest key first.
+    """A persistent priority queue of items that each have a unique ``id``; smallest key first
+    (ties: first pushed first).
+
+    Entries are ``((key, stamp), (id, item))``. An entry whose key is no smaller than that of the
+    last entry appended to ``run`` is appended there (a FIFO, already sorted: O(1) push and pop),
+    the usual case of arrivals in key order; any other entry goes to a leftist heap (O(log n)).
+    The smallest entry is the smaller of the two heads.
 
     ``remove(id)`` is O(log n) amortized through lazy deletion: ``members`` maps each live id to the
-    stamp of its live heap entry, and dead entries are dropped when they reach the top.
+    stamp of its live entry, and dead entries are dropped when they reach a head.
     """
 
-    __slots__ = ("heap", "members", "next_stamp")
+    __slots__ = ("heap", "members", "next_stamp", "run", "run_last")
 
-    def __init__(self, heap: Any = None, members: immutables.Map = EMPTY_MAP, next_stamp: int = 0):
+    def __init__(self, heap: Any = None, members: immutables.Map = EMPTY_MAP, next_stamp: int = 0,
+                 run: Optional[Queue] = None, run_last: Optional[tuple] = None):
         self.heap, self.members, self.next_stamp = heap, members, next_stamp
+        self.run = run if run is not None else _EMPTY_QUEUE
+        self.run_last = run_last  # (key, stamp) of the entry last appended to run, None when run is empty
+
+    def _with(self, heap, members, run, run_last) -> "KeyedQueue":
+        return KeyedQueue(heap, members, self.next_stamp, run, run_last)
 
     def push(self, key: tuple, item_id: str, item: Any) -> "KeyedQueue":
         if item_id in self.members:
             raise ValueError(f"KeyedQueue already holds {item_id!r}")
         stamp = self.next_stamp
-        node = (1, (key, stamp), (item_id, item), None, None)
-        return KeyedQueue(_merge(self.heap, node), self.members.set(item_id, stamp), stamp + 1)
+        order = (key, stamp)
+        entry = (order, (item_id, item))
+        members = self.members.set(item_id, stamp)
+        if self.run_last is None or self.run_last < order:
+            return KeyedQueue(self.heap, members, stamp + 1, self.run.push(entry), order)
+        node = (1, order, (item_id, item), None, None)
+        return KeyedQueue(_merge(self.heap, node), members, stamp + 1, self.run, self.run_last)
+
+    def _top_in_run(self) -> Optional[bool]:
+        """Whether the smallest entry heads ``run`` (True) or the heap (False); None when empty."""
+        run, heap = self.run, self.heap
+        if run.front is None:
+            return None if heap is None else False
+        return heap is None or run.front[0][0] < heap[1]
 
     def peek(self) -> Any:
         """The item with the smallest key; IndexError when empty."""
-        if self.heap is None:
+        where = self._top_in_run()
+        if where is None:
             raise IndexError("peek from an empty KeyedQueue")
-        return self.heap[2][1]
+        return self.run.front[0][1][1] if where else self.heap[2][1]
 
     def pop(self) -> "KeyedQueue":
-        if self.heap is None:
+        where = self._top_in_run()
+        if where is None:
             raise IndexError("pop from an empty KeyedQueue")
-        _, _, (item_id, _), left, right = self.heap
-        return KeyedQueue(_merge(left, right), self.members.delete(item_id), self.next_stamp)._clean()
+        if where:
+            item_id = self.run.front[0][1][0]
+            run = self.run.pop()
+            q = self._with(self.heap, self.members.delete(item_id), run, self.run_last if run else None)
+        else:
+            _, _, (item_id, _), left, right = self.heap
+            q = self._with(_merge(left, right), self.members.delete(item_id), self.run, self.run_last)
+        return q._clean()
 
     def remove(self, item_id: str) -> "KeyedQueue":
         if item_id not in self.members:
             return self
-        return KeyedQueue(self.heap, self.members.delete(item_id), self.next_stamp)._clean()
+        return self._with(self.heap, self.members.delete(item_id), self.run, self.run_last)._clean()
 
     def get(self, item_id: str) -> Any:
         """The live item with this id, or None (O(n): for inspection and tests)."""
@@ -156,16 +197,24 @@ class KeyedQueue:
                 return item
         return None
 
+    def _live(self, order: tuple, item_id: str) -> bool:
+        return self.members.get(item_id) == order[1]
+
     def _clean(self) -> "KeyedQueue":
-        heap = self.heap
-        while heap is not None:
-            (_, stamp), (item_id, _) = heap[1], heap[2]
-            if self.members.get(item_id) == stamp:
-                break
+        """Drops dead entries from both heads, so that each head is live (or its part empty)."""
+        heap, run = self.heap, self.run
+        while heap is not None and not self._live(heap[1], heap[2][0]):
             heap = _merge(heap[3], heap[4])
-        return self if heap is self.heap else KeyedQueue(heap, self.members, self.next_stamp)
+        while run.front is not None and not self._live(run.front[0][0], run.front[0][1][0]):
+            run = run.pop()
+        if heap is self.heap and run is self.run:
+            return self
+        return self._with(heap, self.members, run, self.run_last if run else None)
 
     def _live_items(self) -> Iterator[tuple[str, Any]]:
+        for order, (item_id, item) in self.run:
+            if self._live(order, item_id):
+                yield item_id, item
         stack = [self.heap] if self.heap is not None else []
         while stack:
             node = stack.pop()
@@ -181,7 +230,7 @@ class KeyedQueue:
         return len(self.members)
 
     def __bool__(self) -> bool:
-        return self.heap is not None
+        return self.heap is not None or self.run.front is not None
 
     def sorted_items(self) -> list[Any]:
         """Items in key order (O(n log n)): for inspection and tests."""
@@ -202,9 +251,10 @@ class KeyedQueue:
 def log_append_rows(logs: tuple, lengths: np.ndarray, items: list) -> tuple:
     """Appends ``items[i]`` to ``logs[i]`` as seen at ``lengths[i]``; returns the logs (a new
     tuple only when some log had to be forked)."""
-    lengths = lengths.tolist()
-    if list(map(len, logs)) != lengths:  # some log was appended past this version: fork those
-        logs = tuple(log if len(log) == n else log[:n] for log, n in zip(logs, lengths))
+    # Every log holds at least the items its version sees (len(log) >= n), so the lengths all
+    # match exactly when their sums do: one cheap test for the usual linear history.
+    if sum(map(len, logs)) != int(lengths.sum()):  # some log was appended past this version: fork those
+        logs = tuple(log if len(log) == n else log[:n] for log, n in zip(logs, lengths.tolist()))
     collections.deque(map(list.append, logs, items), maxlen=0)  # C-speed loop
     return logs
 

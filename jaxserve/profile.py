@@ -21,38 +21,34 @@ device or engine setting is an error (use another ``--out``), never silently mix
 
 Row classes follow the engine's packing (``engine/packing.py``): a row with one new token is a
 *decode* row (one query row, one sequence slot); every other row is a *prefill* chunk, padded to
-whole blocks of ``block_rows`` rows.
+whole blocks of ``block_rows`` rows. The ``engine`` record is the runner's ``StepGeometry``
+(``engine/buckets.py``): with it a step's padded shape and attention work can be recomputed from
+its rows alone, which is what the profiled cost model is fitted on.
 
-File format (JSON, ``"format": 1``)::
+File format (JSON, ``"format": 2``)::
 
-    {"format": 1,
+    {"format": 2,
      "model": {ModelConfig fields},        # jaxserve.model.config.ModelConfig, as JSON
      "model_name": "<checkpoint dir name>", # informational
      "dtype": "float32" | "bfloat16" | "float16",
      "device": {"backend": "cpu" | "gpu" | "tpu", "kind": "<jax device_kind>"},
-     "block_size": 16,                      # tokens per KV page
-     "engine": {"attention": "grouped" | "ragged", "block_rows": 32},
+     "block_size": 16,                      # tokens per KV page (= engine.page_size)
+     "engine": {StepGeometry fields},       # attention, page_size, block_rows, chunk_pages, buckets
      "grid": "small" | "default",          # informational
      "points": [{
         "prefill_chunk_lens": [n_1, ...],   # new tokens of each prefill row (each >= 2)
         "prefill_context": [c_1, ...],      # tokens already in KV before each prefill row's chunk
-        "num_prefill_tokens": sum(n_i),
-        "num_decodes": D,                   # decode rows (one new token each)
-        "decode_context_tokens": sum over decode rows of tokens already in KV before the step,
-        "num_seqs": D + number of prefill rows,
+        "decode_context": [d_1, ...],       # tokens already in KV before each decode row's token
+        "num_prefill_tokens": sum(n_i),     # derived, for readers
+        "num_decodes": len(decode_context), # derived
+        "decode_context_tokens": sum(d_j),  # derived
+        "num_seqs": decodes + prefill rows, # derived
         "times_s": [seconds, ...],          # every timed repeat
         "median_s": median(times_s)}, ...]}
 
-Features the cost model is fitted on (``profiled_cost_model.FEATURES``), per step, from these
-fields or equally from a BatchPlan:
-
-* ``const``: 1 (per-step overhead: dispatch, weight reads, sampling setup);
-* ``prefill_tokens``: ``sum(n_i)`` over prefill rows (GEMM work on new tokens);
-* ``prefill_attention_pairs``: ``sum(n_i * (c_i + (n_i + 1) / 2))``, the query-key pairs of the
-  prefill chunks, causal within each chunk (attention work growing with prior context);
-* ``decode_context_tokens``: as above (KV read by decode attention);
-* ``num_decodes``: decode rows (their GEMM rows, LM head and sampling);
-* ``num_prefill_seqs``: prefill rows (per-chunk work: a padded block, a logits row, host packing).
+The cost model's features (``profiled_cost_model.FEATURES``) are a constant per step and the
+``StepGeometry.work`` terms: padded token rows, padded sequence slots, the decode and the prefill
+attention work as the engine's attention path does it, and the number of real rows.
 
 ``load_profile(path)`` validates a file and names the first problem in a ``ValueError``.
 """
@@ -71,9 +67,11 @@ from typing import Any
 
 import numpy as np
 
-FORMAT = 1
+from jaxserve.engine.buckets import StepGeometry
+
+FORMAT = 2
 GRIDS = ("small", "default")
-_TOP_KEYS = ("format", "model", "dtype", "device", "block_size", "points")
+_TOP_KEYS = ("format", "model", "dtype", "device", "block_size", "engine", "points")
 # What makes two profiles comparable: measuring any of these differently changes step times.
 # "model" last: its fields include the dtype, and a dtype mismatch should be reported as one.
 FINGERPRINT_KEYS = ("dtype", "device", "block_size", "engine", "model")
@@ -88,13 +86,20 @@ class ProfilePoint:
 
     prefill_chunk_lens: tuple[int, ...]
     prefill_context: tuple[int, ...]
-    num_decodes: int
-    decode_context_tokens: int
+    decode_context: tuple[int, ...]
     times_s: tuple[float, ...]
 
     @property
     def num_prefill_tokens(self) -> int:
         return sum(self.prefill_chunk_lens)
+
+    @property
+    def num_decodes(self) -> int:
+        return len(self.decode_context)
+
+    @property
+    def decode_context_tokens(self) -> int:
+        return sum(self.decode_context)
 
     @property
     def num_seqs(self) -> int:
@@ -107,12 +112,13 @@ class ProfilePoint:
     @property
     def key(self) -> tuple:
         """The shape measured (what a resumed run compares to skip a point)."""
-        return (self.prefill_chunk_lens, self.prefill_context, self.num_decodes, self.decode_context_tokens)
+        return (self.prefill_chunk_lens, self.prefill_context, self.decode_context)
 
     def to_json(self) -> dict:
         return {
             "prefill_chunk_lens": list(self.prefill_chunk_lens),
             "prefill_context": list(self.prefill_context),
+            "decode_context": list(self.decode_context),
             "num_prefill_tokens": self.num_prefill_tokens,
             "num_decodes": self.num_decodes,
             "decode_context_tokens": self.decode_context_tokens,
@@ -131,7 +137,7 @@ class Profile:
     device: Mapping[str, str]
     block_size: int
     points: tuple[ProfilePoint, ...]
-    engine: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    engine: StepGeometry
     model_name: str = ""
     grid: str = ""
 
@@ -140,7 +146,7 @@ class Profile:
         return _model_config(self.model, "model")
 
     def fingerprint(self) -> dict:
-        return {k: _normalized(getattr(self, k)) for k in FINGERPRINT_KEYS}
+        return {k: _normalized(self.to_json()[k]) for k in FINGERPRINT_KEYS}
 
     def with_points(self, points: Sequence[ProfilePoint]) -> Profile:
         return dataclasses.replace(self, points=tuple(points))
@@ -153,7 +159,7 @@ class Profile:
             "dtype": self.dtype,
             "device": dict(self.device),
             "block_size": self.block_size,
-            "engine": dict(self.engine),
+            "engine": self.engine.to_json(),
             "grid": self.grid,
             "points": [p.to_json() for p in self.points],
         }
@@ -200,7 +206,7 @@ def _int_list(value, where: str, minimum: int) -> tuple[int, ...]:
 def _point_from_json(d, where: str) -> ProfilePoint:
     if not isinstance(d, Mapping):
         raise ValueError(f"{where} must be an object, got {type(d).__name__}")
-    for key in ("prefill_chunk_lens", "prefill_context", "num_prefill_tokens", "num_decodes",
+    for key in ("prefill_chunk_lens", "prefill_context", "decode_context", "num_prefill_tokens", "num_decodes",
                 "decode_context_tokens", "num_seqs", "times_s", "median_s"):
         if key not in d:
             raise ValueError(f"{where} is missing key {key!r}")
@@ -209,28 +215,44 @@ def _point_from_json(d, where: str) -> ProfilePoint:
     context = _int_list(d["prefill_context"], f"{where}.prefill_context", 0)
     if len(context) != len(lens):
         raise ValueError(f"{where}: prefill_context has {len(context)} entries, prefill_chunk_lens {len(lens)}")
-    num_decodes = _int(d["num_decodes"], f"{where}.num_decodes")
-    decode_context = _int(d["decode_context_tokens"], f"{where}.decode_context_tokens")
-    if num_decodes == 0 and decode_context:
-        raise ValueError(f"{where}: decode_context_tokens={decode_context} with no decodes")
+    decode_context = _int_list(d["decode_context"], f"{where}.decode_context", 0)
     times = d["times_s"]
     if not isinstance(times, list) or not times:
         raise ValueError(f"{where}.times_s must be a non-empty list of seconds, got {times!r}")
     for i, t in enumerate(times):
         if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
             raise ValueError(f"{where}.times_s[{i}] must be a finite number of seconds > 0, got {t!r}")
-    point = ProfilePoint(lens, context, num_decodes, decode_context, tuple(float(t) for t in times))
+    point = ProfilePoint(lens, context, decode_context, tuple(float(t) for t in times))
     if point.num_seqs == 0:
         raise ValueError(f"{where} has no rows (no prefill chunks and no decodes)")
     # The derived fields are stored for readers of the JSON; they must agree with the primary ones.
-    for key, value in (("num_prefill_tokens", point.num_prefill_tokens), ("num_seqs", point.num_seqs)):
-        if d[key] != value:
-            raise ValueError(f"{where}.{key} = {d[key]!r} disagrees with the rows ({value})")
+    for key in ("num_prefill_tokens", "num_decodes", "decode_context_tokens", "num_seqs"):
+        if d[key] != getattr(point, key):
+            raise ValueError(f"{where}.{key} = {d[key]!r} disagrees with the rows ({getattr(point, key)})")
     median = d["median_s"]
     is_number = isinstance(median, (int, float)) and not isinstance(median, bool)
     if not is_number or not math.isclose(median, point.median_s, rel_tol=1e-9):
         raise ValueError(f"{where}.median_s = {median!r} is not the median of times_s ({point.median_s!r})")
     return point
+
+
+def _geometry(d, block_size: int) -> StepGeometry:
+    if not isinstance(d, Mapping):
+        raise ValueError(f"engine must be an object of StepGeometry fields, got {type(d).__name__}")
+    names = [f.name for f in dataclasses.fields(StepGeometry)]
+    missing = [k for k in names if k not in d]
+    if missing:
+        raise ValueError(f"engine is missing {missing[0]!r} (a profile records the runner's StepGeometry: {names})")
+    unknown = [k for k in d if k not in names]
+    if unknown:
+        raise ValueError(f"engine has unknown key {unknown[0]!r}")
+    try:
+        geometry = StepGeometry(**d)
+    except ValueError as e:
+        raise ValueError(f"engine.{e}") from None
+    if geometry.page_size != block_size:
+        raise ValueError(f"engine.page_size = {geometry.page_size} disagrees with block_size = {block_size}")
+    return geometry
 
 
 def profile_from_json(obj, source: str = "profile") -> Profile:
@@ -245,7 +267,8 @@ def profile_from_json(obj, source: str = "profile") -> Profile:
         if key not in obj:
             fail(f"missing key {key!r}")
     if obj["format"] != FORMAT:
-        fail(f"format {obj['format']!r} is not supported (this jaxserve reads format {FORMAT})")
+        fail(f"format {obj['format']!r} is not supported (this jaxserve reads format {FORMAT}; "
+             "re-run python -m jaxserve.profile)")
     try:
         _model_config(obj["model"], "model")
         dtype = obj["dtype"]
@@ -255,9 +278,7 @@ def profile_from_json(obj, source: str = "profile") -> Profile:
         if not isinstance(device, Mapping) or not all(isinstance(device.get(k), str) for k in ("backend", "kind")):
             raise ValueError(f"device must be an object with string 'backend' and 'kind', got {device!r}")
         block_size = _int(obj["block_size"], "block_size", 1)
-        engine = obj.get("engine", {})
-        if not isinstance(engine, Mapping):
-            raise ValueError(f"engine must be an object, got {type(engine).__name__}")
+        engine = _geometry(obj["engine"], block_size)
         raw = obj["points"]
         if not isinstance(raw, list):
             raise ValueError(f"points must be a list, got {type(raw).__name__}")
@@ -274,7 +295,7 @@ def profile_from_json(obj, source: str = "profile") -> Profile:
         fail(str(e))
     return Profile(
         model=_normalized(obj["model"]), dtype=dtype, device=dict(device), block_size=block_size,
-        points=tuple(points), engine=dict(engine), model_name=str(obj.get("model_name", "")),
+        points=tuple(points), engine=engine, model_name=str(obj.get("model_name", "")),
         grid=str(obj.get("grid", "")),
     )
 
@@ -319,59 +340,71 @@ def save_profile(profile: Profile, path: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class PointSpec:
-    """A step shape to measure: prefill rows ``(context, chunk_len)`` and ``num_decodes`` decode rows
-    with ``decode_context`` tokens each already in KV."""
+    """A step shape to measure: prefill rows ``(context, chunk_len)`` and decode rows, each with
+    ``decode[j]`` tokens already in KV."""
 
     prefill: tuple[tuple[int, int], ...] = ()
-    num_decodes: int = 0
-    decode_context: int = 0
+    decode: tuple[int, ...] = ()
 
     @property
     def key(self) -> tuple:
-        return (tuple(n for _, n in self.prefill), tuple(c for c, _ in self.prefill), self.num_decodes,
-                self.num_decodes * self.decode_context)
+        return (tuple(n for _, n in self.prefill), tuple(c for c, _ in self.prefill), tuple(self.decode))
 
     @property
     def row_lens(self) -> list[int]:
         """Tokens in KV after the step, per row (decodes first)."""
-        return [self.decode_context + 1] * self.num_decodes + [c + n for c, n in self.prefill]
+        return [c + 1 for c in self.decode] + [c + n for c, n in self.prefill]
 
     def blocks_needed(self, block_size: int) -> int:
         return sum(-(-n // block_size) for n in self.row_lens)
 
     def describe(self) -> str:
         parts = []
-        if self.num_decodes:
-            parts.append(f"{self.num_decodes} decodes x {self.decode_context} ctx")
+        if self.decode:
+            lo, hi = min(self.decode), max(self.decode)
+            parts.append(f"{len(self.decode)} decodes x {lo if lo == hi else f'{lo}-{hi}'} ctx")
         if self.prefill:
             parts.append(" + ".join(f"{n}@{c}" for c, n in self.prefill) + " prefill")
         return ", ".join(parts)
 
     def point(self, times_s: Sequence[float]) -> ProfilePoint:
-        lens, context, d, dctx = self.key
-        return ProfilePoint(lens, context, d, dctx, tuple(float(t) for t in times_s))
+        lens, context, decode = self.key
+        return ProfilePoint(lens, context, decode, tuple(float(t) for t in times_s))
+
+
+def _decodes(count: int, context: int) -> tuple[int, ...]:
+    return (context,) * count
+
+
+def _spread(count: int, lo: int, hi: int) -> tuple[int, ...]:
+    """``count`` decode contexts evenly spread over [lo, hi] (a batch of requests at different ages)."""
+    return tuple(int(v) for v in np.linspace(lo, hi, count).round())
 
 
 def grid_points(name: str) -> tuple[PointSpec, ...]:
     """The shapes of grid ``name``. ``small``: 15 points in 4 bucket shapes of a tiny model (tests,
-    a quick look); ``default``: 63 points up to 2048-token chunks and 256 decodes."""
+    a quick look); ``default``: 76 points up to 2048-token chunks and 256 decodes, on and off the
+    engine's bucket sizes, uniform and spread decode contexts (the engine's attention work follows
+    a batch's longest context, its matmuls the padded row count)."""
     if name == "small":
         # Decode counts 5 and 6 share one decode bucket and every chunk fits 1-2 blocks of 32 rows,
         # so the whole grid compiles 4 step shapes; contexts stay under 256 positions.
         prefill = [((0, 32),), ((0, 16),), ((64, 32),), ((160, 32),), ((0, 64),),
                    ((0, 32), (0, 32)), ((32, 32), (0, 20))]  # fmt: skip
         specs = [PointSpec(p) for p in prefill]
-        specs += [PointSpec((), d, ctx) for d in (5, 6) for ctx in (16, 64, 200)]
-        specs += [PointSpec(((0, 32),), 6, 64), PointSpec(((96, 24),), 5, 160)]
+        specs += [PointSpec((), _decodes(d, ctx)) for d in (5, 6) for ctx in (16, 64, 200)]
+        specs += [PointSpec(((0, 32),), _decodes(6, 64)), PointSpec(((96, 24),), _spread(5, 20, 160))]
         return tuple(specs)
     if name == "default":
-        specs = [PointSpec(((0, n),)) for n in (32, 64, 128, 256, 512, 1024, 2048)]
-        specs += [PointSpec(((c, n),)) for c in (256, 1024, 3072) for n in (128, 512, 1024)]
-        specs += [PointSpec(((0, n),) * k) for k in (2, 4, 8) for n in (64, 256)]
-        specs += [PointSpec(((512, 256),) * 4)]
-        specs += [PointSpec((), d, ctx) for d in (1, 2, 4, 8, 16, 32, 64, 128, 256) for ctx in (64, 512, 2048)]
-        specs += [PointSpec(((0, n),), d, 512) for d in (4, 16, 64, 128) for n in (64, 256, 512)]
-        specs += [PointSpec(((1024, 256),), 32, 2048)]
+        specs = [PointSpec(((0, n),)) for n in (16, 40, 100, 256, 500, 1024, 2048)]
+        specs += [PointSpec(((c, n),)) for c in (256, 1024, 3072) for n in (100, 512, 1024)]
+        specs += [PointSpec(((0, n),) * k) for k in (2, 4, 8) for n in (50, 250)]
+        specs += [PointSpec(((512, 256),) * 4), PointSpec(((0, 300), (700, 180), (90, 20)))]
+        specs += [PointSpec((), _decodes(d, ctx)) for d in (1, 2, 3, 6, 12, 24, 48, 96, 192, 256)
+                  for ctx in (64, 512, 2048)]  # fmt: skip
+        specs += [PointSpec((), _spread(d, 16, hi)) for d in (8, 32, 100, 200) for hi in (600, 2048)]
+        specs += [PointSpec(((0, n),), _decodes(d, 512)) for d in (4, 16, 64, 128) for n in (64, 256, 500)]
+        specs += [PointSpec(((1024, 256),), _spread(32, 16, 2048)), PointSpec(((200, 100),), _spread(60, 16, 1000))]
         return tuple(specs)
     raise ValueError(f"grid must be one of {GRIDS}, got {name!r}")
 
@@ -400,7 +433,7 @@ def build_plan(spec: PointSpec, block_size: int, vocab_size: int, allocator: Bum
     from jaxserve.request import Request, SamplingParams
 
     allocator.reset()
-    rows = [(f"dec{i}", spec.decode_context, 1) for i in range(spec.num_decodes)]
+    rows = [(f"dec{i}", c, 1) for i, c in enumerate(spec.decode)]
     rows += [(f"pre{j}", c, n) for j, (c, n) in enumerate(spec.prefill)]
     requests, tables, tokens = [], [], []
     for rid, c, n in rows:
@@ -454,6 +487,8 @@ def profile_model(
     block_rows: int = 32,
     attention: str = "auto",
     kv_cache_gb: float = 4.0,
+    chunk_pages: int = 8,
+    buckets_per_octave: tuple[int, int] = (2, 4),
     seed: int = 0,
     progress: bool = True,
 ) -> ProfileRun:
@@ -480,7 +515,9 @@ def profile_model(
     header = Profile(
         model=_normalized(dataclasses.asdict(cfg)), dtype=cfg.dtype,
         device={"backend": jax.default_backend(), "kind": jax.devices()[0].device_kind},
-        block_size=block_size, points=(), engine={"attention": impl, "block_rows": block_rows},
+        block_size=block_size, points=(), engine=StepGeometry(
+            attention=impl, page_size=block_size, block_rows=block_rows, chunk_pages=chunk_pages,
+            decode_per_octave=buckets_per_octave[0], blocks_per_octave=buckets_per_octave[1]),
         model_name=os.path.basename(os.path.normpath(model_dir)), grid=grid,
     )
     points: list[ProfilePoint] = []
@@ -515,7 +552,9 @@ def profile_model(
     num_blocks = max(s.blocks_needed(block_size) for s in todo)
     max_len = max(max(s.row_lens) for s in todo) + 1
     runner = ModelRunner(cfg, params, KVConfig(num_blocks, block_size), max_model_len=max_len,
-                         block_rows=block_rows, attention=impl, seed=seed)
+                         block_rows=block_rows, attention=impl, chunk_pages=chunk_pages, seed=seed,
+                         buckets_per_octave=buckets_per_octave)
+    assert runner.geometry == header.engine, (runner.geometry, header.engine)
     allocator, rng = BumpAllocator(num_blocks), np.random.default_rng(seed)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -573,7 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if run.profile.points:
         from jaxserve.sim.profiled_cost_model import fit
 
-        _, report = fit(run.profile.points)
+        _, report = fit(run.profile.points, run.profile.engine)
         console.print(report.summary())
     return 0
 

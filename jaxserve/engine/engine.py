@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from jaxserve.engine.model_runner import ModelRunner
 from jaxserve.events import EventLog
 from jaxserve.kv.config import KVConfig
+from jaxserve.plan import BatchPlan, StepOutput
 from jaxserve.request import Request
 from jaxserve.scheduler.seq import FinishedRequest
 from jaxserve.sim.simulator import RunLimits, run_replica
@@ -46,10 +47,12 @@ class Engine:
         limits: RunLimits | None = None,
         on_progress: Callable[[float, int], None] | None = None,
         progress_every: int = 50,
+        on_step: Callable[[BatchPlan, StepOutput], None] | None = None,
     ) -> EngineRun:
         """Serves ``requests`` by arrival time; rejected requests are in the log with a reason.
         Request ids must be unique (a duplicate would re-register, and so re-parameterize, the
-        running request of that id; the log keys requests by id too)."""
+        running request of that id; the log keys requests by id too). ``on_step(plan, output)`` is
+        called after every executed step (e.g. to record measured step times)."""
         seen: set[str] = set()
         for r in requests:
             if r.request_id in seen:
@@ -58,7 +61,9 @@ class Engine:
         finished: dict[str, FinishedRequest] = {}
         runner = self.runner
 
-        def on_step(plan, out, state):
+        def after_step(plan, out, state):
+            if on_step is not None:
+                on_step(plan, out)
             for f in state.finished:
                 finished[f.request_id] = f
                 runner.release(f.request_id)
@@ -73,7 +78,7 @@ class Engine:
                 limits=limits,
                 fast_forward=False,
                 admit=runner.register,
-                on_step=on_step,
+                on_step=after_step,
                 on_progress=on_progress,
                 progress_every=progress_every,
             )

@@ -3,7 +3,8 @@
 ``execute(plan) -> StepOutput`` does what the plan asks before the step (copy-on-write page copies,
 swap-out to and swap-in from a host pool), packs the plan into bucketed arrays
 (``engine/packing.py``), runs one jitted step (model + sampling) with the per-layer caches donated,
-and returns the sampled tokens and the step's measured wall time. The runner keeps no scheduling
+and returns the sampled tokens and the step's measured wall time (a bucket shape's first use
+compiles it first, outside the timed part, so no step time contains a compilation). The runner keeps no scheduling
 state: block tables, token ids and positions all come from the plan; it only needs each request's
 sampling parameters (``register``/``release``).
 """
@@ -18,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.engine.packing import HostBatch, PackSpec, RequestSampling, bucket, bucket_sizes, pack
+from jaxserve.engine.buckets import StepGeometry, bucket, bucket_sizes
+from jaxserve.engine.packing import HostBatch, PackSpec, RequestSampling, pack
 from jaxserve.kv.config import KVConfig
 from jaxserve.model.attention import ATTENTION_IMPLS, default_attention_impl
 from jaxserve.model.config import ModelConfig
@@ -118,6 +120,7 @@ class ModelRunner:
                 f"attention={attention!r}; expected 'auto' or one of {sorted(ATTENTION_IMPLS)}"
             )
         self.attention = impl
+        self.chunk_pages = int(chunk_pages)
         self.seed = int(seed)
         # Slack of one block of rows: the ragged layout may address a chunk's padded rows past its end.
         pages = -(-(self.max_model_len + block_rows) // kv.block_size)
@@ -130,6 +133,7 @@ class ModelRunner:
             decode_per_octave=buckets_per_octave[0],
             blocks_per_octave=buckets_per_octave[1],
         )
+        self.geometry: StepGeometry = self.spec.geometry(impl, self.chunk_pages)
         dtype = jnp.dtype(cfg.dtype)
         # Parameters and caches committed to one device from the start: a step's outputs are
         # committed, and a jit cache keyed on uncommitted inputs would compile every shape twice.
@@ -148,6 +152,7 @@ class ModelRunner:
         )
         self.host_pages = np.zeros(host_shape, dtype) if kv.num_host_blocks else None
         self.num_compilations = 0
+        self._compiled: set[tuple[tuple[int, int], bool]] = set()  # (shape, all_logits) already run
         self._sampling: dict[str, RequestSampling] = {}
         jit = functools.partial(jax.jit, donate_argnums=(1,))
         self._steps = {
@@ -216,13 +221,27 @@ class ModelRunner:
         if plan.num_seqs == 0:
             return StepOutput({}, duration_s=time.perf_counter() - start), {}
         batch = pack(plan, self.spec, self._sampling)
+        compile_s = self._compile(batch.shape_key, all_logits)
         tokens, self.caches, logits = self._run(batch, all_logits)
         tokens = np.asarray(tokens)
         out = {rid: int(tokens[slot]) for rid, slot in batch.sampled}
         per_request = {}
         if all_logits:
             per_request = self._split_logits(plan, batch, np.asarray(logits))
-        return StepOutput(out, duration_s=time.perf_counter() - start), per_request
+        return StepOutput(out, duration_s=time.perf_counter() - start - compile_s), per_request
+
+    def _compile(self, shape: tuple[int, int], all_logits: bool) -> float:
+        """Compiles a bucket shape on its first use, by one step on padding rows (no KV changes);
+        returns the seconds that took (0 if already compiled), which the step's measured time
+        leaves out: a step's duration is its run time, never a compilation."""
+        if (shape, all_logits) in self._compiled:
+            return 0.0
+        start = time.perf_counter()
+        empty = BatchPlan.empty(self.kv.block_size)
+        tokens, self.caches, _ = self._run(pack(empty, self.spec, {}, shape=shape), all_logits)
+        tokens.block_until_ready()  # the caches were donated: keep the returned ones
+        self._compiled.add((shape, all_logits))
+        return time.perf_counter() - start
 
     def _run(self, batch: HostBatch, all_logits: bool):
         return self._steps[all_logits](
@@ -278,16 +297,14 @@ class ModelRunner:
         spec = self.spec
         decodes = bucket_sizes(max_decode_rows, spec.min_decode_rows, spec.decode_per_octave)
         blocks = bucket_sizes(max_blocks, spec.min_blocks, spec.blocks_per_octave)
-        empty = BatchPlan.empty(self.kv.block_size)
         shapes = [
             (d, b)
             for d in decodes
             for b in blocks
             if (d or b) and (mixed or not (d and b))
         ]
-        for d, b in shapes:
-            tokens, self.caches, _ = self._run(pack(empty, self.spec, {}, shape=(d, b)), all_logits=False)
-            tokens.block_until_ready()  # the caches were donated: keep the returned ones
+        for shape in shapes:
+            self._compile(shape, all_logits=False)
         return len(shapes)
 
 

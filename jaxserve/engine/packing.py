@@ -15,28 +15,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxserve.engine.buckets import StepGeometry, bucket
 from jaxserve.model.attention import AttentionBatch
 from jaxserve.plan import BatchPlan
-
-
-def bucket(n: int, minimum: int = 1, per_octave: int = 1) -> int:
-    """0 for 0, else the smallest size >= max(n, minimum) on a grid of ``per_octave`` evenly spaced
-    sizes between consecutive powers of two (1: powers of two; 4: ..., 256, 320, 384, 448, 512),
-    so at most ``1 / (per_octave + 1)`` of a step's rows are padding."""
-    if n <= 0:
-        return 0
-    n = max(int(n), minimum)
-    power = 1 << (n - 1).bit_length()
-    step = max(1, power // 2 // per_octave)
-    return -(-n // step) * step
-
-
-def bucket_sizes(n: int, minimum: int = 1, per_octave: int = 1) -> list[int]:
-    """0 and every bucket size (see ``bucket``) up to n's bucket, ascending."""
-    top, sizes = bucket(n, minimum, per_octave), [0]
-    while n > 0 and sizes[-1] < top:
-        sizes.append(bucket(sizes[-1] + 1, minimum, per_octave))
-    return sizes
 
 
 class SamplingArrays(NamedTuple):
@@ -83,6 +64,14 @@ class PackSpec:
     # Bucket grids (see ``bucket``): finer for prefill blocks, where padding rows cost full FLOPs.
     decode_per_octave: int = 2
     blocks_per_octave: int = 4
+
+    def geometry(self, attention: str, chunk_pages: int) -> StepGeometry:
+        """The step geometry of this packing under an attention path (see ``engine/buckets.py``)."""
+        return StepGeometry(
+            attention=attention, page_size=self.page_size, block_rows=self.block_rows, chunk_pages=chunk_pages,
+            decode_per_octave=self.decode_per_octave, blocks_per_octave=self.blocks_per_octave,
+            min_decode_rows=self.min_decode_rows, min_blocks=self.min_blocks,
+        )
 
     def shape(self, num_decode: int, num_blocks: int) -> tuple[int, int]:
         return (

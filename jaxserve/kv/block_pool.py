@@ -45,7 +45,7 @@ def _coalesce(blocks: Iterable[int]) -> tuple[list[int], np.ndarray, Any]:
     multiplicity is 1 when nothing repeats (the usual case: one block table)."""
     lst = blocks if type(blocks) is list else list(blocks)
     if len(set(lst)) == len(lst):
-        return lst, np.array(lst, np.int64), 1
+        return lst, np.fromiter(lst, np.int64, len(lst)), 1
     counts: dict[int, int] = {}
     for b in lst:
         counts[b] = counts.get(b, 0) + 1
@@ -268,11 +268,13 @@ class BlockPool(Versioned):
         if not lst:
             return self
         data = self._read()
-        bad = arr[(arr < 0) | (arr >= self.num_blocks)]
-        if not len(bad):
+        # Validate with min/max first (a few cheap reductions); find the culprit only on failure.
+        if arr.min() < 0 or arr.max() >= self.num_blocks:
+            bad = arr[(arr < 0) | (arr >= self.num_blocks)]
+        else:
             new = data[RC][arr] - dec
-            bad = arr[new < 0]
-        if len(bad):
+            bad = arr[new < 0] if new.min() < 0 else None
+        if bad is not None:
             raise ValueError(f"free: block {_first_in(lst, bad)} is not allocated")
         edits = [(RC, arr, new)]
         zero = arr[new == 0]
@@ -315,15 +317,15 @@ class BlockPool(Versioned):
         if not fresh:
             return self
         new_blocks = list(fresh.values())
-        arr = np.array(new_blocks, np.int64)
+        arr = np.fromiter(new_blocks, np.int64, len(new_blocks))
         if len(set(new_blocks)) != len(new_blocks) or arr.min() < 0 or arr.max() >= self.num_blocks:
             raise ValueError("register: a block is listed twice, or is no block of this pool")
-        if data[CACHED][arr].any():
+        if np.count_nonzero(data[CACHED][arr]):  # (count_nonzero: cheaper than .any())
             raise ValueError("register: a block is already cached")
-        if (data[RC][arr] == 0).any():
+        if np.count_nonzero(data[RC][arr]) < len(arr):  # refcounts are >= 0: some is 0
             raise ValueError("register: only allocated blocks can be cached")
         try:
-            hash_arr = np.array(list(fresh), np.int64)
+            hash_arr = np.fromiter(fresh, np.int64, len(fresh))
         except OverflowError:
             raise ValueError("register: hashes must be 64-bit integers") from None
         edits = [(BY_HASH, list(fresh), new_blocks), (CACHED, arr, True), (HASH, arr, hash_arr)]

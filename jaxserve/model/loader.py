@@ -45,11 +45,11 @@ _GLOBAL_TENSORS = {
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
 
 
-def param_path(hf_name: str) -> tuple | None:
+def param_path(name: str) -> tuple | None:
     """The NNX parameter path a HF tensor fills, or None if the name is not a Llama-family tensor."""
-    if hf_name in _GLOBAL_TENSORS:
-        return _GLOBAL_TENSORS[hf_name]
-    m = _LAYER.match(hf_name)
+    if name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[name]
+    m = _LAYER.match(name)
     if m and m.group(2) in _LAYER_TENSORS:
         return ("layers", int(m.group(1))) + _LAYER_TENSORS[m.group(2)]
     return None
@@ -97,7 +97,7 @@ def params_from_tensors(
         filled[path] = np.asarray(value, dtype=target.dtype)
     missing = [p for p in expected if p not in filled]
     if missing:
-        names = [_hf_name(p) for p in missing[:5]]
+        names = [hf_name(p) for p in missing[:5]]
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"{source}: missing tensor(s) {names}{more}")
     params: dict = {}
@@ -109,7 +109,8 @@ def params_from_tensors(
     return params
 
 
-def _hf_name(path: tuple) -> str:
+def hf_name(path: tuple) -> str:
+    """The HF tensor name of an NNX parameter path (the inverse of ``param_path``)."""
     for name, p in _GLOBAL_TENSORS.items():
         if p == path:
             return name

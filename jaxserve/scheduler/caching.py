@@ -18,18 +18,38 @@ from jaxserve.kv.block_pool import BlockPool
 
 def offer_prompt_blocks(run, pool: BlockPool, rows: np.ndarray, block_size: int):
     """Registers the full blocks with precomputed hashes that ``rows`` have now computed."""
+    run, blocks, hashes = prompt_blocks_to_offer(run, rows, block_size)
+    return run, (pool.register(blocks, hashes) if blocks else pool)
+
+
+def prompt_blocks_to_offer(run, rows: np.ndarray, block_size: int):
+    """``(run, blocks, hashes)``: the full blocks with precomputed hashes that ``rows`` have now
+    computed and not yet offered, and ``run`` with them counted as offered (``num_registered``).
+    ``rows`` are sorted and distinct. The caller registers them (possibly together with other
+    blocks, in this order)."""
+    # Only rows with precomputed hashes not yet offered can offer anything: after their prompt
+    # is computed that is none of them, so a decode step stops at this cheap test.
+    if len(rows) == len(run):  # sorted distinct rows covering the batch: whole columns, no gathers
+        pending = run.num_registered < run.num_hashed
+    else:
+        pending = run.num_registered[rows] < run.num_hashed[rows]
+    if not np.count_nonzero(pending):
+        return run, [], []
+    rows = rows[pending]
+    registered = run.num_registered[rows]
     upto = np.minimum(run.num_computed[rows] // block_size, run.num_hashed[rows])
-    todo = rows[upto > run.num_registered[rows]]
-    if not len(todo):
-        return run, pool
-    registered = run.num_registered.copy()
+    more = upto > registered
+    if not np.count_nonzero(more):
+        return run, [], []
+    todo = rows[more]
     blocks, hashes = [], []
-    for r, n in zip(todo.tolist(), upto[upto > run.num_registered[rows]].tolist()):
-        k = int(registered[r])
-        blocks.extend(run.block_tables[r][k:n])
-        hashes.extend(run.block_hashes[r][k:n])
-        registered[r] = n
-    return run.replace(num_registered=registered), pool.register(blocks, hashes)
+    tables, chains = run.block_tables, run.block_hashes
+    for r, k, n in zip(todo.tolist(), registered[more].tolist(), upto[more].tolist()):
+        blocks.extend(tables[r][k:n])
+        hashes.extend(chains[r][k:n])
+    new_registered = run.num_registered.copy()
+    new_registered[todo] = upto[more]
+    return run.replace(num_registered=new_registered), blocks, hashes
 
 
 def offer_generated_blocks(run, pool: BlockPool, r: int, block_size: int, generated: Optional[list] = None):
@@ -38,11 +58,21 @@ def offer_generated_blocks(run, pool: BlockPool, r: int, block_size: int, genera
     ``generated`` is the row's output tokens oldest first, when the caller has it already. Only
     requests with real token ids are extended past their precomputed (prompt) hashes.
     """
+    if not pool.enable_caching:
+        return pool, run.block_hashes[r]
+    blocks, hashes, chain = generated_blocks_to_offer(run, r, block_size, generated)
+    return (pool.register(blocks, hashes) if blocks else pool), chain
+
+
+def generated_blocks_to_offer(run, r: int, block_size: int, generated: Optional[list] = None):
+    """``(blocks, hashes, chain)``: row ``r``'s computed full blocks not offered yet with their
+    hashes, and its hash chain extended over them (see ``offer_generated_blocks``). Pure: the
+    caller registers the blocks (with caching on)."""
     chain = run.block_hashes[r]
     registered = int(run.num_registered[r])
     n_full = int(run.num_computed[r]) // block_size
-    if not pool.enable_caching or n_full <= registered:
-        return pool, chain
+    if n_full <= registered:
+        return (), (), chain
     if run.real_tokens[r] and n_full > len(chain):
         req = run.requests[r]
         prompt_len, start, stop = req.prompt_len, len(chain) * block_size, n_full * block_size
@@ -50,12 +80,12 @@ def offer_generated_blocks(run, pool: BlockPool, r: int, block_size: int, genera
             generated = run.outputs[r][: int(run.num_output[r])]
         tokens = list(req.prompt_token_ids[start:prompt_len]) if start < prompt_len else []
         tokens += generated[max(start - prompt_len, 0) : stop - prompt_len]
+        tokens = tuple(tokens)  # slices of a tuple are the tuples hashed: no copy per block
         extended = list(chain)
         parent = chain[-1] if chain else 0
         for i in range(0, stop - start, block_size):
-            parent = hash((parent, tuple(tokens[i : i + block_size])))
+            parent = hash((parent, tokens[i : i + block_size]))
             extended.append(parent)
         chain = tuple(extended)
     upto = min(n_full, len(chain))
-    table = run.block_tables[r]
-    return pool.register(table[registered:upto], chain[registered:upto]), chain
+    return run.block_tables[r][registered:upto], chain[registered:upto], chain

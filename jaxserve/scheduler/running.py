@@ -35,6 +35,7 @@ NUM_COLUMNS = (
 )
 TUPLE_COLUMNS = ("ids", "requests", "outputs", "block_tables", "block_hashes")
 _INDEX = {name: k for k, name in enumerate(NUM_COLUMNS)}
+_NUM_COMPUTED, _NUM_BLOCKS = _INDEX["num_computed"], _INDEX["num_blocks"]
 COL = _INDEX  # column name -> index into ``nums``, for code that edits a copy of ``nums`` directly
 assert COL["num_output"] == COL["num_tokens"] + 1  # a sampled token bumps both with one slice
 
@@ -82,6 +83,17 @@ class RunningBatch:
             columns["nums"] = _frozen(nums)
         return evolve(self, **columns)
 
+    def advance(self, num_new: np.ndarray, block_tables=None, num_blocks=None) -> "RunningBatch":
+        """A copy whose ``num_computed`` grew by ``num_new`` [rows], with new ``block_tables``
+        (and their lengths ``num_blocks``) when given: the batch after a step is scheduled."""
+        nums = self.nums.copy()
+        nums[:, _NUM_COMPUTED] += num_new
+        if block_tables is None:
+            block_tables = self.block_tables
+        else:
+            nums[:, _NUM_BLOCKS] = num_blocks
+        return _make(self.ids, self.requests, self.outputs, block_tables, self.block_hashes, _frozen(nums))
+
     def take(self, rows: np.ndarray) -> "RunningBatch":
         """The rows at integer indices ``rows`` (in that order)."""
         idx = rows.tolist()
@@ -94,18 +106,20 @@ class RunningBatch:
         return _make(*(getattr(self, c)[:n] for c in TUPLE_COLUMNS), _frozen(self.nums[:n]))
 
     def drop(self, rows: list[int]) -> "RunningBatch":
-        """The batch without the rows at the sorted indices ``rows`` (cheap for a few rows: tuple
-        slices, not a gather)."""
+        """The batch without the rows at the sorted indices ``rows`` (cheap for a few rows: slices
+        of every column, never a gather, which costs far more on a 256-row batch)."""
         if not rows:
             return self
-        cuts = list(zip([-1, *rows], [*rows, len(self)]))
+        spans = [(a + 1, b) for a, b in zip([-1, *rows], [*rows, len(self)]) if b > a + 1]
         cols = []
         for c in TUPLE_COLUMNS:
             col = getattr(self, c)
-            cols.append(tuple(itertools.chain.from_iterable(col[a + 1 : b] for a, b in cuts)))
-        keep = np.ones(len(self), bool)
-        keep[rows] = False
-        return _make(*cols, _frozen(self.nums[keep]))
+            cols.append(tuple(itertools.chain.from_iterable(col[a:b] for a, b in spans)) if len(spans) > 2
+                        else sum((col[a:b] for a, b in spans), ()))
+        nums = self.nums
+        kept = [nums[a:b] for a, b in spans]
+        nums = np.concatenate(kept) if kept else nums[:0].copy()
+        return _make(*cols, _frozen(nums))
 
     def concat_sorted(self, other: "RunningBatch") -> tuple["RunningBatch", Optional[np.ndarray]]:
         """Both batches merged by (rank, seq_no), and the permutation applied (None when the rows
@@ -113,13 +127,12 @@ class RunningBatch:
         if len(other) == 0:
             return self, None
         nums = np.concatenate([self.nums, other.nums])
-        rank, seq = nums[:, _INDEX["rank"]], nums[:, _INDEX["seq_no"]]
-        # Already sorted when the new rows are sorted and follow the last old row.
-        start = max(len(self) - 1, 0)
-        d_rank, d_seq = np.diff(rank[start:]), np.diff(seq[start:])
-        if ((d_rank > 0) | ((d_rank == 0) & (d_seq > 0))).all():
+        # Already sorted when the new rows are sorted and follow the last old row (checked on the
+        # few rows involved, as Python ints: cheaper than numpy for a handful of rows).
+        keys = nums[max(len(self) - 1, 0) :, [_INDEX["rank"], _INDEX["seq_no"]]].tolist()
+        if all(a < b for a, b in zip(map(tuple, keys), map(tuple, keys[1:]))):
             return _make(*(getattr(self, c) + getattr(other, c) for c in TUPLE_COLUMNS), _frozen(nums)), None
-        order = np.lexsort((seq, rank))
+        order = np.lexsort((nums[:, _INDEX["seq_no"]], nums[:, _INDEX["rank"]]))
         idx = order.tolist()
         cols = (pick(getattr(self, c) + getattr(other, c), idx) for c in TUPLE_COLUMNS)
         return _make(*cols, _frozen(nums[order])), order

@@ -123,8 +123,10 @@ class StepBuilder:
 
     def _run_decodes(self, rows: np.ndarray) -> None:
         run = self.run
-        nc = run.num_computed[rows]
-        need = np.maximum(self._blocks_for(nc + 1) - run.num_blocks[rows], 0)
+        # ``rows`` is sorted; when it is every live row, whole columns (slices) replace gathers.
+        at = slice(0, len(rows)) if len(rows) == self.live else rows
+        nc = run.num_computed[at]
+        need = np.maximum((nc + self.bs) // self.bs - run.num_blocks[at], 0)  # blocks for nc + 1 tokens
         total = int(need.sum())
         if total > self.pool.num_free:  # someone must be preempted: go row by row
             for r in rows.tolist():
@@ -133,12 +135,21 @@ class StepBuilder:
             return
         if total:
             self.pool, blocks = self.pool.allocate(total)
-            k = 0
-            for r, m in zip(rows[need > 0].tolist(), need[need > 0].tolist()):
-                self._set_table(r, self._table(r) + blocks[k : k + m])
-                k += m
-        self.num_new[rows] = 1
+            grow = need > 0
+            self._grow_tables(rows[grow], need[grow], blocks)
+        self.num_new[at] = 1
         self.budget -= len(rows)
+
+    def _grow_tables(self, rows: np.ndarray, counts: np.ndarray, blocks: tuple[int, ...]) -> None:
+        """Appends ``blocks`` to the tables of ``rows`` (distinct), ``counts[i]`` to row i, in order."""
+        if self.tables is None:
+            self.tables = list(self.run.block_tables)
+            self.num_blocks = self.run.num_blocks.copy()
+        tables, k = self.tables, 0
+        for r, m in zip(rows.tolist(), counts.tolist()):
+            tables[r] = tables[r] + blocks[k : k + m]
+            k += m
+        self.num_blocks[rows] += counts
 
     def _run_row(self, r: int, n: int) -> bool:
         """Schedules ``n`` tokens for running row ``r``, preempting the rows after it (later
@@ -266,10 +277,10 @@ class StepBuilder:
         run = run.head(live)
         nc_before = run.num_computed
         num_new = self.num_new[:live]
-        changes = dict(num_computed=nc_before + num_new)
-        if self.tables is not None:
-            changes.update(block_tables=tuple(self.tables[:live]), num_blocks=self.num_blocks[:live])
-        run = run.replace(**changes)
+        if self.tables is None:
+            run = run.advance(num_new)
+        else:
+            run = run.advance(num_new, tuple(self.tables[:live]), self.num_blocks[:live])
         if self.new_rows:
             new = RunningBatch.from_rows(
                 [dict(r, num_computed=r["num_computed"] + r["num_new"]) for r in self.new_rows]
@@ -281,7 +292,10 @@ class StepBuilder:
                 num_new = num_new[perm]
             nc_before = run.num_computed - num_new
         rows = np.flatnonzero(num_new)
-        plan = self._plan(run, rows, nc_before[rows], num_new[rows])
+        if len(rows) == len(run):  # every row runs (the usual decode step): no gathers
+            plan = self._plan(run, rows, slice(None), np.ascontiguousarray(nc_before), num_new)
+        else:
+            plan = self._plan(run, rows, rows, nc_before[rows], num_new[rows])
         new_state = evolve(
             state,
             kv=KVState(self.cfg, self.pool, self.host),
@@ -294,15 +308,17 @@ class StepBuilder:
         )
         return new_state, plan
 
-    def _plan(self, run: RunningBatch, rows: np.ndarray, nc: np.ndarray, n: np.ndarray) -> BatchPlan:
+    def _plan(self, run: RunningBatch, rows: np.ndarray, at, nc: np.ndarray, n: np.ndarray) -> BatchPlan:
+        """The plan of ``rows`` of ``run``; ``at`` indexes those rows' columns (``rows`` itself, or a
+        slice when ``rows`` is every row) and ``nc``, ``n`` are their columns before this step."""
         everyone = len(rows) == len(run)
         row_list = rows.tolist()
         ids = run.ids if everyone else pick(run.ids, row_list)
         tables = run.block_tables if everyone else pick(run.block_tables, row_list)
-        samples = nc + n == run.num_tokens[rows]
+        samples = nc + n == run.num_tokens[at]
         newest = samples & (n == 1)  # decodes: the input is the newest known token
-        if newest.all():
-            token_ids = run.last_token[rows].astype(np.int32)
+        if np.count_nonzero(newest) == len(newest):
+            token_ids = run.last_token[at].astype(np.int32)
         else:
             cu = np.zeros(len(rows) + 1, np.int64)
             np.cumsum(n, out=cu[1:])

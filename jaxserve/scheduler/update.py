@@ -10,30 +10,36 @@ from jaxserve.kv.state import KVState
 from jaxserve.persistent import evolve, log_append_rows, pick
 from jaxserve.plan import BatchPlan, StepOutput
 from jaxserve.request import MAX_TOKEN_ID
-from jaxserve.scheduler.caching import offer_generated_blocks, offer_prompt_blocks
+from jaxserve.scheduler.caching import generated_blocks_to_offer, prompt_blocks_to_offer
 from jaxserve.scheduler.running import COL, _frozen
 from jaxserve.scheduler.seq import FinishedRequest
 
 _SAMPLED = slice(COL["num_tokens"], COL["num_output"] + 1)  # both grow by one per sampled token
 _LAST, _OUTPUT, _MAX_NEW = COL["last_token"], COL["num_output"], COL["max_new"]
+_NUM_TOKENS = COL["num_tokens"]
 
 
-def _sampled_tokens(out: StepOutput, ids: tuple[str, ...]) -> list[int]:
-    """The sampled token of each of ``ids`` (validated token ids, as Python ints)."""
+def _sampled_tokens(out: StepOutput, ids: tuple[str, ...]) -> tuple[list[int], np.ndarray]:
+    """The sampled token of each of ``ids``, validated: as Python ints and as an int64 array
+    (built once here, for the range check and the ``last_token`` column)."""
     try:
         tokens = list(map(out.token_ids.__getitem__, ids))
     except KeyError as e:
         raise ValueError(f"StepOutput.token_ids has no token for request {e.args[0]!r}") from None
     if not tokens:
-        return tokens
+        return tokens, np.zeros(0, np.int64)
     if set(map(type, tokens)) != {int}:  # numpy ints are fine, bools and floats are not
         bad = next((t for t in tokens if not isinstance(t, numbers.Integral) or isinstance(t, (bool, np.bool_))), None)
         if bad is not None:
             raise ValueError(f"StepOutput.token_ids must map request ids to int token ids, got {bad!r}")
         tokens = [int(t) for t in tokens]
-    if min(tokens) < 0 or max(tokens) > MAX_TOKEN_ID:
+    try:
+        arr = np.fromiter(tokens, np.int64, len(tokens))
+    except OverflowError:  # beyond int64: certainly out of range
+        arr = None
+    if arr is None or arr.min() < 0 or arr.max() > MAX_TOKEN_ID:
         raise ValueError(f"StepOutput.token_ids must be token ids in [0, {MAX_TOKEN_ID}], got {tokens[:8]}...")
-    return tokens
+    return tokens, arr
 
 
 def apply_step_output(sched, state, plan: BatchPlan, out: StepOutput):
@@ -50,7 +56,7 @@ def apply_step_output(sched, state, plan: BatchPlan, out: StepOutput):
     rows = inflight.rows[plan.samples_token[inflight.entries]]
     row_list = rows.tolist()
     everyone = len(rows) == len(run)  # then rows are 0..n-1 in order: whole columns, no gathers
-    tokens = _sampled_tokens(out, run.ids if everyone else pick(run.ids, row_list))
+    tokens, token_arr = _sampled_tokens(out, run.ids if everyone else pick(run.ids, row_list))
 
     # Append to the shared output logs, then bump the counters in one copy of the numeric columns.
     if everyone:
@@ -63,33 +69,40 @@ def apply_step_output(sched, state, plan: BatchPlan, out: StepOutput):
         outputs = tuple(outputs)
     nums = run.nums.copy()
     at = slice(None) if everyone else rows
-    nums[at, _SAMPLED] += 1
-    nums[at, _LAST] = tokens
+    if everyone:  # one strided column at a time is cheaper than a two-column slice
+        nums[:, _NUM_TOKENS] += 1
+        nums[:, _OUTPUT] += 1
+    else:
+        nums[rows, _SAMPLED] += 1
+    nums[at, _LAST] = token_arr
     run = evolve(run, outputs=outputs, nums=_frozen(nums))
-    if pool.enable_caching:
-        run, pool = offer_prompt_blocks(run, pool, inflight.rows, bs)
+    # Blocks to offer to the prefix cache, registered in one call (in this order, which decides
+    # which block keeps a hash computed twice): newly computed prompt blocks, then finished
+    # requests' generated blocks.
+    caching = pool.enable_caching
+    if caching:
+        run, blocks, hashes = prompt_blocks_to_offer(run, inflight.rows, bs)
+    else:
+        blocks, hashes = [], []
 
-    num_output = nums[:, _OUTPUT]
     done = nums[at, _OUTPUT] >= nums[at, _MAX_NEW]
-    stop = np.flatnonzero(run.has_stop[rows])
     reasons = {}  # plan row -> "stop" where a stop token ended the request (it wins over length, as in vLLM)
-    for i in stop.tolist():
-        if tokens[i] in run.requests[row_list[i]].sampling.stop_token_ids:
-            reasons[i] = "stop"
-            done[i] = True
-    finished = []
-    if done.any():
-        gone = []
-        for i in np.flatnonzero(done).tolist():
-            r = row_list[i]
-            gone.append(r)
-            output = run.outputs[r][: int(num_output[r])]
-            pool, _ = offer_generated_blocks(run, pool, r, bs, output)
-            pool = pool.free(reversed(run.block_tables[r]))
-            finished.append(
-                FinishedRequest(run.ids[r], tuple(output), reasons.get(i, "length"), int(run.num_preemptions[r]))
-            )
-        run = run.drop(sorted(gone))
+    has_stop = run.has_stop[rows]
+    if np.count_nonzero(has_stop):  # (count_nonzero: several times cheaper than .any())
+        for i in np.flatnonzero(has_stop).tolist():
+            if tokens[i] in run.requests[row_list[i]].sampling.stop_token_ids:
+                reasons[i] = "stop"
+                done[i] = True
+    finished = ()
+    if np.count_nonzero(done):
+        ends = [(row_list[i], reasons.get(i, "length")) for i in np.flatnonzero(done).tolist()]
+        finished, freed = _retire(run, ends, bs, caching, blocks, hashes)
+        if blocks:
+            pool = pool.register(blocks, hashes)
+        pool = pool.free(freed)  # every table tail-first, in plan order: as freeing them one by one
+        run = run.drop(sorted(r for r, _ in ends))
+    elif blocks:
+        pool = pool.register(blocks, hashes)
     waiting = state.waiting
     if sched.order.accounts_service:
         requests = state.running.requests
@@ -100,5 +113,22 @@ def apply_step_output(sched, state, plan: BatchPlan, out: StepOutput):
         running=run,
         waiting=waiting,
         inflight=None,
-        finished=tuple(finished),
+        finished=finished,
     )
+
+
+def _retire(run, ends: list[tuple[int, str]], bs: int, caching: bool, blocks: list, hashes: list):
+    """The FinishedRequests of the rows ``ends`` ((row, finish reason), in plan order) and their
+    blocks to free, tail first row by row. Appends their generated full blocks (and hashes) to
+    ``blocks``/``hashes`` for the prefix cache when ``caching``."""
+    finished, freed = [], []
+    num_output, preemptions = run.num_output, run.num_preemptions
+    for r, reason in ends:
+        output = run.outputs[r][: int(num_output[r])]
+        if caching:
+            b, h, _ = generated_blocks_to_offer(run, r, bs, output)
+            blocks.extend(b)
+            hashes.extend(h)
+        freed.extend(reversed(run.block_tables[r]))
+        finished.append(FinishedRequest(run.ids[r], tuple(output), reason, int(preemptions[r])))
+    return tuple(finished), freed

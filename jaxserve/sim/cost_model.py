@@ -232,9 +232,11 @@ class RooflineCostModel:
         energy = (self._idle_w + self._dyn_w * utilization) * duration * self._devices
         return StepCost(duration, energy, compute, memory, comm)
 
-    def decode_run(self, num_rows: int, context_tokens: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def decode_run(self, num_rows: int, context_tokens: int, max_context: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Durations and energies of ``k`` consecutive decode steps of the same ``num_rows`` rows
-        whose contexts sum to ``context_tokens`` at the first step (each step adds ``num_rows``).
+        whose contexts sum to ``context_tokens`` at the first step (each step adds ``num_rows``);
+        ``max_context`` (the longest row's) is part of the protocol for cost models that need it
+        (``ProfiledCostModel``), not of the roofline's.
 
         Element j equals ``step(plan_j).duration_s`` / ``.energy_j`` bit for bit: the same
         expressions in the same order, evaluated for all j at once (the simulator's fast path)."""

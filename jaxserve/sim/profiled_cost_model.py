@@ -1,11 +1,16 @@
 """ProfiledCostModel: simulator step durations fitted to measurements of the real engine.
 
 A profile (``python -m jaxserve.profile``, format in ``jaxserve/profile.py``) holds the engine's
-measured step time over a grid of batch shapes. The step time is modelled as linear in the
-features ``FEATURES`` (defined in ``jaxserve/profile.py``; seconds per unit)::
+measured step time over a grid of batch shapes, and the runner's ``StepGeometry`` (its bucket
+grids and attention path). The step time is modelled as linear in the work the engine does for a
+step as it *runs* it, padded (``StepGeometry.work``; seconds per unit)::
 
-    duration_s = c_const + c_pt · prefill_tokens + c_pq · prefill_attention_pairs
-               + c_dt · decode_context_tokens + c_ds · num_decodes + c_ps · num_prefill_seqs
+    duration_s = c_const + c_rows · token_rows + c_slots · sample_slots
+               + c_dk · decode_attention_keys + c_pk · prefill_attention_keys + c_seqs · num_seqs
+
+Counting the plan's real tokens instead would miss what dominates a small step on the CPU engine:
+its matmuls run over the bucket's padded rows, and the grouped attention visits every row's
+longest-context chunks (a batch of one long and many short decodes costs the long one for all).
 
 Every coefficient is a cost, so the fit is non-negative least squares. It minimizes the *relative*
 squared error Σ ((pred − t) / t)² over the points' median times: step times span orders of
@@ -32,6 +37,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from jaxserve.engine.buckets import WORK_TERMS, StepGeometry
 from jaxserve.plan import BatchPlan
 from jaxserve.sim.cost_model import PROFILE_NUM_SEQS, PROFILE_NUM_TOKENS, RooflineCostModel, StepCost
 from jaxserve.sim.hardware import HardwareSpec
@@ -40,15 +46,8 @@ from jaxserve.sim.models import ModelSpec
 if TYPE_CHECKING:  # not at run time: `python -m jaxserve.profile` must not find itself imported by jaxserve.sim
     from jaxserve.profile import Profile, ProfilePoint
 
-FEATURES = (
-    "const",
-    "prefill_tokens",
-    "prefill_attention_pairs",
-    "decode_context_tokens",
-    "num_decodes",
-    "num_prefill_seqs",
-)
-UNITS = ("s/step", "s/token", "s/pair", "s/token", "s/row", "s/row")
+FEATURES = ("const",) + WORK_TERMS
+UNITS = ("s/step", "s/row", "s/slot", "s/key", "s/pair", "s/row")
 # The profile's jnp dtype names -> the roofline's.
 ROOFLINE_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -56,32 +55,21 @@ ROOFLINE_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 # -- features ----------------------------------------------------------------------------------------
 
 
-def _prefill_terms(n: np.ndarray, c: np.ndarray) -> tuple[float, float]:
-    """(tokens, query-key pairs) of prefill rows with ``n`` new and ``c`` prior tokens (int64)."""
-    tokens = float(n.sum())
-    # Σ n·(c + (n+1)/2): each new token sees the prior context and the chunk causally.
-    pairs = float(np.dot(n, c)) + 0.5 * (float(np.dot(n, n)) + tokens)
-    return tokens, pairs
+def point_features(point: ProfilePoint, geometry: StepGeometry) -> np.ndarray:
+    """float64 [len(FEATURES)] of a profile point run under ``geometry``."""
+    work = geometry.work(point.prefill_chunk_lens, point.prefill_context, point.decode_context)
+    return np.array((1.0,) + work)
 
 
-def point_features(point: ProfilePoint) -> np.ndarray:
-    """float64 [len(FEATURES)] of a profile point."""
-    n = np.asarray(point.prefill_chunk_lens, np.int64)
-    c = np.asarray(point.prefill_context, np.int64)
-    tokens, pairs = _prefill_terms(n, c)
-    return np.array([1.0, tokens, pairs, float(point.decode_context_tokens), float(point.num_decodes), float(len(n))])
-
-
-def plan_features(plan: BatchPlan) -> tuple[float, float, float, float, float]:
-    """(prefill_tokens, prefill_attention_pairs, decode_context_tokens, num_decodes, num_prefill_seqs)
-    of a non-empty plan. Rows with one new token are decodes, as the engine packs them."""
+def plan_work(plan: BatchPlan, geometry: StepGeometry) -> tuple[float, ...]:
+    """``StepGeometry.work`` of a non-empty plan. Rows with one new token are decodes, as the engine
+    packs them."""
     n, c = plan.num_new_tokens, plan.num_computed_tokens
     if plan.num_tokens == len(n):  # all decodes: the simulator's common case, no masking
-        return 0.0, 0.0, float(c.sum()), float(len(n)), 0.0
+        return geometry.work(n[:0], c[:0], c)
     dec = n == 1
     pre = ~dec
-    tokens, pairs = _prefill_terms(n[pre], c[pre])
-    return tokens, pairs, float(c[dec].sum()), float(np.count_nonzero(dec)), float(np.count_nonzero(pre))
+    return geometry.work(n[pre], c[pre], c[dec])
 
 
 # -- the fit -----------------------------------------------------------------------------------------
@@ -133,12 +121,13 @@ class StepTimeModel:
         # Python floats, so step() does scalar float arithmetic (not numpy scalar promotion).
         object.__setattr__(self, "coefficients", tuple(float(v) for v in self.coefficients))
 
-    def duration(self, prefill_tokens, prefill_pairs, decode_context, num_decodes, prefill_seqs):
-        """Seconds; scalars or float64 arrays. The one expression both ``step`` and ``decode_run``
-        evaluate (same operations in the same order: bitwise-equal results)."""
-        c0, cpt, cpq, cdt, cds, cps = self.coefficients
-        return (c0 + cpt * prefill_tokens + cpq * prefill_pairs + cdt * decode_context + cds * num_decodes
-                + cps * prefill_seqs)
+    def duration(self, token_rows, sample_slots, decode_keys, prefill_keys, num_seqs):
+        """Seconds from the ``StepGeometry.work`` terms; scalars or float64 arrays. The one expression
+        both ``step`` and ``decode_run`` evaluate (same operations in the same order: bitwise-equal
+        results)."""
+        c0, c_rows, c_slots, c_dk, c_pk, c_seqs = self.coefficients
+        return (c0 + c_rows * token_rows + c_slots * sample_slots + c_dk * decode_keys + c_pk * prefill_keys
+                + c_seqs * num_seqs)
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """Seconds per row of ``features`` float64 [n, len(FEATURES)]."""
@@ -182,15 +171,17 @@ def _ape(model: StepTimeModel, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.abs(model.predict(x) - y) / y
 
 
-def fit(points: Sequence[ProfilePoint], holdout_fraction: float = 0.2, seed: int = 0) -> tuple[StepTimeModel, FitReport]:
-    """Fits the step-time model to ``points`` (their median times), holding a random
+def fit(
+    points: Sequence[ProfilePoint], geometry: StepGeometry, holdout_fraction: float = 0.2, seed: int = 0
+) -> tuple[StepTimeModel, FitReport]:
+    """Fits the step-time model to ``points`` (their median times, measured under ``geometry``), holding a random
     ``holdout_fraction`` of them out (at least one point is kept for training) to report the error
     on shapes the fit has not seen. ``ValueError`` on no points or a fraction outside [0, 1)."""
     if not points:
         raise ValueError("fit needs at least one profile point")
     if not isinstance(holdout_fraction, (int, float)) or not 0.0 <= holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction!r}")
-    x = np.stack([point_features(p) for p in points])
+    x = np.stack([point_features(p, geometry) for p in points])
     y = np.array([p.median_s for p in points])
     n = len(points)
     perm = np.random.default_rng(seed).permutation(n)
@@ -250,10 +241,12 @@ class ProfiledCostModel:
     a measured time is not split into compute and memory; ``comm_s`` is the swap time.
     """
 
-    def __init__(self, step_time: StepTimeModel, roofline: RooflineCostModel, fit_report: FitReport | None = None):
+    def __init__(self, step_time: StepTimeModel, geometry: StepGeometry, roofline: RooflineCostModel,
+                 fit_report: FitReport | None = None):
         if roofline.num_devices != 1:
             raise ValueError(f"a profile measures one device; the roofline has tp={roofline.tp}, pp={roofline.pp}")
         self.step_time = step_time
+        self.geometry = geometry
         self.roofline = roofline
         self.fit_report = fit_report
         self._models_energy = roofline.models_energy
@@ -272,8 +265,8 @@ class ProfiledCostModel:
             peaks = dict(hardware.peak_flops_by_dtype)
             hardware = dataclasses.replace(hardware, peak_flops_by_dtype={**peaks, dtype: max(peaks.values())})
         roofline = RooflineCostModel(model_spec(profile), hardware, dtype=dtype)
-        step_time, report = fit(profile.points, holdout_fraction=0.0)
-        return cls(step_time, roofline, report)
+        step_time, report = fit(profile.points, profile.engine, holdout_fraction=0.0)
+        return cls(step_time, profile.engine, roofline, report)
 
     # -- queries (delegated) -----------------------------------------------------------------------
     @property
@@ -321,7 +314,7 @@ class ProfiledCostModel:
         """Cost of ``plan``; an empty plan costs nothing (as the roofline's)."""
         if not plan.num_seqs:
             return StepCost(0.0, 0.0, 0.0, 0.0, 0.0)
-        duration = self.step_time.duration(*plan_features(plan))
+        duration = self.step_time.duration(*plan_work(plan, self.geometry))
         swaps = bool(plan.swap_out_blocks or plan.swap_in_blocks)
         roof = self.roofline.step(plan) if (swaps or self._models_energy) else None
         comm = 0.0
@@ -331,13 +324,12 @@ class ProfiledCostModel:
         energy = float(self._energy(duration, roof.duration_s, roof.energy_j)) if self._models_energy else 0.0
         return StepCost(float(duration), energy, 0.0, 0.0, comm)
 
-    def decode_run(self, num_rows: int, context_tokens: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def decode_run(self, num_rows: int, context_tokens: int, max_context: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Durations and energies of ``k`` consecutive decode steps of the same ``num_rows`` rows whose
-        contexts sum to ``context_tokens`` at the first step (each step adds ``num_rows``); element j
-        equals ``step(plan_j)`` bit for bit."""
-        context = (context_tokens + num_rows * np.arange(k, dtype=np.int64)).astype(np.float64)
-        durations = self.step_time.duration(0.0, 0.0, context, float(num_rows), 0.0)
+        contexts sum to ``context_tokens`` (the longest ``max_context``) at the first step (each step
+        adds one token per row); element j equals ``step(plan_j)`` bit for bit."""
+        durations = self.step_time.duration(*self.geometry.decode_work(num_rows, context_tokens, max_context, k))
         if not self._models_energy:
             return durations, np.zeros(k)
-        roof_durations, roof_energies = self.roofline.decode_run(num_rows, context_tokens, k)
+        roof_durations, roof_energies = self.roofline.decode_run(num_rows, context_tokens, max_context, k)
         return durations, self._energy(durations, roof_durations, roof_energies)

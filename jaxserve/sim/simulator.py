@@ -40,9 +40,9 @@ class SimExecutor:
     def can_fast_forward(self) -> bool:
         return hasattr(self.cost_model, "decode_run")
 
-    def decode_run(self, num_rows: int, context_tokens: int, k: int):
+    def decode_run(self, num_rows: int, context_tokens: int, max_context: int, k: int):
         """Durations and energies of k identical-batch decode steps (see RooflineCostModel)."""
-        return self.cost_model.decode_run(num_rows, context_tokens, k)
+        return self.cost_model.decode_run(num_rows, context_tokens, max_context, k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +137,7 @@ def _skip_decodes(scheduler, executor, log, state, now, next_arrival, limits, st
     if k < 1:
         return now, None
     run = state.running
-    durations, energies = executor.decode_run(len(run), int(run.num_computed.sum()), k)
+    durations, energies = executor.decode_run(len(run), int(run.num_computed.sum()), int(run.num_computed.max()), k)
     ends = now + np.cumsum(durations)  # only to find the cut; the log recomputes them sequentially
     # step j is scheduled at end_{j-1} (end_0 = now): it runs only if nothing is due by then
     k = min(k, 1 + int(np.searchsorted(ends, min(next_arrival, limits.max_sim_time_s), side="left")))

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jaxserve.engine.packing import PackSpec, RequestSampling, bucket, bucket_sizes, pack
+from jaxserve.engine.buckets import bucket, bucket_sizes
+from jaxserve.engine.packing import PackSpec, RequestSampling, pack
 from jaxserve.plan import BatchPlan
 
 NUM_PAGES, PAGE, WIDTH, B = 20, 4, 8, 8

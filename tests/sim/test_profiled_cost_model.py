@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import jaxserve
+from jaxserve.engine.buckets import StepGeometry
 from jaxserve.kv import KVConfig
 from jaxserve.model.config import ModelConfig
 from jaxserve.profile import Profile, grid_points, load_profile, save_profile
@@ -23,28 +24,31 @@ from sim_testing import assert_same_log
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Seconds per unit of FEATURES; each term is a sizable share of some default-grid point's time.
-TRUE = (2e-3, 5e-6, 1e-9, 2e-8, 1e-4, 3e-4)
+TRUE = (2e-3, 5e-6, 2e-5, 2e-8, 1e-9, 3e-5)
+RAGGED = StepGeometry(attention="ragged", page_size=16)
+GROUPED = StepGeometry(attention="grouped", page_size=16)
 LLAMA_7B_SHAPE = ModelConfig(
     vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
     num_kv_heads=32, head_dim=128, max_position_embeddings=4096, dtype="bfloat16",
 )  # fmt: skip
 
 
-def synthetic_points(coefficients=TRUE, noise=0.0, seed=0, repeats=3):
+def synthetic_points(coefficients=TRUE, noise=0.0, seed=0, repeats=3, geometry=RAGGED):
     """The default grid's shapes timed by a known linear model, with multiplicative noise."""
     rng = np.random.default_rng(seed)
     points = []
     for spec in grid_points("default"):
-        exact = float(point_features(spec.point([1.0])) @ np.array(coefficients))
+        exact = float(point_features(spec.point([1.0]), geometry) @ np.array(coefficients))
         points.append(spec.point(exact * (1 + noise * rng.standard_normal(repeats)) if noise else [exact] * repeats))
     return points
 
 
-def synthetic_profile(**kw) -> Profile:
+def synthetic_profile(geometry=RAGGED, **kw) -> Profile:
     return Profile(
         model=json.loads(json.dumps(dataclasses.asdict(LLAMA_7B_SHAPE))), dtype="bfloat16",
-        device={"backend": "gpu", "kind": "synthetic"}, block_size=16, points=tuple(synthetic_points(**kw)),
-        engine={"attention": "ragged", "block_rows": 32}, model_name="llama-7b-shape", grid="default",
+        device={"backend": "gpu", "kind": "synthetic"}, block_size=16,
+        points=tuple(synthetic_points(geometry=geometry, **kw)), engine=geometry, model_name="llama-7b-shape",
+        grid="default",
     )  # fmt: skip
 
 
@@ -52,14 +56,15 @@ def synthetic_profile(**kw) -> Profile:
 
 
 def test_fit_recovers_known_coefficients_exactly_without_noise():
-    model, report = fit(synthetic_points(), holdout_fraction=0.0)
-    np.testing.assert_allclose(model.coefficients, TRUE, rtol=1e-6)
-    assert report.train_mape < 1e-9 and report.num_holdout == 0 and np.isnan(report.holdout_mape)
+    for geometry in (RAGGED, GROUPED):
+        model, report = fit(synthetic_points(geometry=geometry), geometry, holdout_fraction=0.0)
+        np.testing.assert_allclose(model.coefficients, TRUE, rtol=1e-6)
+        assert report.train_mape < 1e-9 and report.num_holdout == 0 and np.isnan(report.holdout_mape)
 
 
 def test_fit_with_noise_recovers_coefficients_and_reports_holdout_error():
     points = synthetic_points(noise=0.01, seed=1)
-    model, report = fit(points, holdout_fraction=0.2, seed=0)
+    model, report = fit(points, RAGGED, holdout_fraction=0.2, seed=0)
     np.testing.assert_allclose(model.coefficients, TRUE, rtol=0.1)
     assert report.num_holdout == round(0.2 * len(points)) and report.num_train == len(points) - report.num_holdout
     assert 0 < report.train_mape < 0.02 and 0 < report.holdout_mape < 0.03  # medians of 3 samples at 1% noise
@@ -70,16 +75,16 @@ def test_fit_with_noise_recovers_coefficients_and_reports_holdout_error():
 def test_fit_keeps_coefficients_non_negative():
     # No per-prefill-row cost in truth, and noise: unconstrained least squares would go negative.
     truth = TRUE[:5] + (0.0,)
-    model, _ = fit(synthetic_points(truth, noise=0.02, seed=3), holdout_fraction=0.0)
+    model, _ = fit(synthetic_points(truth, noise=0.02, seed=3), RAGGED, holdout_fraction=0.0)
     assert min(model.coefficients) >= 0.0
     assert model.coefficients[5] < 0.1 * TRUE[5]
 
 
 def test_fit_names_features_the_profile_does_not_exercise():
     decode_only = [p for p in synthetic_points() if not p.prefill_chunk_lens]
-    model, report = fit(decode_only, holdout_fraction=0.0)
-    assert set(report.unidentified) == {"prefill_tokens", "prefill_attention_pairs", "num_prefill_seqs"}
-    assert model.coefficients[1] == model.coefficients[2] == model.coefficients[5] == 0.0
+    model, report = fit(decode_only, RAGGED, holdout_fraction=0.0)
+    assert report.unidentified == ("prefill_attention_keys",) and model.coefficients[4] == 0.0
+    assert report.train_mape < 1e-9  # the decode terms still explain decode steps exactly
 
 
 def test_nnls_matches_scipy():
@@ -95,9 +100,9 @@ def test_nnls_matches_scipy():
 
 def test_fit_rejects_bad_arguments():
     with pytest.raises(ValueError, match="at least one"):
-        fit([])
+        fit([], RAGGED)
     with pytest.raises(ValueError, match="holdout_fraction"):
-        fit(synthetic_points(), holdout_fraction=1.0)
+        fit(synthetic_points(), RAGGED, holdout_fraction=1.0)
 
 
 # -- the file format ----------------------------------------------------------------------------------
@@ -109,8 +114,10 @@ def test_profile_round_trips(tmp_path):
     save_profile(profile, path)
     assert load_profile(path) == profile
     raw = json.loads(pathlib.Path(path).read_text())
-    assert raw["format"] == 1 and set(raw["points"][0]) >= {
-        "num_prefill_tokens", "prefill_context", "num_decodes", "decode_context_tokens", "num_seqs", "times_s", "median_s"}
+    assert raw["format"] == 2 and set(raw["points"][0]) >= {
+        "num_prefill_tokens", "prefill_context", "decode_context", "num_decodes", "decode_context_tokens", "num_seqs",
+        "times_s", "median_s"}
+    assert raw["engine"] == dataclasses.asdict(RAGGED)
     assert load_profile(path).model_config() == LLAMA_7B_SHAPE
     assert not list(tmp_path.glob(".profile-*"))  # the atomic write left no temporary behind
 
@@ -131,14 +138,23 @@ def _set(path, value):
 
 @pytest.mark.parametrize("edit, needle", [
     (_drop("points"), "missing key 'points'"),
-    (_set(["format"], 2), "format 2 is not supported"),
+    (_set(["format"], 1), "format 1 is not supported.*re-run"),
+    (_drop("engine"), "missing key 'engine'"),
+    (lambda d: d["engine"].pop("chunk_pages"), "engine is missing 'chunk_pages'"),
+    (_set(["engine", "attention"], "flash"), "engine.attention must be one of"),
+    (_set(["engine", "block_rows"], 0), "engine.block_rows must be an int >= 1"),
+    (_set(["engine", "page_size"], 32), "engine.page_size = 32 disagrees with block_size = 16"),
+    (_set(["engine", "warp"], 9), "engine has unknown key 'warp'"),
+    (_set(["points", 0, "decode_context"], 5), r"points\[0\].decode_context must be a list"),
+    (_set(["points", 40, "num_decodes"], 7), r"points\[40\].num_decodes = 7 disagrees"),
+    (_set(["points", 40, "decode_context_tokens"], 7), r"points\[40\].decode_context_tokens = 7 disagrees"),
     (_set(["points"], []), "points is empty"),
     (_set(["points"], {"a": 1}), "points must be a list"),
     (_set(["points", 0, "times_s"], "fast"), r"points\[0\].times_s"),
     (_set(["points", 0, "times_s"], [0.1, -1.0]), r"points\[0\].times_s\[1\]"),
     (lambda d: d["points"][1].pop("median_s"), r"points\[1\] is missing key 'median_s'"),
-    (_set(["points", 0, "num_decodes"], -1), r"points\[0\].num_decodes must be an int >= 0"),
-    (_set(["points", 0, "num_decodes"], 1.5), r"points\[0\].num_decodes"),
+    (_set(["points", 0, "decode_context"], [-1]), r"points\[0\].decode_context\[0\] must be an int >= 0"),
+    (_set(["points", 0, "decode_context"], [1.5]), r"points\[0\].decode_context\[0\]"),
     (_set(["points", 0, "median_s"], 123.0), r"points\[0\].median_s .* not the median"),
     (_set(["points", 0, "num_prefill_tokens"], 7), r"points\[0\].num_prefill_tokens = 7 disagrees"),
     (_set(["points", 0, "prefill_context"], [0, 0]), r"points\[0\]: prefill_context has 2 entries"),
@@ -173,8 +189,8 @@ def test_unreadable_profile_files(tmp_path, text, needle):
 # -- the cost model -----------------------------------------------------------------------------------
 
 
-def cost_model(hardware="a100-80gb") -> ProfiledCostModel:
-    return ProfiledCostModel.from_profile(synthetic_profile(), get_hardware(hardware))
+def cost_model(hardware="a100-80gb", geometry=RAGGED) -> ProfiledCostModel:
+    return ProfiledCostModel.from_profile(synthetic_profile(geometry), get_hardware(hardware))
 
 
 def plan(computed, new, block_size=16, **ops):
@@ -187,14 +203,28 @@ def plan(computed, new, block_size=16, **ops):
 
 
 def test_step_is_the_fitted_expression():
-    cm = cost_model()
-    # 3 decodes with 100, 200, 300 tokens in KV; chunks of 64 after 128 and of 32 from the start.
-    cost = cm.step(plan([100, 200, 300, 128, 0], [1, 1, 1, 64, 32]))
+    # 3 decodes with 100, 200, 300 tokens in KV; chunks of 64 after 128 and of 32 from the start:
+    # 3 decode rows and 2 + 1 prefill blocks of 32 rows, all on bucket sizes.
+    step = plan([100, 200, 300, 128, 0], [1, 1, 1, 64, 32])
     pairs = 64 * (128 + 65 / 2) + 32 * (33 / 2)
-    expected = float(np.dot(TRUE, [1, 96, pairs, 600, 3, 2]))
-    assert cost.duration_s == pytest.approx(expected, rel=1e-9)
+    cm = cost_model()
+    cost = cm.step(step)
+    assert cost.duration_s == pytest.approx(float(np.dot(TRUE, [1, 3 + 96, 6, 603, pairs, 5])), rel=1e-9)
     assert cost.energy_j > cm.idle_power_w() * cost.duration_s  # idle plus some dynamic energy
     assert cm.step(jaxserve.BatchPlan.empty(16)).duration_s == 0.0
+    # Grouped attention visits each group's longest KV in chunks of 8 pages x 16 tokens: the decodes'
+    # longest (301) takes 3 chunks, the blocks' (192) 2, for every row.
+    grouped = cost_model(geometry=GROUPED).step(step).duration_s
+    assert grouped == pytest.approx(float(np.dot(TRUE, [1, 99, 6, 3 * 384, 96 * 256, 5])), rel=1e-9)
+
+
+def test_step_pays_for_bucket_padding():
+    cm = cost_model()
+    # 5 decode rows run as a bucket of 6; 33 prefill tokens as 2 blocks of 32 rows.
+    five = cm.step(plan([10] * 5, [1] * 5)).duration_s
+    assert five == pytest.approx(float(np.dot(TRUE, [1, 6, 6, 55, 0, 5])), rel=1e-9)
+    chunk = cm.step(plan([0], [33])).duration_s
+    assert chunk == pytest.approx(float(np.dot(TRUE, [1, 64, 2, 0, 33 * 17, 1])), rel=1e-9)
 
 
 def test_delegated_queries_use_the_profiled_model_on_the_hardware():
@@ -206,23 +236,24 @@ def test_delegated_queries_use_the_profiled_model_on_the_hardware():
 
 
 @pytest.mark.parametrize("hardware", ["a100-80gb", "cpu"])
-def test_decode_run_is_bitwise_step(hardware):
-    cm = cost_model(hardware)
-    rows, ctx = 37, 5000
-    durations, energies = cm.decode_run(rows, ctx, 50)
-    for j in (0, 1, 17, 49):
-        c = np.full(rows, (ctx + rows * j) // rows, np.int64)
-        c[: (ctx + rows * j) % rows] += 1
-        cost = cm.step(plan(c, np.ones(rows, np.int64)))
+@pytest.mark.parametrize("geometry", [RAGGED, GROUPED], ids=["ragged", "grouped"])
+def test_decode_run_is_bitwise_step(hardware, geometry):
+    cm = cost_model(hardware, geometry)
+    rows = 37
+    context = np.linspace(3, 400, rows).astype(np.int64)  # spread: the longest is not the mean
+    durations, energies = cm.decode_run(rows, int(context.sum()), int(context.max()), 300)
+    for j in (0, 1, 17, 128, 299):
+        cost = cm.step(plan(context + j, np.ones(rows, np.int64)))
         assert cost.duration_s == durations[j] and cost.energy_j == energies[j]
+    assert durations[299] > durations[0]
 
 
 class CountingExecutor(SimExecutor):
     runs = 0
 
-    def decode_run(self, num_rows, context_tokens, k):
+    def decode_run(self, num_rows, context_tokens, max_context, k):
         self.runs += 1
-        return super().decode_run(num_rows, context_tokens, k)
+        return super().decode_run(num_rows, context_tokens, max_context, k)
 
 
 @pytest.mark.parametrize("name, opts", [("vllm", {}), ("sarathi", {"chunk_size": 256})])
@@ -234,7 +265,7 @@ def test_fast_forward_equals_step_by_step(name, opts):
                          sampling=jaxserve.SamplingParams(int(rng.integers(1, 200))), arrival_time=float(t))
         for i, t in enumerate(times)
     ]  # fmt: skip
-    executor = CountingExecutor(cost_model())
+    executor = CountingExecutor(cost_model(geometry=GROUPED))
     logs = [
         run_replica(jaxserve.scheduler.make(name, **opts), KVConfig(300, 16), executor, requests, fast_forward=ff).freeze()
         for ff in (False, True)
@@ -275,8 +306,8 @@ def test_simulate_with_a_profiled_cost_model(tmp_path):
     assert m["num_finished"] == 30 and m["num_rejected"] == 0
     assert m["ttft_s"]["mean"] > 0 and m["energy_j"] > 0
     assert results.kv.num_blocks == cost_model().kv_capacity_blocks(16)
-    # The first step prefills the first request alone: 200 prompt tokens, from an empty cache.
-    first = float(np.dot(TRUE, [1, 200, 200 * 201 / 2, 0, 0, 1]))
+    # The first step prefills the first request alone: 200 prompt tokens (7 blocks of 32 rows).
+    first = float(np.dot(TRUE, [1, 224, 7, 0, 200 * 201 / 2, 1]))
     assert results.log.step_duration_s[0] == pytest.approx(first, rel=1e-9)
 
 
@@ -332,6 +363,7 @@ def test_tiny_real_profile_runs_and_resumes(tmp_path):
     assert main(["--model", str(other), "--out", out, "--dtype", "float32", "--quiet"]) == 1  # one message, no traceback
     assert pathlib.Path(out).read_text() == before
 
-    _, report = fit(profile.points)
+    assert profile.engine == StepGeometry(attention="grouped", page_size=16)
+    _, report = fit(profile.points, profile.engine)
     assert np.isfinite(report.train_mape) and np.isfinite(report.holdout_mape)
     assert len(FEATURES) == len(report.coefficients)

@@ -94,7 +94,7 @@ def test_advance_matches_update_loop_state():
 
 def test_cost_model_decode_run_is_bitwise_step():
     rows, ctx = 37, 5000
-    durations, energies = COST.decode_run(rows, ctx, 50)
+    durations, energies = COST.decode_run(rows, ctx, ctx // rows + 1, 50)
     for j in (0, 1, 17, 49):
         c = np.full(rows, 0, np.int64)
         c[:] = (ctx + rows * j) // rows

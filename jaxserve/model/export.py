@@ -1,0 +1,72 @@
+"""Writes a model as a Hugging Face checkpoint directory (``config.json`` + ``model.safetensors``)
+that ``loader.load_model`` and ``transformers`` both read: how experiments and benchmarks make a
+random model of a chosen shape without ``transformers`` installed."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from jaxserve.model.config import ModelConfig
+from jaxserve.model.loader import hf_name
+from jaxserve.model.safetensors_io import save_file
+
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    """The ``config.json`` dict ``ModelConfig.from_hf`` reads back as ``cfg``."""
+    rope = cfg.rope_scaling
+    out = {
+        "architectures": [_ARCHITECTURES[cfg.model_type]],
+        "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None if rope.rope_type == "default" else {
+            "rope_type": rope.rope_type, "factor": rope.factor, "low_freq_factor": rope.low_freq_factor,
+            "high_freq_factor": rope.high_freq_factor,
+            "original_max_position_embeddings": rope.original_max_position_embeddings,
+        },
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "torch_dtype": cfg.dtype,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) != 1 else cfg.eos_token_ids[0],
+    }  # fmt: skip
+    if cfg.model_type == "llama":
+        if cfg.qkv_bias != cfg.o_bias:
+            raise ValueError("a llama config.json has one attention_bias for q/k/v and o; qkv_bias != o_bias")
+        out["attention_bias"] = cfg.qkv_bias
+    elif cfg.model_type == "mistral":
+        out["sliding_window"] = cfg.sliding_window
+    return out
+
+
+def _flat(tree: dict, prefix=()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flat(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
+
+
+def save_hf_checkpoint(directory: str, cfg: ModelConfig, params: dict) -> None:
+    """Writes ``params`` (as ``llama.params_of`` returns) and ``cfg`` into ``directory`` (created)."""
+    os.makedirs(directory, exist_ok=True)
+    tensors = {}
+    for path, value in _flat(params):
+        array = np.asarray(value)
+        tensors[hf_name(path)] = array.T if path[-1] == "kernel" else array  # HF stores [out, in]
+    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf_config(cfg), f, indent=1)
