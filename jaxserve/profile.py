@@ -2,22 +2,30 @@
 ("profiled") simulator cost model is calibrated on (``jaxserve.sim.profiled_cost_model``).
 
     python -m jaxserve.profile --model <hf dir> --out profile.json [--dtype float32]
-        [--repeats 5] [--warmup 2] [--grid small|default] [--block-size 16] [--kv-cache-gb 4]
+        [--repeats 5] [--warmup 1] [--grid small|default] [--block-size 16] [--kv-cache-gb 4]
+        [--temperature 1.0]
 
 A ``ModelRunner`` is built on the model and ``runner.execute(plan)`` is timed on hand-built
-BatchPlans (block tables from a bump allocator over the runner's pool, no scheduler): the step time
+BatchPlans (no scheduler; each row's pages drawn at random from the runner's pool): the step time
 is ``StepOutput.duration_s``, the same wall time the engine's clock advances by (packing, the
-jitted device step, sampling, transfer back). Every point runs ``warmup`` untimed steps first (the
-first compiles its bucket shape), then ``repeats`` timed ones; all samples are stored and their
-median is what the cost model is fitted on. The grid has prefill-only points (chunk sizes, one or
-several chunks per step, chunks that start mid-prompt after prior context), decode-only points
-(number of decodes x context length) and mixed points (decodes + a prefill chunk). Points the model
-cannot hold (a row longer than ``max_position_embeddings``) or the KV pool cannot hold are skipped
-and listed.
+jitted device step, sampling, transfer back). Every row samples at ``temperature`` (the default
+1.0 is ``SamplingParams``'; an all-greedy step skips drawing noise and is cheaper, so profile
+with the sampling your workload uses). The grid is measured in ``repeats`` passes, each timing
+every point once in a fresh random order, so machine drift during a profile spreads over all
+points instead of biasing some. What runs just before a sample matters on a CPU (a step timed
+right after a run of itself finds its KV and activations in the caches): each sample follows what
+precedes that kind of step in serving. A decode-only step follows its own batch's previous step,
+so it is timed after ``warmup`` untimed runs of itself; a step with prefill rows follows steps of
+other shapes, so it is timed right after the previous point (``warmup`` runs only on its first
+visit, which compiles the shape). All samples are stored; their median is what the cost model is
+fitted on. The grid has prefill-only points (chunk sizes, one or several chunks per step, chunks that
+start mid-prompt after prior context), decode-only points (number of decodes x context length,
+uniform and spread) and mixed points (decodes + a prefill chunk). Points the model cannot hold (a
+row longer than ``max_position_embeddings``) or the KV pool cannot hold are skipped and listed.
 
-**Resumable.** The profile file is rewritten atomically after every point; on restart, points
-already in the file are not measured again. A file measured on another model, dtype, block size,
-device or engine setting is an error (use another ``--out``), never silently mixed.
+**Resumable.** The profile file is rewritten atomically after every sample; on restart, points
+get only the samples they still lack. A file measured on another model, dtype, block size,
+device, step geometry or temperature is an error (use another ``--out``), never silently mixed.
 
 Row classes follow the engine's packing (``engine/packing.py``): a row with one new token is a
 *decode* row (one query row, one sequence slot); every other row is a *prefill* chunk, padded to
@@ -34,6 +42,7 @@ File format (JSON, ``"format": 2``)::
      "device": {"backend": "cpu" | "gpu" | "tpu", "kind": "<jax device_kind>"},
      "block_size": 16,                      # tokens per KV page (= engine.page_size)
      "engine": {StepGeometry fields},       # attention, page_size, block_rows, chunk_pages, buckets
+     "temperature": 1.0,                    # every row sampled at it (0: greedy)
      "grid": "small" | "default",          # informational
      "points": [{
         "prefill_chunk_lens": [n_1, ...],   # new tokens of each prefill row (each >= 2)
@@ -71,10 +80,10 @@ from jaxserve.engine.buckets import StepGeometry
 
 FORMAT = 2
 GRIDS = ("small", "default")
-_TOP_KEYS = ("format", "model", "dtype", "device", "block_size", "engine", "points")
+_TOP_KEYS = ("format", "model", "dtype", "device", "block_size", "engine", "temperature", "points")
 # What makes two profiles comparable: measuring any of these differently changes step times.
 # "model" last: its fields include the dtype, and a dtype mismatch should be reported as one.
-FINGERPRINT_KEYS = ("dtype", "device", "block_size", "engine", "model")
+FINGERPRINT_KEYS = ("dtype", "device", "block_size", "engine", "temperature", "model")
 
 
 # -- the file format ---------------------------------------------------------------------------------
@@ -114,6 +123,10 @@ class ProfilePoint:
         """The shape measured (what a resumed run compares to skip a point)."""
         return (self.prefill_chunk_lens, self.prefill_context, self.decode_context)
 
+    def spec(self) -> PointSpec:
+        """The grid shape this point measured."""
+        return PointSpec(tuple(zip(self.prefill_context, self.prefill_chunk_lens)), self.decode_context)
+
     def to_json(self) -> dict:
         return {
             "prefill_chunk_lens": list(self.prefill_chunk_lens),
@@ -138,6 +151,7 @@ class Profile:
     block_size: int
     points: tuple[ProfilePoint, ...]
     engine: StepGeometry
+    temperature: float = 1.0  # every profiled row samples at this temperature (0: greedy)
     model_name: str = ""
     grid: str = ""
 
@@ -160,6 +174,7 @@ class Profile:
             "device": dict(self.device),
             "block_size": self.block_size,
             "engine": self.engine.to_json(),
+            "temperature": self.temperature,
             "grid": self.grid,
             "points": [p.to_json() for p in self.points],
         }
@@ -279,6 +294,10 @@ def profile_from_json(obj, source: str = "profile") -> Profile:
             raise ValueError(f"device must be an object with string 'backend' and 'kind', got {device!r}")
         block_size = _int(obj["block_size"], "block_size", 1)
         engine = _geometry(obj["engine"], block_size)
+        temperature = obj["temperature"]
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not (
+                math.isfinite(temperature) and temperature >= 0):  # fmt: skip
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
         raw = obj["points"]
         if not isinstance(raw, list):
             raise ValueError(f"points must be a list, got {type(raw).__name__}")
@@ -295,7 +314,7 @@ def profile_from_json(obj, source: str = "profile") -> Profile:
         fail(str(e))
     return Profile(
         model=_normalized(obj["model"]), dtype=dtype, device=dict(device), block_size=block_size,
-        points=tuple(points), engine=engine, model_name=str(obj.get("model_name", "")),
+        points=tuple(points), engine=engine, temperature=float(temperature), model_name=str(obj.get("model_name", "")),
         grid=str(obj.get("grid", "")),
     )
 
@@ -383,7 +402,7 @@ def _spread(count: int, lo: int, hi: int) -> tuple[int, ...]:
 
 def grid_points(name: str) -> tuple[PointSpec, ...]:
     """The shapes of grid ``name``. ``small``: 15 points in 4 bucket shapes of a tiny model (tests,
-    a quick look); ``default``: 76 points up to 2048-token chunks and 256 decodes, on and off the
+    a quick look); ``default``: 102 points up to 2048-token chunks and 256 decodes, on and off the
     engine's bucket sizes, uniform and spread decode contexts (the engine's attention work follows
     a batch's longest context, its matmuls the padded row count)."""
     if name == "small":
@@ -396,52 +415,46 @@ def grid_points(name: str) -> tuple[PointSpec, ...]:
         specs += [PointSpec(((0, 32),), _decodes(6, 64)), PointSpec(((96, 24),), _spread(5, 20, 160))]
         return tuple(specs)
     if name == "default":
+        # Contexts stop at 2000 so a 2048-position model keeps every decode point.
         specs = [PointSpec(((0, n),)) for n in (16, 40, 100, 256, 500, 1024, 2048)]
-        specs += [PointSpec(((c, n),)) for c in (256, 1024, 3072) for n in (100, 512, 1024)]
+        specs += [PointSpec(((c, n),)) for c in (256, 1024, 1700) for n in (100, 300, 512)]
+        specs += [PointSpec(((3072, n),)) for n in (128, 1024)]
         specs += [PointSpec(((0, n),) * k) for k in (2, 4, 8) for n in (50, 250)]
         specs += [PointSpec(((512, 256),) * 4), PointSpec(((0, 300), (700, 180), (90, 20)))]
         specs += [PointSpec((), _decodes(d, ctx)) for d in (1, 2, 3, 6, 12, 24, 48, 96, 192, 256)
-                  for ctx in (64, 512, 2048)]  # fmt: skip
-        specs += [PointSpec((), _spread(d, 16, hi)) for d in (8, 32, 100, 200) for hi in (600, 2048)]
-        specs += [PointSpec(((0, n),), _decodes(d, 512)) for d in (4, 16, 64, 128) for n in (64, 256, 500)]
-        specs += [PointSpec(((1024, 256),), _spread(32, 16, 2048)), PointSpec(((200, 100),), _spread(60, 16, 1000))]
+                  for ctx in (64, 400, 1000, 2000)]  # fmt: skip
+        specs += [PointSpec((), _spread(d, 16, hi)) for d in (8, 20, 40, 64, 100, 200) for hi in (600, 1500)]
+        specs += [PointSpec(((0, n),), _decodes(d, ctx)) for d in (4, 16, 64) for n in (64, 256, 500)
+                  for ctx in (300, 1200)]  # fmt: skip
+        specs += [PointSpec(((c, 200),), _spread(d, 16, 1500)) for d in (10, 30, 60) for c in (0, 800)]
         return tuple(specs)
     raise ValueError(f"grid must be one of {GRIDS}, got {name!r}")
 
 
-class BumpAllocator:
-    """Hands out distinct KV pages ``0..num_blocks-1`` in order; ``reset`` before each point (the
-    pages' contents do not matter for timing, only that rows do not share them)."""
-
-    def __init__(self, num_blocks: int):
-        self.num_blocks, self.next = num_blocks, 0
-
-    def reset(self) -> None:
-        self.next = 0
-
-    def take(self, n: int) -> tuple[int, ...]:
-        if self.next + n > self.num_blocks:
-            raise ValueError(f"needs {self.next + n} KV pages, the pool has {self.num_blocks}")
-        self.next += n
-        return tuple(range(self.next - n, self.next))
-
-
-def build_plan(spec: PointSpec, block_size: int, vocab_size: int, allocator: BumpAllocator, rng):
+def build_plan(spec: PointSpec, block_size: int, vocab_size: int, num_pages: int, rng, temperature: float = 1.0):
     """``(BatchPlan, requests)``: the step ``spec`` describes, every row sampling (a prefill row is
-    its prompt's last chunk), with the requests to ``register`` on the runner."""
+    its prompt's last chunk) at ``temperature``, with the requests to ``register`` on the runner.
+    Rows get distinct pages drawn at random from ``num_pages``, as a pool in steady state hands them
+    out (contents do not matter for timing; where the pages lie does, a little)."""
     from jaxserve.plan import BatchPlan
     from jaxserve.request import Request, SamplingParams
 
-    allocator.reset()
     rows = [(f"dec{i}", c, 1) for i, c in enumerate(spec.decode)]
     rows += [(f"pre{j}", c, n) for j, (c, n) in enumerate(spec.prefill)]
+    needed = spec.blocks_needed(block_size)
+    if needed > num_pages:
+        raise ValueError(f"{spec.describe()} needs {needed} KV pages, the pool has {num_pages}")
+    pages = rng.choice(num_pages, size=needed, replace=False).tolist()
     requests, tables, tokens = [], [], []
     for rid, c, n in rows:
         decode = n == 1
         prompt_len = c if decode else c + n  # a decode samples generated token 1; a chunk token 0
         ids = rng.integers(0, vocab_size, size=prompt_len).tolist()
-        requests.append(Request(rid, prompt_token_ids=ids, sampling=SamplingParams(2 if decode else 1, temperature=0.0)))
-        tables.append(allocator.take(-(-(c + n) // block_size)))
+        sampling = SamplingParams(2 if decode else 1, temperature=temperature)
+        requests.append(Request(rid, prompt_token_ids=ids, sampling=sampling))
+        k = -(-(c + n) // block_size)
+        tables.append(tuple(pages[:k]))
+        pages = pages[k:]
         tokens.append(rng.integers(0, vocab_size, size=n))
     plan = BatchPlan(
         request_ids=tuple(r for r, _, _ in rows),
@@ -461,7 +474,8 @@ def build_plan(spec: PointSpec, block_size: int, vocab_size: int, allocator: Bum
 
 @dataclasses.dataclass(frozen=True)
 class ProfileRun:
-    """What one ``profile_model`` call did: points measured now, found in the file, and skipped."""
+    """What one ``profile_model`` call did: samples measured now, points already complete in the
+    file, and grid points skipped (with the reason)."""
 
     profile: Profile
     measured: int
@@ -481,7 +495,7 @@ def profile_model(
     *,
     dtype: str | None = None,
     repeats: int = 5,
-    warmup: int = 2,
+    warmup: int = 1,
     grid: str = "default",
     block_size: int = 16,
     block_rows: int = 32,
@@ -489,17 +503,21 @@ def profile_model(
     kv_cache_gb: float = 4.0,
     chunk_pages: int = 8,
     buckets_per_octave: tuple[int, int] = (2, 4),
+    temperature: float = 1.0,
     seed: int = 0,
     progress: bool = True,
 ) -> ProfileRun:
-    """Measures every point of ``grid`` not yet in ``out`` (see the module docstring) and returns
-    what it did. ``ValueError`` for bad options or an ``out`` measured under another fingerprint."""
+    """Measures ``grid`` into ``out`` until every point has ``repeats`` samples (see the module
+    docstring) and returns what it did. ``ValueError`` for bad options or an ``out`` measured
+    under another fingerprint."""
     _int(repeats, "repeats", 1)
     _int(warmup, "warmup", 1)  # the first run of a shape compiles it: never a sample
     _int(block_size, "block_size", 1)
     specs = grid_points(grid)
     if not kv_cache_gb > 0:
         raise ValueError(f"kv_cache_gb must be > 0, got {kv_cache_gb!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
         raise ValueError(f"--out {out!r}: its directory does not exist")
 
@@ -518,9 +536,10 @@ def profile_model(
         block_size=block_size, points=(), engine=StepGeometry(
             attention=impl, page_size=block_size, block_rows=block_rows, chunk_pages=chunk_pages,
             decode_per_octave=buckets_per_octave[0], blocks_per_octave=buckets_per_octave[1]),
-        model_name=os.path.basename(os.path.normpath(model_dir)), grid=grid,
-    )
-    points: list[ProfilePoint] = []
+        temperature=float(temperature), model_name=os.path.basename(os.path.normpath(model_dir)), grid=grid,
+    )  # fmt: skip
+    times: dict[tuple, list[float]] = {}
+    measured_before: tuple[ProfilePoint, ...] = ()
     if os.path.exists(out):
         old = load_profile(out)
         mine, theirs = header.fingerprint(), old.fingerprint()
@@ -530,23 +549,31 @@ def profile_model(
                     f"{out} was measured with another {key} ({theirs[key]!r}, now {mine[key]!r}); "
                     "write this profile to another --out"
                 )
-        points = list(old.points)
-    done = {p.key for p in points}
+        measured_before = old.points
+        times = {p.key: list(p.times_s) for p in old.points}
 
     per_block = 2 * cfg.num_layers * cfg.num_kv_heads * block_size * cfg.head_dim * jax.numpy.dtype(cfg.dtype).itemsize
     budget_blocks = max(1, int(kv_cache_gb * 2**30 // per_block))
-    skipped, todo = [], []
+    skipped, measurable = [], []
     for spec in specs:
         reason = _fits(spec, cfg.max_position_embeddings)
         if reason is None and spec.blocks_needed(block_size) > budget_blocks:
             reason = f"needs {spec.blocks_needed(block_size)} KV pages, --kv-cache-gb holds {budget_blocks}"
         if reason:
             skipped.append((spec, reason))
-        elif spec.key not in done:
-            todo.append(spec)
-    already = sum(1 for s in specs if s.key in done)
+        else:
+            measurable.append(spec)
+    todo = [s for s in measurable if len(times.get(s.key, ())) < repeats]
+    already = len(measurable) - len(todo)
+    # Points of the file outside this grid are kept, after the grid's own (in grid order).
+    grid_keys = {s.key for s in specs}
+    extra = [p.spec() for p in measured_before if p.key not in grid_keys]
+
+    def current() -> Profile:
+        return header.with_points([s.point(times[s.key]) for s in specs + extra if times.get(s.key)])
+
     if not todo:
-        return ProfileRun(header.with_points(points), 0, already, tuple(skipped))
+        return ProfileRun(current(), 0, already, tuple(skipped))
 
     # The pool and the context limit sized to what the grid needs, not to the model's maximum.
     num_blocks = max(s.blocks_needed(block_size) for s in todo)
@@ -555,27 +582,40 @@ def profile_model(
                          block_rows=block_rows, attention=impl, chunk_pages=chunk_pages, seed=seed,
                          buckets_per_octave=buckets_per_octave)
     assert runner.geometry == header.engine, (runner.geometry, header.engine)
-    allocator, rng = BumpAllocator(num_blocks), np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)
+    plans = {s.key: build_plan(s, block_size, cfg.vocab_size, num_blocks, rng, temperature) for s in todo}
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("[bold]profile[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    measured, visited = 0, set()
     with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task("", total=len(todo))
-        for spec in todo:
-            bar.update(task, description=spec.describe())
-            plan, requests = build_plan(spec, block_size, cfg.vocab_size, allocator, rng)
-            for r in requests:
-                runner.register(r)
-            for _ in range(warmup):
-                runner.execute(plan)
-            times = [runner.execute(plan).duration_s for _ in range(repeats)]
-            for r in requests:
-                runner.release(r.request_id)
-            points.append(spec.point(times))
-            save_profile(header.with_points(points), out)  # after every point: a crash loses one
-            bar.advance(task)
-    return ProfileRun(header.with_points(points), len(todo), already, tuple(skipped))
+        task = bar.add_task("", total=sum(repeats - len(times.get(s.key, ())) for s in todo))
+        # One sample per point per pass, the points in a new random order each pass: a machine
+        # whose speed drifts during the profile shifts every point a little, not some a lot.
+        for sample in range(repeats):
+            for i in rng.permutation(len(todo)):
+                spec = todo[i]
+                if len(times.get(spec.key, ())) > sample:
+                    continue
+                bar.update(task, description=f"pass {sample + 1}/{repeats}: {spec.describe()}")
+                plan, requests = plans[spec.key]
+                for r in requests:
+                    runner.register(r)
+                # A first visit compiles the shape. A decode-only step runs right after its own batch's
+                # previous step in serving, so its samples follow one run of itself; a step with
+                # prefill rows follows steps of other shapes, so its samples follow the last point's.
+                if spec.key not in visited or not spec.prefill:
+                    for _ in range(warmup):
+                        runner.execute(plan)
+                    visited.add(spec.key)
+                times.setdefault(spec.key, []).append(runner.execute(plan).duration_s)
+                for r in requests:
+                    runner.release(r.request_id)
+                save_profile(current(), out)  # after every sample: a crash loses one
+                measured += 1
+                bar.advance(task)
+    return ProfileRun(current(), measured, already, tuple(skipped))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -583,13 +623,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="a local Hugging Face model directory")
     parser.add_argument("--out", required=True, help="the profile JSON (resumed if it exists)")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per point")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed runs per point before them (>= 1)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed samples per point (one per pass over the grid)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before a decode point's samples and a point's first (>= 1)")
     parser.add_argument("--grid", choices=GRIDS, default="default")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV page")
     parser.add_argument("--block-rows", type=int, default=32, help="prefill rows per block (engine.block_rows)")
     parser.add_argument("--attention", default="auto", help="auto | grouped | ragged")
     parser.add_argument("--kv-cache-gb", type=float, default=4.0, help="largest KV pool a point may use")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of every row (0: greedy)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -601,12 +642,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = profile_model(
             args.model, args.out, dtype=args.dtype, repeats=args.repeats, warmup=args.warmup, grid=args.grid,
             block_size=args.block_size, block_rows=args.block_rows, attention=args.attention,
-            kv_cache_gb=args.kv_cache_gb, seed=args.seed, progress=not args.quiet,
+            kv_cache_gb=args.kv_cache_gb, temperature=args.temperature, seed=args.seed, progress=not args.quiet,
         )
     except (OSError, ValueError) as e:
         console.print(f"[red]error:[/] {e}")
         return 1
-    console.print(f"{args.out}: measured {run.measured} points, {run.already} already there, {len(run.skipped)} skipped")
+    console.print(f"{args.out}: measured {run.measured} samples, {run.already} points already complete, "
+                  f"{len(run.skipped)} skipped")
     for spec, reason in run.skipped:
         console.print(f"  skipped {spec.describe()}: {reason}")
     if run.profile.points:

@@ -54,4 +54,4 @@ def test_end_to_end_on_a_tiny_model(tmp_path):
     for name in ("steps.csv", "latency.csv", "step_times.png", "latency_cdfs.png", "summary.md", "profile.json"):
         assert (out / name).stat().st_size > 0, name
     text = (out / "summary.md").read_text()
-    assert "poisson/sarathi" in text and "azure/vllm" in text and "profiled MAPE" in text
+    assert "poisson/sarathi" in text and "azure/vllm" in text and "MAPE adjusted" in text and "speed before" in text

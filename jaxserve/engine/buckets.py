@@ -35,7 +35,10 @@ def bucket_sizes(n: int, minimum: int = 1, per_octave: int = 1) -> list[int]:
     return sizes
 
 
-WORK_TERMS = ("token_rows", "sample_slots", "decode_attention_keys", "prefill_attention_keys", "num_seqs")
+WORK_TERMS = (
+    "token_rows", "sample_slots", "decode_attention_keys", "decode_kv_read", "prefill_attention_keys",
+    "prefill_kv_read", "num_seqs",
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,25 +79,34 @@ class StepGeometry:
 
         * ``token_rows``: padded rows through the layers' matmuls, ``D + NB * block_rows``;
         * ``sample_slots``: padded sequence slots through the LM head and sampler, ``D + NB``;
-        * ``decode_attention_keys``: keys the decode rows' attention visits;
-        * ``prefill_attention_keys``: query-key pairs of the prefill blocks' attention;
+        * ``decode_attention_keys``: query-key scores the decode attention computes;
+        * ``decode_kv_read``: keys whose KV the decode rows read, ``sum(context + 1)``;
+        * ``prefill_attention_keys``: query-key scores the prefill blocks' attention computes;
+        * ``prefill_kv_read``: keys whose KV the prefill blocks read (each block its sequence's);
         * ``num_seqs``: real rows (the host packs each one).
+
+        Grouped attention computes every row of a group against the group's longest KV in whole
+        chunks, but a row reads only its own pages (past its table it re-reads one padding page,
+        which stays cached), so compute follows the padded shape and memory traffic the real one.
+        The ragged kernel computes each sequence's own (causal) keys.
         """
         n = np.asarray(prefill_new, np.int64)
         c = np.asarray(prefill_context, np.int64)
         dc = np.asarray(decode_context, np.int64)
-        blocks = int((-(-n // self.block_rows)).sum())
-        d_pad, nb_pad = self.shape(len(dc), blocks)
+        blocks_per = -(-n // self.block_rows)
+        d_pad, nb_pad = self.shape(len(dc), int(blocks_per.sum()))
         rows = d_pad + nb_pad * self.block_rows
+        dec_read = float(dc.sum() + len(dc))
+        pre_read = float(np.dot(blocks_per, c + n))
         if self.attention == "grouped":
             chunk = self.chunk_pages * self.page_size
-            dec_keys = d_pad * self._visited(int(dc.max()) + 1, chunk) if len(dc) else 0
-            pre_keys = nb_pad * self.block_rows * self._visited(int((c + n).max()), chunk) if len(n) else 0
+            dec_keys = float(d_pad * self._visited(int(dc.max()) + 1, chunk)) if len(dc) else 0.0
+            pre_keys = float(nb_pad * self.block_rows * self._visited(int((c + n).max()), chunk)) if len(n) else 0.0
         else:
-            dec_keys = int(dc.sum()) + len(dc)
+            dec_keys = dec_read
             # Σ n·(c + (n+1)/2): each new token sees the prior context and the chunk causally.
             pre_keys = float(np.dot(n, c)) + 0.5 * (float(np.dot(n, n)) + float(n.sum()))
-        return float(rows), float(d_pad + nb_pad), float(dec_keys), float(pre_keys), float(len(n) + len(dc))
+        return float(rows), float(d_pad + nb_pad), dec_keys, dec_read, pre_keys, pre_read, float(len(n) + len(dc))
 
     def decode_work(self, num_rows: int, context_tokens: int, max_context: int, k: int):
         """``work`` of k consecutive decode-only steps of the same ``num_rows`` rows (contexts summing
@@ -102,12 +114,13 @@ class StepGeometry:
         row), as float64 arrays [k] where they vary; equal to ``work`` step by step."""
         steps = np.arange(k, dtype=np.int64)
         d_pad, _ = self.shape(num_rows, 0)
+        read = (context_tokens + num_rows * steps + num_rows).astype(np.float64)
         if self.attention == "grouped":
             chunk = self.chunk_pages * self.page_size
-            keys = d_pad * (-(-(max_context + 1 + steps) // chunk) * chunk)
+            keys = (d_pad * (-(-(max_context + 1 + steps) // chunk) * chunk)).astype(np.float64)
         else:
-            keys = context_tokens + num_rows * steps + num_rows
-        return float(d_pad), float(d_pad), keys.astype(np.float64), 0.0, float(num_rows)
+            keys = read
+        return float(d_pad), float(d_pad), keys, read, 0.0, 0.0, float(num_rows)
 
     @staticmethod
     def _visited(max_kv: int, chunk: int) -> int:

@@ -6,16 +6,18 @@ grids and attention path). The step time is modelled as linear in the work the e
 step as it *runs* it, padded (``StepGeometry.work``; seconds per unit)::
 
     duration_s = c_const + c_rows · token_rows + c_slots · sample_slots
-               + c_dk · decode_attention_keys + c_pk · prefill_attention_keys + c_seqs · num_seqs
+               + c_dk · decode_attention_keys + c_dr · decode_kv_read
+               + c_pk · prefill_attention_keys + c_pr · prefill_kv_read + c_seqs · num_seqs
 
 Counting the plan's real tokens instead would miss what dominates a small step on the CPU engine:
 its matmuls run over the bucket's padded rows, and the grouped attention visits every row's
-longest-context chunks (a batch of one long and many short decodes costs the long one for all).
+longest-context chunks (a batch of one long and many short decodes computes the long one for
+all, while each row reads only its own KV: compute and memory traffic are separate terms).
 
 Every coefficient is a cost, so the fit is non-negative least squares. It minimizes the *relative*
 squared error Σ ((pred − t) / t)² over the points' median times: step times span orders of
 magnitude (a 1-row decode vs a 2048-token prefill), and an absolute fit would spend itself on the
-largest points while the simulator mostly runs small decode steps. The problem has six unknowns,
+largest points while the simulator mostly runs small decode steps. The problem has eight unknowns,
 so it is solved exactly (``nnls``), no iterative optimizer needed.
 
 What a profile does not measure comes from a ``RooflineCostModel`` of the profiled model on the
@@ -30,7 +32,6 @@ path gives step-by-step durations and energies bit for bit.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -46,8 +47,15 @@ from jaxserve.sim.models import ModelSpec
 if TYPE_CHECKING:  # not at run time: `python -m jaxserve.profile` must not find itself imported by jaxserve.sim
     from jaxserve.profile import Profile, ProfilePoint
 
-FEATURES = ("const",) + WORK_TERMS
-UNITS = ("s/step", "s/row", "s/slot", "s/key", "s/pair", "s/row")
+# Token rows enter piecewise linearly, one slope per segment between these knots (the last one
+# open-ended): a step's matmuls cost more per row at a few rows (matrix-vector kernels, fixed
+# dispatch) than at hundreds, and more again once the activations outgrow the caches. The first row
+# is in ``const`` (every step has one).
+ROW_KNOTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+ROW_SEGMENTS = tuple(f"token_rows[{a}:{b}]" for a, b in zip(ROW_KNOTS, ROW_KNOTS[1:])) + (f"token_rows[{ROW_KNOTS[-1]}:]",)
+_SEGMENT_BOUNDS = tuple(zip(ROW_KNOTS, ROW_KNOTS[1:] + (math.inf,)))
+FEATURES = ("const",) + ROW_SEGMENTS + WORK_TERMS[1:]
+UNITS = ("s/step",) + ("s/row",) * len(ROW_SEGMENTS) + ("s/slot", "s/key", "s/key", "s/pair", "s/key", "s/row")
 # The profile's jnp dtype names -> the roofline's.
 ROOFLINE_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -55,10 +63,19 @@ ROOFLINE_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 # -- features ----------------------------------------------------------------------------------------
 
 
+def _row_segments(token_rows: float) -> list[float]:
+    """Rows of ``token_rows`` (a scalar) falling in each segment of ``ROW_SEGMENTS``."""
+    return [min(max(token_rows - a, 0.0), b - a) for a, b in _SEGMENT_BOUNDS]
+
+
+def work_features(work: Sequence[float]) -> np.ndarray:
+    """float64 [len(FEATURES)] of ``StepGeometry.work`` terms."""
+    return np.array([1.0] + _row_segments(work[0]) + [float(v) for v in work[1:]])
+
+
 def point_features(point: ProfilePoint, geometry: StepGeometry) -> np.ndarray:
     """float64 [len(FEATURES)] of a profile point run under ``geometry``."""
-    work = geometry.work(point.prefill_chunk_lens, point.prefill_context, point.decode_context)
-    return np.array((1.0,) + work)
+    return work_features(geometry.work(point.prefill_chunk_lens, point.prefill_context, point.decode_context))
 
 
 def plan_work(plan: BatchPlan, geometry: StepGeometry) -> tuple[float, ...]:
@@ -76,34 +93,15 @@ def plan_work(plan: BatchPlan, geometry: StepGeometry) -> tuple[float, ...]:
 
 
 def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """argmin ||a x − b||₂ subject to x ≥ 0, exactly, for few columns (here 6).
+    """argmin ||a x − b||₂ subject to x ≥ 0 (Lawson–Hanson active set, exact at convergence).
+    Columns are scaled to unit max first (the features span 1 to ~10^9); all-zero columns get 0."""
+    from scipy.optimize import nnls as lawson_hanson  # scipy comes with jax
 
-    The optimum is the unconstrained least-squares solution on its own support (KKT), which is
-    feasible; any other feasible support solution is a feasible point, so no better. Hence the best
-    residual over supports whose least-squares solution is non-negative is the optimum: 2^k − 1
-    small solves. Columns are scaled to unit max first (the features span 1 to ~10^9). All-zero
-    columns get 0."""
     a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    k = a.shape[1]
     scale = np.abs(a).max(axis=0)
-    live = [j for j in range(k) if scale[j] > 0]
     scale[scale == 0] = 1.0
-    a = a / scale
-    best, best_r2 = np.zeros(k), float(b @ b)  # x = 0 is feasible
-    for size in range(1, len(live) + 1):
-        for support in itertools.combinations(live, size):
-            cols = list(support)
-            xs, *_ = np.linalg.lstsq(a[:, cols], b, rcond=None)
-            if np.any(xs < 0):
-                continue
-            r = a[:, cols] @ xs - b
-            r2 = float(r @ r)
-            if r2 < best_r2:
-                best_r2 = r2
-                best = np.zeros(k)
-                best[cols] = xs
-    return best / scale
+    x, _ = lawson_hanson(a / scale, np.asarray(b, np.float64), maxiter=50 * a.shape[1])
+    return x / scale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,13 +119,17 @@ class StepTimeModel:
         # Python floats, so step() does scalar float arithmetic (not numpy scalar promotion).
         object.__setattr__(self, "coefficients", tuple(float(v) for v in self.coefficients))
 
-    def duration(self, token_rows, sample_slots, decode_keys, prefill_keys, num_seqs):
-        """Seconds from the ``StepGeometry.work`` terms; scalars or float64 arrays. The one expression
-        both ``step`` and ``decode_run`` evaluate (same operations in the same order: bitwise-equal
-        results)."""
-        c0, c_rows, c_slots, c_dk, c_pk, c_seqs = self.coefficients
-        return (c0 + c_rows * token_rows + c_slots * sample_slots + c_dk * decode_keys + c_pk * prefill_keys
-                + c_seqs * num_seqs)
+    def duration(self, token_rows, sample_slots, decode_keys, decode_read, prefill_keys, prefill_read, num_seqs):
+        """Seconds from the ``StepGeometry.work`` terms (``token_rows`` a scalar, the others scalars or
+        float64 arrays). The one expression both ``step`` and ``decode_run`` evaluate (same
+        operations in the same order: bitwise-equal results)."""
+        c = self.coefficients
+        total = c[0]
+        for coef, rows in zip(c[1:], _row_segments(token_rows)):
+            total += coef * rows
+        c_slots, c_dk, c_dr, c_pk, c_pr, c_seqs = c[1 + len(ROW_SEGMENTS):]
+        return (total + c_slots * sample_slots + c_dk * decode_keys + c_dr * decode_read + c_pk * prefill_keys
+                + c_pr * prefill_read + c_seqs * num_seqs)
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """Seconds per row of ``features`` float64 [n, len(FEATURES)]."""
@@ -142,7 +144,9 @@ class FitReport:
     """How well a fit explains the profile. Errors are fractions (0.05 = 5%): MAPE is the mean of
     |predicted − measured| / measured over the points' medians, ``*_max_ape`` the largest such
     error; the held-out ones are NaN when no point was held out. ``unidentified`` lists features no
-    training point exercises (their coefficient is 0: the profile says nothing about them)."""
+    training point exercises (their coefficient is 0: the profile says nothing about them), except
+    token-row segments past the profile's largest step: those are ``extrapolated`` (they take the
+    slope of the last segment it reaches)."""
 
     coefficients: dict
     num_train: int
@@ -152,6 +156,7 @@ class FitReport:
     holdout_mape: float
     holdout_max_ape: float
     unidentified: tuple[str, ...]
+    extrapolated: tuple[str, ...] = ()
 
     def summary(self) -> str:
         def pct(x):
@@ -164,6 +169,8 @@ class FitReport:
         lines += [f"  {name} = {value:.4g} {unit}" for (name, value), unit in zip(self.coefficients.items(), UNITS)]
         if self.unidentified:
             lines.append(f"  not exercised by the profile (coefficient 0): {', '.join(self.unidentified)}")
+        if self.extrapolated:
+            lines.append(f"  beyond the profile's largest step (slope extrapolated): {', '.join(self.extrapolated)}")
         return "\n".join(lines)
 
 
@@ -189,6 +196,12 @@ def fit(
     hold, train = perm[:n_hold], perm[n_hold:]
     xt, yt = x[train], y[train]
     coef = nnls(xt / yt[:, None], np.ones(len(train)))
+    # Segments are reached in order (a step of T rows fills every segment below T): the ones no
+    # training step reaches continue the last reached slope instead of pricing those rows at 0.
+    reached = [j for j in range(1, 1 + len(ROW_SEGMENTS)) if np.any(xt[:, j])]
+    beyond = range(reached[-1] + 1, 1 + len(ROW_SEGMENTS)) if reached else range(0)
+    for j in beyond:
+        coef[j] = coef[reached[-1]]
     model = StepTimeModel(tuple(float(v) for v in coef))
     train_err = _ape(model, xt, yt)
     hold_err = _ape(model, x[hold], y[hold]) if n_hold else np.array([math.nan])
@@ -200,7 +213,8 @@ def fit(
         train_max_ape=float(train_err.max()),
         holdout_mape=float(hold_err.mean()),
         holdout_max_ape=float(hold_err.max()),
-        unidentified=tuple(name for j, name in enumerate(FEATURES) if not np.any(xt[:, j])),
+        unidentified=tuple(name for j, name in enumerate(FEATURES) if not np.any(xt[:, j]) and j not in beyond),
+        extrapolated=tuple(FEATURES[j] for j in beyond),
     )
     return model, report
 

@@ -48,17 +48,19 @@ def test_work_matches_the_packed_step(rows, per_octave, block_rows):
     dec = n == 1
     chunk = CHUNK_PAGES * PAGE
     grouped = spec.geometry("grouped", CHUNK_PAGES).work(n[~dec], c[~dec], c[dec])
-    rows_, slots, dec_keys, pre_keys, seqs = grouped
+    rows_, slots, dec_keys, dec_read, pre_keys, pre_read, seqs = grouped
     assert rows_ == len(hb.token_ids) and slots == len(hb.logits_rows) and seqs == len(rows)
-    # The grouped loop runs ceil(max kv / chunk) chunks over all rows of its group.
+    # The grouped loop runs ceil(max kv / chunk) chunks over all rows of its group; each row (and
+    # each block) reads only its own sequence's KV.
     a = hb.attn
     visited = lambda kv: -(-int(kv.max()) // chunk) * chunk if len(kv) else 0  # noqa: E731
     assert dec_keys == a.num_decode_rows * visited(a.decode_kv_lens)
     assert pre_keys == a.num_blocks * block_rows * visited(a.block_kv_lens)
+    assert dec_read == a.decode_kv_lens.sum() and pre_read == a.block_kv_lens.sum()
     ragged = spec.geometry("ragged", CHUNK_PAGES).work(n[~dec], c[~dec], c[dec])
-    assert ragged[:2] == grouped[:2] and ragged[4] == seqs
-    assert ragged[2] == float((c[dec] + 1).sum())
-    assert ragged[3] == pytest.approx(float((n[~dec] * (c[~dec] + (n[~dec] + 1) / 2)).sum()))
+    assert ragged[:2] == grouped[:2] and ragged[3] == dec_read and ragged[5] == pre_read and ragged[6] == seqs
+    assert ragged[2] == dec_read  # the ragged kernel computes the keys it reads
+    assert ragged[4] == pytest.approx(float((n[~dec] * (c[~dec] + (n[~dec] + 1) / 2)).sum()))
 
 
 @pytest.mark.parametrize("attention", ["grouped", "ragged"])

@@ -18,13 +18,19 @@ from jaxserve.kv import KVConfig
 from jaxserve.model.config import ModelConfig
 from jaxserve.profile import Profile, grid_points, load_profile, save_profile
 from jaxserve.sim import ConfigError, get_hardware, simulate
-from jaxserve.sim.profiled_cost_model import FEATURES, ProfiledCostModel, fit, nnls, point_features
+from jaxserve.sim.profiled_cost_model import (
+    FEATURES, ROW_SEGMENTS, ProfiledCostModel, fit, nnls, point_features, work_features,
+)  # fmt: skip
 from jaxserve.sim.simulator import SimExecutor, run_replica
 from sim_testing import assert_same_log
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Seconds per unit of FEATURES; each term is a sizable share of some default-grid point's time.
-TRUE = (2e-3, 5e-6, 2e-5, 2e-8, 1e-9, 3e-5)
+# Per-row slopes fall then rise with the step's rows; the default grid's largest step has 2048 rows,
+# so the last three segments are extrapolated from the one below them (equal slopes here).
+ROW_SLOPES = (2e-4, 1e-4, 5e-5, 2e-5, 1e-5, 5e-6, 5e-6, 5e-6, 6e-6, 8e-6, 1e-5, 1e-5, 1e-5)
+TRUE = (2e-3,) + ROW_SLOPES + (2e-5, 2e-8, 1e-8, 1e-9, 2e-9, 3e-5)
+assert len(TRUE) == len(FEATURES)
 RAGGED = StepGeometry(attention="ragged", page_size=16)
 GROUPED = StepGeometry(attention="grouped", page_size=16)
 LLAMA_7B_SHAPE = ModelConfig(
@@ -56,16 +62,21 @@ def synthetic_profile(geometry=RAGGED, **kw) -> Profile:
 
 
 def test_fit_recovers_known_coefficients_exactly_without_noise():
-    for geometry in (RAGGED, GROUPED):
-        model, report = fit(synthetic_points(geometry=geometry), geometry, holdout_fraction=0.0)
-        np.testing.assert_allclose(model.coefficients, TRUE, rtol=1e-6)
-        assert report.train_mape < 1e-9 and report.num_holdout == 0 and np.isnan(report.holdout_mape)
+    model, report = fit(synthetic_points(geometry=GROUPED), GROUPED, holdout_fraction=0.0)
+    np.testing.assert_allclose(model.coefficients, TRUE, rtol=1e-6)
+    assert report.train_mape < 1e-9 and report.num_holdout == 0 and np.isnan(report.holdout_mape)
+    assert report.extrapolated == ROW_SEGMENTS[-2:]
+    # Ragged attention computes what it reads (two equal columns): the split is not unique, the fit is.
+    _, report = fit(synthetic_points(geometry=RAGGED), RAGGED, holdout_fraction=0.0)
+    assert report.train_mape < 1e-9
 
 
 def test_fit_with_noise_recovers_coefficients_and_reports_holdout_error():
-    points = synthetic_points(noise=0.01, seed=1)
-    model, report = fit(points, RAGGED, holdout_fraction=0.2, seed=0)
-    np.testing.assert_allclose(model.coefficients, TRUE, rtol=0.1)
+    points = synthetic_points(noise=0.01, seed=1, geometry=GROUPED)
+    model, report = fit(points, GROUPED, holdout_fraction=0.2, seed=0)
+    # The big terms come back; a slope over a few rows of small steps is swamped by 1% noise.
+    for name in ("const", "sample_slots", "decode_attention_keys", "decode_kv_read", "prefill_attention_keys"):
+        assert model.as_dict()[name] == pytest.approx(TRUE[FEATURES.index(name)], rel=0.1), name
     assert report.num_holdout == round(0.2 * len(points)) and report.num_train == len(points) - report.num_holdout
     assert 0 < report.train_mape < 0.02 and 0 < report.holdout_mape < 0.03  # medians of 3 samples at 1% noise
     assert report.holdout_max_ape >= report.holdout_mape and not report.unidentified
@@ -74,28 +85,30 @@ def test_fit_with_noise_recovers_coefficients_and_reports_holdout_error():
 
 def test_fit_keeps_coefficients_non_negative():
     # No per-prefill-row cost in truth, and noise: unconstrained least squares would go negative.
-    truth = TRUE[:5] + (0.0,)
-    model, _ = fit(synthetic_points(truth, noise=0.02, seed=3), RAGGED, holdout_fraction=0.0)
+    truth = TRUE[:-1] + (0.0,)
+    model, _ = fit(synthetic_points(truth, noise=0.02, seed=3), GROUPED, holdout_fraction=0.0)
     assert min(model.coefficients) >= 0.0
-    assert model.coefficients[5] < 0.1 * TRUE[5]
+    assert model.coefficients[-1] < 0.1 * TRUE[-1]
 
 
 def test_fit_names_features_the_profile_does_not_exercise():
     decode_only = [p for p in synthetic_points() if not p.prefill_chunk_lens]
     model, report = fit(decode_only, RAGGED, holdout_fraction=0.0)
-    assert report.unidentified == ("prefill_attention_keys",) and model.coefficients[4] == 0.0
+    assert report.unidentified == ("prefill_attention_keys", "prefill_kv_read")
+    assert model.as_dict()["prefill_attention_keys"] == model.as_dict()["prefill_kv_read"] == 0.0
+    assert report.extrapolated == ROW_SEGMENTS[8:]  # no decode-only step has more than 256 rows
     assert report.train_mape < 1e-9  # the decode terms still explain decode steps exactly
 
 
-def test_nnls_matches_scipy():
-    optimize = pytest.importorskip("scipy.optimize")
+def test_nnls_is_exact_on_badly_scaled_columns():
     rng = np.random.default_rng(0)
     for _ in range(20):
-        a = rng.standard_normal((30, 6)) * rng.uniform(0.1, 10, 6)
-        b = rng.standard_normal(30)
-        ours, ref = nnls(a, b), optimize.nnls(a, b)[0]
-        assert np.linalg.norm(a @ ours - b) == pytest.approx(np.linalg.norm(a @ ref - b), rel=1e-9, abs=1e-12)
-        assert (ours >= 0).all()
+        a = rng.uniform(0, 1, (40, 8)) * np.logspace(0, 9, 8)  # features span 1 to 1e9, as step features do
+        truth = rng.uniform(0, 1, 8) / np.logspace(0, 9, 8)
+        truth[rng.integers(0, 8)] = 0.0
+        np.testing.assert_allclose(nnls(a, a @ truth), truth, rtol=1e-6, atol=1e-15)
+        b = rng.standard_normal(40)
+        assert (nnls(a, b) >= 0).all()
 
 
 def test_fit_rejects_bad_arguments():
@@ -140,6 +153,8 @@ def _set(path, value):
     (_drop("points"), "missing key 'points'"),
     (_set(["format"], 1), "format 1 is not supported.*re-run"),
     (_drop("engine"), "missing key 'engine'"),
+    (_drop("temperature"), "missing key 'temperature'"),
+    (_set(["temperature"], -0.5), "temperature must be a finite number >= 0"),
     (lambda d: d["engine"].pop("chunk_pages"), "engine is missing 'chunk_pages'"),
     (_set(["engine", "attention"], "flash"), "engine.attention must be one of"),
     (_set(["engine", "block_rows"], 0), "engine.block_rows must be an int >= 1"),
@@ -202,29 +217,43 @@ def plan(computed, new, block_size=16, **ops):
     )  # fmt: skip
 
 
+def expected(*work) -> float:
+    return float(np.dot(TRUE, work_features(work)))
+
+
 def test_step_is_the_fitted_expression():
     # 3 decodes with 100, 200, 300 tokens in KV; chunks of 64 after 128 and of 32 from the start:
     # 3 decode rows and 2 + 1 prefill blocks of 32 rows, all on bucket sizes.
     step = plan([100, 200, 300, 128, 0], [1, 1, 1, 64, 32])
     pairs = 64 * (128 + 65 / 2) + 32 * (33 / 2)
+    read = 2 * 192 + 1 * 32  # each block reads its sequence's KV
     cm = cost_model()
     cost = cm.step(step)
-    assert cost.duration_s == pytest.approx(float(np.dot(TRUE, [1, 3 + 96, 6, 603, pairs, 5])), rel=1e-9)
+    assert cost.duration_s == pytest.approx(expected(99, 6, 603, 603, pairs, read, 5), rel=1e-9)
     assert cost.energy_j > cm.idle_power_w() * cost.duration_s  # idle plus some dynamic energy
     assert cm.step(jaxserve.BatchPlan.empty(16)).duration_s == 0.0
-    # Grouped attention visits each group's longest KV in chunks of 8 pages x 16 tokens: the decodes'
-    # longest (301) takes 3 chunks, the blocks' (192) 2, for every row.
+    # Grouped attention computes each group's longest KV in chunks of 8 pages x 16 tokens: the
+    # decodes' longest (301) takes 3 chunks, the blocks' (192) 2, for every row.
     grouped = cost_model(geometry=GROUPED).step(step).duration_s
-    assert grouped == pytest.approx(float(np.dot(TRUE, [1, 99, 6, 3 * 384, 96 * 256, 5])), rel=1e-9)
+    assert grouped == pytest.approx(expected(99, 6, 3 * 384, 603, 96 * 256, read, 5), rel=1e-9)
 
 
 def test_step_pays_for_bucket_padding():
     cm = cost_model()
     # 5 decode rows run as a bucket of 6; 33 prefill tokens as 2 blocks of 32 rows.
     five = cm.step(plan([10] * 5, [1] * 5)).duration_s
-    assert five == pytest.approx(float(np.dot(TRUE, [1, 6, 6, 55, 0, 5])), rel=1e-9)
+    assert five == pytest.approx(expected(6, 6, 55, 55, 0, 0, 5), rel=1e-9)
     chunk = cm.step(plan([0], [33])).duration_s
-    assert chunk == pytest.approx(float(np.dot(TRUE, [1, 64, 2, 0, 33 * 17, 1])), rel=1e-9)
+    assert chunk == pytest.approx(expected(64, 2, 0, 0, 33 * 17, 2 * 33, 1), rel=1e-9)
+
+
+def test_token_rows_are_piecewise_linear():
+    model, _ = fit(synthetic_points(geometry=GROUPED), GROUPED, holdout_fraction=0.0)
+    rows = lambda t: model.duration(t, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # noqa: E731
+    assert rows(1) == pytest.approx(TRUE[0])
+    assert rows(3) - rows(2) == pytest.approx(ROW_SLOPES[1]) and rows(2) - rows(1) == pytest.approx(ROW_SLOPES[0])
+    assert rows(700) - rows(600) == pytest.approx(100 * ROW_SLOPES[9])
+    assert rows(9000) - rows(8000) == pytest.approx(1000 * ROW_SLOPES[-1])  # open-ended last segment
 
 
 def test_delegated_queries_use_the_profiled_model_on_the_hardware():
@@ -307,7 +336,7 @@ def test_simulate_with_a_profiled_cost_model(tmp_path):
     assert m["ttft_s"]["mean"] > 0 and m["energy_j"] > 0
     assert results.kv.num_blocks == cost_model().kv_capacity_blocks(16)
     # The first step prefills the first request alone: 200 prompt tokens (7 blocks of 32 rows).
-    first = float(np.dot(TRUE, [1, 224, 7, 0, 200 * 201 / 2, 1]))
+    first = expected(224, 7, 0, 0, 200 * 201 / 2, 7 * 200, 1)
     assert results.log.step_duration_s[0] == pytest.approx(first, rel=1e-9)
 
 
@@ -353,6 +382,14 @@ def test_tiny_real_profile_runs_and_resumes(tmp_path):
     resumed = profile_model(str(model_dir), out, dtype="float32", repeats=2, warmup=1, grid="small", progress=False)
     assert (resumed.measured, resumed.already) == (0, len(profile.points))
     assert pathlib.Path(out).read_text() == before
+    # More repeats top every point up, keeping the samples already taken.
+    more = profile_model(str(model_dir), out, dtype="float32", repeats=3, warmup=1, grid="small", progress=False)
+    assert (more.measured, more.already) == (len(profile.points), 0)
+    for old, new in zip(profile.points, load_profile(out).points):
+        assert new.key == old.key and new.times_s[:2] == old.times_s and len(new.times_s) == 3
+    before = pathlib.Path(out).read_text()
+    with pytest.raises(ValueError, match="another temperature"):
+        profile_model(str(model_dir), out, dtype="float32", grid="small", temperature=0.0, progress=False)
     with pytest.raises(ValueError, match="another dtype"):
         profile_model(str(model_dir), out, dtype="bfloat16", grid="small", progress=False)
     other = tmp_path / "other"
