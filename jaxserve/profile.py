@@ -570,7 +570,7 @@ def profile_model(
     extra = [p.spec() for p in measured_before if p.key not in grid_keys]
 
     def current() -> Profile:
-        return header.with_points([s.point(times[s.key]) for s in specs + extra if times.get(s.key)])
+        return header.with_points([s.point(times[s.key]) for s in [*specs, *extra] if times.get(s.key)])
 
     if not todo:
         return ProfileRun(current(), 0, already, tuple(skipped))

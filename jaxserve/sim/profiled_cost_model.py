@@ -5,9 +5,12 @@ measured step time over a grid of batch shapes, and the runner's ``StepGeometry`
 grids and attention path). The step time is modelled as linear in the work the engine does for a
 step as it *runs* it, padded (``StepGeometry.work``; seconds per unit)::
 
-    duration_s = c_const + c_rows · token_rows + c_slots · sample_slots
+    duration_s = c_const + Σ_j c_rows_j · token_rows_j + c_slots · sample_slots
                + c_dk · decode_attention_keys + c_dr · decode_kv_read
                + c_pk · prefill_attention_keys + c_pr · prefill_kv_read + c_seqs · num_seqs
+
+where ``token_rows_j`` are the padded rows falling in segment j of ``ROW_KNOTS`` (a piecewise-linear
+cost of the step's row count: per row, a few rows cost far more than hundreds).
 
 Counting the plan's real tokens instead would miss what dominates a small step on the CPU engine:
 its matmuls run over the bucket's padded rows, and the grouped attention visits every row's
@@ -17,8 +20,8 @@ all, while each row reads only its own KV: compute and memory traffic are separa
 Every coefficient is a cost, so the fit is non-negative least squares. It minimizes the *relative*
 squared error Σ ((pred − t) / t)² over the points' median times: step times span orders of
 magnitude (a 1-row decode vs a 2048-token prefill), and an absolute fit would spend itself on the
-largest points while the simulator mostly runs small decode steps. The problem has eight unknowns,
-so it is solved exactly (``nnls``), no iterative optimizer needed.
+largest points while the simulator mostly runs small decode steps. The problem is small (20
+unknowns, ~100 points) and solved exactly by an active-set NNLS; no gradient optimizer is needed.
 
 What a profile does not measure comes from a ``RooflineCostModel`` of the profiled model on the
 configured hardware: KV capacity (device memory minus weights), energy (see ``ProfiledCostModel``),
@@ -95,7 +98,7 @@ def plan_work(plan: BatchPlan, geometry: StepGeometry) -> tuple[float, ...]:
 def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """argmin ||a x − b||₂ subject to x ≥ 0 (Lawson–Hanson active set, exact at convergence).
     Columns are scaled to unit max first (the features span 1 to ~10^9); all-zero columns get 0."""
-    from scipy.optimize import nnls as lawson_hanson  # scipy comes with jax
+    from scipy.optimize import nnls as lawson_hanson
 
     a = np.asarray(a, np.float64)
     scale = np.abs(a).max(axis=0)
