@@ -204,9 +204,9 @@ def plot_steps(out, runs):
         hi = 1e3 * max(max(s["measured_s"], s["profiled_s"]) for s in steps)
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
         ax.set(xscale="log", yscale="log", xlabel="engine step (ms, measured)", ylabel="simulator step (ms, profiled)",
-               title=f"{label}\nMAPE {100 * run['errors']['mape']:.1f}%")
+               title=f"{label}: MAPE {100 * run['raw_errors']['mape']:.1f}%")
         ax.legend(fontsize=7, markerscale=2)
-    fig.suptitle("Per-step time: profiled cost model vs measured engine (same plans)")
+    fig.suptitle("Per-step time: profiled cost model (as profiled) vs the measured engine, same plans", y=1.02)
     return C.save_figure(fig, out / "step_times.png")
 
 
