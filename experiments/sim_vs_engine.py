@@ -40,7 +40,7 @@ from jaxserve.model.config import ModelConfig
 from jaxserve.model.export import save_hf_checkpoint
 from jaxserve.model.llama import params_of, random_model
 from jaxserve.model.loader import load_model
-from jaxserve.profile import build_plan, load_profile, profile_model
+from jaxserve.profile import build_plan, load_profile, profile_model, time_step
 from jaxserve.sim import get_hardware
 from jaxserve.sim.cost_model import RooflineCostModel
 from jaxserve.sim.profiled_cost_model import ProfiledCostModel, StepTimeModel, fit, model_spec
@@ -123,16 +123,10 @@ def machine_speed(runner, profile, *, num_points: int = 8, repeats: int = 3, see
     plans = [build_plan(p.spec(), BLOCK_SIZE, runner.cfg.vocab_size, runner.kv.num_blocks, rng, profile.temperature)
              for p in chosen]  # fmt: skip
     samples = [[] for _ in chosen]
-    for sample in range(repeats + 1):  # the first pass warms every shape up
+    for sample in range(repeats):
         for i in rng.permutation(len(chosen)):
-            plan, requests = plans[i]
-            for r in requests:
-                runner.register(r)
-            t = runner.execute(plan).duration_s
-            for r in requests:
-                runner.release(r.request_id)
-            if sample:
-                samples[i].append(t)
+            spec = chosen[i].spec()
+            samples[i].append(time_step(runner, spec, *plans[i], warmup=1, first_visit=sample == 0))
     return float(np.median([np.median(t) / p.median_s for t, p in zip(samples, chosen)]))
 
 

@@ -483,6 +483,24 @@ class ProfileRun:
     skipped: tuple[tuple[PointSpec, str], ...]
 
 
+def time_step(runner, spec: PointSpec, plan, requests, *, warmup: int, first_visit: bool) -> float:
+    """One timed sample of ``plan`` (built from ``spec`` by ``build_plan``) on ``runner``, in the
+    profile's serving-like context: a first visit compiles the shape (``warmup`` untimed runs); a
+    decode-only step runs right after its own batch's previous step in serving, so its samples
+    follow ``warmup`` runs of itself; a step with prefill rows follows steps of other shapes, so its
+    samples follow whatever ran last. The requests are registered for the sample only."""
+    for r in requests:
+        runner.register(r)
+    try:
+        if first_visit or not spec.prefill:
+            for _ in range(warmup):
+                runner.execute(plan)
+        return runner.execute(plan).duration_s
+    finally:
+        for r in requests:
+            runner.release(r.request_id)
+
+
 def _fits(spec: PointSpec, max_positions: int) -> str | None:
     if max(spec.row_lens) > max_positions:
         return f"a row of {max(spec.row_lens)} tokens exceeds max_position_embeddings={max_positions}"
@@ -599,19 +617,9 @@ def profile_model(
                 if len(times.get(spec.key, ())) > sample:
                     continue
                 bar.update(task, description=f"pass {sample + 1}/{repeats}: {spec.describe()}")
-                plan, requests = plans[spec.key]
-                for r in requests:
-                    runner.register(r)
-                # A first visit compiles the shape. A decode-only step runs right after its own batch's
-                # previous step in serving, so its samples follow one run of itself; a step with
-                # prefill rows follows steps of other shapes, so its samples follow the last point's.
-                if spec.key not in visited or not spec.prefill:
-                    for _ in range(warmup):
-                        runner.execute(plan)
-                    visited.add(spec.key)
-                times.setdefault(spec.key, []).append(runner.execute(plan).duration_s)
-                for r in requests:
-                    runner.release(r.request_id)
+                sample_s = time_step(runner, spec, *plans[spec.key], warmup=warmup, first_visit=spec.key not in visited)
+                visited.add(spec.key)
+                times.setdefault(spec.key, []).append(sample_s)
                 save_profile(current(), out)  # after every sample: a crash loses one
                 measured += 1
                 bar.advance(task)

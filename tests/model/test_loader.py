@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import shutil
 
 import jax
@@ -188,10 +189,7 @@ def test_exporter_buffers_are_ignored(tmp_path, llama_tensors, ckpts):
 
 
 def _raw_file(path, header: bytes, data: bytes = b""):
-    with open(path, "wb") as f:
-        f.write(len(header).to_bytes(8, "little"))
-        f.write(header)
-        f.write(data)
+    pathlib.Path(path).write_bytes(len(header).to_bytes(8, "little") + header + data)
 
 
 def test_corrupt_header(tmp_path, llama_tensors):
@@ -200,14 +198,12 @@ def test_corrupt_header(tmp_path, llama_tensors):
     path = os.path.join(d, "model.safetensors")
     good = open(path, "rb").read()
     # a header length beyond the file
-    with open(path, "wb") as f:
-        f.write((len(good) * 2).to_bytes(8, "little") + good[8:])
+    pathlib.Path(path).write_bytes((len(good) * 2).to_bytes(8, "little") + good[8:])
     msg = _load_error(d)
     assert path in msg and "header length" in msg
     # a header that is not JSON
     n = int.from_bytes(good[:8], "little")
-    with open(path, "wb") as f:
-        f.write(good[:8] + b"\xff{not json" + good[8 + 10 :])
+    pathlib.Path(path).write_bytes(good[:8] + b"\xff{not json" + good[8 + 10 :])
     assert n > 10
     msg = _load_error(d)
     assert path in msg and "not valid JSON" in msg
@@ -215,8 +211,7 @@ def test_corrupt_header(tmp_path, llama_tensors):
     _raw_file(path, b"[1, 2, 3]")
     assert "JSON object" in _load_error(d)
     # too short to hold a header length
-    with open(path, "wb") as f:
-        f.write(b"\x01\x02")
+    pathlib.Path(path).write_bytes(b"\x01\x02")
     assert "too short" in _load_error(d)
 
 
@@ -225,8 +220,7 @@ def test_truncated_data_and_bad_entries(tmp_path, llama_tensors):
     d = _write(tmp_path, src, tensors)
     path = os.path.join(d, "model.safetensors")
     good = open(path, "rb").read()
-    with open(path, "wb") as f:
-        f.write(good[:-100])
+    pathlib.Path(path).write_bytes(good[:-100])
     header, _ = safetensors_io.read_header(path)
     last = max(header, key=lambda k: header[k]["data_offsets"][1])
     msg = _load_error(d)
