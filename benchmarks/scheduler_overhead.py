@@ -8,7 +8,8 @@ Setup per scheduler: 100,000 KV blocks of 16 tokens, prefix caching on, 256 runn
 nano-vllm's bench.py (the reference the 250 us target is set against), a quarter of the prompts
 sharing a 256-token system prompt. After warm-up, every finished request is replaced by a new arrival
 (outside the timed region) so the waiting queue stays at 10,000. Prints one JSON line with the
-median and p99 of schedule + update per step, and of each half. Target (issue 3): median <= 250 us
+median and p99 of schedule + update per step, of each half, and per kind of step (decode, prefill,
+with or without a request finishing). Target (issue 3): median <= 250 us
 for vllm and sarathi on the 2-core CI machine.
 """
 
@@ -64,8 +65,8 @@ def bench(name: str, steps: int, seed: int) -> dict:
         next_id += 1
     spare = make_requests(rng, next_id, 4 * steps + 4000, system_prompt)  # arrivals, built untimed
 
-    def tokens(plan):
-        return StepOutput({rid: 7 for rid, s in zip(plan.request_ids, plan.samples_token.tolist()) if s})
+    def tokens(plan):  # as executors return them: one array entry per sampling row
+        return StepOutput.for_plan(plan, np.full(np.count_nonzero(plan.samples_token), 7))
 
     # Warm-up: fill the running batch and pass the first wave of finishes.
     for _ in range(1_000):
@@ -74,6 +75,7 @@ def bench(name: str, steps: int, seed: int) -> dict:
         for _ in state.finished:
             state = sched.add_request(state, spare.pop(), 0.0)
     sched_us, update_us, total_us = [], [], []
+    by_kind: dict[str, list[float]] = {}  # "decode" / "prefill" (any prefill tokens), "+finish"
     decode_steps = 0
     gc.collect()
     gc.disable()
@@ -90,6 +92,8 @@ def bench(name: str, steps: int, seed: int) -> dict:
             update_us.append((t3 - t2) / 1e3)
             total_us.append((t1 - t0 + t3 - t2) / 1e3)
             decode_steps += plan.num_prefill_tokens == 0
+            kind = ("prefill" if plan.num_prefill_tokens else "decode") + ("+finish" if state.finished else "")
+            by_kind.setdefault(kind, []).append(total_us[-1])
             for _ in state.finished:  # keep the queue at NUM_WAITING (untimed)
                 state = sched.add_request(state, spare.pop(), 0.0)
     finally:
@@ -103,6 +107,10 @@ def bench(name: str, steps: int, seed: int) -> dict:
         "running": state.num_running,
         "waiting": state.num_waiting,
         "decode_only_steps": decode_steps,
+        # Where the time goes: median us and share of steps per kind of step.
+        "by_step_kind": {
+            k: {"median_us": pct(v, 50), "share": round(len(v) / steps, 3)} for k, v in sorted(by_kind.items())
+        },
     }
 
 

@@ -253,7 +253,7 @@ def log_append_rows(logs: tuple, lengths: np.ndarray, items: list) -> tuple:
     tuple only when some log had to be forked)."""
     # Every log holds at least the items its version sees (len(log) >= n), so the lengths all
     # match exactly when their sums do: one cheap test for the usual linear history.
-    if sum(map(len, logs)) != int(lengths.sum()):  # some log was appended past this version: fork those
+    if sum(map(len, logs)) != int(np.add.reduce(lengths)):  # some log was appended past this version: fork those
         logs = tuple(log if len(log) == n else log[:n] for log, n in zip(logs, lengths.tolist()))
     collections.deque(map(list.append, logs, items), maxlen=0)  # C-speed loop
     return logs

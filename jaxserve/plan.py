@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxserve.request import MAX_TOKEN_ID
+
 
 class ScheduledRequest(NamedTuple):
     """One request's share of a step."""
@@ -105,7 +107,7 @@ class BatchPlan:
     def cu_q_lens(self) -> np.ndarray:
         """int32 [num_seqs + 1]: prefix sums of ``num_new_tokens``."""
         cu = np.zeros(self.num_seqs + 1, np.int32)
-        np.cumsum(self.num_new_tokens, out=cu[1:])
+        np.add.accumulate(self.num_new_tokens, out=cu[1:])
         return _frozen(cu)
 
     @functools.cached_property
@@ -157,6 +159,50 @@ class BatchPlan:
             raise ValueError("BatchPlan: a preempted or swapped-out request is scheduled")
 
 
+class SampledTokens(Mapping):
+    """The tokens sampled in one plan's step as an array: entry ``j`` belongs to the plan's ``j``-th
+    row that samples (plan row order). A read-only ``request id -> token`` mapping for anyone, and
+    for the scheduler a batch it applies without a per-request lookup.
+
+    Built by ``StepOutput.for_plan``; validated once here (integer ids in [0, MAX_TOKEN_ID], one
+    per sampling row).
+    """
+
+    __slots__ = ("array", "step", "_plan", "_map")
+
+    def __init__(self, plan: "BatchPlan", tokens):
+        arr = np.asarray(tokens)
+        expected = int(np.count_nonzero(plan.samples_token))
+        if arr.ndim != 1 or len(arr) != expected:
+            raise ValueError(
+                f"StepOutput.for_plan: need one token per sampling row of plan {plan.step} "
+                f"({expected}), got an array of shape {arr.shape}"
+            )
+        if arr.dtype.kind not in "iu":
+            raise ValueError(f"StepOutput.for_plan: token ids must be integers, got dtype {arr.dtype}")
+        arr = arr.astype(np.int64)  # our own copy; uint64 beyond int64 wraps negative and fails below
+        if len(arr) and arr.view(np.uint64).max() > MAX_TOKEN_ID:  # (negative ids wrap to huge ones)
+            raise ValueError(f"StepOutput.for_plan: token ids must be in [0, {MAX_TOKEN_ID}], got {arr[:8].tolist()}...")
+        arr.flags.writeable = False
+        self.array, self.step, self._plan, self._map = arr, plan.step, plan, None
+
+    def _mapping(self) -> dict:
+        if self._map is None:
+            plan = self._plan
+            ids = [rid for rid, s in zip(plan.request_ids, plan.samples_token.tolist()) if s]
+            self._map = dict(zip(ids, self.array.tolist()))
+        return self._map
+
+    def __getitem__(self, request_id: str) -> int:
+        return self._mapping()[request_id]
+
+    def __iter__(self):
+        return iter(self._mapping())
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepOutput:
     """What an executor returns: the sampled token of every row with ``samples_token``, and the
@@ -165,6 +211,12 @@ class StepOutput:
     token_ids: Mapping[str, int]
     duration_s: float = 0.0
     energy_j: float = 0.0
+
+    @classmethod
+    def for_plan(cls, plan: BatchPlan, tokens, duration_s: float = 0.0, energy_j: float = 0.0) -> "StepOutput":
+        """The output of ``plan`` from an array ``tokens`` with one id per sampling row, in plan row
+        order (what executors have at hand): cheaper to build and to apply than a dict."""
+        return cls(SampledTokens(plan, tokens), duration_s, energy_j)
 
     def __post_init__(self):
         if not isinstance(self.token_ids, Mapping):

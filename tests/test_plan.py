@@ -275,3 +275,41 @@ def test_step_output_valid():
     assert o.token_ids["a"] == 1 and o.duration_s == 0.25 and o.energy_j == 3
     with pytest.raises(dataclasses.FrozenInstanceError):
         o.duration_s = 1.0
+
+
+# -- StepOutput.for_plan (tokens as an array in plan row order) -------------------------------
+
+
+def test_for_plan_maps_sampling_rows_in_plan_order():
+    p = make_plan(GOOD_ROWS)  # rows "decode" and "lastchunk" sample
+    o = StepOutput.for_plan(p, np.array([11, 12], np.int32), duration_s=0.5)
+    assert dict(o.token_ids) == {"decode": 11, "lastchunk": 12} and o.duration_s == 0.5
+    assert len(o.token_ids) == 2 and "prefill" not in o.token_ids and o.token_ids["decode"] == 11
+    assert o.token_ids.array.dtype == np.int64 and not o.token_ids.array.flags.writeable
+    assert o.token_ids.step == p.step
+
+
+@pytest.mark.parametrize(
+    "tokens,match",
+    [
+        ([1], "one token per sampling row"),
+        ([1, 2, 3], "one token per sampling row"),
+        ([[1, 2]], "one token per sampling row"),
+        ([1.0, 2.0], "must be integers"),
+        ([True, False], "must be integers"),
+        (["1", "2"], "must be integers"),
+        ([1, -1], r"must be in \[0, "),
+        ([1, 2**31], r"must be in \[0, "),
+        (np.array([1, 2**63], np.uint64), r"must be in \[0, "),
+    ],
+)
+def test_for_plan_rejects_bad_tokens(tokens, match):
+    with pytest.raises(ValueError, match=match):
+        StepOutput.for_plan(make_plan(GOOD_ROWS), tokens)
+
+
+def test_for_plan_copies_its_input():
+    tokens = np.array([5, 6])
+    o = StepOutput.for_plan(make_plan(GOOD_ROWS), tokens)
+    tokens[0] = 99
+    assert o.token_ids["decode"] == 5

@@ -224,11 +224,11 @@ class ModelRunner:
         compile_s = self._compile(batch.shape_key, all_logits)
         tokens, self.caches, logits = self._run(batch, all_logits)
         tokens = np.asarray(tokens)
-        out = {rid: int(tokens[slot]) for rid, slot in batch.sampled}
+        slots = np.fromiter((slot for _, slot in batch.sampled), np.int64, len(batch.sampled))
         per_request = {}
         if all_logits:
             per_request = self._split_logits(plan, batch, np.asarray(logits))
-        return StepOutput(out, duration_s=time.perf_counter() - start - compile_s), per_request
+        return StepOutput.for_plan(plan, tokens[slots], duration_s=time.perf_counter() - start - compile_s), per_request
 
     def _compile(self, shape: tuple[int, int], all_logits: bool) -> float:
         """Compiles a bucket shape on its first use, by one step on padding rows (no KV changes);

@@ -39,7 +39,7 @@ class HostBatch(NamedTuple):
     sampling: SamplingArrays
     sampled: tuple[
         tuple[str, int], ...
-    ]  # (request id, slot) for every row that samples a token
+    ]  # (request id, slot) for every row that samples a token, in plan row order
     first_rows: (
         np.ndarray
     )  # int64 [plan.num_seqs]: the row of each plan entry's first new token
@@ -196,12 +196,13 @@ def pack(
             sp.seed,
         )
         index[slot] = n_done[i] + n_new[i] - sp.prompt_len
-        sampled.append((rid, slot))
+        sampled.append((i, rid, slot))
+    sampled.sort()  # plan row order, as StepOutput.for_plan takes the sampled tokens
     return HostBatch(
         token_ids,
         attn,
         logits_rows,
         SamplingArrays(temperature, top_k, top_p, seed, index),
-        tuple(sampled),
+        tuple((rid, slot) for _, rid, slot in sampled),
         first_rows,
     )

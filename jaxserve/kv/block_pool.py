@@ -136,12 +136,12 @@ class BlockPool(Versioned):
 
     def num_evictable_in(self, blocks: Iterable[int]) -> int:
         """How many of ``blocks`` are evictable (acquiring them lowers ``num_free`` by this much)."""
-        arr = np.fromiter(blocks, np.int64)
-        arr = arr[(arr >= 0) & (arr < self.num_blocks)]
-        if not len(arr):
+        lst = [b for b in blocks if 0 <= b < self.num_blocks]
+        if not lst:
             return 0
+        arr = np.fromiter(lst, np.int64, len(lst))
         data = self._read()
-        return int(((data[RC][arr] == 0) & data[CACHED][arr]).sum())
+        return np.count_nonzero(data[CACHED][arr] & (data[RC][arr] == 0))
 
     # -- inspection (tests, debugging): read-only views of this version -------------------------
     @property
@@ -267,19 +267,29 @@ class BlockPool(Versioned):
         lst, arr, dec = _coalesce(blocks)
         if not lst:
             return self
+        if min(lst) < 0 or max(lst) >= self.num_blocks:
+            raise ValueError(f"free: block {next(b for b in lst if not 0 <= b < self.num_blocks)} is not allocated")
         data = self._read()
-        # Validate with min/max first (a few cheap reductions); find the culprit only on failure.
-        if arr.min() < 0 or arr.max() >= self.num_blocks:
-            bad = arr[(arr < 0) | (arr >= self.num_blocks)]
+        old = data[RC][arr]
+        if type(dec) is int:  # (the usual case: no repeats) a block at refcount 0 is not allocated
+            if np.count_nonzero(old) < len(old):
+                raise ValueError(f"free: block {_first_in(lst, arr[old == 0])} is not allocated")
+            new = old - 1
+            zero = arr[old == 1]
         else:
-            new = data[RC][arr] - dec
-            bad = arr[new < 0] if new.min() < 0 else None
-        if bad is not None:
-            raise ValueError(f"free: block {_first_in(lst, bad)} is not allocated")
+            new = old - dec
+            if new.min() < 0:
+                raise ValueError(f"free: block {_first_in(lst, arr[new < 0])} is not allocated")
+            zero = arr[new == 0]
         edits = [(RC, arr, new)]
-        zero = arr[new == 0]
         is_cached = data[CACHED][zero]
-        stack_up, lru_up = zero[~is_cached], zero[is_cached]
+        num_cached = np.count_nonzero(is_cached)
+        if num_cached == len(zero):  # (with caching on, all but a table's partial last block)
+            stack_up, lru_up = zero[:0], zero
+        elif not num_cached:
+            stack_up, lru_up = zero, zero[:0]
+        else:
+            stack_up, lru_up = zero[~is_cached], zero[is_cached]
         top = self.num_stacked
         changes = {"num_used": self.num_used - len(zero), "num_stacked": top + len(stack_up)}
         if len(stack_up):
@@ -291,16 +301,14 @@ class BlockPool(Versioned):
     def _append_lru(self, blocks: np.ndarray, edits: list, changes: dict) -> None:
         """Adds the edits that append ``blocks``, in order, at the LRU list's tail."""
         k, tail = len(blocks), self.lru_tail
-        prev = np.empty(k, np.int64)
-        prev[0], prev[1:] = tail, blocks[:-1]
-        nxt = np.empty(k + 1, np.int64)  # successors of [tail, *blocks]
-        nxt[:k], nxt[k] = blocks, NONE
+        chain = np.empty(k + 2, np.int64)  # tail, *blocks, NONE: each cell's successor follows it
+        chain[0], chain[1 : k + 1], chain[k + 1] = tail, blocks, NONE
         if tail == NONE:
-            edits.append((NEXT, blocks, nxt[1:]))
+            edits.append((NEXT, blocks, chain[2:]))
             changes["lru_head"] = int(blocks[0])
         else:
-            edits.append((NEXT, np.concatenate(([tail], blocks)), nxt))
-        edits.append((PREV, blocks, prev))
+            edits.append((NEXT, chain[: k + 1], chain[1:]))
+        edits.append((PREV, blocks, chain[:k]))
         changes.update(lru_tail=int(blocks[-1]), num_evictable=self.num_evictable + k)
 
     def register(self, blocks: Sequence[int], hashes: Sequence[int]) -> BlockPool:
@@ -310,16 +318,16 @@ class BlockPool(Versioned):
             return self
         data = self._read()
         cached = data[BY_HASH]
-        fresh: dict[int, int] = {}
-        for h, b in zip(hashes, blocks):
-            if h not in cached and h not in fresh:
-                fresh[h] = b
+        # The first block of a hash computed twice wins: build the map from the back.
+        fresh = dict(zip(reversed(hashes), reversed(blocks))) if len(hashes) > 1 else dict(zip(hashes, blocks))
+        if not cached.keys().isdisjoint(fresh):  # (C-speed test; content cached already is rare)
+            fresh = {h: b for h, b in fresh.items() if h not in cached}
         if not fresh:
             return self
         new_blocks = list(fresh.values())
-        arr = np.fromiter(new_blocks, np.int64, len(new_blocks))
-        if len(set(new_blocks)) != len(new_blocks) or arr.min() < 0 or arr.max() >= self.num_blocks:
+        if len(set(new_blocks)) != len(new_blocks) or min(new_blocks) < 0 or max(new_blocks) >= self.num_blocks:
             raise ValueError("register: a block is listed twice, or is no block of this pool")
+        arr = np.fromiter(new_blocks, np.int64, len(new_blocks))
         if np.count_nonzero(data[CACHED][arr]):  # (count_nonzero: cheaper than .any())
             raise ValueError("register: a block is already cached")
         if np.count_nonzero(data[RC][arr]) < len(arr):  # refcounts are >= 0: some is 0

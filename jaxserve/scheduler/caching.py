@@ -78,14 +78,14 @@ def generated_blocks_to_offer(run, r: int, block_size: int, generated: Optional[
         prompt_len, start, stop = req.prompt_len, len(chain) * block_size, n_full * block_size
         if generated is None:
             generated = run.outputs[r][: int(run.num_output[r])]
-        tokens = list(req.prompt_token_ids[start:prompt_len]) if start < prompt_len else []
-        tokens += generated[max(start - prompt_len, 0) : stop - prompt_len]
-        tokens = tuple(tokens)  # slices of a tuple are the tuples hashed: no copy per block
-        extended = list(chain)
+        gen = tuple(generated[max(start - prompt_len, 0) : stop - prompt_len])
+        # Slices of a tuple are the tuples hashed: no copy per block.
+        tokens = (tuple(req.prompt_token_ids[start:prompt_len]) + gen) if start < prompt_len else gen
+        extended = []
         parent = chain[-1] if chain else 0
         for i in range(0, stop - start, block_size):
             parent = hash((parent, tokens[i : i + block_size]))
             extended.append(parent)
-        chain = tuple(extended)
+        chain = chain + tuple(extended)
     upto = min(n_full, len(chain))
     return run.block_tables[r][registered:upto], chain[registered:upto], chain

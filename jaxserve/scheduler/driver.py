@@ -11,6 +11,8 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Optional
 
+import numpy as np
+
 from jaxserve.kv.config import KVConfig
 from jaxserve.plan import BatchPlan, StepOutput
 from jaxserve.request import Request
@@ -41,12 +43,18 @@ class DriveResult:
     final_state: object
 
 
-def step_output(plan: BatchPlan, token_fn: TokenFn, generated: dict[str, int]) -> StepOutput:
-    """Tokens for every sampling row of ``plan``; ``generated`` counts tokens per request so far."""
+OUTPUT_FORMS = ("array", "mapping", "alternate")
+
+
+def step_output(plan: BatchPlan, token_fn: TokenFn, generated: dict[str, int], form: str = "array") -> StepOutput:
+    """Tokens for every sampling row of ``plan``; ``generated`` counts tokens per request so far.
+    ``form`` "array" builds them as executors do (``StepOutput.for_plan``), "mapping" as a dict."""
     tokens = {}
     for rid, samples in zip(plan.request_ids, plan.samples_token.tolist()):
         if samples:
             tokens[rid] = token_fn(rid, generated.get(rid, 0))
+    if form == "array":
+        return StepOutput.for_plan(plan, np.fromiter(tokens.values(), np.int64, len(tokens)))
     return StepOutput(tokens)
 
 
@@ -61,13 +69,18 @@ def drive(
     max_steps: int = 100_000,
     keep_plans: bool = True,
     on_step: Optional[Callable] = None,
+    output_form: str = "array",
 ) -> DriveResult:
     """Runs until every request finished or was aborted (or ``max_steps``).
 
     ``arrival_steps[i]`` is the step before which ``requests[i]`` is added (default: all at 0);
     ``aborts[step]`` lists request ids aborted right after that step's ``schedule``.
     ``on_step(StepRecord)`` sees every step (the states around it, the plan and the output).
+    ``output_form`` is how outputs are handed over: "array", "mapping", or "alternate" (array on
+    even steps, mapping on odd ones: tests cover both paths of ``update``).
     """
+    if output_form not in OUTPUT_FORMS:
+        raise ValueError(f"drive: output_form must be one of {OUTPUT_FORMS}, got {output_form!r}")
     arrival_steps = list(arrival_steps) if arrival_steps is not None else [0] * len(requests)
     pending = sorted(range(len(requests)), key=lambda i: (arrival_steps[i], i))
     aborts = aborts or {}
@@ -87,7 +100,8 @@ def drive(
         for rid in aborts.get(step, ()):
             state = scheduler.abort(state, rid, float(step))
         pre_update = state
-        out = step_output(plan, token_fn, generated)
+        form = output_form if output_form != "alternate" else ("array", "mapping")[step % 2]
+        out = step_output(plan, token_fn, generated, form)
         state = scheduler.update(state, plan, out, float(step))
         for rid in out.token_ids:
             generated[rid] = generated.get(rid, 0) + 1

@@ -85,7 +85,7 @@ def advance_decodes(state, k: int, token_id: int):
         assigned[order] = blocks
         new_tables = list(tables)
         starts = np.cumsum(need) - need
-        for r in np.flatnonzero(need).tolist():
+        for r in need.nonzero()[0].tolist():
             s = int(starts[r])
             new_tables[r] = tables[r] + tuple(assigned[s : s + int(need[r])].tolist())
         tables = tuple(new_tables)

@@ -36,6 +36,7 @@ NUM_COLUMNS = (
 TUPLE_COLUMNS = ("ids", "requests", "outputs", "block_tables", "block_hashes")
 _INDEX = {name: k for k, name in enumerate(NUM_COLUMNS)}
 _NUM_COMPUTED, _NUM_BLOCKS = _INDEX["num_computed"], _INDEX["num_blocks"]
+_RANK, _SEQ_NO = _INDEX["rank"], _INDEX["seq_no"]
 COL = _INDEX  # column name -> index into ``nums``, for code that edits a copy of ``nums`` directly
 assert COL["num_output"] == COL["num_tokens"] + 1  # a sampled token bumps both with one slice
 
@@ -110,6 +111,10 @@ class RunningBatch:
         of every column, never a gather, which costs far more on a 256-row batch)."""
         if not rows:
             return self
+        if len(rows) == 1:  # the usual case (one request finishes): two slices per column
+            r = rows[0]
+            nums = np.concatenate((self.nums[:r], self.nums[r + 1 :]))
+            return _make(*(getattr(self, c)[:r] + getattr(self, c)[r + 1 :] for c in TUPLE_COLUMNS), _frozen(nums))
         spans = [(a + 1, b) for a, b in zip([-1, *rows], [*rows, len(self)]) if b > a + 1]
         cols = []
         for c in TUPLE_COLUMNS:
@@ -126,13 +131,15 @@ class RunningBatch:
         of ``other`` simply follow, the usual case: new arrivals rank last)."""
         if len(other) == 0:
             return self, None
-        nums = np.concatenate([self.nums, other.nums])
+        nums = np.concatenate((self.nums, other.nums))
         # Already sorted when the new rows are sorted and follow the last old row (checked on the
         # few rows involved, as Python ints: cheaper than numpy for a handful of rows).
-        keys = nums[max(len(self) - 1, 0) :, [_INDEX["rank"], _INDEX["seq_no"]]].tolist()
-        if all(a < b for a, b in zip(map(tuple, keys), map(tuple, keys[1:]))):
+        keys = list(zip(other.rank.tolist(), other.seq_no.tolist()))
+        if len(self):
+            keys.insert(0, (self.nums.item(-1, _RANK), self.nums.item(-1, _SEQ_NO)))
+        if all(a < b for a, b in zip(keys, keys[1:])):
             return _make(*(getattr(self, c) + getattr(other, c) for c in TUPLE_COLUMNS), _frozen(nums)), None
-        order = np.lexsort((nums[:, _INDEX["seq_no"]], nums[:, _INDEX["rank"]]))
+        order = np.lexsort((nums[:, _SEQ_NO], nums[:, _RANK]))
         idx = order.tolist()
         cols = (pick(getattr(self, c) + getattr(other, c), idx) for c in TUPLE_COLUMNS)
         return _make(*cols, _frozen(nums[order])), order

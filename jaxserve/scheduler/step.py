@@ -110,10 +110,10 @@ class StepBuilder:
         if not self.live:
             return
         remaining = run.num_tokens[: self.live] - run.num_computed[: self.live]
-        decodes = np.flatnonzero(remaining == 1)
+        decodes = (remaining == 1).nonzero()[0]
         if len(decodes):
             self._run_decodes(decodes[: max(self.budget, 0)])
-        for r in np.flatnonzero(remaining > 1).tolist():
+        for r in (remaining > 1).nonzero()[0].tolist():
             if r >= self.live or self.budget <= 0:
                 break
             n = chunk(int(remaining[r]), self.budget)
@@ -125,9 +125,10 @@ class StepBuilder:
         run = self.run
         # ``rows`` is sorted; when it is every live row, whole columns (slices) replace gathers.
         at = slice(0, len(rows)) if len(rows) == self.live else rows
-        nc = run.num_computed[at]
-        need = np.maximum((nc + self.bs) // self.bs - run.num_blocks[at], 0)  # blocks for nc + 1 tokens
-        total = int(need.sum())
+        need = (run.num_computed[at] + self.bs) // self.bs - run.num_blocks[at]  # blocks for nc + 1 tokens
+        grow = (need > 0).nonzero()[0]
+        counts = need[grow]
+        total = int(np.add.reduce(counts))  # (ufunc reduce: cheaper than .sum() on small arrays)
         if total > self.pool.num_free:  # someone must be preempted: go row by row
             for r in rows.tolist():
                 if r < self.live:
@@ -135,8 +136,7 @@ class StepBuilder:
             return
         if total:
             self.pool, blocks = self.pool.allocate(total)
-            grow = need > 0
-            self._grow_tables(rows[grow], need[grow], blocks)
+            self._grow_tables(rows[grow], counts, blocks)
         self.num_new[at] = 1
         self.budget -= len(rows)
 
@@ -291,7 +291,7 @@ class StepBuilder:
             if perm is not None:
                 num_new = num_new[perm]
             nc_before = run.num_computed - num_new
-        rows = np.flatnonzero(num_new)
+        rows = num_new.nonzero()[0]
         if len(rows) == len(run):  # every row runs (the usual decode step): no gathers
             plan = self._plan(run, rows, slice(None), np.ascontiguousarray(nc_before), num_new)
         else:
@@ -321,10 +321,11 @@ class StepBuilder:
             token_ids = run.last_token[at].astype(np.int32)
         else:
             cu = np.zeros(len(rows) + 1, np.int64)
-            np.cumsum(n, out=cu[1:])
-            token_ids = np.full(int(cu[-1]), PLACEHOLDER_TOKEN_ID, np.int32)
+            np.add.accumulate(n, out=cu[1:])
+            token_ids = np.empty(int(cu[-1]), np.int32)
+            token_ids.fill(PLACEHOLDER_TOKEN_ID)
             token_ids[cu[:-1][newest]] = run.last_token[rows[newest]]
-            for i in np.flatnonzero(~newest).tolist():
+            for i in (~newest).nonzero()[0].tolist():
                 r = row_list[i]
                 start, stop = int(nc[i]), int(nc[i] + n[i])
                 req = run.requests[r]

@@ -8,7 +8,7 @@ import numpy as np
 
 from jaxserve.kv.state import KVState
 from jaxserve.persistent import evolve, log_append_rows, pick
-from jaxserve.plan import BatchPlan, StepOutput
+from jaxserve.plan import BatchPlan, SampledTokens, StepOutput
 from jaxserve.request import MAX_TOKEN_ID
 from jaxserve.scheduler.caching import generated_blocks_to_offer, prompt_blocks_to_offer
 from jaxserve.scheduler.running import COL, _frozen
@@ -37,9 +37,14 @@ def _sampled_tokens(out: StepOutput, ids: tuple[str, ...]) -> tuple[list[int], n
         arr = np.fromiter(tokens, np.int64, len(tokens))
     except OverflowError:  # beyond int64: certainly out of range
         arr = None
-    if arr is None or arr.min() < 0 or arr.max() > MAX_TOKEN_ID:
+    if arr is None or arr.view(np.uint64).max() > MAX_TOKEN_ID:  # (negative ids wrap to huge ones)
         raise ValueError(f"StepOutput.token_ids must be token ids in [0, {MAX_TOKEN_ID}], got {tokens[:8]}...")
     return tokens, arr
+
+
+def _sampling_rank(plan: BatchPlan) -> np.ndarray:
+    """For each plan row, its index among the rows that sample (meaningful where it samples)."""
+    return np.add.accumulate(plan.samples_token.astype(np.int64)) - 1
 
 
 def apply_step_output(sched, state, plan: BatchPlan, out: StepOutput):
@@ -53,20 +58,31 @@ def apply_step_output(sched, state, plan: BatchPlan, out: StepOutput):
     run = state.running
     pool = state.kv.device
     bs = plan.block_size
-    rows = inflight.rows[plan.samples_token[inflight.entries]]
+    samples = plan.samples_token[inflight.entries]
+    rows = inflight.rows[samples]
     row_list = rows.tolist()
     everyone = len(rows) == len(run)  # then rows are 0..n-1 in order: whole columns, no gathers
-    tokens, token_arr = _sampled_tokens(out, run.ids if everyone else pick(run.ids, row_list))
+    sampled = out.token_ids
+    if type(sampled) is SampledTokens and sampled.step == plan.step:  # validated already
+        token_arr = sampled.array
+        if len(token_arr) != len(rows):  # rows were aborted since schedule(): keep the others'
+            token_arr = token_arr[_sampling_rank(plan)[inflight.entries[samples]]]
+        tokens = token_arr.tolist()
+    else:
+        tokens, token_arr = _sampled_tokens(out, run.ids if everyone else pick(run.ids, row_list))
 
     # Append to the shared output logs, then bump the counters in one copy of the numeric columns.
     if everyone:
         outputs = log_append_rows(run.outputs, run.num_output, tokens)
     else:
-        logs = log_append_rows(pick(run.outputs, row_list), run.num_output[rows], tokens)
-        outputs = list(run.outputs)
-        for r, log in zip(row_list, logs):
-            outputs[r] = log
-        outputs = tuple(outputs)
+        picked = pick(run.outputs, row_list)
+        logs = log_append_rows(picked, run.num_output[rows], tokens)
+        outputs = run.outputs
+        if logs is not picked:  # some logs were forked: the batch holds the new ones
+            outputs = list(outputs)
+            for r, log in zip(row_list, logs):
+                outputs[r] = log
+            outputs = tuple(outputs)
     nums = run.nums.copy()
     at = slice(None) if everyone else rows
     if everyone:  # one strided column at a time is cheaper than a two-column slice
@@ -89,13 +105,13 @@ def apply_step_output(sched, state, plan: BatchPlan, out: StepOutput):
     reasons = {}  # plan row -> "stop" where a stop token ended the request (it wins over length, as in vLLM)
     has_stop = run.has_stop[rows]
     if np.count_nonzero(has_stop):  # (count_nonzero: several times cheaper than .any())
-        for i in np.flatnonzero(has_stop).tolist():
+        for i in has_stop.nonzero()[0].tolist():
             if tokens[i] in run.requests[row_list[i]].sampling.stop_token_ids:
                 reasons[i] = "stop"
                 done[i] = True
     finished = ()
     if np.count_nonzero(done):
-        ends = [(row_list[i], reasons.get(i, "length")) for i in np.flatnonzero(done).tolist()]
+        ends = [(row_list[i], reasons.get(i, "length")) for i in done.nonzero()[0].tolist()]
         finished, freed = _retire(run, ends, bs, caching, blocks, hashes)
         if blocks:
             pool = pool.register(blocks, hashes)
@@ -124,11 +140,11 @@ def _retire(run, ends: list[tuple[int, str]], bs: int, caching: bool, blocks: li
     finished, freed = [], []
     num_output, preemptions = run.num_output, run.num_preemptions
     for r, reason in ends:
-        output = run.outputs[r][: int(num_output[r])]
+        output = tuple(run.outputs[r][: int(num_output[r])])
         if caching:
             b, h, _ = generated_blocks_to_offer(run, r, bs, output)
             blocks.extend(b)
             hashes.extend(h)
         freed.extend(reversed(run.block_tables[r]))
-        finished.append(FinishedRequest(run.ids[r], tuple(output), reason, int(preemptions[r])))
+        finished.append(FinishedRequest(run.ids[r], output, reason, int(preemptions[r])))
     return tuple(finished), freed

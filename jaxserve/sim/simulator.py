@@ -33,8 +33,8 @@ class SimExecutor:
 
     def execute(self, plan: BatchPlan) -> StepOutput:
         cost = self.cost_model.step(plan)
-        tokens = {rid: SIM_TOKEN_ID for rid, s in zip(plan.request_ids, plan.samples_token.tolist()) if s}
-        return StepOutput(tokens, duration_s=cost.duration_s, energy_j=cost.energy_j)
+        tokens = np.full(np.count_nonzero(plan.samples_token), SIM_TOKEN_ID, np.int64)
+        return StepOutput.for_plan(plan, tokens, duration_s=cost.duration_s, energy_j=cost.energy_j)
 
     @property
     def can_fast_forward(self) -> bool:

@@ -194,5 +194,6 @@ def run_checked(scheduler, kv, requests, *, token_budget=None, check_purity=True
         requests={r.request_id: r for r in requests} if check_tokens else None,
         token_fn=token_fn,
     )
+    drive_kwargs.setdefault("output_form", "alternate")  # both ways update() takes tokens
     result = drive(scheduler, kv, requests, on_step=checker.on_step, **drive_kwargs)
     return result, checker
