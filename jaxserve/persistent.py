@@ -4,12 +4,10 @@ Schedulers are pure, so every step returns a new state; these containers make th
 rather than O(state): an update shares everything it did not touch with the old version. Maps come
 from ``immutables.Map`` (a C hash-array-mapped trie). Here:
 
-* cons lists: ``(head, tail)`` pairs, ``None`` is empty (O(1) push, used for stacks and token logs);
+* cons lists: ``(head, tail)`` pairs, ``None`` is empty (O(1) push, used for stacks);
 * ``Queue``: Okasaki's two-list FIFO queue;
 * ``KeyedQueue``: a priority queue keyed by a sort key (a FIFO for items pushed in key order, a
   leftist heap for the rest), with removal by id (lazy deletion);
-* shared append-only logs (``log_append_rows``): lists that successive versions share, each
-  version reading only its own prefix.
 """
 
 from __future__ import annotations
@@ -239,24 +237,6 @@ class KeyedQueue:
             out.append(q.peek())
             q = q.pop()
         return out
-
-
-# -- shared append-only logs ---------------------------------------------------------------------
-# A log is a list shared by successive versions of a value; each version stores how many items it
-# sees (n) and reads only log[:n]. Appending at n works in place when no other version has appended
-# past n (len(log) == n); otherwise the appender forks a copy of log[:n] first. Every version
-# therefore stays valid and unchanged, and the usual linear history costs O(1) per append.
-
-
-def log_append_rows(logs: tuple, lengths: np.ndarray, items: list) -> tuple:
-    """Appends ``items[i]`` to ``logs[i]`` as seen at ``lengths[i]``; returns the logs (a new
-    tuple only when some log had to be forked)."""
-    # Every log holds at least the items its version sees (len(log) >= n), so the lengths all
-    # match exactly when their sums do: one cheap test for the usual linear history.
-    if sum(map(len, logs)) != int(np.add.reduce(lengths)):  # some log was appended past this version: fork those
-        logs = tuple(log if len(log) == n else log[:n] for log, n in zip(logs, lengths.tolist()))
-    collections.deque(map(list.append, logs, items), maxlen=0)  # C-speed loop
-    return logs
 
 
 def evolve(obj: Any, **changes: Any) -> Any:

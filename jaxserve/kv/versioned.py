@@ -31,12 +31,14 @@ from typing import Any
 import numpy as np
 
 MISSING = object()  # as a dict edit's values: delete the keys
+WHOLE = object()  # as an edit's keys: replace the container data[slot] itself by values (growth)
 
-# An edit is (slot, keys, values). For a numpy array data[slot], keys is an int, a slice, or an int
-# array WITHOUT repeated indices (so the write is well defined) and values what to write there.
-# For a dict, keys is a sequence of distinct keys and values either a list (insert the keys, which
-# must be absent) or MISSING (delete the keys, which must be present); each kind undoes the other,
-# so an undo never has to look a key up twice.
+# An edit is (slot, keys, values). For a numpy array data[slot], keys is an int, a slice, an int
+# array WITHOUT repeated indices (so the write is well defined), or a tuple of those (one per
+# axis), and values what to write there. For a dict, keys is a sequence of distinct keys and
+# values either a list (insert the keys, which must be absent) or MISSING (delete the keys, which
+# must be present); each kind undoes the other, so an undo never has to look a key up twice. With
+# keys WHOLE, values (any container) replaces data[slot]: how a table grows.
 Edit = tuple
 
 
@@ -45,10 +47,12 @@ def apply_edits(data: list, edits: list[Edit]) -> list[Edit]:
     undo = []
     for slot, keys, values in edits:
         c = data[slot]
-        if type(c) is np.ndarray:
+        if keys is WHOLE:
+            old, data[slot] = c, values
+        elif type(c) is np.ndarray:
             old = c[keys]
-            if type(keys) is slice:
-                old = old.copy()  # a slice is a view: keep the values, not the cells
+            if type(keys) is not np.ndarray and type(old) is np.ndarray:
+                old = old.copy()  # basic indexing gives a view: keep the values, not the cells
             c[keys] = values
         elif values is MISSING:
             old = list(map(c.pop, keys))

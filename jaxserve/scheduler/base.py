@@ -20,6 +20,7 @@ from jaxserve.scheduler.queues import FCFS, QueueOrder
 from jaxserve.scheduler.running import RunningBatch
 from jaxserve.scheduler.seq import FinishedRequest, SeqState
 from jaxserve.scheduler.step import Inflight
+from jaxserve.scheduler.token_buffer import TokenBuffer
 from jaxserve.scheduler.update import apply_step_output
 
 
@@ -31,6 +32,7 @@ class SchedulerState:
     waiting: Any  # the queue value of the policy's QueueOrder
     running: RunningBatch
     swapped: KeyedQueue  # SeqStates with host blocks, by arrival
+    outputs: TokenBuffer  # generated ids of the running requests (RunningBatch.slot)
     step: int = 0  # number of schedule() calls so far
     next_seq_no: int = 0
     inflight: Optional[Inflight] = None  # set by schedule(), cleared by update()
@@ -51,6 +53,11 @@ class SchedulerState:
     @property
     def has_unfinished(self) -> bool:
         return bool(self.num_waiting or self.num_running or self.num_swapped)
+
+    def running_outputs(self) -> tuple[tuple[int, ...], ...]:
+        """The generated ids of each running row so far (inspection: O(tokens))."""
+        run = self.running
+        return tuple(self.outputs.read(s, n) for s, n in zip(run.slot.tolist(), run.num_output.tolist()))
 
 
 @runtime_checkable
@@ -131,6 +138,7 @@ class BatchingScheduler(abc.ABC):
             waiting=self.order.empty(),
             running=RunningBatch.empty(),
             swapped=KeyedQueue(),
+            outputs=TokenBuffer(),
         )
 
     def add_request(self, state: SchedulerState, request: Request, now: float) -> SchedulerState:
@@ -170,6 +178,7 @@ class BatchingScheduler(abc.ABC):
                 state,
                 kv=evolve(state.kv, device=pool),
                 running=run.drop([r]),
+                outputs=state.outputs.release([int(run.slot[r])]),
                 inflight=inflight,
             )
         if self.order.contains(state.waiting, request_id):

@@ -9,7 +9,7 @@ recompute — and hashing them once there is much cheaper than per decode step.
 
 from __future__ import annotations
 
-from typing import Optional
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -52,11 +52,11 @@ def prompt_blocks_to_offer(run, rows: np.ndarray, block_size: int):
     return run.replace(num_registered=new_registered), blocks, hashes
 
 
-def offer_generated_blocks(run, pool: BlockPool, r: int, block_size: int, generated: Optional[list] = None):
+def offer_generated_blocks(run, pool: BlockPool, r: int, block_size: int, generated: Sequence[int]):
     """Registers row ``r``'s remaining computed full blocks; returns ``(pool, hash chain)``.
 
-    ``generated`` is the row's output tokens oldest first, when the caller has it already. Only
-    requests with real token ids are extended past their precomputed (prompt) hashes.
+    ``generated`` is the row's output tokens oldest first. Only requests with real token ids are
+    extended past their precomputed (prompt) hashes.
     """
     if not pool.enable_caching:
         return pool, run.block_hashes[r]
@@ -64,7 +64,7 @@ def offer_generated_blocks(run, pool: BlockPool, r: int, block_size: int, genera
     return (pool.register(blocks, hashes) if blocks else pool), chain
 
 
-def generated_blocks_to_offer(run, r: int, block_size: int, generated: Optional[list] = None):
+def generated_blocks_to_offer(run, r: int, block_size: int, generated: Sequence[int]):
     """``(blocks, hashes, chain)``: row ``r``'s computed full blocks not offered yet with their
     hashes, and its hash chain extended over them (see ``offer_generated_blocks``). Pure: the
     caller registers the blocks (with caching on)."""
@@ -76,8 +76,6 @@ def generated_blocks_to_offer(run, r: int, block_size: int, generated: Optional[
     if run.real_tokens[r] and n_full > len(chain):
         req = run.requests[r]
         prompt_len, start, stop = req.prompt_len, len(chain) * block_size, n_full * block_size
-        if generated is None:
-            generated = run.outputs[r][: int(run.num_output[r])]
         gen = tuple(generated[max(start - prompt_len, 0) : stop - prompt_len])
         # Slices of a tuple are the tuples hashed: no copy per block.
         tokens = (tuple(req.prompt_token_ids[start:prompt_len]) + gen) if start < prompt_len else gen

@@ -90,7 +90,8 @@ def advance_decodes(state, k: int, token_id: int):
             new_tables[r] = tables[r] + tuple(assigned[s : s + int(need[r])].tolist())
         tables = tuple(new_tables)
         used_after += np.cumsum(np.bincount(steps - 1, minlength=k)[:k])
-    outputs = _extend_logs(run.outputs, run.num_output, k, token_id)
+    positions = run.num_output[:, None] + np.arange(k)
+    outputs = state.outputs.write(run.slot, positions, np.full(positions.shape, token_id, np.int32))
     running = run.replace(
         num_computed=c + k,
         num_tokens=run.num_tokens + k,
@@ -98,26 +99,15 @@ def advance_decodes(state, k: int, token_id: int):
         last_token=np.full(len(run), token_id, np.int64),
         num_blocks=b + need,
         block_tables=tables,
-        outputs=outputs,
     )
     new_state = evolve(
         state,
         kv=KVState(kv.config, pool, kv.host),
         running=running,
+        outputs=outputs,
         step=state.step + k,
         inflight=None,
         finished=(),
     )
     return new_state, used_after
 
-
-def _extend_logs(logs: tuple, lengths: np.ndarray, k: int, token_id: int) -> tuple:
-    """Appends k copies of ``token_id`` to each shared append-only log (see persistent.py)."""
-    out = list(logs)
-    tail = [token_id] * k
-    for i, (log, n) in enumerate(zip(logs, lengths.tolist())):
-        if len(log) != n:
-            log = log[:n]  # another version appended past n: fork
-            out[i] = log
-        log.extend(tail)
-    return tuple(out)

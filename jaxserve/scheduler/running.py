@@ -32,8 +32,9 @@ NUM_COLUMNS = (
     "num_blocks",  # len(block_tables[i])
     "has_stop",  # 1 if the request has stop tokens
     "real_tokens",  # 1 if prompt ids are real (placeholders are never cached past the prompt)
+    "slot",  # the row's slot in the scheduler's TokenBuffer (its generated ids)
 )
-TUPLE_COLUMNS = ("ids", "requests", "outputs", "block_tables", "block_hashes")
+TUPLE_COLUMNS = ("ids", "requests", "block_tables", "block_hashes")
 _INDEX = {name: k for k, name in enumerate(NUM_COLUMNS)}
 _NUM_COMPUTED, _NUM_BLOCKS = _INDEX["num_computed"], _INDEX["num_blocks"]
 _RANK, _SEQ_NO = _INDEX["rank"], _INDEX["seq_no"]
@@ -53,14 +54,13 @@ class RunningBatch:
 
     ids: tuple[str, ...]
     requests: tuple
-    outputs: tuple[list, ...]  # shared append-only logs: row i reads outputs[i][:num_output[i]]
     block_tables: tuple[tuple[int, ...], ...]
     block_hashes: tuple[tuple[int, ...], ...]
     nums: np.ndarray
 
     @classmethod
     def empty(cls) -> "RunningBatch":
-        return _make((), (), (), (), (), _frozen(np.zeros((0, len(NUM_COLUMNS)), np.int64)))
+        return _make((), (), (), (), _frozen(np.zeros((0, len(NUM_COLUMNS)), np.int64)))
 
     @classmethod
     def from_rows(cls, rows: list[dict]) -> "RunningBatch":
@@ -93,7 +93,7 @@ class RunningBatch:
             block_tables = self.block_tables
         else:
             nums[:, _NUM_BLOCKS] = num_blocks
-        return _make(self.ids, self.requests, self.outputs, block_tables, self.block_hashes, _frozen(nums))
+        return _make(self.ids, self.requests, block_tables, self.block_hashes, _frozen(nums))
 
     def take(self, rows: np.ndarray) -> "RunningBatch":
         """The rows at integer indices ``rows`` (in that order)."""
@@ -150,12 +150,12 @@ class RunningBatch:
         except ValueError:
             return None
 
-    def seq_state(self, i: int, **overrides) -> SeqState:
-        """Row ``i`` as a SeqState (when it leaves the batch)."""
+    def seq_state(self, i: int, outputs: tuple[int, ...], **overrides) -> SeqState:
+        """Row ``i`` as a SeqState (when it leaves the batch), with its generated ids ``outputs``."""
         fields = dict(
             request=self.requests[i],
             seq_no=int(self.seq_no[i]),
-            outputs=self.outputs[i],
+            outputs=outputs,
             num_output=int(self.num_output[i]),
             block_hashes=self.block_hashes[i],
             num_preemptions=int(self.num_preemptions[i]),
@@ -172,26 +172,24 @@ for _name, _k in _INDEX.items():
     setattr(RunningBatch, _name, _column(_k))
 
 
-def _make(ids, requests, outputs, block_tables, block_hashes, nums) -> RunningBatch:
+def _make(ids, requests, block_tables, block_hashes, nums) -> RunningBatch:
     """A RunningBatch from its columns without the frozen-dataclass __init__ (hot paths)."""
     new = object.__new__(RunningBatch)
-    new.__dict__.update(
-        ids=ids, requests=requests, outputs=outputs, block_tables=block_tables, block_hashes=block_hashes, nums=nums
-    )
+    new.__dict__.update(ids=ids, requests=requests, block_tables=block_tables, block_hashes=block_hashes, nums=nums)
     return new
 
 
 def row_from_seq(
-    seq: SeqState, num_computed: int, block_table: tuple[int, ...], num_registered: int, rank: int = 0
+    seq: SeqState, num_computed: int, block_table: tuple[int, ...], num_registered: int, rank: int, slot: int
 ) -> dict:
-    """A row dict for ``RunningBatch.from_rows`` for a request entering the batch."""
+    """A row dict for ``RunningBatch.from_rows`` for a request entering the batch (its generated
+    ids already written to TokenBuffer ``slot``)."""
     req = seq.request
-    outputs = seq.outputs if seq.outputs is not None else []
-    last = outputs[seq.num_output - 1] if seq.num_output else req.prompt_token_ids[-1]
+    last = seq.outputs[seq.num_output - 1] if seq.num_output else req.prompt_token_ids[-1]
     return dict(
         ids=req.request_id,
         requests=req,
-        outputs=outputs,
+        slot=slot,
         block_tables=block_table,
         block_hashes=seq.block_hashes,
         rank=rank,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from jaxserve.request import Request
@@ -12,7 +13,7 @@ class SeqState(NamedTuple):
 
     request: Request
     seq_no: int  # arrival order (order of add_request calls); smaller = earlier
-    outputs: list = None  # shared append-only log of generated ids: read outputs[:num_output]
+    outputs: tuple[int, ...] = ()  # generated ids (num_output of them)
     num_output: int = 0
     block_hashes: tuple[int, ...] = ()  # hash chain of the full blocks known so far
     num_preemptions: int = 0
@@ -36,7 +37,7 @@ class FinishedRequest(NamedTuple):
     num_preemptions: int
 
 
-def seq_tokens(request: Request, outputs: list, num_output: int, start: int, stop: int) -> list[int]:
+def seq_tokens(request: Request, outputs: Sequence[int], num_output: int, start: int, stop: int) -> list[int]:
     """Token ids ``[start, stop)`` of prompt + generated tokens (``outputs[:num_output]``)."""
     prompt_len = request.prompt_len
     out = list(request.prompt_token_ids[start:min(stop, prompt_len)]) if start < prompt_len else []

@@ -61,6 +61,7 @@ class StepBuilder:
         self.host = state.kv.host
         self.waiting = state.waiting
         self.swapped = state.swapped
+        self.outputs = state.outputs  # TokenBuffer
         self.run: RunningBatch = state.running
         self.live = len(self.run)  # rows [0, live) remain; the rest were preempted
         self.num_new = np.zeros(self.live, np.int64)
@@ -177,8 +178,11 @@ class StepBuilder:
         self.num_new[r] = 0
         self.live -= 1
         num_computed = int(run.num_computed[r])
-        self.pool, chain = offer_generated_blocks(run, self.pool, r, self.bs)  # for its own recompute
-        seq = run.seq_state(r, num_preemptions=int(run.num_preemptions[r]) + 1, block_hashes=chain)
+        slot = int(run.slot[r])
+        generated = self.outputs.read(slot, int(run.num_output[r]))
+        self.outputs = self.outputs.release([slot])
+        self.pool, chain = offer_generated_blocks(run, self.pool, r, self.bs, generated)  # for its own recompute
+        seq = run.seq_state(r, generated, num_preemptions=int(run.num_preemptions[r]) + 1, block_hashes=chain)
         keep = self._blocks_for(num_computed)
         if self.sched.preemption_mode == "swap" and self.host.can_allocate(keep):
             self.host, host_blocks = self.host.allocate(keep)
@@ -245,8 +249,9 @@ class StepBuilder:
                 pool = pool.uncache(hits[-1])
             self.pool = pool
             self.waiting = order.on_admit(order.pop(self.waiting), seq)
+            self.outputs, (slot,) = self.outputs.take([seq.outputs])
             row = row_from_seq(
-                seq, num_computed, kept + blocks, len(hits) - fully_cached, self.sched.preempt_rank(seq.request)
+                seq, num_computed, kept + blocks, len(hits) - fully_cached, self.sched.preempt_rank(seq.request), slot
             )
             row["num_new"] = n
             self.new_rows.append(row)
@@ -264,7 +269,8 @@ class StepBuilder:
             self.swap_in_blocks.extend(zip(seq.host_blocks, blocks))
             self.host = self.host.free(seq.host_blocks)
             self.swapped = self.swapped.pop()
-            row = row_from_seq(seq, seq.num_computed, blocks, 0, self.sched.preempt_rank(seq.request))
+            self.outputs, (slot,) = self.outputs.take([seq.outputs])
+            row = row_from_seq(seq, seq.num_computed, blocks, 0, self.sched.preempt_rank(seq.request), slot)
             row["num_new"] = n
             self.new_rows.append(row)
             self.swapped_in.append(seq.request_id)
@@ -302,6 +308,7 @@ class StepBuilder:
             waiting=self.waiting,
             swapped=self.swapped,
             running=run,
+            outputs=self.outputs,
             step=state.step + 1,
             inflight=Inflight(plan.step, rows, np.arange(len(rows))),
             finished=(),
@@ -331,7 +338,9 @@ class StepBuilder:
                 req = run.requests[r]
                 if not req.has_real_tokens and stop <= req.prompt_len:
                     continue  # placeholders are already in place
-                token_ids[cu[i] : cu[i + 1]] = seq_tokens(req, run.outputs[r], int(run.num_output[r]), start, stop)
+                num_output = int(run.num_output[r])
+                generated = self.outputs.read(int(run.slot[r]), num_output) if stop > req.prompt_len else ()
+                token_ids[cu[i] : cu[i + 1]] = seq_tokens(req, generated, num_output, start, stop)
         return BatchPlan(
             request_ids=ids,
             num_computed_tokens=nc,

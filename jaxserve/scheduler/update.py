@@ -7,7 +7,7 @@ import numbers
 import numpy as np
 
 from jaxserve.kv.state import KVState
-from jaxserve.persistent import evolve, log_append_rows, pick
+from jaxserve.persistent import evolve, pick
 from jaxserve.plan import BatchPlan, SampledTokens, StepOutput
 from jaxserve.request import MAX_TOKEN_ID
 from jaxserve.scheduler.caching import generated_blocks_to_offer, prompt_blocks_to_offer
@@ -19,15 +19,14 @@ _LAST, _OUTPUT, _MAX_NEW = COL["last_token"], COL["num_output"], COL["max_new"]
 _NUM_TOKENS = COL["num_tokens"]
 
 
-def _sampled_tokens(out: StepOutput, ids: tuple[str, ...]) -> tuple[list[int], np.ndarray]:
-    """The sampled token of each of ``ids``, validated: as Python ints and as an int64 array
-    (built once here, for the range check and the ``last_token`` column)."""
+def _sampled_tokens(out: StepOutput, ids: tuple[str, ...]) -> np.ndarray:
+    """The sampled token of each of ``ids``, validated, as an int64 array."""
     try:
         tokens = list(map(out.token_ids.__getitem__, ids))
     except KeyError as e:
         raise ValueError(f"StepOutput.token_ids has no token for request {e.args[0]!r}") from None
     if not tokens:
-        return tokens, np.zeros(0, np.int64)
+        return np.zeros(0, np.int64)
     if set(map(type, tokens)) != {int}:  # numpy ints are fine, bools and floats are not
         bad = next((t for t in tokens if not isinstance(t, numbers.Integral) or isinstance(t, (bool, np.bool_))), None)
         if bad is not None:
@@ -39,7 +38,7 @@ def _sampled_tokens(out: StepOutput, ids: tuple[str, ...]) -> tuple[list[int], n
         arr = None
     if arr is None or arr.view(np.uint64).max() > MAX_TOKEN_ID:  # (negative ids wrap to huge ones)
         raise ValueError(f"StepOutput.token_ids must be token ids in [0, {MAX_TOKEN_ID}], got {tokens[:8]}...")
-    return tokens, arr
+    return arr
 
 
 def _sampling_rank(plan: BatchPlan) -> np.ndarray:
@@ -67,31 +66,20 @@ def apply_step_output(sched, state, plan: BatchPlan, out: StepOutput):
         token_arr = sampled.array
         if len(token_arr) != len(rows):  # rows were aborted since schedule(): keep the others'
             token_arr = token_arr[_sampling_rank(plan)[inflight.entries[samples]]]
-        tokens = token_arr.tolist()
     else:
-        tokens, token_arr = _sampled_tokens(out, run.ids if everyone else pick(run.ids, row_list))
+        token_arr = _sampled_tokens(out, run.ids if everyone else pick(run.ids, row_list))
 
-    # Append to the shared output logs, then bump the counters in one copy of the numeric columns.
-    if everyone:
-        outputs = log_append_rows(run.outputs, run.num_output, tokens)
-    else:
-        picked = pick(run.outputs, row_list)
-        logs = log_append_rows(picked, run.num_output[rows], tokens)
-        outputs = run.outputs
-        if logs is not picked:  # some logs were forked: the batch holds the new ones
-            outputs = list(outputs)
-            for r, log in zip(row_list, logs):
-                outputs[r] = log
-            outputs = tuple(outputs)
-    nums = run.nums.copy()
+    # Write the tokens into the rows' slots, then bump the counters in one copy of the numeric columns.
     at = slice(None) if everyone else rows
+    outputs = state.outputs.write(run.slot[at], run.num_output[at], token_arr)
+    nums = run.nums.copy()
     if everyone:  # one strided column at a time is cheaper than a two-column slice
         nums[:, _NUM_TOKENS] += 1
         nums[:, _OUTPUT] += 1
     else:
         nums[rows, _SAMPLED] += 1
     nums[at, _LAST] = token_arr
-    run = evolve(run, outputs=outputs, nums=_frozen(nums))
+    run = evolve(run, nums=_frozen(nums))
     # Blocks to offer to the prefix cache, registered in one call (in this order, which decides
     # which block keeps a hash computed twice): newly computed prompt blocks, then finished
     # requests' generated blocks.
@@ -106,13 +94,14 @@ def apply_step_output(sched, state, plan: BatchPlan, out: StepOutput):
     has_stop = run.has_stop[rows]
     if np.count_nonzero(has_stop):  # (count_nonzero: several times cheaper than .any())
         for i in has_stop.nonzero()[0].tolist():
-            if tokens[i] in run.requests[row_list[i]].sampling.stop_token_ids:
+            if token_arr.item(i) in run.requests[row_list[i]].sampling.stop_token_ids:
                 reasons[i] = "stop"
                 done[i] = True
     finished = ()
     if np.count_nonzero(done):
         ends = [(row_list[i], reasons.get(i, "length")) for i in done.nonzero()[0].tolist()]
-        finished, freed = _retire(run, ends, bs, caching, blocks, hashes)
+        finished, freed = _retire(run, outputs, ends, bs, caching, blocks, hashes)
+        outputs = outputs.release(run.slot[[r for r, _ in ends]].tolist())
         if blocks:
             pool = pool.register(blocks, hashes)
         pool = pool.free(freed)  # every table tail-first, in plan order: as freeing them one by one
@@ -128,19 +117,21 @@ def apply_step_output(sched, state, plan: BatchPlan, out: StepOutput):
         kv=KVState(state.kv.config, pool, state.kv.host),
         running=run,
         waiting=waiting,
+        outputs=outputs,
         inflight=None,
         finished=finished,
     )
 
 
-def _retire(run, ends: list[tuple[int, str]], bs: int, caching: bool, blocks: list, hashes: list):
-    """The FinishedRequests of the rows ``ends`` ((row, finish reason), in plan order) and their
-    blocks to free, tail first row by row. Appends their generated full blocks (and hashes) to
-    ``blocks``/``hashes`` for the prefix cache when ``caching``."""
+def _retire(run, outputs, ends: list[tuple[int, str]], bs: int, caching: bool, blocks: list, hashes: list):
+    """The FinishedRequests of the rows ``ends`` ((row, finish reason), in plan order; their ids in
+    TokenBuffer ``outputs``) and their blocks to free, tail first row by row. Appends their
+    generated full blocks (and hashes) to ``blocks``/``hashes`` for the prefix cache when
+    ``caching``."""
     finished, freed = [], []
-    num_output, preemptions = run.num_output, run.num_preemptions
+    num_output, preemptions, slots = run.num_output, run.num_preemptions, run.slot
     for r, reason in ends:
-        output = tuple(run.outputs[r][: int(num_output[r])])
+        output = outputs.read(int(slots[r]), int(num_output[r]))
         if caching:
             b, h, _ = generated_blocks_to_offer(run, r, bs, output)
             blocks.extend(b)

@@ -34,15 +34,15 @@ def plan_key(plan):
 def state_key(sched, state):
     """The observable content of a scheduler state, as a comparable value."""
     run = state.running
-    outputs = tuple(tuple(o[:n]) for o, n in zip(run.outputs, run.num_output.tolist()))
+    outputs = state.running_outputs()
     return (
         run.ids,
         run.nums.tobytes(),
         outputs,
         run.block_tables,
         run.block_hashes,
-        tuple((q.request_id, tuple((q.outputs or [])[: q.num_output])) for q in sched.waiting_requests(state)),
-        tuple((q.request_id, tuple((q.outputs or [])[: q.num_output])) for q in state.swapped.sorted_items()),
+        tuple((q.request_id, q.outputs[: q.num_output]) for q in sched.waiting_requests(state)),
+        tuple((q.request_id, q.outputs[: q.num_output]) for q in state.swapped.sorted_items()),
         state.finished,
         tuple(sorted(state.kv.device.refcounts.items())),
     )

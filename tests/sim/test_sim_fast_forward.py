@@ -85,8 +85,7 @@ def test_advance_matches_update_loop_state():
         slow = sched.update(slow, plan, StepOutput({r: SIM_TOKEN_ID for r in plan.request_ids}), 0.0)
     assert fast.running.block_tables == slow.running.block_tables
     np.testing.assert_array_equal(fast.running.nums, slow.running.nums)
-    assert [o[:n] for o, n in zip(fast.running.outputs, fast.running.num_output)] == \
-        [o[:n] for o, n in zip(slow.running.outputs, slow.running.num_output)]
+    assert fast.running_outputs() == slow.running_outputs()
     assert fast.kv.device.num_used == slow.kv.device.num_used == used[-1]
     assert fast.step == slow.step
     fast.kv.device.check()
