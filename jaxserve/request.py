@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 import numbers
 import operator
@@ -209,6 +210,14 @@ class Request:
     @property
     def has_real_tokens(self) -> bool:
         return not isinstance(self.prompt_token_ids, PlaceholderTokens)
+
+    @functools.cached_property
+    def prompt_array(self) -> np.ndarray:
+        """The prompt ids as a read-only int32 array, built once (schedulers copy prefill chunks
+        from it into a plan's ``token_ids``)."""
+        arr = np.asarray(self.prompt_token_ids, np.int32)
+        arr.flags.writeable = False
+        return arr
 
     @property
     def max_total_tokens(self) -> int:

@@ -156,7 +156,10 @@ class BatchingScheduler(abc.ABC):
         self.check_admissible(request)
         if self.status(state, rid) is not None:
             raise ValueError(f"request {rid!r} is already in the scheduler")
+        # The per-request O(prompt) work happens once, here: hash chain and id array.
         hashes = prompt_block_hashes(request, cfg.block_size) if self.enable_prefix_caching else ()
+        if request.has_real_tokens:
+            request.prompt_array  # noqa: B018 (built now, not in the first step that needs it)
         seq = SeqState(request, state.next_seq_no, block_hashes=hashes)
         return evolve(
             state,

@@ -1,7 +1,7 @@
 """Offering computed KV blocks to the prefix cache.
 
-Prompt blocks are offered as soon as their KV is computed (``offer_prompt_blocks``, vectorized over
-a step), so requests sharing a prompt prefix reuse each other's blocks while they run. Generated
+Prompt blocks are offered as soon as their KV is computed (``prompt_blocks_to_offer``, once per
+step), so requests sharing a prompt prefix reuse each other's blocks while they run. Generated
 blocks are offered once, when their request leaves the batch (``offer_generated_blocks``: finish or
 preemption), because only then can anyone else use them — a follow-up turn, or the request's own
 recompute — and hashing them once there is much cheaper than per decode step.
@@ -14,19 +14,28 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxserve.kv.block_pool import BlockPool
+from jaxserve.scheduler.running import COL
+
+_REGISTERED, _HASHED, _COMPUTED = COL["num_registered"], COL["num_hashed"], COL["num_computed"]
 
 
-def offer_prompt_blocks(run, pool: BlockPool, rows: np.ndarray, block_size: int):
-    """Registers the full blocks with precomputed hashes that ``rows`` have now computed."""
-    run, blocks, hashes = prompt_blocks_to_offer(run, rows, block_size)
-    return run, (pool.register(blocks, hashes) if blocks else pool)
-
-
-def prompt_blocks_to_offer(run, rows: np.ndarray, block_size: int):
-    """``(run, blocks, hashes)``: the full blocks with precomputed hashes that ``rows`` have now
-    computed and not yet offered, and ``run`` with them counted as offered (``num_registered``).
-    ``rows`` are sorted and distinct. The caller registers them (possibly together with other
-    blocks, in this order)."""
+def prompt_blocks_to_offer(run, rows: np.ndarray, block_size: int, nums: np.ndarray) -> tuple[list, list]:
+    """``(blocks, hashes)``: the full blocks with precomputed hashes that ``rows`` (sorted,
+    distinct) have now computed and not yet offered. Counts them as offered in ``nums``, a
+    writable copy of ``run.nums`` (its ``num_registered`` column). The caller registers them
+    (possibly together with other blocks, in this order)."""
+    blocks, hashes = [], []
+    tables, chains = run.block_tables, run.block_hashes
+    if len(rows) <= 4:  # a step's few prefill rows: Python ints beat a dozen numpy calls
+        src = run.nums
+        for r in rows.tolist():
+            k, hashed = src.item(r, _REGISTERED), src.item(r, _HASHED)
+            n = min(src.item(r, _COMPUTED) // block_size, hashed)
+            if n > k:
+                blocks.extend(tables[r][k:n])
+                hashes.extend(chains[r][k:n])
+                nums[r, _REGISTERED] = n
+        return blocks, hashes
     # Only rows with precomputed hashes not yet offered can offer anything: after their prompt
     # is computed that is none of them, so a decode step stops at this cheap test.
     if len(rows) == len(run):  # sorted distinct rows covering the batch: whole columns, no gathers
@@ -34,22 +43,19 @@ def prompt_blocks_to_offer(run, rows: np.ndarray, block_size: int):
     else:
         pending = run.num_registered[rows] < run.num_hashed[rows]
     if not np.count_nonzero(pending):
-        return run, [], []
+        return blocks, hashes
     rows = rows[pending]
     registered = run.num_registered[rows]
     upto = np.minimum(run.num_computed[rows] // block_size, run.num_hashed[rows])
     more = upto > registered
     if not np.count_nonzero(more):
-        return run, [], []
+        return blocks, hashes
     todo = rows[more]
-    blocks, hashes = [], []
-    tables, chains = run.block_tables, run.block_hashes
     for r, k, n in zip(todo.tolist(), registered[more].tolist(), upto[more].tolist()):
         blocks.extend(tables[r][k:n])
         hashes.extend(chains[r][k:n])
-    new_registered = run.num_registered.copy()
-    new_registered[todo] = upto[more]
-    return run.replace(num_registered=new_registered), blocks, hashes
+    nums[todo, _REGISTERED] = upto[more]
+    return blocks, hashes
 
 
 def offer_generated_blocks(run, pool: BlockPool, r: int, block_size: int, generated: Sequence[int]):

@@ -79,15 +79,15 @@ def apply_step_output(sched, state, plan: BatchPlan, out: StepOutput):
     else:
         nums[rows, _SAMPLED] += 1
     nums[at, _LAST] = token_arr
-    run = evolve(run, nums=_frozen(nums))
     # Blocks to offer to the prefix cache, registered in one call (in this order, which decides
     # which block keeps a hash computed twice): newly computed prompt blocks, then finished
     # requests' generated blocks.
     caching = pool.enable_caching
     if caching:
-        run, blocks, hashes = prompt_blocks_to_offer(run, inflight.rows, bs)
+        blocks, hashes = prompt_blocks_to_offer(run, inflight.rows, bs, nums)
     else:
         blocks, hashes = [], []
+    run = evolve(run, nums=_frozen(nums))
 
     done = nums[at, _OUTPUT] >= nums[at, _MAX_NEW]
     reasons = {}  # plan row -> "stop" where a stop token ended the request (it wins over length, as in vLLM)
