@@ -212,6 +212,7 @@ def main():
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--schedulers", default="static,orca,vllm,sarathi,vtc")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--block", type=int, default=BLOCK, help="steps per turn when systems alternate")
     parser.add_argument("--nano_vllm", default=os.environ.get("NANO_VLLM_DIR", ""),
                         help="a nano-vllm checkout to benchmark side by side (not part of jaxserve)")
     args = parser.parse_args()
@@ -219,9 +220,9 @@ def main():
     runners = {name: jaxserve_runner(name, args.steps, args.seed) for name in names}
     if args.nano_vllm:
         runners["reference_nano_vllm"] = nano_vllm_runner(args.nano_vllm, args.steps, args.seed)
-    for i in range(0, args.steps, BLOCK):  # interleaved blocks: every system sees the same drift
+    for i in range(0, args.steps, args.block):  # interleaved blocks: every system sees the same drift
         for runner in runners.values():
-            runner.run(min(BLOCK, args.steps - i))
+            runner.run(min(args.block, args.steps - i))
     results = {name: r.result() for name, r in runners.items()}
     result = {
         "benchmark": "scheduler_overhead",
@@ -231,6 +232,7 @@ def main():
         "block_size": 16,
         "prefix_caching": True,
         "steps": args.steps,
+        "block": args.block,
         "machine": f"{platform.machine()} {platform.python_implementation()} {platform.python_version()}",
         "target_median_us": 250,
         "schedulers": {name: results[name] for name in names},
