@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxserve.kv.block_pool import BlockPool
+from jaxserve.kv.prefix_hash import chain_hashes
 from jaxserve.scheduler.running import COL
 
 _REGISTERED, _HASHED, _COMPUTED = COL["num_registered"], COL["num_hashed"], COL["num_computed"]
@@ -82,14 +83,8 @@ def generated_blocks_to_offer(run, r: int, block_size: int, generated: Sequence[
     if run.real_tokens[r] and n_full > len(chain):
         req = run.requests[r]
         prompt_len, start, stop = req.prompt_len, len(chain) * block_size, n_full * block_size
-        gen = tuple(generated[max(start - prompt_len, 0) : stop - prompt_len])
-        # Slices of a tuple are the tuples hashed: no copy per block.
-        tokens = (tuple(req.prompt_token_ids[start:prompt_len]) + gen) if start < prompt_len else gen
-        extended = []
-        parent = chain[-1] if chain else 0
-        for i in range(0, stop - start, block_size):
-            parent = hash((parent, tokens[i : i + block_size]))
-            extended.append(parent)
-        chain = chain + tuple(extended)
+        gen = generated[max(start - prompt_len, 0) : stop - prompt_len]
+        tokens = (tuple(req.prompt_token_ids[start:prompt_len]) + tuple(gen)) if start < prompt_len else gen
+        chain = chain + tuple(chain_hashes(tokens, block_size, n_full - len(chain), chain[-1] if chain else 0))
     upto = min(n_full, len(chain))
     return run.block_tables[r][registered:upto], chain[registered:upto], chain
