@@ -286,7 +286,8 @@ class StepBuilder:
         if self.tables is None:
             run = run.advance(num_new)
         else:
-            run = run.advance(num_new, tuple(self.tables[:live]), self.num_blocks[:live])
+            tables = self.tables if live == len(self.tables) else self.tables[:live]
+            run = run.advance(num_new, tuple(tables), self.num_blocks[:live])
         if self.new_rows:
             new = RunningBatch.from_rows(
                 [dict(r, num_computed=r["num_computed"] + r["num_new"]) for r in self.new_rows]
