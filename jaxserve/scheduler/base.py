@@ -159,7 +159,7 @@ class BatchingScheduler(abc.ABC):
         # The per-request O(prompt) work happens once, here: hash chain and id array.
         hashes = prompt_block_hashes(request, cfg.block_size) if self.enable_prefix_caching else ()
         if request.has_real_tokens:
-            request.prompt_array  # noqa: B018 (built now, not in the first step that needs it)
+            _ = request.prompt_array  # built now, once, rather than in the first step that needs it
         seq = SeqState(request, state.next_seq_no, block_hashes=hashes)
         return evolve(
             state,
