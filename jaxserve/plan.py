@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxserve.request import MAX_TOKEN_ID
+from jaxserve.request import MAX_TOKEN_ID, any_bad_token_id
 
 
 class ScheduledRequest(NamedTuple):
@@ -181,7 +181,7 @@ class SampledTokens(Mapping):
         if arr.dtype.kind not in "iu":
             raise ValueError(f"StepOutput.for_plan: token ids must be integers, got dtype {arr.dtype}")
         arr = arr.astype(np.int64)  # our own copy; uint64 beyond int64 wraps negative and fails below
-        if len(arr) and arr.view(np.uint64).max() > MAX_TOKEN_ID:  # (negative ids wrap to huge ones)
+        if any_bad_token_id(arr):
             raise ValueError(f"StepOutput.for_plan: token ids must be in [0, {MAX_TOKEN_ID}], got {arr[:8].tolist()}...")
         arr.flags.writeable = False
         self.array, self.step, self._plan, self._map = arr, plan.step, plan, None

@@ -21,6 +21,12 @@ PLACEHOLDER_TOKEN_ID = 0
 MAX_TOKEN_ID = 2**31 - 1  # token ids travel to executors as int32
 
 
+def any_bad_token_id(ids: np.ndarray) -> bool:
+    """Whether an int64 array holds an id outside [0, MAX_TOKEN_ID] (one reduction: negative ids
+    wrap to huge unsigned ones)."""
+    return bool(len(ids)) and int(ids.view(np.uint64).max()) > MAX_TOKEN_ID
+
+
 class RequestStatus(enum.Enum):
     """Where a request is in its life, as a scheduler sees it."""
 

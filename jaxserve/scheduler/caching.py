@@ -25,37 +25,23 @@ def prompt_blocks_to_offer(run, rows: np.ndarray, block_size: int, nums: np.ndar
     distinct) have now computed and not yet offered. Counts them as offered in ``nums``, a
     writable copy of ``run.nums`` (its ``num_registered`` column). The caller registers them
     (possibly together with other blocks, in this order)."""
+    if len(rows) > 4:
+        # Only rows with precomputed hashes not yet offered can offer anything: after their prompt
+        # is computed that is none of them, so a decode step stops at this cheap test.
+        if len(rows) == len(run):  # sorted distinct rows covering the batch: whole columns
+            pending = run.num_registered < run.num_hashed
+        else:
+            pending = run.num_registered[rows] < run.num_hashed[rows]
+        rows = rows[pending]
     blocks, hashes = [], []
-    tables, chains = run.block_tables, run.block_hashes
-    if len(rows) <= 4:  # a step's few prefill rows: Python ints beat a dozen numpy calls
-        src = run.nums
-        for r in rows.tolist():
-            k, hashed = src.item(r, _REGISTERED), src.item(r, _HASHED)
-            n = min(src.item(r, _COMPUTED) // block_size, hashed)
-            if n > k:
-                blocks.extend(tables[r][k:n])
-                hashes.extend(chains[r][k:n])
-                nums[r, _REGISTERED] = n
-        return blocks, hashes
-    # Only rows with precomputed hashes not yet offered can offer anything: after their prompt
-    # is computed that is none of them, so a decode step stops at this cheap test.
-    if len(rows) == len(run):  # sorted distinct rows covering the batch: whole columns, no gathers
-        pending = run.num_registered < run.num_hashed
-    else:
-        pending = run.num_registered[rows] < run.num_hashed[rows]
-    if not np.count_nonzero(pending):
-        return blocks, hashes
-    rows = rows[pending]
-    registered = run.num_registered[rows]
-    upto = np.minimum(run.num_computed[rows] // block_size, run.num_hashed[rows])
-    more = upto > registered
-    if not np.count_nonzero(more):
-        return blocks, hashes
-    todo = rows[more]
-    for r, k, n in zip(todo.tolist(), registered[more].tolist(), upto[more].tolist()):
-        blocks.extend(tables[r][k:n])
-        hashes.extend(chains[r][k:n])
-    nums[todo, _REGISTERED] = upto[more]
+    src, tables, chains = run.nums, run.block_tables, run.block_hashes
+    for r in rows.tolist():  # a step's few prefill rows: Python ints beat a dozen numpy calls
+        k, hashed = src.item(r, _REGISTERED), src.item(r, _HASHED)
+        n = min(src.item(r, _COMPUTED) // block_size, hashed)
+        if n > k:
+            blocks.extend(tables[r][k:n])
+            hashes.extend(chains[r][k:n])
+            nums[r, _REGISTERED] = n
     return blocks, hashes
 
 

@@ -337,12 +337,12 @@ class StepBuilder:
                 r = row_list[i]
                 start, stop = int(nc[i]), int(nc[i] + n[i])
                 req = run.requests[r]
-                if stop <= req.prompt_len:
-                    if req.has_real_tokens:  # (placeholders are already in place)
+                if stop <= req.prompt_len:  # prompt only (a length-only prompt keeps the fill value)
+                    if req.has_real_tokens:
                         token_ids[cu[i] : cu[i + 1]] = req.prompt_array[start:stop]
                     continue
                 num_output = int(run.num_output[r])
-                generated = self.outputs.read(int(run.slot[r]), num_output) if stop > req.prompt_len else ()
+                generated = self.outputs.read(int(run.slot[r]), num_output)
                 token_ids[cu[i] : cu[i + 1]] = seq_tokens(req, generated, num_output, start, stop)
         return BatchPlan(
             request_ids=ids,

@@ -9,7 +9,7 @@ import numpy as np
 from jaxserve.kv.state import KVState
 from jaxserve.persistent import evolve, pick
 from jaxserve.plan import BatchPlan, SampledTokens, StepOutput
-from jaxserve.request import MAX_TOKEN_ID
+from jaxserve.request import MAX_TOKEN_ID, any_bad_token_id
 from jaxserve.scheduler.caching import generated_blocks_to_offer, prompt_blocks_to_offer
 from jaxserve.scheduler.running import COL, _frozen
 from jaxserve.scheduler.seq import FinishedRequest
@@ -36,7 +36,7 @@ def _sampled_tokens(out: StepOutput, ids: tuple[str, ...]) -> np.ndarray:
         arr = np.fromiter(tokens, np.int64, len(tokens))
     except OverflowError:  # beyond int64: certainly out of range
         arr = None
-    if arr is None or arr.view(np.uint64).max() > MAX_TOKEN_ID:  # (negative ids wrap to huge ones)
+    if arr is None or any_bad_token_id(arr):
         raise ValueError(f"StepOutput.token_ids must be token ids in [0, {MAX_TOKEN_ID}], got {tokens[:8]}...")
     return arr
 
