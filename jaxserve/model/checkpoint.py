@@ -1,6 +1,6 @@
 """Fast reload: converted parameters saved and restored with ``orbax-checkpoint``.
 
-Converting a HF checkpoint means reading safetensors, transposing every linear weight and casting;
+Converting a HF checkpoint means reading safetensors, fusing q/k/v and gate/up and casting;
 for a large model that is most of the start-up time. ``save_params`` writes the converted nested
 dict once; ``restore_params`` reads it straight into the target dtype and sharding (one device by
 default, or any ``jax.sharding.Sharding`` per leaf), skipping the conversion. A small
@@ -22,6 +22,9 @@ from jaxserve.model.llama import abstract_model
 
 META_FILE = "jaxserve.json"
 PARAMS_DIR = "params"
+# The parameter tree's layout version: 2 fuses q|k|v and gate|up (``llama.fused_widths``) and keeps
+# linear weights in HF's [out, in] layout.
+FORMAT = 2
 
 
 def _config_dict(cfg: ModelConfig) -> dict:
@@ -42,7 +45,7 @@ def save_params(directory: str, cfg: ModelConfig, params: dict) -> None:
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(os.path.join(directory, PARAMS_DIR), params)
     with open(os.path.join(directory, META_FILE), "w") as f:
-        json.dump({"format": 1, "config": _config_dict(cfg)}, f, indent=1)
+        json.dump({"format": FORMAT, "config": _config_dict(cfg)}, f, indent=1)
 
 
 def has_params(directory: str) -> bool:
@@ -53,8 +56,18 @@ def saved_config(directory: str) -> ModelConfig:
     path = os.path.join(directory, META_FILE)
     try:
         with open(path) as f:
-            return _config_from_dict(json.load(f)["config"])
+            meta = json.load(f)
+        fmt, config = meta["format"], meta["config"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a jaxserve parameter cache ({e})") from None
+    if fmt != FORMAT:
+        raise CheckpointError(
+            f"{path}: parameter cache has layout format {fmt!r}, this jaxserve reads {FORMAT}; "
+            "delete the cache directory and it is rebuilt from the checkpoint"
+        )
+    try:
+        return _config_from_dict(config)
+    except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: not a jaxserve parameter cache ({e})") from None
 
 

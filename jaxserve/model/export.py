@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 
 from jaxserve.model.config import ModelConfig
-from jaxserve.model.loader import hf_name
+from jaxserve.model.loader import hf_tensors
 from jaxserve.model.safetensors_io import save_file
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -52,21 +51,9 @@ def hf_config(cfg: ModelConfig) -> dict:
     return out
 
 
-def _flat(tree: dict, prefix=()):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _flat(value, prefix + (key,))
-        else:
-            yield prefix + (key,), value
-
-
 def save_hf_checkpoint(directory: str, cfg: ModelConfig, params: dict) -> None:
     """Writes ``params`` (as ``llama.params_of`` returns) and ``cfg`` into ``directory`` (created)."""
     os.makedirs(directory, exist_ok=True)
-    tensors = {}
-    for path, value in _flat(params):
-        array = np.asarray(value)
-        tensors[hf_name(path)] = array.T if path[-1] == "kernel" else array  # HF stores [out, in]
-    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    save_file(hf_tensors(cfg, params), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(hf_config(cfg), f, indent=1)

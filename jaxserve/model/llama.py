@@ -12,6 +12,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 from jaxserve.model.attention import AttentionBatch, write_kv
 from jaxserve.model.config import ModelConfig
@@ -38,50 +39,61 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * normed.astype(x.dtype)
 
 
-def _linear(d_in: int, d_out: int, bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(
-        d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs
-    )
+class Linear(nnx.Module):
+    """``y = x @ weight.T + bias`` with ``weight [out, in]``, the layout HF checkpoints store: for a
+    single row (a decode step's GEMV) XLA CPU reads ``[out, in]`` 1.0-1.4x faster than ``[in, out]``
+    (most for narrow outputs such as the down projection), and a GEMM does not mind."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool, dtype, rngs: nnx.Rngs):
+        init = jax.nn.initializers.lecun_normal(in_axis=1, out_axis=0)
+        self.weight = nnx.Param(init(rngs.params(), (d_out, d_in), dtype))
+        self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = lax.dot_general(x, self.weight[...], (((x.ndim - 1,), (1,)), ((), ())))
+        return y if self.bias is None else y + self.bias[...]
+
+
+def fused_widths(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Output widths of the pieces each fused projection concatenates, in column order. Fusing
+    q|k|v and gate|up makes two weight reads per layer out of five: a decode step is a chain of
+    GEMVs, and on CPU each costs a fixed dispatch on top of its bytes (~12 % of a batch-1 step)."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return {"qkv_proj": (q, kv, kv), "gate_up_proj": (cfg.intermediate_size, cfg.intermediate_size)}
 
 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         h, d = cfg.hidden_size, cfg.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            d,
-        )
-        self.q_proj = _linear(h, cfg.num_heads * d, cfg.qkv_bias, dtype, rngs)
-        self.k_proj = _linear(h, cfg.num_kv_heads * d, cfg.qkv_bias, dtype, rngs)
-        self.v_proj = _linear(h, cfg.num_kv_heads * d, cfg.qkv_bias, dtype, rngs)
-        self.o_proj = _linear(cfg.num_heads * d, h, cfg.o_bias, dtype, rngs)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.qkv_proj = Linear(h, sum(fused_widths(cfg)["qkv_proj"]), cfg.qkv_bias, dtype, rngs)
+        self.o_proj = Linear(cfg.num_heads * d, h, cfg.o_bias, dtype, rngs)
 
     def __call__(
         self, x, cos, sin, cache: Cache, batch: AttentionBatch, attend: AttendFn
     ):
-        T = x.shape[0]
-        q = apply_rope(
-            self.q_proj(x).reshape(T, self.num_heads, self.head_dim), cos, sin
+        T, d = x.shape[0], self.head_dim
+        q, k, v = jnp.split(
+            self.qkv_proj(x),
+            [self.num_heads * d, (self.num_heads + self.num_kv_heads) * d],
+            axis=-1,
         )
-        k = apply_rope(
-            self.k_proj(x).reshape(T, self.num_kv_heads, self.head_dim), cos, sin
-        )
-        v = self.v_proj(x).reshape(T, self.num_kv_heads, self.head_dim)
-        cache = write_kv(cache, k, v, batch)
+        q = apply_rope(q.reshape(T, self.num_heads, d), cos, sin)
+        k = apply_rope(k.reshape(T, self.num_kv_heads, d), cos, sin)
+        cache = write_kv(cache, k, v.reshape(T, self.num_kv_heads, d), batch)
         out = attend(q, cache, batch)
-        return self.o_proj(out.reshape(T, self.num_heads * self.head_dim)), cache
+        return self.o_proj(out.reshape(T, self.num_heads * d)), cache
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = _linear(h, i, False, dtype, rngs)
-        self.up_proj = _linear(h, i, False, dtype, rngs)
-        self.down_proj = _linear(i, h, False, dtype, rngs)
+        self.gate_up_proj = Linear(h, 2 * i, False, dtype, rngs)
+        self.down_proj = Linear(i, h, False, dtype, rngs)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nnx.Module):
@@ -114,7 +126,7 @@ class LlamaForCausalLM(nnx.Module):
         self.lm_head = (
             None
             if cfg.tie_word_embeddings
-            else _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
+            else Linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
         )
 
     def __call__(

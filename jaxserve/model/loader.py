@@ -1,15 +1,16 @@
 """Hugging Face checkpoint -> jaxserve parameters.
 
 ``load_model(model_dir)`` reads ``config.json`` and the ``*.safetensors`` weights (one file or
-sharded with an index), maps each HF tensor name to the NNX parameter it fills (transposing linear
-weights from HF's ``[out, in]`` to ``[in, out]``), checks every shape, converts to the requested
-dtype and returns ``(ModelConfig, params)`` where ``params`` is the nested dict of arrays the engine
-jits over (``llama.bind`` turns it back into a module). A missing, unexpected or misshapen tensor is an error naming it.
+sharded with an index), places each HF tensor where ``hf_layout`` says (linear weights keep HF's
+``[out, in]`` layout; q/k/v and gate/up go to row ranges of the fused projections), checks every shape, converts to the requested dtype and returns ``(ModelConfig,
+params)`` where ``params`` is the nested dict of arrays the engine jits over (``llama.bind`` turns it
+back into a module). A missing, unexpected or misshapen tensor is an error naming it.
 """
 
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,107 +18,137 @@ import numpy as np
 from flax import nnx
 
 from jaxserve.model.config import CheckpointError, ModelConfig
-from jaxserve.model.llama import abstract_model
+from jaxserve.model.llama import abstract_model, fused_widths
 from jaxserve.model.safetensors_io import iter_tensors
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_LAYER_TENSORS = {
-    "self_attn.q_proj.weight": ("attn", "q_proj", "kernel"),
-    "self_attn.k_proj.weight": ("attn", "k_proj", "kernel"),
-    "self_attn.v_proj.weight": ("attn", "v_proj", "kernel"),
-    "self_attn.o_proj.weight": ("attn", "o_proj", "kernel"),
-    "self_attn.q_proj.bias": ("attn", "q_proj", "bias"),
-    "self_attn.k_proj.bias": ("attn", "k_proj", "bias"),
-    "self_attn.v_proj.bias": ("attn", "v_proj", "bias"),
-    "self_attn.o_proj.bias": ("attn", "o_proj", "bias"),
-    "mlp.gate_proj.weight": ("mlp", "gate_proj", "kernel"),
-    "mlp.up_proj.weight": ("mlp", "up_proj", "kernel"),
-    "mlp.down_proj.weight": ("mlp", "down_proj", "kernel"),
-    "input_layernorm.weight": ("input_norm", "weight"),
-    "post_attention_layernorm.weight": ("post_attn_norm", "weight"),
+# HF module name within a layer -> jaxserve module path (unfused linears and norms).
+_LAYER_MODULES = {
+    "self_attn.o_proj": ("attn", "o_proj"),
+    "mlp.down_proj": ("mlp", "down_proj"),
+    "input_layernorm": ("input_norm",),
+    "post_attention_layernorm": ("post_attn_norm",),
+}
+# The HF linears each fused jaxserve projection concatenates, in column order.
+_FUSED_MODULES = {
+    ("attn", "qkv_proj"): ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("mlp", "gate_up_proj"): ("mlp.gate_proj", "mlp.up_proj"),
 }
 _GLOBAL_TENSORS = {
     "model.embed_tokens.weight": ("embed", "embedding"),
     "model.norm.weight": ("norm", "weight"),
-    "lm_head.weight": ("lm_head", "kernel"),
+    "lm_head.weight": ("lm_head", "weight"),
 }
+# Any Llama-family tensor name, fitting this config or not (to tell "unexpected" from "misfit").
+_FAMILY = re.compile(
+    r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.(weight|bias)$"
+    r"|^model\.layers\.\d+\.(input|post_attention)_layernorm\.weight$"
+)
 # Buffers some exporters write that carry no parameters (recomputed from the config).
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
 
 
-def param_path(name: str) -> tuple | None:
-    """The NNX parameter path a HF tensor fills, or None if the name is not a Llama-family tensor."""
-    if name in _GLOBAL_TENSORS:
-        return _GLOBAL_TENSORS[name]
-    m = _LAYER.match(name)
-    if m and m.group(2) in _LAYER_TENSORS:
-        return ("layers", int(m.group(1))) + _LAYER_TENSORS[m.group(2)]
-    return None
+class TensorSlot(NamedTuple):
+    """Where a HF tensor lives in ``params``: the leaf's path and, for a piece of a fused
+    projection, its ``[start, stop)`` range along the output (first) axis."""
+
+    path: tuple
+    rows: tuple[int, int] | None = None
 
 
-def _flat_abstract(graph_state) -> dict[tuple, jax.ShapeDtypeStruct]:
-    return {
-        tuple(path): var.get_value() for path, var in nnx.to_flat_state(graph_state)
-    }
+def _expected(cfg: ModelConfig, dtype=None) -> dict[tuple, object]:
+    """Every parameter leaf's path -> its abstract array (shape, dtype)."""
+    _, state = nnx.split(abstract_model(cfg, dtype))
+    return {tuple(path): var.get_value() for path, var in nnx.to_flat_state(state)}
 
 
-def params_from_tensors(
-    cfg: ModelConfig, tensors, dtype=None, *, source: str = "checkpoint"
-):
-    """The nested ``params`` dict from ``(hf_name, numpy array)`` pairs; see the module docstring."""
-    _, abstract = nnx.split(abstract_model(cfg, dtype))
-    expected = _flat_abstract(abstract)
-    filled: dict[tuple, np.ndarray] = {}
+def hf_layout(cfg: ModelConfig, paths=None) -> dict[str, TensorSlot]:
+    """HF tensor name -> TensorSlot, for exactly the tensors a checkpoint of ``cfg`` holds (the
+    parameter ``paths`` default to the model's)."""
+    paths = _expected(cfg) if paths is None else paths
+    widths = fused_widths(cfg)
+    layout = {}
+    for name, path in _GLOBAL_TENSORS.items():
+        if path in paths:
+            layout[name] = TensorSlot(path)
+    for i in range(cfg.num_layers):
+        prefix = f"model.layers.{i}."
+        for hf_module, module in _LAYER_MODULES.items():
+            for leaf in ("weight", "bias"):
+                path = ("layers", i) + module + (leaf,)
+                if path in paths:
+                    layout[f"{prefix}{hf_module}.{leaf}"] = TensorSlot(path)
+        for module, hf_modules in _FUSED_MODULES.items():
+            bounds = np.cumsum((0,) + widths[module[-1]]).tolist()
+            for leaf in ("weight", "bias"):
+                path = ("layers", i) + module + (leaf,)
+                if path in paths:
+                    for j, hf_module in enumerate(hf_modules):
+                        layout[f"{prefix}{hf_module}.{leaf}"] = TensorSlot(path, (bounds[j], bounds[j + 1]))
+    return layout
+
+
+def _hf_shape(slot: TensorSlot, leaf_shape: tuple) -> tuple:
+    """The shape of the HF tensor that fills ``slot`` of a leaf of ``leaf_shape``."""
+    if slot.rows is None:
+        return tuple(leaf_shape)
+    return (slot.rows[1] - slot.rows[0],) + tuple(leaf_shape[1:])
+
+
+def params_from_tensors(cfg: ModelConfig, tensors, dtype=None, *, source: str = "checkpoint"):
+    """The nested ``params`` dict from ``(hf_name, numpy array)`` pairs; see the module docstring.
+    A leaf goes to the device as soon as its last piece has arrived (one host copy at a time)."""
+    expected = _expected(cfg, dtype)
+    layout = hf_layout(cfg, expected)
+    pending: dict[tuple, set[str]] = {path: set() for path in expected}  # names still to come
+    for name, slot in layout.items():
+        pending[slot.path].add(name)
+    assembling: dict[tuple, np.ndarray] = {}  # fused leaves with pieces still missing
+    done: dict[tuple, jax.Array] = {}
     for name, array in tensors:
-        path = param_path(name)
-        if path is None:
-            if _IGNORED.search(name) or (name == "lm_head.weight"):
-                continue
-            raise CheckpointError(
-                f"{source}: unexpected tensor {name!r} (not part of a {cfg.model_type} model)"
-            )
-        if path not in expected:
-            if path[0] == "lm_head" and cfg.tie_word_embeddings:
+        slot = layout.get(name)
+        if slot is None:
+            if _IGNORED.search(name) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
                 continue  # a tied checkpoint may still store the head; it equals the embedding
-            raise CheckpointError(
-                f"{source}: tensor {name!r} does not fit the config (e.g. a layer index beyond num_hidden_layers or a bias the config disables)"
-            )
-        target = expected[path]
-        value = array.T if path[-1] == "kernel" else array
-        if tuple(value.shape) != tuple(target.shape):
-            hf_shape = tuple(array.shape)
-            want = (
-                tuple(target.shape[::-1])
-                if path[-1] == "kernel"
-                else tuple(target.shape)
-            )
-            raise CheckpointError(
-                f"{source}: tensor {name!r} has shape {hf_shape}, the config implies {want}"
-            )
-        filled[path] = np.asarray(value, dtype=target.dtype)
-    missing = [p for p in expected if p not in filled]
+            if _FAMILY.match(name) or name == "lm_head.weight":
+                raise CheckpointError(
+                    f"{source}: tensor {name!r} does not fit the config (e.g. a layer index beyond num_hidden_layers or a bias the config disables)"
+                )
+            raise CheckpointError(f"{source}: unexpected tensor {name!r} (not part of a {cfg.model_type} model)")
+        target = expected[slot.path]
+        want = _hf_shape(slot, target.shape)
+        if tuple(array.shape) != want:
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(array.shape)}, the config implies {want}")
+        pending[slot.path].discard(name)
+        if slot.rows is None:
+            done[slot.path] = jnp.asarray(np.asarray(array, target.dtype))
+            continue
+        buffer = assembling.setdefault(slot.path, np.empty(target.shape, target.dtype))
+        buffer[slice(*slot.rows)] = array
+        if not pending[slot.path]:
+            done[slot.path] = jnp.asarray(assembling.pop(slot.path))
+    missing = [name for name in layout if name in pending[layout[name].path]]
     if missing:
-        names = [hf_name(p) for p in missing[:5]]
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise CheckpointError(f"{source}: missing tensor(s) {names}{more}")
+        raise CheckpointError(f"{source}: missing tensor(s) {missing[:5]}{more}")
     params: dict = {}
-    for path, value in filled.items():
+    for path, value in done.items():
         node = params
         for key in path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = jnp.asarray(value)
+        node[path[-1]] = value
     return params
 
 
-def hf_name(path: tuple) -> str:
-    """The HF tensor name of an NNX parameter path (the inverse of ``param_path``)."""
-    for name, p in _GLOBAL_TENSORS.items():
-        if p == path:
-            return name
-    for suffix, p in _LAYER_TENSORS.items():
-        if path[2:] == p:
-            return f"model.layers.{path[1]}.{suffix}"
-    return ".".join(map(str, path))
+def hf_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
+    """The HF tensors (name -> array as HF stores it) of ``params``: the inverse of the loader."""
+    out = {}
+    for name, slot in hf_layout(cfg).items():
+        node = params
+        for key in slot.path:
+            node = node[key]
+        array = np.asarray(node)
+        out[name] = np.ascontiguousarray(array[slice(*slot.rows)] if slot.rows else array)
+    return out
 
 
 def load_model(model_dir: str, dtype=None):

@@ -31,12 +31,22 @@ def _filtered_sample(logits, top_k, top_p, keys):
     return jax.vmap(jax.random.categorical)(keys, masked)
 
 
+def argmax_tokens(logits: jax.Array) -> jax.Array:
+    """int32 ``[S]``: ``jnp.argmax(logits, -1)`` (first maximum; a NaN counts as the maximum) as a
+    max and a min-index, two plain reductions that XLA CPU vectorizes (its variadic argmax
+    reduction is ~4x slower over a 16k-32k vocabulary)."""
+    V = logits.shape[-1]
+    top = logits.max(axis=-1, keepdims=True)
+    hit = (logits == top) | jnp.isnan(logits)
+    return jnp.min(jnp.where(hit, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+
+
 def sample(logits: jax.Array, temperature, top_k, top_p, seed, index) -> jax.Array:
     """int32 ``[S]`` tokens from float32 ``logits [S, V]`` and per-row parameters ``[S]``
     (``temperature`` 0 = greedy, ``top_k`` 0 = off, ``top_p`` 1 = off, uint32 ``seed``, int32
     ``index`` of the token being sampled)."""
     keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seed, index)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = argmax_tokens(logits)
     scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
     needs_filter = jnp.any((temperature > 0) & ((top_k > 0) | (top_p < 1.0)))
     sampled = lax.cond(

@@ -112,9 +112,9 @@ def test_has_params(tmp_path, saved_dir):
     [
         "{not json",
         "[]",
-        json.dumps({"format": 1}),
-        json.dumps({"format": 1, "config": {"vocab_size": 96}}),
-        json.dumps({"format": 1, "config": {"nonsense": 1}}),
+        json.dumps({"format": checkpoint.FORMAT}),
+        json.dumps({"format": checkpoint.FORMAT, "config": {"vocab_size": 96}}),
+        json.dumps({"format": checkpoint.FORMAT, "config": {"nonsense": 1}}),
     ],
 )
 def test_corrupt_metadata(tmp_path, saved_dir, content):
@@ -125,6 +125,16 @@ def test_corrupt_metadata(tmp_path, saved_dir, content):
     with pytest.raises(CheckpointError) as e:
         checkpoint.restore_params(str(d))
     assert checkpoint.META_FILE in str(e.value)
+
+
+def test_cache_of_an_older_layout_is_refused(tmp_path, saved_dir):
+    with open(os.path.join(saved_dir, checkpoint.META_FILE)) as f:
+        meta = json.load(f)
+    meta["format"] = 1  # separate q/k/v and gate/up kernels, stored [in, out]
+    os.symlink(os.path.join(saved_dir, checkpoint.PARAMS_DIR), tmp_path / checkpoint.PARAMS_DIR)
+    (tmp_path / checkpoint.META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="layout format 1.*delete the cache"):
+        checkpoint.restore_params(str(tmp_path))
 
 
 def test_metadata_with_an_invalid_config(tmp_path, saved_dir):

@@ -19,7 +19,7 @@ import safetensors.numpy
 import safetensors.torch
 from jaxserve.model import safetensors_io
 from jaxserve.model.config import CheckpointError
-from jaxserve.model.loader import load_model, param_path
+from jaxserve.model.loader import hf_layout, hf_tensors, load_model
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,25 +51,34 @@ def _flat(params: dict, prefix=()) -> dict:
 
 
 def assert_equals_torch(cfg, params, model, dtype: str):
-    """Every parameter is the torch tensor it comes from (kernels transposed), cast to ``dtype``."""
+    """Every parameter is the torch tensor it comes from (q/k/v and gate/up in their fused row
+    ranges), cast to ``dtype``; no parameter is left that no tensor filled."""
     flat = _flat(params)
-    filled = set()
+    layout = hf_layout(cfg)
+    covered = {path: np.zeros(np.shape(v), bool) for path, v in flat.items()}
     for name, tensor in model.state_dict().items():
-        path = param_path(name)
-        assert path is not None, name
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            assert "lm_head" not in params
+            assert "lm_head" not in params and name not in layout
             continue
-        expect = tensor.to(TORCH_DTYPES[dtype]).float().numpy()
-        if path[-1] == "kernel":
-            expect = expect.T
+        path, rows = layout[name]
         got = flat[path]
         assert isinstance(got, jax.Array)
         assert got.dtype == jnp.dtype(dtype), (name, got.dtype)
-        np.testing.assert_array_equal(np.asarray(got, np.float32), expect, err_msg=name)
-        filled.add(path)
-    assert filled == set(flat)  # no parameter that no torch tensor filled
+        got = np.asarray(got, np.float32)
+        index = slice(*rows) if rows else Ellipsis
+        expect = tensor.to(TORCH_DTYPES[dtype]).float().numpy()
+        np.testing.assert_array_equal(got[index], expect, err_msg=name)
+        assert not covered[path][index].any(), f"{name} overlaps another tensor"
+        covered[path][index] = True
+    assert all(c.all() for c in covered.values())  # no parameter (or row) that no torch tensor filled
     assert sum(int(np.prod(v.shape)) for v in flat.values()) == cfg.num_params
+    # ...and the inverse: params back to the HF tensors, as export writes them
+    back = hf_tensors(cfg, params)
+    state = model.state_dict()
+    for name, array in back.items():
+        np.testing.assert_array_equal(
+            array.astype(np.float32), state[name].to(TORCH_DTYPES[dtype]).float().numpy(), err_msg=name
+        )
 
 
 @pytest.mark.parametrize(
@@ -106,13 +115,16 @@ def test_tied_checkpoint_has_no_head_and_qwen2_has_biases(ckpts):
     assert cfg.tie_word_embeddings and "lm_head" not in params
     cfg, params = load_model(ckpts["sharded_f32"][0])
     attn = params["layers"][0]["attn"]
-    assert {k: set(v) for k, v in attn.items()} == {
-        "q_proj": {"kernel", "bias"},
-        "k_proj": {"kernel", "bias"},
-        "v_proj": {"kernel", "bias"},
-        "o_proj": {"kernel"},
-    }
-    assert attn["k_proj"]["bias"].shape == (cfg.num_kv_heads * cfg.head_dim,) == (8,)
+    assert {k: set(v) for k, v in attn.items()} == {"qkv_proj": {"weight", "bias"}, "o_proj": {"weight"}}
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    assert attn["qkv_proj"]["weight"].shape == (q + 2 * kv, cfg.hidden_size)  # HF's [out, in]
+    assert attn["qkv_proj"]["bias"].shape == (q + 2 * kv,) and kv == 8
+    # q | k | v in that column order: the k bias is the middle piece
+    torch_bias = ckpts["sharded_f32"][1].state_dict()["model.layers.0.self_attn.k_proj.bias"].numpy()
+    np.testing.assert_array_equal(np.asarray(attn["qkv_proj"]["bias"])[q : q + kv], torch_bias)
+    mlp = params["layers"][0]["mlp"]
+    assert set(mlp) == {"gate_up_proj", "down_proj"}
+    assert mlp["gate_up_proj"]["weight"].shape == (2 * cfg.intermediate_size, cfg.hidden_size)
 
 
 # -- broken checkpoints ------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve.model.sampling import sample
+from jaxserve.model.sampling import argmax_tokens, sample
 
 sample_jit = jax.jit(sample)
 
@@ -63,6 +63,20 @@ def test_greedy_is_argmax(small_logits):
     out = _draw(small_logits, jnp.asarray(temperature), jnp.asarray(top_k), *params[2:])
     greedy = temperature == 0
     np.testing.assert_array_equal(out[greedy], np.argmax(small_logits, -1)[greedy])
+
+
+def test_argmax_tokens_is_jnp_argmax_with_ties_infinities_and_nans():
+    rng = np.random.default_rng(5)
+    logits = rng.integers(-2, 3, size=(64, V)).astype(np.float32)  # many ties: the first maximum wins
+    logits[1, 5] = np.inf
+    logits[2, [3, 9]] = np.nan  # a NaN counts as the maximum (the first NaN), as in jnp.argmax
+    logits[3] = -np.inf
+    logits[4, :] = np.nan
+    logits[5, V - 1] = 100.0  # the last index
+    got = np.asarray(jax.jit(argmax_tokens)(jnp.asarray(logits)))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(logits), -1)))
+    assert got[1] == 5 and got[2] == 3 and got[3] == 0 and got[4] == 0 and got[5] == V - 1
 
 
 def test_seeded_draw_is_reproducible_and_independent_of_the_batch():
