@@ -431,20 +431,24 @@ def grid_points(name: str) -> tuple[PointSpec, ...]:
     raise ValueError(f"grid must be one of {GRIDS}, got {name!r}")
 
 
-def build_plan(spec: PointSpec, block_size: int, vocab_size: int, num_pages: int, rng, temperature: float = 1.0):
+def build_plan(
+    spec: PointSpec, block_size: int, vocab_size: int, num_pages: int, rng, temperature: float = 1.0,
+    *, first_page: int = 0, id_prefix: str = "",
+):  # fmt: skip
     """``(BatchPlan, requests)``: the step ``spec`` describes, every row sampling (a prefill row is
     its prompt's last chunk) at ``temperature``, with the requests to ``register`` on the runner.
-    Rows get distinct pages drawn at random from ``num_pages``, as a pool in steady state hands them
-    out (contents do not matter for timing; where the pages lie does, a little)."""
+    Rows get distinct pages drawn at random from ``[first_page, num_pages)``, as a pool in steady
+    state hands them out (contents do not matter for timing; where the pages lie does, a little);
+    request ids start with ``id_prefix``."""
     from jaxserve.plan import BatchPlan
     from jaxserve.request import Request, SamplingParams
 
-    rows = [(f"dec{i}", c, 1) for i, c in enumerate(spec.decode)]
-    rows += [(f"pre{j}", c, n) for j, (c, n) in enumerate(spec.prefill)]
+    rows = [(f"{id_prefix}dec{i}", c, 1) for i, c in enumerate(spec.decode)]
+    rows += [(f"{id_prefix}pre{j}", c, n) for j, (c, n) in enumerate(spec.prefill)]
     needed = spec.blocks_needed(block_size)
-    if needed > num_pages:
-        raise ValueError(f"{spec.describe()} needs {needed} KV pages, the pool has {num_pages}")
-    pages = rng.choice(num_pages, size=needed, replace=False).tolist()
+    if needed > num_pages - first_page:
+        raise ValueError(f"{spec.describe()} needs {needed} KV pages, the pool has {num_pages - first_page}")
+    pages = (first_page + rng.choice(num_pages - first_page, size=needed, replace=False)).tolist()
     requests, tables, tokens = [], [], []
     for rid, c, n in rows:
         decode = n == 1

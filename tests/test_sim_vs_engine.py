@@ -15,9 +15,9 @@ import sim_vs_engine as E  # noqa: E402
 
 def test_step_errors_per_kind_and_total():
     steps = [
-        {"kind": "decode", "measured_s": 1.0, "profiled_s": 1.1, "roofline_s": 2.0},
-        {"kind": "decode", "measured_s": 2.0, "profiled_s": 1.8, "roofline_s": 1.0},
-        {"kind": "prefill", "measured_s": 4.0, "profiled_s": 4.0, "roofline_s": 4.0},
+        {"kind": "decode", "measured_s": 1.0, "raw_s": 2.0, "profiled_s": 1.1, "roofline_s": 2.0},
+        {"kind": "decode", "measured_s": 2.0, "raw_s": 4.0, "profiled_s": 1.8, "roofline_s": 1.0},
+        {"kind": "prefill", "measured_s": 4.0, "raw_s": 8.0, "profiled_s": 4.0, "roofline_s": 4.0},
     ]
     e = E.step_errors(steps)
     assert e["mape"] == pytest.approx((0.1 + 0.1 + 0.0) / 3)
@@ -25,6 +25,8 @@ def test_step_errors_per_kind_and_total():
     assert (e["decode_steps"], e["prefill_steps"], e["mixed_steps"]) == (2, 1, 0)
     assert e["total_time_error"] == pytest.approx(6.9 / 7.0 - 1)
     assert e["roofline_mape"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)
+    raw = E.step_errors(steps, "raw_s")  # the undivided times of a machine at half the profile's speed
+    assert raw["mape"] == pytest.approx((0.45 + 0.55 + 0.5) / 3) and raw["total_time_error"] == pytest.approx(6.9 / 14 - 1)
 
 
 class Latencies:
@@ -51,7 +53,8 @@ def test_end_to_end_on_a_tiny_model(tmp_path):
     make_checkpoint(str(model), "llama", max_position_embeddings=2048, vocab_size=96)
     out = tmp_path / "out"
     E.main(["--model", str(model), "--grid", "small", "--num-requests", "8", "--out", str(out), "--quick"])
-    for name in ("steps.csv", "latency.csv", "step_times.png", "latency_cdfs.png", "summary.md", "profile.json"):
+    for name in ("steps.csv", "latency.csv", "step_times.png", "latency_cdfs.png", "machine_speed.png",
+                 "summary.md", "profile.json"):  # fmt: skip
         assert (out / name).stat().st_size > 0, name
     text = (out / "summary.md").read_text()
-    assert "poisson/sarathi" in text and "azure/vllm" in text and "MAPE adjusted" in text and "speed before" in text
+    assert "poisson/sarathi" in text and "azure/vllm" in text and "MAPE raw" in text and "speed min / median" in text
