@@ -15,10 +15,10 @@
    longest output, greedy). Both count only the requested output tokens; tokens/s and the ratio.
 3. **Batch-1 decode vs the memory-bandwidth roofline**: one request, a 128-token prompt, decoding
    ``decode_tokens`` tokens; per-step time = (wall(N tokens) - wall(1 token)) / (N - 1), for both
-   jaxserve and transformers. The roofline step time is the bytes a decode step must read -- every
+   jaxserve and transformers, each wall the best of 5 interleaved rounds. The roofline step time is the bytes a decode step must read -- every
    weight but the embedding table (one row of it), plus the KV cache at the mean context -- divided
    by the machine's measured copy bandwidth (numpy copy of a 1 GiB array, read + write bytes; the
-   higher of two measurements taken just before and after the decode timings).
+   best of the measurements taken in every round of the decode timings).
 4. **Prefill**: ``prefill_batch`` prompts of 512 tokens, one output token each: prompt tokens/s of
    jaxserve against one padded ``transformers`` forward pass over the same batch.
 
@@ -122,11 +122,19 @@ def jaxserve_generate(llm, prompts, output_lens) -> tuple[float, int]:
     return wall, produced
 
 
-def per_step(fn, n: int, repeats: int = 3) -> float:
-    """(wall(n tokens) - wall(1 token)) / (n - 1), best of ``repeats``."""
-    one = min(_timed(fn, 1) for _ in range(repeats))
-    many = min(_timed(fn, n) for _ in range(repeats))
-    return (many - one) / (n - 1)
+def decode_rounds(fns: dict, n: int, rounds: int = 5) -> tuple[dict, float]:
+    """Per-step seconds of each ``fns[name](num_tokens)`` -- (wall(n tokens) - wall(1 token)) /
+    (n - 1), each wall the best of ``rounds`` -- and the best copy bandwidth. Every round times
+    every function and the bandwidth once, so all see the same phases of a drifting machine."""
+    one = {k: [] for k in fns}
+    many = {k: [] for k in fns}
+    bandwidth = []
+    for _ in range(rounds):
+        bandwidth.append(copy_bandwidth(repeats=2))
+        for k, fn in fns.items():
+            one[k].append(_timed(fn, 1))
+            many[k].append(_timed(fn, n))
+    return {k: (min(many[k]) - min(one[k])) / (n - 1) for k in fns}, max(bandwidth)
 
 
 def _timed(fn, n: int) -> float:
@@ -202,12 +210,10 @@ def main() -> None:
                 )  # fmt: skip
 
         n = args.decode_tokens
-        # The bandwidth is taken right before and after the decode timings and the higher kept (the
-        # stricter roofline): this VM's speed drifts by tens of percent over minutes.
-        bandwidth = copy_bandwidth()
-        js_step = per_step(js_one, n)
-        hf_step = per_step(hf_one, n)
-        bandwidth = max(bandwidth, copy_bandwidth())
+        # Interleaved rounds, the best of each kept (the highest bandwidth: the stricter roofline):
+        # this VM's speed drifts by tens of percent within minutes.
+        steps, bandwidth = decode_rounds({"jaxserve": js_one, "transformers": hf_one}, n)
+        js_step, hf_step = steps["jaxserve"], steps["transformers"]
         # Prefill.
         pre_prompts = [p + [5] * (512 - len(p)) for p in prompts[: args.prefill_batch]]
         pre_tokens = 512 * len(pre_prompts)
