@@ -2,9 +2,10 @@
 
 ``load_model(model_dir)`` reads ``config.json`` and the ``*.safetensors`` weights (one file or
 sharded with an index), places each HF tensor where ``hf_layout`` says (linear weights keep HF's
-``[out, in]`` layout; q/k/v and gate/up go to row ranges of the fused projections), checks every shape, converts to the requested dtype and returns ``(ModelConfig,
-params)`` where ``params`` is the nested dict of arrays the engine jits over (``llama.bind`` turns it
-back into a module). A missing, unexpected or misshapen tensor is an error naming it.
+``[out, in]`` layout; q/k/v and gate/up go to row ranges of the fused projections), checks every
+shape, converts to the requested dtype and returns ``(ModelConfig, params)`` where ``params`` is the
+nested dict of arrays the engine jits over (``llama.bind`` turns it back into a module). A missing,
+unexpected or misshapen tensor is an error naming it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ _LAYER_MODULES = {
     "input_layernorm": ("input_norm",),
     "post_attention_layernorm": ("post_attn_norm",),
 }
-# The HF linears each fused jaxserve projection concatenates, in column order.
+# The HF linears each fused jaxserve projection stacks, in the order of its weight's rows.
 _FUSED_MODULES = {
     ("attn", "qkv_proj"): ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     ("mlp", "gate_up_proj"): ("mlp.gate_proj", "mlp.up_proj"),
