@@ -27,10 +27,8 @@ from jaxserve.request import Request
 
 class SpeedProbe:
     """``measure()`` -> the speed now (see the module docstring). ``num_points`` profile points,
-    evenly spread over the file among those that fit the reserve and take at most the median
-    profiled time (so a probe stays cheap next to the steps it interleaves with), each timed
-    ``repeats`` times in interleaved passes as the profiler does (a point's first measurement
-    compiles it first)."""
+    evenly spread over the file among those that fit the reserve, each timed ``repeats`` times in
+    interleaved passes as the profiler does (a point's first measurement compiles it first)."""
 
     def __init__(self, runner, profile: Profile, *, first_page: int, num_points: int = 4, seed: int = 0):
         block_size = runner.kv.block_size
@@ -40,8 +38,6 @@ class SpeedProbe:
         fits = [p for p in profile.points if p.spec().blocks_needed(block_size) <= free]
         if not fits:
             raise ValueError(f"no profile point fits the probe's reserve of {free} KV pages")
-        cheap = float(np.median([p.median_s for p in fits]))
-        fits = [p for p in fits if p.median_s <= cheap]
         picks = np.linspace(0, len(fits) - 1, min(num_points, len(fits))).round().astype(int)
         self.points = [fits[i] for i in picks]
         self.runner = runner

@@ -18,10 +18,9 @@ SCHED_KV = KVConfig(48, RUNNER_KV.block_size)  # pages 48..63 are the probe's re
 PROFILED_S = 2e-3
 
 
-def tiny_profile(runner, specs, times=None) -> Profile:
-    times = times or [PROFILED_S] * len(specs)
+def tiny_profile(runner, specs) -> Profile:
     return Profile(model={}, dtype="float32", device={}, block_size=runner.kv.block_size,
-                   points=tuple(s.point([t]) for s, t in zip(specs, times)), engine=runner.geometry, temperature=0.0)  # fmt: skip
+                   points=tuple(s.point([PROFILED_S]) for s in specs), engine=runner.geometry, temperature=0.0)  # fmt: skip
 
 
 SPECS = (PointSpec(decode=(9,)), PointSpec(prefill=((0, 12),)), PointSpec(prefill=((4, 6),), decode=(5, 7)))
@@ -29,9 +28,7 @@ SPECS = (PointSpec(decode=(9,)), PointSpec(prefill=((0, 12),)), PointSpec(prefil
 
 def test_probe_plans_use_only_the_reserve_and_measure_a_ratio(runner):
     big = PointSpec(decode=(200,))  # 51 pages: more than the reserve, so never chosen
-    slow = PointSpec(prefill=((0, 20),))  # fits, but slower than the median point: not a cheap probe
-    profile = tiny_profile(runner, SPECS + (big, slow), [PROFILED_S] * 4 + [10 * PROFILED_S])
-    probe = SpeedProbe(runner, profile, first_page=48, num_points=8)
+    probe = SpeedProbe(runner, tiny_profile(runner, SPECS + (big,)), first_page=48, num_points=8)
     assert [p.spec() for p in probe.points] == list(SPECS)
     pages = {b for plan, _ in probe._plans for table in plan.block_tables for b in table}
     assert pages and min(pages) >= 48 and max(pages) < RUNNER_KV.num_blocks
