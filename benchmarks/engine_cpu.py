@@ -7,16 +7,16 @@
 1. Builds a random Llama checkpoint (default ~100M parameters: 12 layers, hidden 768, 12 query / 4
    KV heads, SwiGLU 2048, vocab 16000, float32) with ``transformers`` and saves it as safetensors.
 2. **Mixed workload**: ``num_requests`` requests with prompt lengths uniform in [16, 512] and output
-   lengths uniform in [8, 128] (fixed seed), greedy on both sides. ``jaxserve.LLM.generate`` serves them all with
-   continuous batching (after ``LLM.warmup`` has compiled the step shapes; a step budget of 2048
+   lengths uniform in [8, 128] (fixed seed), greedy on both sides. ``jaxserve.LLM.generate`` serves
+   them all with continuous batching (after ``LLM.warmup`` has compiled the step shapes; a step budget of 2048
    tokens, since on a CPU a step's activations past the caches cost more per token than the
    vllm default of 8192 saves); ``transformers``
    ``generate`` runs them in padded batches of ``hf_batch_size`` (left padding, each batch until its
    longest output, greedy). Both count only the requested output tokens; tokens/s and the ratio.
 3. **Batch-1 decode vs the memory-bandwidth roofline**: one request, a 128-token prompt, decoding
    ``decode_tokens`` tokens; per-step time = (wall(N tokens) - wall(1 token)) / (N - 1), for both
-   jaxserve and transformers, each wall the best of 5 interleaved rounds. The roofline step time is the bytes a decode step must read -- every
-   weight but the embedding table (one row of it), plus the KV cache at the mean context -- divided
+   jaxserve and transformers, each wall the best of 5 interleaved rounds. The roofline step time is
+   the bytes a decode step must read -- every weight but the embedding table (one row of it), plus the KV cache at the mean context -- divided
    by the machine's measured copy bandwidth (numpy copy of a 1 GiB array, read + write bytes; the
    best of the measurements taken in every round of the decode timings).
 4. **Prefill**: ``prefill_batch`` prompts of 512 tokens, one output token each: prompt tokens/s of
@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time

@@ -12,8 +12,8 @@
    the same requests.
 3. Step times: every plan the engine ran is also costed by the profiled model (and, for contrast, by
    the uncalibrated roofline of the same model on the ``cpu`` hardware spec); MAPE against the
-   measured time (compensated, and raw). Latencies: TTFT, TBT and E2E P50/P90/P99 of the simulated run against the
-   engine's. Targets: step-time MAPE <= 10 %, P50 and P99 within 15 %.
+   measured time (compensated, and raw). Latencies: TTFT, TBT and E2E P50/P90/P99 of the simulated
+   run against the engine's. Targets: step-time MAPE <= 10 %, P50 and P99 within 15 %.
 
 Writes ``outputs/experiments/sim_vs_engine/``: steps.csv (every engine step), latency.csv,
 step_times.png, latency_cdfs.png, machine_speed.png, summary.md (the error tables), profile.json,
@@ -59,6 +59,7 @@ BLOCK_SIZE, NUM_BLOCKS = 16, 4096  # 64k tokens of KV
 PROBE_PAGES = 512  # the speed probe's reserve of pages beyond the scheduler's pool
 PROBE_EVERY = 32  # engine steps between speed probes
 PROBE_POINTS = 4  # profile shapes a speed probe times
+PROBE_WINDOW = 3  # the clock divides by the median of this many latest probes
 MAX_TOTAL = 1536  # prompt + output tokens per request (the model's context is 2048)
 SCHEDULERS = {
     "sarathi": ("sarathi", {"chunk_size": 256, "max_num_seqs": 64}),
@@ -101,7 +102,7 @@ def serve_on_engine(runner, probe, name, requests, profiled, roofline):
     """The engine's run on the drift-compensated clock, and one row per step: measured seconds (raw
     and divided by the machine speed at the time), predicted seconds."""
     steps = []
-    executor = DriftCompensatedRunner(runner, probe, KVConfig(NUM_BLOCKS, BLOCK_SIZE), every=PROBE_EVERY)
+    executor = DriftCompensatedRunner(runner, probe, KVConfig(NUM_BLOCKS, BLOCK_SIZE), every=PROBE_EVERY, window=PROBE_WINDOW)
 
     def record(plan, out):
         steps.append({"kind": step_kind(plan), "num_seqs": plan.num_seqs, "num_tokens": plan.num_tokens,
@@ -248,7 +249,7 @@ def summary_text(profile, report, runs, wall_s) -> str:
         f"times {PROBE_POINTS} profile shapes again (on {PROBE_PAGES} KV pages reserved beyond the scheduler's "
         "pool, outside the engine's clock); *speed* is their median time now / in the profile (1.00: as fast "
         "as when profiled; `machine_speed.png`). The engine's measured-time clock advances by each step's "
-        "time divided by the speed (median of the last 3 probes), so the engine runs in the profile's "
+        f"time divided by the speed (median of the last {PROBE_WINDOW} probes), so the engine runs in the profile's "
         "seconds, as the simulator does. *Raw* compares the undivided step times.",
         "", "## Step time (every step the engine ran, costed by the simulator's models)", "",
         "| run | steps | speed min / median / max | MAPE | P90 APE | decode / prefill / mixed MAPE | busy-time error"

@@ -12,13 +12,11 @@ from ``immutables.Map`` (a C hash-array-mapped trie). Here:
 
 from __future__ import annotations
 
-import collections
 import operator
 from collections.abc import Sequence
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import immutables
-import numpy as np
 
 Cons = Optional[tuple]  # None | (head, tail)
 EMPTY_MAP = immutables.Map()

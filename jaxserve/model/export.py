@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 
-
 from jaxserve.model.config import ModelConfig
 from jaxserve.model.loader import hf_tensors
 from jaxserve.model.safetensors_io import save_file

@@ -39,11 +39,9 @@ _GLOBAL_TENSORS = {
     "model.norm.weight": ("norm", "weight"),
     "lm_head.weight": ("lm_head", "weight"),
 }
-# Any Llama-family tensor name, fitting this config or not (to tell "unexpected" from "misfit").
-_FAMILY = re.compile(
-    r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.(weight|bias)$"
-    r"|^model\.layers\.\d+\.(input|post_attention)_layernorm\.weight$"
-)
+_LAYER = re.compile(r"^model\.layers\.\d+\.(.+)\.(weight|bias)$")
+# Every HF module name within a layer, fused or not (to tell a misfit tensor from an unexpected one).
+_HF_LAYER_MODULES = frozenset(_LAYER_MODULES).union(*_FUSED_MODULES.values())
 # Buffers some exporters write that carry no parameters (recomputed from the config).
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
 
@@ -66,25 +64,19 @@ def hf_layout(cfg: ModelConfig, paths=None) -> dict[str, TensorSlot]:
     """HF tensor name -> TensorSlot, for exactly the tensors a checkpoint of ``cfg`` holds (the
     parameter ``paths`` default to the model's)."""
     paths = _expected(cfg) if paths is None else paths
+    # (HF module, jaxserve module, row range) of every tensor pair in a layer.
+    pieces = [(hf_module, module, None) for hf_module, module in _LAYER_MODULES.items()]
     widths = fused_widths(cfg)
-    layout = {}
-    for name, path in _GLOBAL_TENSORS.items():
-        if path in paths:
-            layout[name] = TensorSlot(path)
+    for module, hf_modules in _FUSED_MODULES.items():
+        bounds = np.cumsum((0,) + widths[module[-1]]).tolist()
+        pieces += [(hf, module, (bounds[j], bounds[j + 1])) for j, hf in enumerate(hf_modules)]
+    layout = {name: TensorSlot(path) for name, path in _GLOBAL_TENSORS.items() if path in paths}
     for i in range(cfg.num_layers):
-        prefix = f"model.layers.{i}."
-        for hf_module, module in _LAYER_MODULES.items():
+        for hf_module, module, rows in pieces:
             for leaf in ("weight", "bias"):
                 path = ("layers", i) + module + (leaf,)
                 if path in paths:
-                    layout[f"{prefix}{hf_module}.{leaf}"] = TensorSlot(path)
-        for module, hf_modules in _FUSED_MODULES.items():
-            bounds = np.cumsum((0,) + widths[module[-1]]).tolist()
-            for leaf in ("weight", "bias"):
-                path = ("layers", i) + module + (leaf,)
-                if path in paths:
-                    for j, hf_module in enumerate(hf_modules):
-                        layout[f"{prefix}{hf_module}.{leaf}"] = TensorSlot(path, (bounds[j], bounds[j + 1]))
+                    layout[f"model.layers.{i}.{hf_module}.{leaf}"] = TensorSlot(path, rows)
     return layout
 
 
@@ -110,7 +102,8 @@ def params_from_tensors(cfg: ModelConfig, tensors, dtype=None, *, source: str = 
         if slot is None:
             if _IGNORED.search(name) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
                 continue  # a tied checkpoint may still store the head; it equals the embedding
-            if _FAMILY.match(name) or name == "lm_head.weight":
+            m = _LAYER.match(name)
+            if (m and m.group(1) in _HF_LAYER_MODULES) or name == "lm_head.weight":
                 raise CheckpointError(
                     f"{source}: tensor {name!r} does not fit the config (e.g. a layer index beyond num_hidden_layers or a bias the config disables)"
                 )
