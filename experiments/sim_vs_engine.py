@@ -15,7 +15,8 @@
    measured time (compensated, and raw). Latencies: TTFT, TBT and E2E P50/P90/P99 of the simulated
    run against the engine's. Targets: step-time MAPE <= 10 %, P50 and P99 within 15 %.
 
-Writes ``outputs/experiments/sim_vs_engine/``: steps.csv (every engine step), latency.csv,
+Writes ``outputs/experiments/sim_vs_engine/``: steps.csv (every engine step), probes.csv (every
+speed probe), requests.csv (each request's latencies on both), latency.csv,
 step_times.png, latency_cdfs.png, machine_speed.png, summary.md (the error tables), profile.json,
 model/. The profile and the engine runs are timed minutes apart, so the engine runs on a
 drift-compensated clock (``jaxserve.speed``): speed probes between its steps divide each step's time
@@ -56,6 +57,7 @@ MODEL = ModelConfig(
     head_dim=64, max_position_embeddings=2048, rms_norm_eps=1e-5,
 )  # fmt: skip
 BLOCK_SIZE, NUM_BLOCKS = 16, 4096  # 64k tokens of KV
+PROFILE_REPEATS = 12  # samples per profile point: the medians the fit and the speed probe divide by
 PROBE_PAGES = 512  # the speed probe's reserve of pages beyond the scheduler's pool
 PROBE_EVERY = 32  # engine steps between speed probes
 PROBE_POINTS = 4  # profile shapes a speed probe times
@@ -163,6 +165,22 @@ def latency_rows(engine_log, sim_log) -> list[dict]:
         for q in PERCENTILES:
             ev, sv = float(np.percentile(e, q)), float(np.percentile(s, q))
             rows.append({"metric": metric, "percentile": q, "engine_s": ev, "sim_s": sv, "error": sv / ev - 1})
+    return rows
+
+
+def request_rows(engine_log, sim_log) -> list[dict]:
+    """One row per request: its TTFT, queueing delay and E2E (seconds) on the engine and in the simulator."""
+    em, sm = request_metrics(engine_log), request_metrics(sim_log)
+    sim_index = {rid: i for i, rid in enumerate(sm.request_id)}
+    rows = []
+    for i, rid in enumerate(em.request_id):
+        j = sim_index[rid]
+        row = {"request_id": rid, "arrival_s": float(em.arrival_s[i]), "prompt_len": int(em.prompt_len[i]),
+               "num_output": int(em.num_output[i])}  # fmt: skip
+        for side, m, k in (("engine", em, i), ("sim", sm, j)):
+            row |= {f"{side}_ttft_s": float(m.ttft_s[k]), f"{side}_queueing_s": float(m.queueing_s[k]),
+                    f"{side}_e2e_s": float(m.e2e_s[k]), f"{side}_preemptions": int(m.preemptions[k])}  # fmt: skip
+        rows.append(row)
     return rows
 
 
@@ -304,7 +322,7 @@ def main(argv=None):
     if args.fresh_profile and profile_path.exists():
         os.remove(profile_path)
     C.console.print(f"[bold]profiling[/] {model_dir} -> {profile_path}")
-    profile_model(model_dir, str(profile_path), grid=args.grid, repeats=3 if args.quick else 5,
+    profile_model(model_dir, str(profile_path), grid=args.grid, repeats=3 if args.quick else PROFILE_REPEATS,
                   block_size=BLOCK_SIZE, kv_cache_gb=1.0)
     profile = load_profile(str(profile_path))
     _, report = fit(profile.points, profile.engine, holdout_fraction=0.2, seed=args.seed)
@@ -320,7 +338,7 @@ def main(argv=None):
     probe = SpeedProbe(runner, profile, first_page=NUM_BLOCKS, num_points=PROBE_POINTS, seed=args.seed)
     workloads = {"poisson": poisson_workload(n, args.poisson_qps, args.seed),
                  "azure": azure_workload(n, args.azure_qps, args.seed)}  # fmt: skip
-    runs, step_rows, latency = {}, [], []
+    runs, step_rows, latency, probe_rows, per_request = {}, [], [], [], []
     with C.progress_bar() as bar:
         task = bar.add_task("serve", total=len(workloads) * len(SCHEDULERS), last="")
         for wname, reqs in workloads.items():
@@ -336,10 +354,14 @@ def main(argv=None):
                 runs[label] = run
                 step_rows += [{"run": label, "step": i, **s} for i, s in enumerate(steps)]
                 latency += [{"run": label, **r} for r in run["latency"]]
+                per_request += [{"run": label, **r} for r in request_rows(engine_log, sim_log)]
+                probe_rows += [{"run": label, "after_step": PROBE_EVERY * i, "speed": v} for i, v in enumerate(probes)]
                 bar.update(task, advance=1)
 
     C.write_csv(out / "steps.csv", step_rows)
     C.write_csv(out / "latency.csv", latency)
+    C.write_csv(out / "probes.csv", probe_rows)
+    C.write_csv(out / "requests.csv", per_request)
     plot_steps(out, runs)
     plot_latency_cdfs(out, runs)
     plot_speed(out, runs)

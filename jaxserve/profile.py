@@ -402,7 +402,7 @@ def _spread(count: int, lo: int, hi: int) -> tuple[int, ...]:
 
 def grid_points(name: str) -> tuple[PointSpec, ...]:
     """The shapes of grid ``name``. ``small``: 15 points in 4 bucket shapes of a tiny model (tests,
-    a quick look); ``default``: 102 points up to 2048-token chunks and 256 decodes, on and off the
+    a quick look); ``default``: 116 points up to 2048-token chunks and 256 decodes, on and off the
     engine's bucket sizes, uniform and spread decode contexts (the engine's attention work follows
     a batch's longest context, its matmuls the padded row count)."""
     if name == "small":
@@ -423,7 +423,10 @@ def grid_points(name: str) -> tuple[PointSpec, ...]:
         specs += [PointSpec(((512, 256),) * 4), PointSpec(((0, 300), (700, 180), (90, 20)))]
         specs += [PointSpec((), _decodes(d, ctx)) for d in (1, 2, 3, 6, 12, 24, 48, 96, 192, 256)
                   for ctx in (64, 400, 1000, 2000)]  # fmt: skip
-        specs += [PointSpec((), _spread(d, 16, hi)) for d in (8, 20, 40, 64, 100, 200) for hi in (600, 1500)]
+        # Spread contexts are what serving runs; the batch sizes a scheduler capped at 64 sequences
+        # visits most get the densest coverage.
+        specs += [PointSpec((), _spread(d, 16, hi)) for d in (2, 4, 8, 12, 16, 20, 24, 32, 40, 48, 64, 100, 200)
+                  for hi in (600, 1500)]  # fmt: skip
         specs += [PointSpec(((0, n),), _decodes(d, ctx)) for d in (4, 16, 64) for n in (64, 256, 500)
                   for ctx in (300, 1200)]  # fmt: skip
         specs += [PointSpec(((c, 200),), _spread(d, 16, 1500)) for d in (10, 30, 60) for c in (0, 800)]

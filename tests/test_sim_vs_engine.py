@@ -53,7 +53,7 @@ def test_end_to_end_on_a_tiny_model(tmp_path):
     make_checkpoint(str(model), "llama", max_position_embeddings=2048, vocab_size=96)
     out = tmp_path / "out"
     E.main(["--model", str(model), "--grid", "small", "--num-requests", "8", "--out", str(out), "--quick"])
-    for name in ("steps.csv", "latency.csv", "step_times.png", "latency_cdfs.png", "machine_speed.png",
+    for name in ("steps.csv", "probes.csv", "requests.csv", "latency.csv", "step_times.png", "latency_cdfs.png", "machine_speed.png",
                  "summary.md", "profile.json"):  # fmt: skip
         assert (out / name).stat().st_size > 0, name
     text = (out / "summary.md").read_text()
