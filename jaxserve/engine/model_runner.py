@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.engine.buckets import StepGeometry, bucket, bucket_sizes
-from jaxserve.engine.packing import HostBatch, PackSpec, RequestSampling, pack
+from jaxserve.engine.packing import HostBatch, PackSpec, RequestSampling, pack, warmup_batches
 from jaxserve.kv.config import KVConfig
 from jaxserve.model.attention import ATTENTION_IMPLS, default_attention_impl
 from jaxserve.model.config import ModelConfig
@@ -231,14 +231,15 @@ class ModelRunner:
         return StepOutput.for_plan(plan, tokens[slots], duration_s=time.perf_counter() - start - compile_s), per_request
 
     def _compile(self, shape: tuple[int, int], all_logits: bool) -> float:
-        """Compiles a bucket shape on its first use, by one step on padding rows (no KV changes);
-        returns the seconds that took (0 if already compiled), which the step's measured time
-        leaves out: a step's duration is its run time, never a compilation."""
+        """Compiles a bucket shape on its first use, by steps on padding rows that run each of its
+        data-dependent paths (``packing.warmup_batches``; no KV changes); returns the seconds that
+        took (0 if already compiled), which the step's measured time leaves out: a step's duration
+        is its run time, never a compilation or a first run."""
         if (shape, all_logits) in self._compiled:
             return 0.0
         start = time.perf_counter()
-        empty = BatchPlan.empty(self.kv.block_size)
-        tokens, self.caches, _ = self._run(pack(empty, self.spec, {}, shape=shape), all_logits)
+        for batch in warmup_batches(shape, self.spec):
+            tokens, self.caches, _ = self._run(batch, all_logits)
         tokens.block_until_ready()  # the caches were donated: keep the returned ones
         self._compiled.add((shape, all_logits))
         return time.perf_counter() - start

@@ -74,6 +74,36 @@ def test_warmed_up_runner_never_compiles_again(llama, llama_params):
     assert runner.num_compilations == before + 2 and len(compiles) == 2  # (0, 4) and (4, 0)
 
 
+def test_compiling_a_shape_runs_its_loops_and_sampling_branches_without_touching_kv(llama_params):
+    """A shape's warm-up runs the KV loop (every padding row and block reads one position) and the
+    greedy, temperature and filtered sampling branches, and leaves every KV page bit for bit."""
+    import jax
+
+    from jaxserve.engine.packing import warmup_batches
+
+    cfg, params = llama_params
+    runner = ModelRunner(cfg, params, RUNNER_KV)
+    batches = warmup_batches((2, 2), runner.spec)
+    for b in batches:
+        assert (b.attn.decode_kv_lens == 1).all() and (b.attn.block_kv_lens == 1).all()
+        assert (b.attn.slot_page == runner.spec.num_pages).all()  # every write goes to the drop page
+        assert not b.sampled  # no row's token is reported
+    modes = [(bool((b.sampling.temperature > 0).any()), bool((b.sampling.top_k > 0).any() or (b.sampling.top_p < 1).any()))
+             for b in batches]  # fmt: skip
+    assert modes == [(False, False), (True, False), (True, True)]
+
+    keys = jax.random.split(jax.random.key(0), 2 * len(runner.caches))
+    runner.caches = tuple(
+        tuple(jax.random.normal(keys[2 * i + j], c.shape, c.dtype) for j, c in enumerate(layer))
+        for i, layer in enumerate(runner.caches)
+    )  # fmt: skip
+    before = [np.asarray(c) for layer in runner.caches for c in layer]
+    assert runner.warmup(2, 2) > 0
+    after = [np.asarray(c) for layer in runner.caches for c in layer]
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+
+
 def _compile_workload(runner, reqs, shapes, expect, model):
     """Runs ``reqs`` under several policies (checking transformers' tokens); returns the plans."""
     plans = []
