@@ -67,6 +67,9 @@ def get_config() -> ConfigDict:
     c.sim.max_time_s = placeholder(float)  # unset: until every request is served
     c.sim.cost_model = "roofline"  # "roofline" | "profiled": step times fitted to sim.profile (its model, not model.name)
     c.sim.profile = placeholder(str)  # profile JSON from python -m jaxserve.profile (sim.cost_model="profiled")
+    # "profiled" only: scale each step by a jitter factor drawn (by a hash of its shape) from the
+    # profile's repeats, so tail latencies see the machine's measured step-time scatter.
+    c.sim.profile_jitter = False
 
     c.engine = ConfigDict()  # backend="engine": a real jit-compiled model from model.path
     c.engine.dtype = "auto"  # "auto": the checkpoint's torch_dtype; or float32 | bfloat16 | float16

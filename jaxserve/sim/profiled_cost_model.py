@@ -28,6 +28,14 @@ configured hardware: KV capacity (device memory minus weights), energy (see ``Pr
 price, and KV swaps over the host link (added to the step, as the roofline models them). The
 engine runs on one device, so the roofline is built with tp = pp = 1.
 
+Optionally (``jitter=True``; ``sim.profile_jitter``) every step's fitted time is multiplied by a
+*jitter factor* drawn from the profile's own repeats (each sample's time / its point's median,
+``StepJitter``): the fitted expression predicts a step's median, while a real machine's step times
+scatter around it (on the validation CPU by ~9 % on average, with a right tail), and that scatter is
+what sets tail latencies such as P99 TBT and part of the mean busy time. A step's factor is a pure
+function of its shape (a hash of rows, tokens, total and longest context, and a seed), so runs stay
+deterministic and the fast path still matches step-by-step bit for bit.
+
 ``decode_run`` evaluates the same expression as ``step`` in the same order, so the simulator's fast
 path gives step-by-step durations and energies bit for bit.
 """
@@ -222,6 +230,59 @@ def fit(
     return model, report
 
 
+# -- jitter ------------------------------------------------------------------------------------------
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer over uint64 arrays (wrapping arithmetic): a well-mixed hash."""
+    x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+    x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+    x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+    return x ^ (x >> np.uint64(31))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepJitter:
+    """Measured step-time scatter: ``factors`` float64 [n], sorted, each a profile sample's time
+    divided by its point's median (so their median is about 1 and their mean is the machine's
+    mean/median step-time ratio). ``factor`` picks one per step from a hash of the step's shape."""
+
+    factors: np.ndarray
+    seed: int = 0
+
+    def __post_init__(self):
+        f = np.sort(np.asarray(self.factors, np.float64))
+        if f.ndim != 1 or not len(f) or not np.isfinite(f).all() or (f <= 0).any():
+            raise ValueError("StepJitter needs a non-empty 1-d array of finite factors > 0")
+        f.setflags(write=False)
+        object.__setattr__(self, "factors", f)
+
+    @classmethod
+    def from_points(cls, points: Sequence[ProfilePoint], seed: int = 0) -> StepJitter:
+        """From every sample of points with at least 2 samples (a single sample is its own median)."""
+        ratios = [np.asarray(p.times_s) / p.median_s for p in points if len(p.times_s) >= 2]
+        if not ratios:
+            raise ValueError("step jitter needs profile points with at least 2 samples each (--repeats >= 2)")
+        return cls(np.concatenate(ratios), seed)
+
+    def factor(self, num_seqs, num_tokens, context_tokens, max_context) -> np.ndarray:
+        """float64 factors, one per element of the (broadcast) integer arguments: the same step
+        shape always gets the same factor."""
+        keys = np.broadcast_arrays(*(np.asarray(v, np.int64).astype(np.uint64) for v in
+                                     (num_seqs, num_tokens, context_tokens, max_context)))  # fmt: skip
+        h = np.full(keys[0].shape, np.uint64(self.seed) & _MASK64, np.uint64)
+        with np.errstate(over="ignore"):
+            for k in keys:
+                h = _splitmix64(h ^ k)
+        return self.factors[(h % np.uint64(len(self.factors))).astype(np.int64)]
+
+    @property
+    def mean(self) -> float:
+        return float(self.factors.mean())
+
+
 # -- the cost model ----------------------------------------------------------------------------------
 
 
@@ -255,26 +316,30 @@ class ProfiledCostModel:
     not measured: the devices draw idle power for the whole measured duration, plus dynamic power
     for the roofline's busy time of the same work, at most for the whole duration (utilization
     capped at 1) — 0 on hardware without a power model. ``StepCost.compute_s``/``memory_s`` are 0:
-    a measured time is not split into compute and memory; ``comm_s`` is the swap time.
+    a measured time is not split into compute and memory; ``comm_s`` is the swap time. With
+    ``jitter`` the fitted time is multiplied by the step's jitter factor (module docstring).
     """
 
     def __init__(self, step_time: StepTimeModel, geometry: StepGeometry, roofline: RooflineCostModel,
-                 fit_report: FitReport | None = None):
+                 fit_report: FitReport | None = None, jitter: StepJitter | None = None):
         if roofline.num_devices != 1:
             raise ValueError(f"a profile measures one device; the roofline has tp={roofline.tp}, pp={roofline.pp}")
         self.step_time = step_time
         self.geometry = geometry
         self.roofline = roofline
         self.fit_report = fit_report
+        self.jitter = jitter
         self._models_energy = roofline.models_energy
         hw = roofline.hardware
         self._idle_w = roofline.idle_power_w()
         self._dyn_w = (hw.power_max_w - hw.power_idle_w) * roofline.num_devices if self._models_energy else 0.0
 
     @classmethod
-    def from_profile(cls, profile: Profile, hardware: HardwareSpec) -> ProfiledCostModel:
+    def from_profile(cls, profile: Profile, hardware: HardwareSpec, *, jitter: bool = False,
+                     jitter_seed: int = 0) -> ProfiledCostModel:
         """Fitted on every point of ``profile`` (the simulator uses all measurements; ``fit`` with a
-        holdout is for judging the model); KV, energy and price from ``hardware``."""
+        holdout is for judging the model); KV, energy and price from ``hardware``; with ``jitter``,
+        step times scatter as the profile's repeats did (``StepJitter``, hashed with ``jitter_seed``)."""
         dtype = ROOFLINE_DTYPES[profile.dtype]
         if dtype not in hardware.peak_flops_by_dtype and not hardware.has_power_model:
             # The roofline's compute peak only feeds its busy time, i.e. energy, which this hardware
@@ -283,7 +348,8 @@ class ProfiledCostModel:
             hardware = dataclasses.replace(hardware, peak_flops_by_dtype={**peaks, dtype: max(peaks.values())})
         roofline = RooflineCostModel(model_spec(profile), hardware, dtype=dtype)
         step_time, report = fit(profile.points, profile.engine, holdout_fraction=0.0)
-        return cls(step_time, profile.engine, roofline, report)
+        scatter = StepJitter.from_points(profile.points, jitter_seed) if jitter else None
+        return cls(step_time, profile.engine, roofline, report, scatter)
 
     # -- queries (delegated) -----------------------------------------------------------------------
     @property
@@ -332,6 +398,9 @@ class ProfiledCostModel:
         if not plan.num_seqs:
             return StepCost(0.0, 0.0, 0.0, 0.0, 0.0)
         duration = self.step_time.duration(*plan_work(plan, self.geometry))
+        if self.jitter is not None:
+            c = plan.num_computed_tokens
+            duration = duration * float(self.jitter.factor(plan.num_seqs, plan.num_tokens, c.sum(), c.max())[()])
         swaps = bool(plan.swap_out_blocks or plan.swap_in_blocks)
         roof = self.roofline.step(plan) if (swaps or self._models_energy) else None
         comm = 0.0
@@ -346,6 +415,9 @@ class ProfiledCostModel:
         contexts sum to ``context_tokens`` (the longest ``max_context``) at the first step (each step
         adds one token per row); element j equals ``step(plan_j)`` bit for bit."""
         durations = self.step_time.duration(*self.geometry.decode_work(num_rows, context_tokens, max_context, k))
+        if self.jitter is not None:
+            j = np.arange(k, dtype=np.int64)
+            durations = durations * self.jitter.factor(num_rows, num_rows, context_tokens + num_rows * j, max_context + j)
         if not self._models_energy:
             return durations, np.zeros(k)
         roof_durations, roof_energies = self.roofline.decode_run(num_rows, context_tokens, max_context, k)

@@ -99,8 +99,11 @@ def build_profiled_cost_model(config) -> ProfiledCostModel:
         raise ConfigError(f"sim.profile: cannot read {path!r} ({e.strerror or e})") from None
     except ValueError as e:
         raise ConfigError(f"sim.profile: {e}") from None
+    jitter = _get(config, "sim.profile_jitter", False)
+    if not isinstance(jitter, bool):
+        raise ConfigError(f"sim.profile_jitter must be True or False, got {jitter!r}")
     try:
-        return ProfiledCostModel.from_profile(profile, hardware)
+        return ProfiledCostModel.from_profile(profile, hardware, jitter=jitter, jitter_seed=int(_get(config, "seed", 0) or 0))
     except ValueError as e:
         raise ConfigError(f"sim.profile/hardware.name: {e}") from None
 

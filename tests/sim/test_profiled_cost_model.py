@@ -19,7 +19,7 @@ from jaxserve.model.config import ModelConfig
 from jaxserve.profile import Profile, grid_points, load_profile, save_profile
 from jaxserve.sim import ConfigError, get_hardware, simulate
 from jaxserve.sim.profiled_cost_model import (
-    FEATURES, ROW_SEGMENTS, ProfiledCostModel, fit, nnls, point_features, work_features,
+    FEATURES, ROW_SEGMENTS, ProfiledCostModel, StepJitter, fit, nnls, point_features, work_features,
 )  # fmt: skip
 from jaxserve.sim.simulator import SimExecutor, run_replica
 from sim_testing import assert_same_log
@@ -204,8 +204,9 @@ def test_unreadable_profile_files(tmp_path, text, needle):
 # -- the cost model -----------------------------------------------------------------------------------
 
 
-def cost_model(hardware="a100-80gb", geometry=RAGGED) -> ProfiledCostModel:
-    return ProfiledCostModel.from_profile(synthetic_profile(geometry), get_hardware(hardware))
+def cost_model(hardware="a100-80gb", geometry=RAGGED, jitter=False) -> ProfiledCostModel:
+    profile = synthetic_profile(geometry, noise=0.1 if jitter else 0.0, repeats=5)
+    return ProfiledCostModel.from_profile(profile, get_hardware(hardware), jitter=jitter)
 
 
 def plan(computed, new, block_size=16, **ops):
@@ -264,10 +265,11 @@ def test_delegated_queries_use_the_profiled_model_on_the_hardware():
     assert not cost_model("cpu").models_energy and cost_model("cpu").step(plan([5], [1])).energy_j == 0.0
 
 
+@pytest.mark.parametrize("jitter", [False, True], ids=["median", "jitter"])
 @pytest.mark.parametrize("hardware", ["a100-80gb", "cpu"])
 @pytest.mark.parametrize("geometry", [RAGGED, GROUPED], ids=["ragged", "grouped"])
-def test_decode_run_is_bitwise_step(hardware, geometry):
-    cm = cost_model(hardware, geometry)
+def test_decode_run_is_bitwise_step(hardware, geometry, jitter):
+    cm = cost_model(hardware, geometry, jitter)
     rows = 37
     context = np.linspace(3, 400, rows).astype(np.int64)  # spread: the longest is not the mean
     durations, energies = cm.decode_run(rows, int(context.sum()), int(context.max()), 300)
@@ -285,8 +287,9 @@ class CountingExecutor(SimExecutor):
         return super().decode_run(num_rows, context_tokens, max_context, k)
 
 
+@pytest.mark.parametrize("jitter", [False, True], ids=["median", "jitter"])
 @pytest.mark.parametrize("name, opts", [("vllm", {}), ("sarathi", {"chunk_size": 256})])
-def test_fast_forward_equals_step_by_step(name, opts):
+def test_fast_forward_equals_step_by_step(name, opts, jitter):
     rng = np.random.default_rng(7)
     times = np.cumsum(rng.exponential(1 / 20, 40))
     requests = [
@@ -294,7 +297,7 @@ def test_fast_forward_equals_step_by_step(name, opts):
                          sampling=jaxserve.SamplingParams(int(rng.integers(1, 200))), arrival_time=float(t))
         for i, t in enumerate(times)
     ]  # fmt: skip
-    executor = CountingExecutor(cost_model(geometry=GROUPED))
+    executor = CountingExecutor(cost_model(geometry=GROUPED, jitter=jitter))
     logs = [
         run_replica(jaxserve.scheduler.make(name, **opts), KVConfig(300, 16), executor, requests, fast_forward=ff).freeze()
         for ff in (False, True)
@@ -302,6 +305,31 @@ def test_fast_forward_equals_step_by_step(name, opts):
     assert executor.runs > 0  # the fast path ran (only with fast_forward=True)
     assert_same_log(*logs)
     assert np.isfinite(logs[0].finish_s).all()
+
+
+def test_jitter_scatters_steps_as_the_profile_repeats_did():
+    profile = synthetic_profile(GROUPED, noise=0.1, repeats=5)
+    jitter = StepJitter.from_points(profile.points)
+    assert len(jitter.factors) == 5 * len(profile.points) and np.median(jitter.factors) == 1.0
+    # Over many step shapes the drawn factors have the profile's distribution; a shape's factor is fixed.
+    rows = np.arange(1, 4001)
+    drawn = jitter.factor(rows % 64 + 1, rows % 64 + 1, 17 * rows, 3 * rows)
+    for q in (10, 50, 90):
+        assert np.percentile(drawn, q) == pytest.approx(np.percentile(jitter.factors, q), abs=0.01)
+    assert drawn[123] == jitter.factor(124 % 64 + 1, 124 % 64 + 1, 17 * 124, 3 * 124)
+    assert (StepJitter(jitter.factors, seed=1).factor(rows, rows, rows, rows) != jitter.factor(rows, rows, rows, rows)).mean() > 0.9
+    # The jittered model is the median model times the factor.
+    median, jittered = (ProfiledCostModel.from_profile(profile, get_hardware("cpu"), jitter=j) for j in (False, True))
+    step = plan([100, 200, 300, 128], [1, 1, 1, 64])
+    factor = jitter.factor(4, 67, 728, 300)[()]
+    assert jittered.step(step).duration_s == median.step(step).duration_s * factor and factor != 1.0
+
+
+def test_jitter_needs_repeated_samples():
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        StepJitter.from_points(synthetic_points(repeats=1))
+    with pytest.raises(ValueError, match="finite factors > 0"):
+        StepJitter(np.array([1.0, np.nan]))
 
 
 # -- through simulate(config) -------------------------------------------------------------------------
@@ -338,6 +366,21 @@ def test_simulate_with_a_profiled_cost_model(tmp_path):
     # The first step prefills the first request alone: 200 prompt tokens (7 blocks of 32 rows).
     first = expected(224, 7, 0, 0, 200 * 201 / 2, 7 * 200, 1)
     assert results.log.step_duration_s[0] == pytest.approx(first, rel=1e-9)
+
+
+def test_simulate_with_profile_jitter(tmp_path):
+    path = tmp_path / "profile.json"
+    save_profile(synthetic_profile(noise=0.1, repeats=5), str(path))
+    config = profiled_config(path)
+    steady = simulate(config).log.step_duration_s
+    config.sim.profile_jitter = True
+    jittered = simulate(config).log.step_duration_s
+    assert not np.array_equal(steady[: len(jittered)], jittered[: len(steady)])
+    np.testing.assert_array_equal(simulate(config).log.step_duration_s, jittered)  # deterministic
+    loose = config.to_dict()  # a plain dict config is not type-checked by ml_collections
+    loose["sim"]["profile_jitter"] = "yes"
+    with pytest.raises(ConfigError, match="sim.profile_jitter"):
+        simulate(loose)
 
 
 @pytest.mark.parametrize("change, needle", [
