@@ -46,7 +46,7 @@ from jaxserve.model.loader import load_model
 from jaxserve.profile import load_profile, profile_model
 from jaxserve.sim import get_hardware
 from jaxserve.sim.cost_model import RooflineCostModel
-from jaxserve.sim.profiled_cost_model import ProfiledCostModel, StepJitter, fit, model_spec
+from jaxserve.sim.profiled_cost_model import ProfiledCostModel, fit, model_spec
 from jaxserve.sim.simulator import RunLimits, SimExecutor, run_replica
 from jaxserve.speed import DriftCompensatedRunner, SpeedProbe
 from jaxserve.workload import build_requests, read_trace, resolve_trace_path
@@ -155,10 +155,10 @@ def noise_floor(profile) -> float:
     return float(np.mean([np.mean(np.abs(np.array(p.times_s) - p.median_s)) / p.median_s for p in profile.points]))
 
 
-def latency_rows(engine_log, sim_log) -> list[dict]:
-    """One row per latency metric and percentile: the engine's value, the simulator's, the error."""
+def latency_rows(em, sm) -> list[dict]:
+    """One row per latency metric and percentile: the engine's value, the simulator's, the error
+    (from the two runs' ``request_metrics``)."""
     rows = []
-    em, sm = request_metrics(engine_log), request_metrics(sim_log)
     for metric in LATENCIES:
         e, s = (getattr(m, metric) for m in (em, sm))
         e, s = e[np.isfinite(e)], s[np.isfinite(s)]
@@ -168,9 +168,9 @@ def latency_rows(engine_log, sim_log) -> list[dict]:
     return rows
 
 
-def request_rows(engine_log, sim_log) -> list[dict]:
-    """One row per request: its TTFT, queueing delay and E2E (seconds) on the engine and in the simulator."""
-    em, sm = request_metrics(engine_log), request_metrics(sim_log)
+def request_rows(em, sm) -> list[dict]:
+    """One row per request: its TTFT, queueing delay and E2E (seconds) on the engine and in the
+    simulator (from the two runs' ``request_metrics``)."""
     sim_index = {rid: i for i, rid in enumerate(sm.request_id)}
     rows = []
     for i, rid in enumerate(em.request_id):
@@ -223,7 +223,7 @@ def plot_speed(out, runs):
 def plot_latency_cdfs(out, runs):
     fig, axes = plt.subplots(len(runs), len(LATENCIES), figsize=(4 * len(LATENCIES), 2.6 * len(runs)), squeeze=False)
     for row, (label, run) in zip(axes, runs.items()):
-        em, sm = request_metrics(run["engine_log"]), request_metrics(run["sim_log"])
+        em, sm = run["engine_metrics"], run["sim_metrics"]
         for ax, metric in zip(row, LATENCIES):
             for m, style, name in ((em, "-", "engine"), (sm, "--", "simulator")):
                 v = np.sort(getattr(m, metric)[np.isfinite(getattr(m, metric))])
@@ -250,7 +250,7 @@ def _worst_latency_error(rows) -> float:
     return max(abs(r["error"]) for r in rows if r["percentile"] in (50, 99))
 
 
-def summary_text(profile, report, runs, wall_s) -> str:
+def summary_text(profile, report, jitter, runs, wall_s) -> str:
     pct = lambda x: f"{100 * x:+.1f}%"  # noqa: E731
     lines = [
         "# Simulator vs engine (profiled cost model)", "",
@@ -286,7 +286,7 @@ def summary_text(profile, report, runs, wall_s) -> str:
     lines += ["", "## Latency percentiles (simulation vs the drift-compensated engine run of the same requests)", "",
               "The simulator scales each step by a jitter factor drawn from the profile's repeats "
               "(`sim.profile_jitter=True`, mean factor "
-              f"{StepJitter.from_points(profile.points).mean:.3f}): a real machine's steps scatter around "
+              f"{jitter.mean:.3f}): a real machine's steps scatter around "
               "the fitted median, and tail latencies follow the scatter. Without jitter: the next table.", "",
               "| run | metric | P50 engine / sim (err) | P90 engine / sim (err) | P99 engine / sim (err) |",
               "|---|---|---|---|---|"]  # fmt: skip
@@ -362,17 +362,17 @@ def main(argv=None):
                 label = f"{wname}/{sname}"
                 bar.update(task, last=label)
                 engine_log, steps, probes = serve_on_engine(runner, probe, sname, reqs, profiled, roofline)
-                sim_log = simulate(sname, reqs, jittered, runner.max_model_len)
-                median_log = simulate(sname, reqs, profiled, runner.max_model_len)
-                run = {"engine_log": engine_log, "sim_log": sim_log, "steps": steps, "probes": probes,
+                em, sm, mm = (request_metrics(log) for log in (
+                    engine_log, simulate(sname, reqs, jittered, runner.max_model_len),
+                    simulate(sname, reqs, profiled, runner.max_model_len)))  # fmt: skip
+                run = {"engine_metrics": em, "sim_metrics": sm, "steps": steps, "probes": probes,
                        "errors": step_errors(steps), "raw_errors": step_errors(steps, "raw_s"),
-                       "latency": latency_rows(engine_log, sim_log),
-                       "median_latency": latency_rows(engine_log, median_log)}  # fmt: skip
+                       "latency": latency_rows(em, sm), "median_latency": latency_rows(em, mm)}  # fmt: skip
                 runs[label] = run
                 step_rows += [{"run": label, "step": i, **s} for i, s in enumerate(steps)]
                 latency += [{"run": label, "sim": "jitter", **r} for r in run["latency"]]
                 latency += [{"run": label, "sim": "median", **r} for r in run["median_latency"]]
-                per_request += [{"run": label, **r} for r in request_rows(engine_log, sim_log)]
+                per_request += [{"run": label, **r} for r in request_rows(em, sm)]
                 probe_rows += [{"run": label, "after_step": PROBE_EVERY * i, "speed": v} for i, v in enumerate(probes)]
                 bar.update(task, advance=1)
 
@@ -383,7 +383,7 @@ def main(argv=None):
     plot_steps(out, runs)
     plot_latency_cdfs(out, runs)
     plot_speed(out, runs)
-    path = C.write_summary(out, summary_text(profile, report, runs, time.perf_counter() - t0))
+    path = C.write_summary(out, summary_text(profile, report, jittered.jitter, runs, time.perf_counter() - t0))
     C.print_summary(path, time.perf_counter() - t0)
 
 
