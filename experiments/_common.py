@@ -42,12 +42,13 @@ from rich.progress import (
 )
 
 import jaxserve.scheduler as schedulers
-from jaxserve.events import FrozenLog
+from jaxserve.runtime.events import FrozenLog
 from jaxserve.kv.config import KVConfig
 from jaxserve.metrics import RequestMetrics, request_metrics, summarize
 from jaxserve.sim.cost_model import RooflineCostModel
 from jaxserve.sim.simulate import build_cost_model, build_kv
-from jaxserve.sim.simulator import RunLimits, SimExecutor, run_replica
+from jaxserve.runtime import RunLimits, run_replica
+from jaxserve.sim.executor import SimExecutor
 from jaxserve.workload import (
     ArrivalProcess,
     Empirical,

@@ -19,7 +19,7 @@ Writes ``outputs/experiments/sim_vs_engine/``: steps.csv (every engine step), pr
 speed probe), requests.csv (each request's latencies on both), latency.csv,
 step_times.png, latency_cdfs.png, machine_speed.png, summary.md (the error tables), profile.json,
 model/. The profile and the engine runs are timed minutes apart, so the engine runs on a
-drift-compensated clock (``jaxserve.speed``): speed probes between its steps divide each step's time
+drift-compensated clock (``jaxserve.calibration.speed``): speed probes between its steps divide each step's time
 by the machine's speed relative to the profile. Run it on an otherwise idle machine all the same.
 """
 
@@ -43,12 +43,15 @@ from jaxserve.model.config import ModelConfig
 from jaxserve.model.export import save_hf_checkpoint
 from jaxserve.model.llama import params_of, random_model
 from jaxserve.model.loader import load_model
-from jaxserve.profile import load_profile, profile_model
+from jaxserve.calibration.fit import fit
+from jaxserve.calibration.profile_format import load_profile
+from jaxserve.calibration.profiler import profile_model
+from jaxserve.calibration.speed import DriftCompensatedRunner, SpeedProbe
 from jaxserve.sim import get_hardware
 from jaxserve.sim.cost_model import RooflineCostModel
-from jaxserve.sim.profiled_cost_model import ProfiledCostModel, fit, model_spec
-from jaxserve.sim.simulator import RunLimits, SimExecutor, run_replica
-from jaxserve.speed import DriftCompensatedRunner, SpeedProbe
+from jaxserve.sim.profiled_cost_model import ProfiledCostModel, model_spec
+from jaxserve.runtime import RunLimits, run_replica
+from jaxserve.sim.executor import SimExecutor
 from jaxserve.workload import build_requests, read_trace, resolve_trace_path
 
 NAME = "sim_vs_engine"

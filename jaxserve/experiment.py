@@ -120,7 +120,7 @@ def main(argv):
     if config is None:
         console.print("[red]config error:[/red] pass --config=configs/<name>.py")
         return 2
-    from jaxserve.sim.simulate import ConfigError
+    from jaxserve.config import ConfigError
 
     try:
         run(config, console)

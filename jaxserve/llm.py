@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from jaxserve import scheduler as schedulers
 from jaxserve.engine.engine import Engine
+from jaxserve.engine.kv_sizing import kv_blocks_for
 from jaxserve.engine.model_runner import ModelRunner, step_limits
 from jaxserve.kv.config import KVConfig
 from jaxserve.model import checkpoint
@@ -36,14 +37,6 @@ class Completion:
     text: str | None  # None when the model directory has no tokenizer.json
     finish_reason: str  # "length", "stop", or "rejected: <reason>"
     num_preemptions: int = 0
-
-
-def kv_blocks_for(cfg: ModelConfig, block_size: int, kv_cache_gb: float, max_model_len: int, max_num_seqs: int) -> int:
-    """KV pages that fit ``kv_cache_gb``, but no more than ``max_num_seqs`` full-length sequences need."""
-    per_block = 2 * cfg.num_layers * cfg.num_kv_heads * block_size * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
-    by_memory = int(kv_cache_gb * 2**30 // per_block)
-    by_need = max_num_seqs * math.ceil(max_model_len / block_size)
-    return max(1, min(by_memory, by_need))
 
 
 class LLM:

@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from jaxserve.events import FrozenLog
+from jaxserve.runtime.events import FrozenLog
 
 PERCENTILES = (("p50", 50), ("p90", 90), ("p99", 99))
 

@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxserve.events import FrozenLog  # noqa: E402
+from jaxserve.runtime.events import FrozenLog  # noqa: E402
 from jaxserve.metrics import RequestMetrics  # noqa: E402
 
 

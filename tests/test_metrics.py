@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jaxserve
-from jaxserve.events import EventLog
+from jaxserve.runtime.events import EventLog
 from jaxserve.kv import KVConfig
 from jaxserve.metrics import capacity, distribution, goodput, request_metrics, search_max_rate, summarize
 from jaxserve.scheduler.driver import step_output

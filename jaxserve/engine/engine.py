@@ -14,12 +14,12 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 from jaxserve.engine.model_runner import ModelRunner
-from jaxserve.events import EventLog
+from jaxserve.runtime.events import EventLog
 from jaxserve.kv.config import KVConfig
 from jaxserve.plan import BatchPlan, StepOutput
 from jaxserve.request import Request
 from jaxserve.scheduler.seq import FinishedRequest
-from jaxserve.sim.simulator import RunLimits, run_replica
+from jaxserve.runtime import RunLimits, run_replica
 
 
 @dataclasses.dataclass

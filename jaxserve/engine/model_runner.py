@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.engine.buckets import StepGeometry, bucket, bucket_sizes
 from jaxserve.engine.packing import HostBatch, PackSpec, RequestSampling, pack, warmup_batches
 from jaxserve.kv.config import KVConfig
 from jaxserve.model.attention import ATTENTION_IMPLS, default_attention_impl
@@ -28,6 +27,8 @@ from jaxserve.model.llama import bind
 from jaxserve.model.sampling import sample
 from jaxserve.plan import BatchPlan, StepOutput
 from jaxserve.request import Request
+from jaxserve.runtime.executor import Executor
+from jaxserve.runtime.step_geometry import StepGeometry, bucket, bucket_sizes
 
 
 def _step_fn(
@@ -90,7 +91,7 @@ def default_seed(request_id: str, engine_seed: int) -> int:
     return (zlib.crc32(request_id.encode()) + 1_000_003 * engine_seed) % (1 << 32)
 
 
-class ModelRunner:
+class ModelRunner(Executor):
     """See the module docstring. ``max_model_len`` bounds prompt + output tokens per request;
     ``buckets_per_octave`` (decode rows, prefill blocks) trades compilations for padding
     (``packing.bucket``)."""

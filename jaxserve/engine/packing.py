@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxserve.engine.buckets import StepGeometry, bucket
+from jaxserve.runtime.step_geometry import StepGeometry, bucket
 from jaxserve.model.attention import AttentionBatch
 from jaxserve.plan import BatchPlan
 
@@ -66,7 +66,7 @@ class PackSpec:
     blocks_per_octave: int = 4
 
     def geometry(self, attention: str, chunk_pages: int) -> StepGeometry:
-        """The step geometry of this packing under an attention path (see ``engine/buckets.py``)."""
+        """The step geometry of this packing under an attention path (see ``runtime/step_geometry.py``)."""
         return StepGeometry(
             attention=attention, page_size=self.page_size, block_rows=self.block_rows, chunk_pages=chunk_pages,
             decode_per_octave=self.decode_per_octave, blocks_per_octave=self.blocks_per_octave,

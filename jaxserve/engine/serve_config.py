@@ -16,16 +16,16 @@ from collections.abc import Callable
 
 import numpy as np
 
+from jaxserve.config import ConfigError, Results, _get, build_scheduler, build_workload
 from jaxserve.engine.engine import Engine
+from jaxserve.engine.kv_sizing import kv_blocks_for
 from jaxserve.engine.model_runner import ModelRunner, step_limits
 from jaxserve.kv.config import KVConfig
-from jaxserve.llm import kv_blocks_for
 from jaxserve.metrics import request_metrics, summarize
 from jaxserve.model.config import CheckpointError
 from jaxserve.model.loader import load_model
 from jaxserve.request import Request
-from jaxserve.sim.simulate import ConfigError, Results, _get, build_scheduler, build_workload
-from jaxserve.sim.simulator import RunLimits
+from jaxserve.runtime.limits import RunLimits
 
 DTYPES = {"auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}  # fmt: skip

@@ -8,21 +8,20 @@ from jaxserve.sim.cost_model import RooflineCostModel, StepCost
 from jaxserve.sim.hardware import HARDWARE, HardwareSpec, get_hardware
 from jaxserve.sim.models import MODELS, ModelSpec, get_model
 from jaxserve.sim.simulate import ConfigError, Results, simulate
-from jaxserve.sim.simulator import RunLimits, SimExecutor, run_replica
+from jaxserve.sim.executor import CostModel, SimExecutor
 
 __all__ = [
     "HARDWARE",
     "MODELS",
     "ConfigError",
+    "CostModel",
     "HardwareSpec",
     "ModelSpec",
     "Results",
     "RooflineCostModel",
-    "RunLimits",
     "SimExecutor",
     "StepCost",
     "get_hardware",
     "get_model",
-    "run_replica",
     "simulate",
 ]

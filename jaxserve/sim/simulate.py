@@ -3,51 +3,20 @@ and run the discrete-event simulation."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Optional
 
-import jaxserve.scheduler as scheduler_registry
-from jaxserve.events import FrozenLog
+from jaxserve.calibration.profile_format import load_profile
+from jaxserve.config import ConfigError, Results, _get, build_scheduler, build_workload
 from jaxserve.kv.config import KVConfig
 from jaxserve.metrics import request_metrics, summarize
 from jaxserve.sim.cost_model import RooflineCostModel
 from jaxserve.sim.hardware import get_hardware
 from jaxserve.sim.models import get_model
 from jaxserve.sim.profiled_cost_model import ProfiledCostModel
-from jaxserve.sim.simulator import RunLimits, SimExecutor, run_replica
-from jaxserve.workload import workload_from_config
-
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown or out of range; the message names the key."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Results:
-    metrics: dict  # the metrics.json content
-    requests: list[dict]  # one row per request (the per-request CSV)
-    log: FrozenLog
-    kv: KVConfig
-    scheduler: Any
-
-
-def _get(cfg, dotted: str, default=None):
-    node = cfg
-    for part in dotted.split("."):
-        if node is None or not hasattr(node, part) and not (isinstance(node, dict) and part in node):
-            return default
-        node = node[part] if isinstance(node, dict) else getattr(node, part)
-    return node
-
-
-def _as_dict(node) -> dict:
-    if node is None:
-        return {}
-    if hasattr(node, "to_dict"):
-        return node.to_dict()
-    return dict(node)
+from jaxserve.runtime import RunLimits, run_replica
+from jaxserve.sim.executor import SimExecutor
 
 
 def _hardware(config):
@@ -91,8 +60,6 @@ def build_profiled_cost_model(config) -> ProfiledCostModel:
         if (_get(config, f"hardware.{key}") or 1) != 1:
             raise ConfigError(f"hardware.{key}: a profile measures one device; profiled cost models need {key}=1")
     hardware = _hardware(config)
-    from jaxserve.profile import load_profile  # here: `python -m jaxserve.profile` imports jaxserve.sim
-
     try:
         profile = load_profile(str(path))
     except OSError as e:
@@ -123,28 +90,9 @@ def build_kv(config, cost_model: RooflineCostModel) -> KVConfig:
         raise ConfigError(f"kv: {e}") from None
 
 
-def build_scheduler(config):
-    options = _as_dict(_get(config, "scheduler"))
-    name = options.pop("name", None)
-    try:
-        return scheduler_registry.make(name, **options)
-    except ValueError as e:
-        raise ConfigError(f"scheduler: {e}") from None
-
-
 def max_context(config, cost_model: RooflineCostModel) -> Optional[int]:
     value = int(_get(config, "model.max_context", 0) or 0)
     return value if value > 0 else cost_model.model.max_position_embeddings
-
-
-def build_workload(config) -> list:
-    """The config's requests (length-only unless the trace carries token ids)."""
-    try:
-        return workload_from_config(_get(config, "workload"))
-    except FileNotFoundError as e:
-        raise ConfigError(str(e) if "trace_path" in str(e) else f"workload.trace_path: {e}") from None
-    except ValueError as e:
-        raise ConfigError(f"workload: {e}") from None
 
 
 def simulate(config, on_progress: Optional[Callable[[float, int], None]] = None) -> Results:

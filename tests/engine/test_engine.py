@@ -16,7 +16,7 @@ from jaxserve.engine.engine import Engine
 from jaxserve.kv.config import KVConfig
 from jaxserve.metrics import summarize
 from jaxserve.request import SamplingParams
-from jaxserve.sim.simulator import RunLimits
+from jaxserve.runtime import RunLimits
 
 KV = KVConfig(RUNNER_KV.num_blocks, RUNNER_KV.block_size)
 # Arrivals spread over the first few (measured, millisecond) steps, from two clients (for VTC).

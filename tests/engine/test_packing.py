@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jaxserve.engine.buckets import bucket, bucket_sizes
+from jaxserve.runtime.step_geometry import bucket, bucket_sizes
 from jaxserve.engine.packing import PackSpec, RequestSampling, pack
 from jaxserve.plan import BatchPlan
 

@@ -1,4 +1,4 @@
-"""jaxserve.speed: the speed probe keeps to its reserved pages (a live engine's tokens do not change
+"""jaxserve.calibration.speed: the speed probe keeps to its reserved pages (a live engine's tokens do not change
 when it probes between every step), and the drift-compensated clock divides by the right speed."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from engine_testing import RUNNER_KV, greedy, prompt, request
 from jaxserve.engine.engine import Engine
 from jaxserve.kv.config import KVConfig
 from jaxserve.plan import BatchPlan, StepOutput
-from jaxserve.profile import PointSpec, Profile
+from jaxserve.calibration.profile_format import PointSpec, Profile
 from jaxserve import scheduler as schedulers
-from jaxserve.speed import DriftCompensatedRunner, SpeedProbe
+from jaxserve.calibration.speed import DriftCompensatedRunner, SpeedProbe
 
 SCHED_KV = KVConfig(48, RUNNER_KV.block_size)  # pages 48..63 are the probe's reserve
 PROFILED_S = 2e-3

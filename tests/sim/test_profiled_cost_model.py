@@ -13,16 +13,18 @@ import numpy as np
 import pytest
 
 import jaxserve
-from jaxserve.engine.buckets import StepGeometry
+from jaxserve.runtime.step_geometry import StepGeometry
 from jaxserve.kv import KVConfig
 from jaxserve.model.config import ModelConfig
-from jaxserve.profile import Profile, grid_points, load_profile, save_profile
+from jaxserve.calibration.fit import FEATURES, ROW_SEGMENTS, fit, nnls, point_features, work_features
+from jaxserve.calibration.grid import grid_points
+from jaxserve.calibration.jitter import StepJitter
+from jaxserve.calibration.profile_format import Profile, load_profile, save_profile
 from jaxserve.sim import ConfigError, get_hardware, simulate
-from jaxserve.sim.profiled_cost_model import (
-    FEATURES, ROW_SEGMENTS, ProfiledCostModel, StepJitter, fit, nnls, point_features, work_features,
-)  # fmt: skip
-from jaxserve.sim.simulator import SimExecutor, run_replica
-from sim_testing import assert_same_log
+from jaxserve.sim.profiled_cost_model import ProfiledCostModel
+from jaxserve.runtime import run_replica
+from jaxserve.sim.executor import SimExecutor
+from log_testing import assert_same_log
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Seconds per unit of FEATURES; each term is a sizable share of some default-grid point's time.
@@ -405,7 +407,8 @@ def test_bad_profiled_configs(tmp_path, change, needle):
 def test_tiny_real_profile_runs_and_resumes(tmp_path):
     from hf_checkpoints import make_checkpoint
 
-    from jaxserve.profile import main, profile_model
+    from jaxserve.calibration.cli import main
+    from jaxserve.calibration.profiler import profile_model
 
     model_dir = tmp_path / "tiny"
     model_dir.mkdir()

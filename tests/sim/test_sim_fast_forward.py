@@ -12,9 +12,10 @@ import jaxserve
 from jaxserve.kv import KVConfig
 from jaxserve.scheduler.fast_forward import advance_decodes, decode_run_limit, is_stable_decode
 from jaxserve.sim import RooflineCostModel, get_hardware, get_model
-from jaxserve.sim.simulator import SIM_TOKEN_ID, SimExecutor, run_replica
+from jaxserve.runtime import run_replica
+from jaxserve.sim.executor import SIM_TOKEN_ID, SimExecutor
 from jaxserve.plan import StepOutput
-from sim_testing import assert_same_log
+from log_testing import assert_same_log
 
 COST = RooflineCostModel(get_model("llama-2-7b"), get_hardware("a100-80gb"))
 

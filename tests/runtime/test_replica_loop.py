@@ -10,7 +10,8 @@ import pytest
 import jaxserve
 from jaxserve.kv import KVConfig
 from jaxserve.metrics import request_metrics, summarize
-from jaxserve.sim.simulator import RunLimits, SimExecutor, run_replica
+from jaxserve.runtime import RunLimits, run_replica
+from jaxserve.sim.executor import CostModel, SimExecutor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,7 +20,7 @@ class Cost:
     energy_j: float
 
 
-class LinearCost:
+class LinearCost(CostModel):
     """1 ms per step plus 0.1 ms per token: easy to compute by hand."""
 
     def step(self, plan):

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxserve.engine.buckets import StepGeometry, bucket
+from jaxserve.runtime.step_geometry import StepGeometry, bucket
 from jaxserve.engine.packing import PackSpec, RequestSampling, pack
 from jaxserve.plan import BatchPlan
 

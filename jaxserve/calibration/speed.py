@@ -21,7 +21,8 @@ import numpy as np
 
 from jaxserve.kv.config import KVConfig
 from jaxserve.plan import BatchPlan, StepOutput
-from jaxserve.profile import Profile, build_plan, time_step
+from jaxserve.calibration.plans import build_plan, time_step
+from jaxserve.calibration.profile_format import Profile
 from jaxserve.request import Request
 
 

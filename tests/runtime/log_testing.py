@@ -1,4 +1,4 @@
-"""Shared checks for the simulator tests."""
+"""Shared checks for event logs (simulator, engine and replica-loop tests)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,204 @@
+"""One serving replica: a scheduler, its KV, an executor and a clock, stepped from outside.
+
+``Replica`` is the loop's unit (add arrivals -> schedule -> execute -> update -> log). It never
+reads a global clock or an arrival list: a driver hands it requests (``add``) and asks it to
+take its next step (``step``) when ``next_event_time`` is the earliest event it knows of.
+``run_replica`` is that driver for one replica and a list of arrivals; a cluster drives many
+replicas, each with its own executor, from one event clock in the same way.
+
+Clock: ``now`` is when the replica can schedule its next step (the end of its last step). An
+idle replica's clock jumps to the arrival of its next request: simulated time never sleeps,
+and the engine's measured-time clock skips idle gaps the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Optional
+
+import numpy as np
+
+from jaxserve.kv.config import KVConfig
+from jaxserve.plan import BatchPlan, StepOutput
+from jaxserve.request import Request
+from jaxserve.runtime.events import EventLog
+from jaxserve.runtime.executor import Executor
+from jaxserve.runtime.limits import RunLimits
+from jaxserve.scheduler.fast_forward import advance_decodes, decode_run_limit, is_stable_decode
+
+StepHook = Callable[[BatchPlan, StepOutput, object], None]
+
+
+class Replica:
+    """A scheduler (pure; its state is ``self.state``) driving ``executor`` over ``kv``.
+
+    ``admit(request)`` may refuse a request by raising ``ValueError`` (an engine refuses ids it
+    cannot serve); ``on_step(plan, out, state)`` sees every executed step. With ``fast_forward``,
+    runs of identical decode steps before ``step``'s horizon are applied in closed form when the
+    executor offers one (``Executor.decode_run``); the log and state equal the step-by-step ones.
+    """
+
+    def __init__(
+        self,
+        scheduler,
+        kv: KVConfig,
+        executor: Executor,
+        *,
+        limits: RunLimits = RunLimits(),
+        admit: Optional[Callable[[Request], None]] = None,
+        on_step: Optional[StepHook] = None,
+        fast_forward: bool = True,
+        log: Optional[EventLog] = None,
+    ):
+        self.scheduler = scheduler
+        self.executor = executor
+        self.limits = limits
+        self.state = scheduler.init(kv)
+        self.log = EventLog() if log is None else log
+        self.now = 0.0
+        self.num_steps = 0
+        self._admit = admit
+        self._on_step = on_step
+        self._fast_forward = fast_forward
+        self._blocked = False  # the last schedule planned nothing: wait for new work
+
+    # -- what a driver asks -----------------------------------------------------------------------
+    @property
+    def has_unfinished(self) -> bool:
+        return self.state.has_unfinished
+
+    @property
+    def is_blocked(self) -> bool:
+        """Work is queued but nothing can be scheduled until more requests arrive."""
+        return self._blocked and self.state.has_unfinished
+
+    @property
+    def next_event_time(self) -> float:
+        """When this replica next steps: ``now`` while it has schedulable work, else infinity."""
+        if not self.state.has_unfinished or self._blocked or self.num_steps >= self.limits.max_steps:
+            return math.inf
+        return self.now
+
+    # -- what a driver does -----------------------------------------------------------------------
+    def add(self, request: Request) -> bool:
+        """Hands over a request that has arrived (``arrival_time <= now``, or the replica is idle
+        and its clock jumps to it). Returns False if it was rejected: over ``limits.max_context``,
+        refused by ``admit`` or by the scheduler; the log keeps the reason."""
+        self.now = max(self.now, request.arrival_time)
+        self._blocked = False
+        log, rid = self.log, request.request_id
+        log.add_request(request, request.arrival_time)
+        max_context = self.limits.max_context
+        if max_context is not None and request.max_total_tokens > max_context:
+            log.reject(rid, f"prompt + max_new_tokens = {request.max_total_tokens} > context {max_context}")
+            return False
+        try:
+            if self._admit is not None:
+                self._admit(request)
+            self.state = self.scheduler.add_request(self.state, request, self.now)
+        except ValueError as e:
+            log.reject(rid, str(e))
+            return False
+        return True
+
+    def wait_until(self, t: float) -> None:
+        """An idle replica's clock moves to ``t`` (never backwards)."""
+        self.now = max(self.now, t)
+
+    def step(self, horizon: float = math.inf) -> int:
+        """Schedules, executes and applies one step at ``now``; then, with the fast path, as many
+        identical decode steps as start before ``horizon`` (the next event the driver knows of).
+        Returns the number of steps taken: 0 if the scheduler planned nothing (the replica is then
+        blocked until ``add``)."""
+        scheduler, before = self.scheduler, self.state
+        state, plan = scheduler.schedule(before, self.now)
+        self.state = state
+        if plan.is_empty:
+            self._blocked = True
+            return 0
+        out = self.executor.execute(plan)
+        start = self.now
+        self.now = start + out.duration_s
+        self.state = state = scheduler.update(state, plan, out, self.now)
+        self.log.step(plan, start, out.duration_s, out.energy_j, state, [f.request_id for f in state.finished])
+        if self._on_step is not None:
+            self._on_step(plan, out, state)
+        self.num_steps += 1
+        horizon = min(horizon, self.limits.max_sim_time_s)
+        if self._fast_forward and not state.finished and self.now < horizon and is_stable_decode(scheduler, before, plan):
+            return 1 + self._skip_decodes(horizon)
+        return 1
+
+    def _skip_decodes(self, horizon: float) -> int:
+        """Applies the longest run of identical decode steps that nothing interrupts: each starts
+        before ``horizon``, none finishes a request or runs out of blocks, no limit is hit."""
+        state = self.state
+        k = min(decode_run_limit(state), self.limits.max_steps - self.num_steps)
+        if k < 1:
+            return 0
+        run = state.running
+        closed = self.executor.decode_run(len(run), int(run.num_computed.sum()), int(run.num_computed.max()), k)
+        if closed is None:
+            return 0
+        ends = self.now + np.cumsum(closed.durations_s)  # only to find the cut; the log recomputes them sequentially
+        # step j is scheduled at end_{j-1} (end_0 = now): it runs only if nothing is due by then
+        k = min(k, 1 + int(np.searchsorted(ends, horizon, side="left")))
+        new_state, used_after = advance_decodes(state, k, closed.token_id)
+        ends = self.log.decode_run(
+            run.ids, self.now, closed.durations_s[:k], closed.energies_j[:k], new_state,
+            used_after / state.kv.config.num_blocks,
+        )  # fmt: skip
+        self.state, self.now = new_state, float(ends[-1])
+        self.num_steps += k
+        return k
+
+
+def run_replica(
+    scheduler,
+    kv: KVConfig,
+    executor: Executor,
+    requests: Sequence[Request],
+    *,
+    limits: RunLimits = RunLimits(),
+    on_progress: Optional[Callable[[float, int], None]] = None,
+    progress_every: int = 2000,
+    fast_forward: bool = True,
+    admit: Optional[Callable[[Request], None]] = None,
+    on_step: Optional[StepHook] = None,
+) -> EventLog:
+    """Serves ``requests`` on one replica in arrival order and returns the event log.
+
+    Every request is in the log: served, or rejected with its reason (``Replica.add``), never
+    dropped. Stops when everything is served, or at ``limits.max_sim_time_s`` / ``max_steps``.
+    ``RuntimeError`` if the scheduler plans nothing while work is queued and nothing else will
+    arrive (a policy bug: it would wait forever). ``on_progress(now, steps)`` is called about
+    every ``progress_every`` steps.
+    """
+    replica = Replica(scheduler, kv, executor, limits=limits, admit=admit, on_step=on_step, fast_forward=fast_forward)
+    order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_time, i))
+    arrivals = [requests[i] for i in order]
+    nxt = 0
+    while replica.num_steps < limits.max_steps:
+        while nxt < len(arrivals) and arrivals[nxt].arrival_time <= replica.now:
+            replica.add(arrivals[nxt])
+            nxt += 1
+        if replica.next_event_time == math.inf:  # idle, or blocked until more work arrives
+            if nxt == len(arrivals):
+                if replica.is_blocked:
+                    raise RuntimeError(
+                        f"scheduler {type(scheduler).__name__} planned an empty step with {replica.state.num_waiting} "
+                        f"waiting and {replica.state.num_running} running requests and no more arrivals"
+                    )
+                break
+            if not replica.has_unfinished and replica.now >= limits.max_sim_time_s:
+                break
+            replica.wait_until(arrivals[nxt].arrival_time)
+            continue
+        before = replica.num_steps
+        replica.step(arrivals[nxt].arrival_time if nxt < len(arrivals) else math.inf)
+        if on_progress is not None and before // progress_every != replica.num_steps // progress_every:
+            on_progress(replica.now, replica.num_steps)
+        if replica.now >= limits.max_sim_time_s:
+            break
+    return replica.log

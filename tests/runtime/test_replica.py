@@ -1,0 +1,100 @@
+"""Replica as a cluster would drive it: several replicas, each with its own executor, advanced from
+one event clock by ``add`` / ``step`` / ``next_event_time``; and the Executor protocol's closed form."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from log_testing import assert_same_log
+
+import jaxserve
+from jaxserve.kv import KVConfig
+from jaxserve.runtime import Executor, Replica, run_replica
+from jaxserve.sim import RooflineCostModel, get_hardware, get_model
+from jaxserve.sim.executor import SimExecutor
+
+KV = KVConfig(400, 16)
+
+
+def workload(seed: int, n: int, rate: float) -> list[jaxserve.Request]:
+    rng = np.random.default_rng(seed)
+    times = np.cumsum(rng.exponential(1 / rate, n))
+    return [
+        jaxserve.Request(f"r{i}", prompt_len=int(rng.integers(1, 400)), sampling=jaxserve.SamplingParams(int(rng.integers(1, 300))),
+                         arrival_time=float(t))
+        for i, t in enumerate(times)
+    ]  # fmt: skip
+
+
+def drive(replicas: list[Replica], requests, route) -> None:
+    """A minimal cluster loop: the earliest event first (arrivals before steps at the same time)."""
+    arrivals = sorted(requests, key=lambda r: r.arrival_time)
+    nxt = 0
+    while True:
+        t_arrival = arrivals[nxt].arrival_time if nxt < len(arrivals) else math.inf
+        busy = min(replicas, key=lambda r: r.next_event_time)
+        if t_arrival == math.inf and busy.next_event_time == math.inf:
+            return
+        if t_arrival <= busy.next_event_time:
+            replicas[route(arrivals[nxt])].add(arrivals[nxt])
+            nxt += 1
+        else:
+            busy.step(horizon=t_arrival)
+
+
+@pytest.mark.parametrize("fast_forward", [False, True])
+def test_replicas_on_one_clock_equal_separate_runs(fast_forward):
+    """Round-robin over two replicas of different hardware gives each exactly the log it would
+    have served its share alone (they share nothing but the clock)."""
+    requests = workload(0, 120, rate=30.0)
+    costs = [RooflineCostModel(get_model("llama-2-7b"), get_hardware(h)) for h in ("a100-80gb", "h100-sxm")]
+    replicas = [Replica(jaxserve.scheduler.make(name), KV, SimExecutor(c), fast_forward=fast_forward)
+                for name, c in zip(("vllm", "sarathi"), costs)]  # fmt: skip
+    route = lambda r: int(r.request_id[1:]) % 2  # noqa: E731
+    drive(replicas, requests, route)
+    for i, (name, cost) in enumerate(zip(("vllm", "sarathi"), costs)):
+        share = [r for r in requests if route(r) == i]
+        alone = run_replica(jaxserve.scheduler.make(name), KV, SimExecutor(cost), share, fast_forward=fast_forward)
+        assert_same_log(replicas[i].log.freeze(), alone.freeze())
+        assert replicas[i].log.freeze().finish_s.size == len(share)
+        assert not np.isnan(replicas[i].log.freeze().finish_s).any()
+
+
+class NoClosedForm(Executor):
+    """Runs steps on a cost model but declares no closed-form decode run (as a real model)."""
+
+    def __init__(self, cost):
+        self.inner = SimExecutor(cost)
+
+    def execute(self, plan):
+        return self.inner.execute(plan)
+
+
+def test_executor_without_closed_form_runs_every_step():
+    cost = RooflineCostModel(get_model("llama-2-7b"), get_hardware("a100-80gb"))
+    requests = workload(1, 30, rate=5.0)
+    assert NoClosedForm(cost).decode_run(4, 100, 30, 10) is None  # the protocol's default
+    fast = Replica(jaxserve.scheduler.make("vllm"), KV, SimExecutor(cost))
+    plain = Replica(jaxserve.scheduler.make("vllm"), KV, NoClosedForm(cost))
+    for replica in (fast, plain):
+        drive([replica], requests, lambda r: 0)
+    assert_same_log(fast.log.freeze(), plain.log.freeze())
+    assert len(plain.log.freeze().step_end_s) == plain.num_steps == fast.num_steps
+
+
+def test_blocked_replica_waits_for_work_and_idle_clock_jumps():
+    cost = RooflineCostModel(get_model("llama-2-7b"), get_hardware("a100-80gb"))
+    replica = Replica(jaxserve.scheduler.make("vllm"), KV, SimExecutor(cost))
+    assert replica.next_event_time == math.inf  # nothing to do
+    replica.add(jaxserve.Request("a", prompt_len=10, sampling=jaxserve.SamplingParams(2), arrival_time=5.0))
+    assert replica.now == replica.next_event_time == 5.0  # idle: the clock jumps to the arrival
+    assert replica.step() == 1 and replica.now > 5.0
+    while replica.has_unfinished:
+        replica.step()
+    assert replica.next_event_time == math.inf
+    too_big = jaxserve.Request("big", prompt_len=400 * 16, sampling=jaxserve.SamplingParams(1), arrival_time=6.0)
+    assert not replica.add(too_big)  # rejected with its reason, the replica goes on
+    assert list(replica.log.rejected) == [replica.log.index["big"]]
+    assert replica.next_event_time == math.inf
