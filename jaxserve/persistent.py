@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import immutables
 
@@ -254,10 +254,3 @@ def pick(items: Sequence[Any], indices: Sequence[int]) -> tuple:
     if len(indices) == 1:
         return (items[indices[0]],)
     return operator.itemgetter(*indices)(items)
-
-
-def map_update(m: immutables.Map, fn: Callable[[Any], None]) -> immutables.Map:
-    """Applies ``fn`` to a mutation of ``m`` and returns the new map (one batch of edits)."""
-    with m.mutate() as mm:
-        fn(mm)
-        return mm.finish()

@@ -1,9 +1,8 @@
-"""Persistent containers: cons lists, Queue, KeyedQueue, map_update — against reference models."""
+"""Persistent containers: cons lists, Queue, KeyedQueue — against reference models."""
 
 import collections
 import re
 
-import immutables
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -14,7 +13,6 @@ from jaxserve.persistent import (
     cons_iter,
     cons_to_list_oldest_first,
     evolve,
-    map_update,
     pick,
 )
 
@@ -44,18 +42,6 @@ def test_cons_from_onto_tail_shares_the_tail(a, b):
     for _ in b:
         node = node[1]
     assert node is base
-
-
-def test_map_update_returns_new_map_and_keeps_old():
-    m = immutables.Map(a=1, b=2)
-
-    def edit(mm):
-        mm["c"] = 3
-        del mm["a"]
-
-    m2 = map_update(m, edit)
-    assert dict(m2) == {"b": 2, "c": 3}
-    assert dict(m) == {"a": 1, "b": 2}
 
 
 @given(items=st.lists(st.integers(), max_size=10), data=st.data())
