@@ -4,7 +4,7 @@
 the ``loop`` variant, and ``("tpu",)`` the Pallas -> Mosaic lowering of the ``grid`` variant, without
 a device. That catches unsupported primitives, block shapes and Triton's power-of-two rules; it does
 not run the backend compilers (PTX / Mosaic layout passes) or the kernels themselves -- those need a
-GPU/TPU (``benchmarks/kernels.py`` checks results against the references there).
+GPU/TPU (``benchmarks/attention_kernels.py`` checks results against the references there).
 """
 
 import itertools

@@ -1,6 +1,6 @@
 """Attention kernels: Pallas paged decode attention vs the jnp reference, long contexts.
 
-    python benchmarks/kernels.py [--batch 8] [--context 8192] [--num_q_heads 32] [--num_kv_heads 8]
+    python benchmarks/attention_kernels.py [--batch 8] [--context 8192] [--num_q_heads 32] [--num_kv_heads 8]
         [--head_dim 128] [--page_size 16] [--dtype bfloat16] [--iters 20]
 
 Workload: ``batch`` sequences each decoding one token with ``context`` tokens in a paged KV cache
