@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 from typing import Optional
 
@@ -44,6 +45,7 @@ class RequestMetrics:
     num_output: np.ndarray
     finished: np.ndarray  # bool
     rejected: np.ndarray  # bool
+    finish_reason: tuple[str, ...]  # "stop" | "length" | "rejected: <why>" | "unfinished"
     ttft_s: np.ndarray
     e2e_s: np.ndarray
     tpot_s: np.ndarray  # (finish - first token) / (output tokens - 1)
@@ -100,6 +102,7 @@ def request_metrics(log: FrozenLog) -> RequestMetrics:
         num_output=num_output,
         finished=finished,
         rejected=log.rejected,
+        finish_reason=log.finish_reason,
         ttft_s=first - log.arrival_s,
         e2e_s=e2e,
         tpot_s=tpot,
@@ -129,7 +132,12 @@ def summarize(
     slo_tpot_s: Optional[float] = None,
     price_per_hour_usd: Optional[float] = None,
 ) -> dict:
-    """The metrics.json dictionary (DESIGN.md keys plus counts, energy and cost where modelled)."""
+    """The metrics.json dictionary (DESIGN.md keys plus counts, energy and cost where modelled).
+
+    A metric the run has no data for is ``None`` (in JSON ``null``), never NaN or a number computed
+    from nothing, and ``unavailable[key]`` says why; ``slo_attainment`` is ``None`` when no SLO is
+    set. ``rejections`` counts rejected requests by reason (numbers and ids masked, so requests
+    rejected for the same cause group together)."""
     rm = request_metrics(log)
     admitted = ~rm.rejected
     start = float(log.arrival_s[admitted].min()) if admitted.any() else 0.0
@@ -138,35 +146,77 @@ def summarize(
     out_tokens = int(rm.num_output[rm.finished].sum())
     energy = float(log.step_energy_j.sum())
     busy = float(log.step_duration_s.sum())
+    unavailable: dict[str, str] = {}
+
+    def dist(key: str, values: np.ndarray, why: str) -> dict:
+        d = distribution(values)
+        if math.isnan(d["mean"]):
+            unavailable[key] = why
+            return {k: None for k in d}
+        return d
+
+    def scalar(key: str, value: Optional[float], why: str) -> Optional[float]:
+        if value is None:
+            unavailable[key] = why
+        return value
+
+    none_finished = "no request finished"
     metrics = {
         "num_requests": int(log.num_requests),
         "num_admitted": int(admitted.sum()),
         "num_rejected": int(rm.rejected.sum()),
         "num_finished": int(rm.finished.sum()),
         "num_steps": int(len(log.step_end_s)),
-        "makespan_s": makespan,
-        "ttft_s": distribution(rm.ttft_s[admitted]),
-        "tbt_s": distribution(rm.tbt_s),
-        "tpot_s": distribution(rm.tpot_s[admitted]),
-        "e2e_s": distribution(rm.e2e_s[admitted]),
-        "normalized_latency_s": distribution(rm.normalized_latency_s[admitted]),
-        "queueing_s": distribution(rm.queueing_s[admitted]),
-        "throughput_req_s": float(rm.finished.sum() / makespan),
-        "throughput_tok_s": float(out_tokens / makespan),
-        "slo_attainment": float(slo_met(rm, slo_ttft_s, slo_tpot_s)[admitted].mean()) if admitted.any() else math.nan,
+        "makespan_s": scalar("makespan_s", end - start if rm.finished.any() else None, none_finished),
+        "ttft_s": dist("ttft_s", rm.ttft_s[admitted], "no admitted request produced a token"),
+        "tbt_s": dist("tbt_s", rm.tbt_s, "no request produced two tokens"),
+        "tpot_s": dist("tpot_s", rm.tpot_s[admitted], "no finished request produced two tokens"),
+        "e2e_s": dist("e2e_s", rm.e2e_s[admitted], none_finished),
+        "normalized_latency_s": dist("normalized_latency_s", rm.normalized_latency_s[admitted], none_finished),
+        "queueing_s": dist("queueing_s", rm.queueing_s[admitted], "no admitted request was scheduled"),
+        "throughput_req_s": scalar("throughput_req_s", float(rm.finished.sum() / makespan) if rm.finished.any() else None, none_finished),
+        "throughput_tok_s": scalar("throughput_tok_s", float(out_tokens / makespan) if rm.finished.any() else None, none_finished),
+        "slo_attainment": None,
         "num_preemptions": int(log.preemptions.sum()),
-        "busy_fraction": float(min(busy / makespan, 1.0)),
+        "busy_fraction": float(min(busy / makespan, 1.0)) if rm.finished.any() else None,
         "mean_batch_tokens": float(log.step_tokens.mean()) if len(log.step_tokens) else 0.0,
         "peak_kv_usage": float(log.step_kv_usage.max()) if len(log.step_kv_usage) else 0.0,
+        "rejections": rejection_counts(log),
     }
+    if metrics["busy_fraction"] is None:
+        unavailable["busy_fraction"] = none_finished
+    if slo_ttft_s is None and slo_tpot_s is None:
+        unavailable["slo_attainment"] = "no SLO set (slo.ttft_s, slo.tpot_s)"
+    elif not admitted.any():
+        unavailable["slo_attainment"] = "no request was admitted"
+    else:
+        metrics["slo_attainment"] = float(slo_met(rm, slo_ttft_s, slo_tpot_s)[admitted].mean())
     if len(set(log.client_id.tolist())) > 1 and len(log.step_end_s):
         metrics["fairness_max_service_diff"] = max_service_difference(service_trace(log))
+    no_tokens = "no finished request produced a token"
     if energy > 0:
         metrics["energy_j"] = energy
-        metrics["energy_j_per_token"] = energy / max(out_tokens, 1)
+        metrics["energy_j_per_token"] = scalar("energy_j_per_token", energy / out_tokens if out_tokens else None, no_tokens)
     if price_per_hour_usd is not None:
-        metrics["cost_usd_per_mtok"] = price_per_hour_usd * makespan / 3600.0 / max(out_tokens, 1) * 1e6
+        cost = price_per_hour_usd * makespan / 3600.0 / out_tokens * 1e6 if out_tokens else None
+        metrics["cost_usd_per_mtok"] = scalar("cost_usd_per_mtok", cost, no_tokens)
+    metrics["unavailable"] = unavailable
     return metrics
+
+
+def rejection_reason_kind(reason: str) -> str:
+    """A rejection reason with its numbers and quoted ids masked: the cause, not the instance."""
+    return re.sub(r"\d+(\.\d+)?(e[+-]?\d+)?", "N", re.sub(r"'[^']*'", "'…'", reason))
+
+
+def rejection_counts(log: FrozenLog) -> dict[str, int]:
+    """Rejected requests per ``rejection_reason_kind``, most common first."""
+    counts: dict[str, int] = {}
+    for reason in log.finish_reason:
+        if reason.startswith("rejected: "):
+            kind = rejection_reason_kind(reason[len("rejected: "):])
+            counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 # -- searches ----------------------------------------------------------------------------------

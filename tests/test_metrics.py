@@ -13,6 +13,12 @@ from jaxserve.runtime.events import EventLog
 from jaxserve.kv import KVConfig
 from jaxserve.metrics import capacity, distribution, goodput, request_metrics, search_max_rate, summarize
 from jaxserve.scheduler.driver import step_output
+from jaxserve.scheduler.seq import FinishedRequest
+
+
+def done(*ids, reason="length"):
+    """What a step that finished ``ids`` passes the log."""
+    return [FinishedRequest(rid, (), reason, 0) for rid in ids]
 
 
 class FakeState:
@@ -52,7 +58,7 @@ def hand_log():
     log.add_request(b, 0.5)
     log.step(_plan([("a", 0, 4, True)], 0), 0.0, 1.0, 10.0, FakeState(1, 1, 0.25), [])
     log.step(_plan([("a", 4, 1, True), ("b", 0, 2, True)], 1), 1.0, 1.0, 20.0, FakeState(0, 2, 0.5), [])
-    log.step(_plan([("a", 5, 1, True), ("b", 2, 1, True)], 2), 2.0, 0.5, 5.0, FakeState(0, 0, 0.0), ["a", "b"])
+    log.step(_plan([("a", 5, 1, True), ("b", 2, 1, True)], 2), 2.0, 0.5, 5.0, FakeState(0, 0, 0.0), done("a", "b"))
     return log.freeze()
 
 
@@ -87,7 +93,11 @@ def test_rejected_requests_are_counted_not_measured():
     log.add_request(r, 0.0)
     log.reject("x", "too long")
     m = summarize(log.freeze())
-    assert m["num_rejected"] == 1 and m["num_finished"] == 0 and math.isnan(m["ttft_s"]["mean"])
+    assert m["num_rejected"] == 1 and m["num_finished"] == 0 and m["ttft_s"]["mean"] is None
+    assert m["rejections"] == {"too long": 1}
+    assert m["unavailable"]["ttft_s"] == "no admitted request produced a token"
+    assert m["throughput_tok_s"] is None and m["makespan_s"] is None
+    assert request_metrics(log.freeze()).rows()[0]["finish_reason"] == "rejected: too long"
 
 
 def test_event_log_from_a_real_scheduler_run():
@@ -103,7 +113,7 @@ def test_event_log_from_a_real_scheduler_run():
         state, plan = sched.schedule(state, now)
         out = step_output(plan, lambda rid, i: 5, {})
         state = sched.update(state, plan, out, now + 0.1)
-        log.step(plan, now, 0.1, 1.0, state, [f.request_id for f in state.finished])
+        log.step(plan, now, 0.1, 1.0, state, state.finished)
         now += 0.1
     rm = request_metrics(log.freeze())
     assert rm.finished.all() and (rm.num_output == 4).all()
@@ -165,7 +175,7 @@ def test_service_trace_and_fairness_by_hand():
     # step 0 serves a1's prefill; steps 1-2 decode a1; b1 and a2, b2 wait throughout
     log.step(_plan([("a1", 0, 10, True)], 0), 0.0, 1.0, 0.0, FakeState(3, 1), [])
     log.step(_plan([("a1", 10, 1, True)], 1), 1.0, 1.0, 0.0, FakeState(3, 1), [])
-    log.step(_plan([("a1", 11, 1, True)], 2), 2.0, 1.0, 0.0, FakeState(3, 0), ["a1"])
+    log.step(_plan([("a1", 11, 1, True)], 2), 2.0, 1.0, 0.0, FakeState(3, 0), done("a1"))
     trace = service_trace(log.freeze(), w_p=1.0, w_q=2.0)
     assert trace.clients == ("A", "B")
     np.testing.assert_allclose(trace.service[0], [10 + 2, 14, 16])
@@ -193,3 +203,32 @@ def test_a_preempted_request_makes_its_client_backlogged_again():
     # step ends 1, 2, 3, 4: B waits from its preemption at 1.0 until it runs again at 3.0
     np.testing.assert_array_equal(trace.backlogged[1], [True, True, False, False])
     np.testing.assert_array_equal(trace.backlogged[0], [False, False, False, False])
+
+
+def test_metrics_without_data_are_null_with_a_reason_never_nan_or_near_zero():
+    """Everything rejected (a 1-block cache): no NaN anywhere, no cost computed from nothing,
+    and no SLO set means no attainment."""
+    log = EventLog()
+    for i in range(3):
+        r = jaxserve.Request(f"r{i}", prompt_len=40 + i, sampling=jaxserve.SamplingParams(2))
+        log.add_request(r, float(i))
+        log.reject(r.request_id, f"request 'r{i}': prompt + max_new_tokens = {42 + i} exceeds the KV cache (16 tokens)")
+    m = summarize(log.freeze(), price_per_hour_usd=2.0)
+    flat = [v for v in m.values() if isinstance(v, float)] + [x for v in m.values() if isinstance(v, dict) for x in v.values()
+                                                               if isinstance(x, float)]  # fmt: skip
+    assert not any(math.isnan(v) for v in flat)
+    assert m["cost_usd_per_mtok"] is None and "no finished request" in m["unavailable"]["cost_usd_per_mtok"]
+    assert m["slo_attainment"] is None and "no SLO set" in m["unavailable"]["slo_attainment"]
+    assert m["rejections"] == {"request '…': prompt + max_new_tokens = N exceeds the KV cache (N tokens)": 3}
+
+
+def test_finish_reasons_and_slo_attainment_only_with_an_slo():
+    log = EventLog()
+    for rid in ("a", "b"):
+        log.add_request(jaxserve.Request(rid, prompt_len=4, sampling=jaxserve.SamplingParams(1)), 0.0)
+    log.step(_plan([("a", 0, 4, True), ("b", 0, 4, True)], 0), 0.0, 1.0, 0.0, FakeState(0, 0), done("a") + done("b", reason="stop"))
+    frozen = log.freeze()
+    assert [row["finish_reason"] for row in request_metrics(frozen).rows()] == ["length", "stop"]
+    assert summarize(frozen)["slo_attainment"] is None
+    assert summarize(frozen, slo_ttft_s=0.5)["slo_attainment"] == 0.0
+    assert summarize(frozen, slo_ttft_s=2.0)["slo_attainment"] == 1.0

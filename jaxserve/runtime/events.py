@@ -1,8 +1,8 @@
 """The event log every executor loop writes (simulator and engine alike); metrics read only this.
 
 Per step it records when the step ended, how long it took, its energy, its shape, the queue and KV
-state after it, and which requests received a token. Per request it records arrival, rejection,
-first scheduling and finish. Everything is appended as plain numbers; ``freeze()`` turns the log
+state after it, and which requests received a token. Per request it records arrival, rejection
+(with its reason), first scheduling, finish (with the scheduler's reason: ``stop`` or ``length``). Everything is appended as plain numbers; ``freeze()`` turns the log
 into numpy arrays for vectorized metrics.
 """
 
@@ -32,6 +32,7 @@ class EventLog:
         self.rejected: dict[int, str] = {}  # request index -> reason
         self.first_scheduled: dict[int, float] = {}
         self.finished: dict[int, float] = {}
+        self.finish_reasons: dict[int, str] = {}  # request index -> "stop" | "length"
         self.preemptions: dict[int, int] = {}
         self._requeued_at: dict[int, float] = {}  # preempted, waiting to run again since then
         self.rewaits: list[tuple[int, float, float]] = []  # (request, preempted at, resumed at)
@@ -58,8 +59,9 @@ class EventLog:
     def reject(self, request_id: str, reason: str) -> None:
         self.rejected[self.index[request_id]] = reason
 
-    def step(self, plan: BatchPlan, start_s: float, duration_s: float, energy_j: float, state, finished_ids) -> None:
-        """Records a step that ran ``plan`` from ``start_s`` for ``duration_s`` and left ``state``."""
+    def step(self, plan: BatchPlan, start_s: float, duration_s: float, energy_j: float, state, finished) -> None:
+        """Records a step that ran ``plan`` from ``start_s`` for ``duration_s`` and left ``state``;
+        ``finished`` are the requests it finished (``FinishedRequest``s: id and reason)."""
         end = start_s + duration_s
         index = self.index
         for rid in plan.preempted + plan.swapped_out:
@@ -74,8 +76,10 @@ class EventLog:
             elif self._requeued_at and i in self._requeued_at:
                 self.rewaits.append((i, self._requeued_at.pop(i), start_s))
         self._token_req.append(np.fromiter(map(index.__getitem__, sampled), np.int64, len(sampled)))
-        for rid in finished_ids:
-            self.finished[index[rid]] = end
+        for f in finished:
+            i = index[f.request_id]
+            self.finished[i] = end
+            self.finish_reasons[i] = f.finish_reason
         self._step_end.append(end)
         self._step_duration.append(duration_s)
         self._step_energy.append(energy_j)
@@ -105,6 +109,11 @@ class EventLog:
         return ends
 
     # -- reading ---------------------------------------------------------------------------------
+    def _finish_reason(self, i: int) -> str:
+        if i in self.rejected:
+            return f"rejected: {self.rejected[i]}"
+        return self.finish_reasons.get(i, "unfinished")  # unfinished: the run stopped first
+
     def freeze(self) -> "FrozenLog":
         n = len(self.requests)
         counts = np.fromiter((len(t) for t in self._token_req), np.int64, len(self._token_req))
@@ -122,6 +131,7 @@ class EventLog:
             arrival_s=np.array([r.arrival_s for r in self.requests], np.float64),
             prompt_len=np.array([r.prompt_len for r in self.requests], np.int64),
             client_id=np.array([r.client_id for r in self.requests], object),
+            finish_reason=tuple(self._finish_reason(i) for i in range(n)),
             rejected=np.isin(np.arange(n), np.fromiter(self.rejected.keys(), np.int64, len(self.rejected))),
             first_scheduled_s=per_request(self.first_scheduled, np.nan),
             finish_s=per_request(self.finished, np.nan),
@@ -151,6 +161,7 @@ class FrozenLog:
     arrival_s: np.ndarray
     prompt_len: np.ndarray
     client_id: np.ndarray
+    finish_reason: tuple[str, ...]  # "stop" | "length" | "rejected: <why>" | "unfinished"
     rejected: np.ndarray
     first_scheduled_s: np.ndarray
     finish_s: np.ndarray

@@ -121,7 +121,7 @@ class Replica:
         start = self.now
         self.now = start + out.duration_s
         self.state = state = scheduler.update(state, plan, out, self.now)
-        self.log.step(plan, start, out.duration_s, out.energy_j, state, [f.request_id for f in state.finished])
+        self.log.step(plan, start, out.duration_s, out.energy_j, state, state.finished)
         if self._on_step is not None:
             self._on_step(plan, out, state)
         self.num_steps += 1
