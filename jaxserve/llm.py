@@ -89,8 +89,19 @@ class LLM:
         self.stop_at_eos = stop_at_eos
         self._next_id = 0
 
-    def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], sampling: SamplingParams | None = None) -> list[Completion]:
-        """Completes every prompt (text, or token ids) with ``sampling`` (default: 16 greedy tokens)."""
+    def generate(
+        self,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        sampling: SamplingParams | None = None,
+        *,
+        return_rejections: bool = False,
+    ) -> list[Completion]:
+        """Completes every prompt (text, or token ids) with ``sampling`` (default: 16 greedy tokens).
+
+        A prompt the engine cannot serve (prompt + ``max_new_tokens`` over ``max_model_len`` or the KV
+        cache, token ids outside the vocabulary, over the scheduler's step budget) raises
+        ``ValueError`` naming it before anything runs, as vLLM does; with ``return_rejections`` it
+        comes back instead as a Completion with no tokens and ``finish_reason="rejected: <why>"``."""
         sampling = sampling or SamplingParams(max_new_tokens=16, temperature=0.0)
         if self.stop_at_eos and self.cfg.eos_token_ids:
             stops = tuple(dict.fromkeys(sampling.stop_token_ids + self.cfg.eos_token_ids))
@@ -99,6 +110,11 @@ class LLM:
             Request(self._new_id(), prompt_token_ids=tuple(self._encode(p)), sampling=sampling, arrival_time=0.0)
             for p in prompts
         ]
+        if not return_rejections:
+            for i, r in enumerate(requests):
+                reason = self._refusal(r)
+                if reason is not None:
+                    raise ValueError(f"prompt {i} (request {r.request_id!r}) cannot be served: {reason}")
         run = self.engine.serve(requests)
         rejected = {run.log.requests[i].request_id: reason for i, reason in run.log.rejected.items()}
         out = []
@@ -111,6 +127,18 @@ class LLM:
             text = self.tokenizer.decode(f.output_token_ids) if self.tokenizer else None
             out.append(Completion(r.request_id, r.prompt_token_ids, f.output_token_ids, text, f.finish_reason, f.num_preemptions))
         return out
+
+    def _refusal(self, request: Request) -> str | None:
+        """Why the engine would reject ``request`` (the runner's and the scheduler's checks, on a
+        throwaway state: both are free of side effects here), or None."""
+        try:
+            self.runner.register(request)
+            self.scheduler.add_request(self.scheduler.init(self.kv), request, 0.0)
+        except ValueError as e:
+            return str(e)
+        finally:
+            self.runner.release(request.request_id)
+        return None
 
     def warmup(self, max_decode_rows: int | None = None, max_blocks: int | None = None, mixed: bool = True) -> int:
         """Compiles the step for every bucket shape up to these sizes (defaults: the scheduler's

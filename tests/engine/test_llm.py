@@ -94,7 +94,11 @@ def test_generate_order_stop_tokens_and_rejections(checkpoints, llms):
     refs = [hf_greedy(model, p, 10) for p in prompts[:3]]
     # A stop id that the first prompt meets after a few tokens (and not before).
     stop = next(t for i, t in enumerate(refs[0]) if i >= 2 and t not in refs[0][:i] and t != EOS)
-    outs = llm.generate(prompts, SamplingParams(10, temperature=0.0, stop_token_ids=(stop,)))
+    sampling = SamplingParams(10, temperature=0.0, stop_token_ids=(stop,))
+    # By default a prompt over the context raises, naming it, before anything runs (as vLLM).
+    with pytest.raises(ValueError, match=r"prompt 3 \(request '.*'\) cannot be served: .*exceeds max_model_len=256"):
+        llm.generate(prompts, sampling)
+    outs = llm.generate(prompts, sampling, return_rejections=True)
     assert [o.prompt_token_ids for o in outs] == [tuple(p) for p in prompts]
     for ref, out in zip(refs, outs[:3]):
         expect = truncate(ref, {stop, EOS})
