@@ -55,7 +55,7 @@ def summary_table(metrics: dict, title: str) -> Table:
         table.add_column(col, justify="right")
     for key in ("ttft_s", "tbt_s", "tpot_s", "e2e_s", "normalized_latency_s", "queueing_s"):
         d = metrics[key]
-        table.add_row(key, *(f"{d[c]:.4f}" for c in ("mean", "p50", "p90", "p99")))
+        table.add_row(key, *("-" if d[c] is None else f"{d[c]:.4f}" for c in ("mean", "p50", "p90", "p99")))
     scalars = Table(show_header=False)
     for key in (
         "num_requests", "num_finished", "num_rejected", "num_preemptions", "throughput_req_s",

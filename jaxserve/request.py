@@ -155,7 +155,9 @@ class Request:
     lengths (the ids are then placeholders and the request is never prefix-cached unless it carries
     ``prefix_block_hashes``). ``prefix_block_hashes`` is a trace-provided prefix identity: hash ``i``
     names prompt tokens ``[i * prefix_hash_block_size, (i + 1) * prefix_hash_block_size)`` together
-    with everything before them, as in the Mooncake traces (512-token blocks).
+    with everything before them, as in the Mooncake traces (512-token blocks). ``cache_salt``
+    (a non-empty str, e.g. a tenant id) enters the first prefix-cache block's key, so requests
+    share prefix blocks only with requests of the same salt (None: shared with unsalted ones).
     """
 
     request_id: str
@@ -168,6 +170,7 @@ class Request:
     prefix_hash_block_size: int = 512
     priority: int = 0
     slo: Optional[SLO] = None
+    cache_salt: Optional[str] = None
 
     def __post_init__(self):
         if not isinstance(self.request_id, str) or not self.request_id:
@@ -212,6 +215,8 @@ class Request:
             )
         if self.slo is not None and not isinstance(self.slo, SLO):
             raise ValueError(f"Request.slo must be an SLO or None, got {type(self.slo).__name__}")
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt):
+            raise ValueError(f"Request.cache_salt must be a non-empty str or None, got {self.cache_salt!r}")
 
     @property
     def has_real_tokens(self) -> bool:

@@ -13,11 +13,14 @@ A block is in exactly one of four places:
 * fresh: never used (``b >= next_fresh``).
 Allocation takes stacked, then fresh, then the least recently freed evictable blocks, whose cache
 entries are dropped at that moment (so a freed block is visible to nobody until it is rewritten).
+
+Cache keys are exact block identities (``jaxserve.kv.prefix_hash``: bytes spelling out a block's
+tokens and its parent's digest), looked up by equality, so a hit is never a mere hash match.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,11 +30,11 @@ from jaxserve.kv.versioned import MISSING, Versioned
 # Slots of the shared tables (Versioned._data), each indexed by block id unless noted.
 RC = 0  # int64 reference count
 CACHED = 1  # bool: the block holds a prefix-cache entry
-HASH = 2  # int64: its hash (meaningful where CACHED)
+HASH = 2  # dict: block -> its cache key, for every cached block
 NEXT = 3  # int64: LRU successor (meaningful for evictable blocks; NONE at the tail)
 PREV = 4  # int64: LRU predecessor (NONE at the head)
 STACK = 5  # int64: the free stack's storage; entries [0, num_stacked) are live, the top last
-BY_HASH = 6  # dict: hash -> block, for every cached block
+BY_HASH = 6  # dict: cache key -> block, for every cached block
 NONE = -1
 
 
@@ -74,7 +77,7 @@ class BlockPool(Versioned):
     def __init__(self, num_blocks: int, enable_caching: bool = False):
         n = num_blocks
         # np.zeros is lazily backed by the OS, so a big pool costs nothing until blocks are used.
-        self._data = [np.zeros(n, np.int64), np.zeros(n, bool), np.zeros(n, np.int64),
+        self._data = [np.zeros(n, np.int64), np.zeros(n, bool), {},
                       np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64), {}]
         self._link = None
         self.num_blocks = num_blocks
@@ -121,8 +124,9 @@ class BlockPool(Versioned):
         """Whether ``n`` blocks can be allocated leaving at least ``reserve`` free. No side effects."""
         return n + reserve <= self.num_free
 
-    def match_prefix(self, hashes: Sequence[int]) -> tuple[int, ...]:
-        """Blocks caching the longest cached prefix of the hash chain ``hashes``."""
+    def match_prefix(self, hashes: Sequence[Hashable]) -> tuple[int, ...]:
+        """Blocks caching the longest cached prefix of the key chain ``hashes`` (keys compared by
+        equality: with prefix_hash keys, each hit holds exactly the asked-for block content)."""
         if not self.enable_caching:
             return ()
         out = []
@@ -151,15 +155,14 @@ class BlockPool(Versioned):
                      lambda d: np.flatnonzero(d[RC]).tolist(), lambda d: self.num_used)
 
     @property
-    def cached(self) -> Mapping[int, int]:
-        """hash -> block, for cached blocks."""
+    def cached(self) -> Mapping[Hashable, int]:
+        """key -> block, for cached blocks."""
         return _View(self, lambda d, h: d[BY_HASH].get(h), lambda d: list(d[BY_HASH]), lambda d: len(d[BY_HASH]))
 
     @property
-    def block_hash(self) -> Mapping[int, int]:
-        """block -> hash, for cached blocks."""
-        return _View(self, lambda d, b: int(d[HASH][b]) if self._valid(b) and d[CACHED][b] else None,
-                     lambda d: np.flatnonzero(d[CACHED]).tolist(), lambda d: len(d[BY_HASH]))
+    def block_hash(self) -> Mapping[int, Hashable]:
+        """block -> key, for cached blocks (in block order)."""
+        return _View(self, lambda d, b: d[HASH].get(b), lambda d: sorted(d[HASH]), lambda d: len(d[HASH]))
 
     @property
     def evictable(self) -> tuple[int, ...]:
@@ -214,8 +217,10 @@ class BlockPool(Versioned):
             changes["lru_tail"] = NONE
         else:
             edits.append((PREV, b, NONE))
+        keys = data[HASH]
+        edits.append((BY_HASH, [keys[b] for b in out], MISSING))
+        edits.append((HASH, out, MISSING))
         blocks = np.array(out, np.int64)
-        edits.append((BY_HASH, data[HASH][blocks].tolist(), MISSING))
         edits.append((CACHED, blocks, False))
         return blocks
 
@@ -311,9 +316,9 @@ class BlockPool(Versioned):
         edits.append((PREV, blocks, chain[:k]))
         changes.update(lru_tail=int(blocks[-1]), num_evictable=self.num_evictable + k)
 
-    def register(self, blocks: Sequence[int], hashes: Sequence[int]) -> BlockPool:
-        """Caches full, allocated, uncached ``blocks`` under ``hashes``. A hash already cached (the
-        same content computed twice) keeps its first block."""
+    def register(self, blocks: Sequence[int], hashes: Sequence[Hashable]) -> BlockPool:
+        """Caches full, allocated, uncached ``blocks`` under the keys ``hashes``. A key already
+        cached (the same content computed twice) keeps its first block."""
         if not self.enable_caching:
             return self
         data = self._read()
@@ -332,11 +337,8 @@ class BlockPool(Versioned):
             raise ValueError("register: a block is already cached")
         if np.count_nonzero(data[RC][arr]) < len(arr):  # refcounts are >= 0: some is 0
             raise ValueError("register: only allocated blocks can be cached")
-        try:
-            hash_arr = np.fromiter(fresh, np.int64, len(fresh))
-        except OverflowError:
-            raise ValueError("register: hashes must be 64-bit integers") from None
-        edits = [(BY_HASH, list(fresh), new_blocks), (CACHED, arr, True), (HASH, arr, hash_arr)]
+        new_keys = list(fresh)
+        edits = [(BY_HASH, new_keys, new_blocks), (HASH, new_blocks, new_keys), (CACHED, arr, True)]
         return self._derive(edits, self._with())
 
     def uncache(self, block: int) -> BlockPool:
@@ -346,7 +348,7 @@ class BlockPool(Versioned):
             raise ValueError(f"uncache: block {block} is not allocated")
         if not data[CACHED][block]:
             return self
-        edits = [(BY_HASH, [int(data[HASH][block])], MISSING), (CACHED, block, False)]
+        edits = [(BY_HASH, [data[HASH][block]], MISSING), (HASH, [block], MISSING), (CACHED, block, False)]
         return self._derive(edits, self._with())
 
     def check(self) -> None:
@@ -368,9 +370,9 @@ class BlockPool(Versioned):
         assert sum(map(len, places)) == n, "a block is lost or in two places"
         assert set().union(*places) == set(range(n)), "unknown block id"
         assert set(lru) == set(np.flatnonzero((rc == 0) & cached).tolist()), "evictable != cached with refcount 0"
-        assert int(cached.sum()) == len(by_hash), "cache tables disagree"
+        assert int(cached.sum()) == len(by_hash) == len(hashes), "cache tables disagree"
         for h, b in by_hash.items():
-            assert cached[b] and hashes[b] == h, f"cache tables disagree on block {b}"
+            assert cached[b] and b in hashes and hashes[b] == h, f"cache tables disagree on block {b}"
             assert b < self.next_fresh and b not in places[2], f"cached block {b} is free"
 
 

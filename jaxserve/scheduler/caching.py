@@ -69,8 +69,9 @@ def generated_blocks_to_offer(run, r: int, block_size: int, generated: Sequence[
     if run.real_tokens[r] and n_full > len(chain):
         req = run.requests[r]
         prompt_len, start, stop = req.prompt_len, len(chain) * block_size, n_full * block_size
-        gen = generated[max(start - prompt_len, 0) : stop - prompt_len]
-        tokens = (tuple(req.prompt_token_ids[start:prompt_len]) + tuple(gen)) if start < prompt_len else gen
-        chain = chain + tuple(chain_hashes(tokens, block_size, n_full - len(chain), chain[-1] if chain else 0))
+        gen = np.asarray(generated[max(start - prompt_len, 0) : stop - prompt_len], np.int32)
+        tokens = np.concatenate((req.prompt_array[start:prompt_len], gen)) if start < prompt_len else gen
+        parent = chain[-1] if chain else None  # no chain yet: start one, with the request's salt
+        chain = chain + tuple(chain_hashes(tokens, block_size, n_full - len(chain), parent, req.cache_salt))
     upto = min(n_full, len(chain))
     return run.block_tables[r][registered:upto], chain[registered:upto], chain

@@ -659,7 +659,7 @@ def test_chain_hashes_continue_and_extend(tokens, bs, data):
     k = data.draw(st.integers(0, n))
     head = chain_hashes(tokens, bs, k)
     assert head == full[:k]
-    rest = chain_hashes(tokens[k * bs :], bs, n - k, parent=head[-1] if head else 0)
+    rest = chain_hashes(tokens[k * bs :], bs, n - k, parent=head[-1] if head else None)
     assert head + rest == full
     for i in range(n):
         assert extend_chain(tuple(full[:i]), tokens[i * bs : (i + 1) * bs]) == full[i]
@@ -669,7 +669,7 @@ def test_chain_hashes_depend_on_position_and_parent():
     h = chain_hashes([1, 2, 1, 2], 2, 2)
     assert h[0] != h[1]  # same block content, different parent
     assert chain_hashes([1, 2], 2, 1) != chain_hashes([2, 1], 2, 1)
-    assert chain_hashes([1, 2], 2, 1, parent=5) != chain_hashes([1, 2], 2, 1)
+    assert chain_hashes([1, 2], 2, 1, parent=h[0]) != chain_hashes([1, 2], 2, 1)
     assert chain_hashes([1, 2, 3], 2, 1) == chain_hashes([1, 2, 4], 2, 1)  # only full blocks named
 
 
