@@ -24,7 +24,3 @@ class KVConfig:
     def capacity_tokens(self) -> int:
         """Tokens the whole device cache holds."""
         return self.num_blocks * self.block_size
-
-    def blocks_for(self, num_tokens: int) -> int:
-        """Blocks needed to hold ``num_tokens`` tokens."""
-        return -(-num_tokens // self.block_size)

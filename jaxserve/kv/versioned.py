@@ -26,7 +26,6 @@ J.-C. Filliâtre and S. Conchon, "A persistent union-find data structure", ML Wo
 
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 
@@ -107,15 +106,3 @@ def _reroot(v: Versioned) -> list:
         neighbor._data, neighbor._link = None, (node, undo)
         node._data, node._link = data, None
     return data
-
-
-def versions_behind(v: Versioned) -> int:
-    """How many links separate ``v`` from the current version (0 when current): for tests."""
-    n = 0
-    while v._data is None:
-        v, n = v._link[0], n + 1
-    return n
-
-
-def is_current(v: Any) -> bool:
-    return v._data is not None

@@ -39,10 +39,6 @@ class TokenBuffer(Versioned):
             setattr(new, name, value)
         return new
 
-    @property
-    def num_taken(self) -> int:
-        return self.next_fresh - self.num_stacked
-
     def read(self, slot: int, n: int) -> tuple[int, ...]:
         """The first ``n`` ids of ``slot``."""
         start = slot * self.width

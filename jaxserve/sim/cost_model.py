@@ -134,8 +134,7 @@ class RooflineCostModel:
         flops_rate = hardware.peak_flops(dtype) * self.mfu  # FLOP/s one device sustains
         byte_rate = hardware.memory_bandwidth * self.mbu  # bytes/s one device sustains
         h, L = model.hidden_size, model.num_layers
-        kv_heads_dev = max(model.num_kv_heads // tp, 1)  # replicated when tp > kv_heads
-        self.kv_bytes_per_token_device = 2 * L * kv_heads_dev * model.head_dim * DTYPE_BYTES[kv_dtype]
+        self.kv_bytes_per_token_device = model.kv_bytes_per_token(kv_dtype, tp)
 
         # Seconds per unit, per device, summed over pipeline stages (the step's critical path).
         self._s_per_token_gemm = model.linear_flops_per_token() / tp / flops_rate
@@ -301,8 +300,7 @@ class RooflineCostModel:
         weights = m.weight_bytes(self.dtype) / (self.tp * self.pp)
         budget = hw.memory_bytes * gpu_memory_utilization
         free = budget - weights - activation_reserve_bytes
-        kv_heads_dev = max(m.num_kv_heads // self.tp, 1)
-        block_bytes = block_size * 2 * stage_layers * kv_heads_dev * m.head_dim * DTYPE_BYTES[self.kv_dtype]
+        block_bytes = block_size * m.kv_bytes_per_token(self.kv_dtype, self.tp, stage_layers)
         if free < block_bytes:
             raise ValueError(
                 f"{m.name} ({self.dtype}) does not fit on {self.tp * self.pp} x {hw.name} "

@@ -120,9 +120,12 @@ class ModelSpec:
         """Bytes of all weights stored in ``dtype``."""
         return self.num_params * _dtype_bytes(dtype)
 
-    def kv_bytes_per_token(self, dtype: str = "bf16") -> int:
-        """KV-cache bytes of one token: 2 (K and V) x layers x kv_heads x head_dim x bytes."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * _dtype_bytes(dtype)
+    def kv_bytes_per_token(self, dtype: str = "bf16", tp: int = 1, num_layers: int | None = None) -> int:
+        """KV-cache bytes of one token on one of ``tp`` tensor-parallel devices: 2 (K and V) x
+        layers (``num_layers``, default all: a pipeline stage holds fewer) x KV heads per device
+        (replicated when tp > KV heads, as vLLM does) x head_dim x bytes."""
+        layers = self.num_layers if num_layers is None else num_layers
+        return 2 * layers * max(self.num_kv_heads // tp, 1) * self.head_dim * _dtype_bytes(dtype)
 
     # -- FLOPs -----------------------------------------------------------------------------------
     def linear_flops_per_token(self) -> int:

@@ -610,7 +610,6 @@ def test_kv_config_values():
     assert c.capacity_tokens == 160
     c = KVConfig(num_blocks=3, block_size=4, num_host_blocks=2)
     assert c.capacity_tokens == 12
-    assert [c.blocks_for(t) for t in (0, 1, 3, 4, 5, 8, 9)] == [0, 1, 1, 1, 2, 2, 3]
     with pytest.raises(AttributeError):
         c.num_blocks = 5
 

@@ -7,7 +7,19 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxserve.kv.versioned import MISSING, Versioned, is_current, versions_behind
+from jaxserve.kv.versioned import MISSING, Versioned
+
+
+def versions_behind(v: Versioned) -> int:
+    """How many links separate ``v`` from the current version (0 when current)."""
+    n = 0
+    while v._data is None:
+        v, n = v._link[0], n + 1
+    return n
+
+
+def is_current(v: Versioned) -> bool:
+    return v._data is not None
 
 
 class Box(Versioned):
