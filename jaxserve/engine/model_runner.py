@@ -4,7 +4,8 @@
 swap-out to and swap-in from a host pool), packs the plan into bucketed arrays
 (``engine/packing.py``), runs one jitted step (model + sampling) with the per-layer caches donated,
 and returns the sampled tokens and the step's measured wall time (a bucket shape's first use
-compiles it first, outside the timed part, so no step time contains a compilation). The runner keeps no scheduling
+compiles it first, outside the timed part, so no step time contains a compilation; at most
+``max_compiled_shapes`` stay compiled, see ``engine/compilation.py``). The runner keeps no scheduling
 state: block tables, token ids and positions all come from the plan; it only needs each request's
 sampling parameters (``register``/``release``).
 """
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve.engine.compilation import default_max_compiled_shapes
 from jaxserve.engine.packing import HostBatch, PackSpec, RequestSampling, pack, warmup_batches
 from jaxserve.kv.config import KVConfig
 from jaxserve.model.attention import ATTENTION_IMPLS, default_attention_impl
@@ -94,7 +96,9 @@ def default_seed(request_id: str, engine_seed: int) -> int:
 class ModelRunner(Executor):
     """See the module docstring. ``max_model_len`` bounds prompt + output tokens per request;
     ``buckets_per_octave`` (decode rows, prefill blocks) trades compilations for padding
-    (``packing.bucket``)."""
+    (``packing.bucket``); ``max_compiled_shapes`` (default: from the process's memory-map limit)
+    bounds the step shapes kept compiled: a new shape past it drops every compiled step and starts
+    over (with jax's persistent cache on, a dropped shape's next compilation is a file read)."""
 
     def __init__(
         self,
@@ -108,6 +112,7 @@ class ModelRunner(Executor):
         chunk_pages: int = 8,
         seed: int = 0,
         buckets_per_octave: tuple[int, int] = (2, 4),
+        max_compiled_shapes: int | None = None,
     ):
         self.cfg = cfg
         self.kv = kv
@@ -152,8 +157,14 @@ class ModelRunner(Executor):
             cfg.head_dim,
         )
         self.host_pages = np.zeros(host_shape, dtype) if kv.num_host_blocks else None
-        self.num_compilations = 0
-        self._compiled: set[tuple[tuple[int, int], bool]] = set()  # (shape, all_logits) already run
+        cap = default_max_compiled_shapes() if max_compiled_shapes is None else max_compiled_shapes
+        if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
+            raise ValueError(f"max_compiled_shapes must be an int >= 1, got {max_compiled_shapes!r}")
+        self.max_compiled_shapes = cap
+        self.num_compilations = 0  # step functions traced (each trace is one compilation)
+        self.compile_seconds = 0.0  # wall time of every shape's first runs (compilation included)
+        self.num_evictions = 0  # times the compiled steps were dropped to stay under the cap
+        self._compiled: set[tuple[tuple[int, int], bool]] = set()  # (shape, all_logits) compiled now
         self._sampling: dict[str, RequestSampling] = {}
         jit = functools.partial(jax.jit, donate_argnums=(1,))
         self._steps = {
@@ -239,11 +250,28 @@ class ModelRunner(Executor):
         if (shape, all_logits) in self._compiled:
             return 0.0
         start = time.perf_counter()
+        if len(self._compiled) >= self.max_compiled_shapes:
+            self._evict_compiled()
         for batch in warmup_batches(shape, self.spec):
             tokens, self.caches, _ = self._run(batch, all_logits)
         tokens.block_until_ready()  # the caches were donated: keep the returned ones
         self._compiled.add((shape, all_logits))
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        self.compile_seconds += elapsed
+        return elapsed
+
+    def _evict_compiled(self) -> None:
+        """Drops every compiled step shape (jit caches cannot drop one entry; the memory maps of
+        the executables go with them)."""
+        for step in self._steps.values():
+            step.clear_cache()
+        self._compiled.clear()
+        self.num_evictions += 1
+
+    @property
+    def num_compiled_shapes(self) -> int:
+        """Step shapes compiled and kept now (at most ``max_compiled_shapes``)."""
+        return len(self._compiled)
 
     def _run(self, batch: HostBatch, all_logits: bool):
         return self._steps[all_logits](
@@ -293,9 +321,11 @@ class ModelRunner(Executor):
             dst[: len(plan.copy_blocks)] = [d for _, d in plan.copy_blocks]
             self.caches = self._copy(self.caches, src, dst)
 
-    def warmup(self, max_decode_rows: int, max_blocks: int, mixed: bool = True) -> int:
-        """Compiles every bucket shape up to these sizes (decode-only, prefill-only and, with
-        ``mixed``, both); returns how many shapes it ran. Runs on padding rows only: no KV changes."""
+    def warmup(self, max_decode_rows: int, max_blocks: int, mixed: bool = True, on_progress=None) -> int:
+        """Compiles the bucket shapes up to these sizes (decode-only, prefill-only and, with
+        ``mixed``, both), smallest first and at most ``max_compiled_shapes`` of them (more would
+        only be dropped again); returns how many it ran. ``on_progress(done, total, shape)`` is
+        called after each. Runs on padding rows only: no KV changes."""
         spec = self.spec
         decodes = bucket_sizes(max_decode_rows, spec.min_decode_rows, spec.decode_per_octave)
         blocks = bucket_sizes(max_blocks, spec.min_blocks, spec.blocks_per_octave)
@@ -305,8 +335,11 @@ class ModelRunner(Executor):
             for b in blocks
             if (d or b) and (mixed or not (d and b))
         ]
-        for shape in shapes:
+        shapes = sorted(shapes, key=lambda s: (s[0] + s[1] * spec.block_rows, s))[: self.max_compiled_shapes]
+        for i, shape in enumerate(shapes):
             self._compile(shape, all_logits=False)
+            if on_progress is not None:
+                on_progress(i + 1, len(shapes), shape)
         return len(shapes)
 
 

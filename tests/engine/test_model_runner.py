@@ -74,6 +74,47 @@ def test_warmed_up_runner_never_compiles_again(llama, llama_params):
     assert runner.num_compilations == before + 2 and len(compiles) == 2  # (0, 4) and (4, 0)
 
 
+class CapWatch:
+    """A runner wrapper that records, after every step, how many shapes it keeps compiled."""
+
+    def __init__(self, runner):
+        self.runner, self.live = runner, []
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def execute(self, plan):
+        out = self.runner.execute(plan)
+        self.live.append(self.runner.num_compiled_shapes)
+        return out
+
+
+def test_a_capped_runner_keeps_at_most_its_shapes_and_serves_the_same_tokens(llama_params):
+    """``max_compiled_shapes`` bounds what stays compiled (each executable holds ~260 memory maps;
+    hundreds of shapes exhaust vm.max_map_count and LLVM aborts the process): past the cap the
+    compiled steps are dropped and recompiled on use, and the tokens do not change."""
+    cfg, params = llama_params
+    reqs = [request(f"c{i}", prompt(400 + i, n), greedy(m)) for i, (n, m) in enumerate([(3, 5), (9, 2), (30, 4), (1, 6), (14, 3)])]
+    free = run_steps(ModelRunner(cfg, params, RUNNER_KV), make("sarathi", chunk_size=8), KV, reqs, arrival_steps=[0, 0, 2, 3, 5])
+    assert len(free.shapes) >= 4, sorted(free.shapes)  # the cap below is really exceeded
+    capped = CapWatch(ModelRunner(cfg, params, RUNNER_KV, max_compiled_shapes=2))
+    trace = run_steps(capped, make("sarathi", chunk_size=8), KV, reqs, arrival_steps=[0, 0, 2, 3, 5])
+    assert trace.tokens == free.tokens
+    assert max(capped.live) <= 2 and capped.runner.num_evictions >= 1
+    with pytest.raises(ValueError, match="max_compiled_shapes"):
+        ModelRunner(cfg, params, RUNNER_KV, max_compiled_shapes=0)
+
+
+def test_warmup_compiles_the_smallest_shapes_up_to_the_cap_and_reports_progress(llama_params):
+    cfg, params = llama_params
+    runner = ModelRunner(cfg, params, RUNNER_KV, max_compiled_shapes=3)
+    seen = []
+    assert runner.warmup(4, 4, on_progress=lambda done, total, shape: seen.append((done, total, shape))) == 3
+    assert [(d, t) for d, t, _ in seen] == [(1, 3), (2, 3), (3, 3)]
+    assert [s for *_, s in seen] == [(1, 0), (2, 0), (3, 0)]  # fewest padded rows first: decode rows before a 32-row block
+    assert runner.num_compiled_shapes == 3 and runner.num_evictions == 0 and runner.compile_seconds > 0
+
+
 def test_compiling_a_shape_runs_its_loops_and_sampling_branches_without_touching_kv(llama_params):
     """A shape's warm-up runs the KV loop (every padding row and block reads one position) and the
     greedy, temperature and filtered sampling branches, and leaves every KV page bit for bit."""
