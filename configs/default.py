@@ -39,7 +39,9 @@ def get_config() -> ConfigDict:
 
     c.workload = ConfigDict()
     c.workload.kind = "trace"  # "poisson" | "gamma" | "fixed" | "trace"
-    c.workload.trace_path = "azure_llm_2023/AzureLLMInferenceTrace_conv.csv"  # under ../shared/traces
+    # "sample:<file>": shipped with jaxserve (jaxserve/workload/samples: the Azure 2023 conversation
+    # trace's first 10 min); a relative path: under $JAXSERVE_TRACES, else ../shared/traces.
+    c.workload.trace_path = "sample:azure_conv_2023_first_10min.csv"
     c.workload.trace_format = "auto"
     c.workload.qps = placeholder(float)  # unset: replay at the recorded rate; set: rescale to it
     c.workload.cv = 1.0

@@ -151,8 +151,23 @@ def traces_dir() -> Path:
     return root.parent / "shared" / "traces"
 
 
+SAMPLE_PREFIX = "sample:"  # trace_path "sample:<file>": a trace shipped in jaxserve/workload/samples
+SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+
+
+def sample_traces() -> list[str]:
+    """Names of the traces shipped with the package (``sample:<name>``)."""
+    return sorted(p.name for p in SAMPLES_DIR.glob("*.csv"))
+
+
 def resolve_trace_path(path: PathLike) -> Path:
-    """``path`` itself when absolute, else ``traces_dir() / path``. Traces are never copied."""
+    """``sample:<name>``: a trace shipped with jaxserve (see ``samples/README.md``); an absolute
+    path: itself; else ``traces_dir() / path``. Traces are never copied."""
+    if isinstance(path, str) and path.startswith(SAMPLE_PREFIX):
+        name = path[len(SAMPLE_PREFIX) :]
+        if name not in sample_traces():
+            raise FileNotFoundError(f"no sample trace {name!r}; the samples are {sample_traces()}")
+        return SAMPLES_DIR / name
     p = Path(path).expanduser()
     return p if p.is_absolute() else traces_dir() / p
 

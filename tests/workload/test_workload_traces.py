@@ -17,6 +17,7 @@ from jaxserve.workload.traces import (
     project_root,
     read_trace,
     resolve_trace_path,
+    sample_traces,
     traces_dir,
 )
 
@@ -135,6 +136,23 @@ def test_relative_paths_default_to_shared_traces_beside_the_project(monkeypatch)
     assert (root / "pyproject.toml").is_file() and (root / "jaxserve").is_dir()
     assert traces_dir() == root.parent / "shared" / "traces"
     assert resolve_trace_path(AZURE) == traces_dir() / AZURE
+
+
+@needs_traces
+def test_the_shipped_sample_is_the_first_ten_minutes_of_the_shared_azure_trace():
+    sample, full = shared("sample:azure_conv_2023_first_10min.csv"), shared(AZURE)
+    assert sample.format == "azure" and len(sample) == 2867 == int(np.sum(full.arrival_s < 600.0))
+    for column in ("arrival_s", "prompt_len", "output_len"):
+        np.testing.assert_array_equal(getattr(sample, column), getattr(full, column)[: len(sample)])
+
+
+def test_sample_paths_resolve_into_the_package_whatever_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXSERVE_TRACES", str(tmp_path))  # no traces here: samples do not need them
+    assert "azure_conv_2023_first_10min.csv" in sample_traces()
+    path = resolve_trace_path("sample:azure_conv_2023_first_10min.csv")
+    assert path.is_file() and path.parent.name == "samples" and len(read_trace(path)) == 2867
+    with pytest.raises(FileNotFoundError, match=r"no sample trace 'nope.csv'; the samples are \['azure_conv"):
+        resolve_trace_path("sample:nope.csv")
 
 
 # --- parsing details ----------------------------------------------------------------------------
