@@ -20,6 +20,41 @@ def _cdf(ax, values, label):
         ax.plot(values, np.arange(1, len(values) + 1) / len(values), label=label)
 
 
+def _rolling_quantiles(x, y, window: int):
+    """(x, p50, p99) over a sliding window of ``window`` points ordered by x (empty when too few)."""
+    order = np.argsort(x, kind="stable")
+    x, y = x[order], y[order]
+    if len(y) < window or window < 2:
+        return x[:0], y[:0], y[:0]
+    windows = np.lib.stride_tricks.sliding_window_view(y, window)
+    centre = x[window // 2 : window // 2 + len(windows)]
+    return centre, np.median(windows, axis=1), np.quantile(windows, 0.99, axis=1)
+
+
+def latency_over_time_figure(rm: RequestMetrics):
+    """TTFT and E2E latency of finished requests against arrival time, each on its own panel (TTFT
+    is often 100x smaller than E2E and vanishes on a shared axis), with rolling P50/P99 lines; a
+    panel whose values span more than two decades uses a log axis."""
+    fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    done = rm.finished
+    window = max(2, min(200, int(done.sum()) // 20))
+    for ax, values, name, color in ((axes[0], rm.ttft_s, "TTFT", "tab:orange"), (axes[1], rm.e2e_s, "E2E latency", "tab:blue")):
+        x, y = rm.arrival_s[done], values[done]
+        ax.scatter(x, y, s=3, alpha=0.3, color=color, label=name)
+        cx, p50, p99 = _rolling_quantiles(x, y, window)
+        if len(cx):
+            ax.plot(cx, p50, color="black", lw=1, label=f"P50 (rolling, {window} requests)")
+            ax.plot(cx, p99, color="black", lw=1, ls="--", label="P99 (rolling)")
+        positive = y[y > 0]
+        if len(positive) and positive.max() > 100 * positive.min():
+            ax.set_yscale("log")
+        ax.set(ylabel=f"{name} (s)", title=f"{name} over time")
+        ax.legend(markerscale=4, fontsize=8, loc="upper left")
+        ax.grid(alpha=0.3)
+    axes[1].set(xlabel="arrival time (s)")
+    return fig
+
+
 def plot_run(log: FrozenLog, rm: RequestMetrics, output_dir: str, title: str = "") -> list[str]:
     """Writes the run's PNGs into ``output_dir``; returns their paths."""
     os.makedirs(output_dir, exist_ok=True)
@@ -42,13 +77,7 @@ def plot_run(log: FrozenLog, rm: RequestMetrics, output_dir: str, title: str = "
         ax.grid(alpha=0.3)
     save(fig, "latency_cdf.png")
 
-    fig, ax = plt.subplots(figsize=(10, 4))
-    done = rm.finished
-    ax.scatter(rm.arrival_s[done], rm.e2e_s[done], s=3, alpha=0.4, label="E2E latency")
-    ax.scatter(rm.arrival_s[done], rm.ttft_s[done], s=3, alpha=0.4, label="TTFT")
-    ax.set(xlabel="arrival time (s)", ylabel="latency (s)", title="Latency over time")
-    ax.legend(markerscale=4)
-    ax.grid(alpha=0.3)
+    fig = latency_over_time_figure(rm)
     save(fig, "latency_over_time.png")
 
     fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)

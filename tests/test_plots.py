@@ -1,0 +1,47 @@
+"""The run plots: TTFT readable next to E2E latency, rolling quantiles, every PNG written."""
+
+import numpy as np
+import pytest
+
+from jaxserve.metrics import RequestMetrics
+from jaxserve.plots import _rolling_quantiles, latency_over_time_figure
+
+
+def metrics(n=400, seed=0):
+    rng = np.random.default_rng(seed)
+    ttft = rng.uniform(0.01, 0.5, n)
+    e2e = ttft + rng.uniform(1.0, 35.0, n)  # E2E ~70x TTFT, as in the main job
+    f = np.ones(n, bool)
+    z = np.zeros(n)
+    return RequestMetrics(
+        request_id=tuple(f"r{i}" for i in range(n)), client_id=np.array(["a"] * n), arrival_s=np.sort(rng.uniform(0, 600, n)),
+        prompt_len=z + 10, num_output=z + 5, finished=f, rejected=~f, finish_reason=("stop",) * n, ttft_s=ttft, e2e_s=e2e,
+        tpot_s=z, normalized_latency_s=z, queueing_s=z, max_tbt_s=z, preemptions=z, tbt_s=z[:0], tbt_req=z[:0].astype(int),
+    )  # fmt: skip
+
+
+def test_ttft_has_its_own_panel_scaled_to_it():
+    rm = metrics()
+    fig = latency_over_time_figure(rm)
+    ttft_ax, e2e_ax = fig.axes
+    assert "TTFT" in ttft_ax.get_ylabel() and "E2E" in e2e_ax.get_ylabel()
+    top = ttft_ax.get_ylim()[1]
+    assert rm.ttft_s.max() <= top < 2 * rm.ttft_s.max()  # not flattened under a 35 s axis
+    assert len(ttft_ax.lines) == 2  # rolling P50 and P99
+
+
+def test_a_spread_over_decades_gets_a_log_axis():
+    rm = metrics()
+    rm.ttft_s[:10] = 1e-4  # 3+ decades below the rest
+    assert latency_over_time_figure(rm).axes[0].get_yscale() == "log"
+    assert latency_over_time_figure(metrics()).axes[0].get_yscale() == "linear"
+
+
+def test_rolling_quantiles():
+    x = np.arange(10.0)[::-1]
+    y = np.arange(10.0)[::-1]
+    cx, p50, p99 = _rolling_quantiles(x, y, 3)
+    np.testing.assert_array_equal(cx, np.arange(1.0, 9.0))
+    np.testing.assert_array_equal(p50, np.arange(1.0, 9.0))
+    assert p99 == pytest.approx(np.arange(1.0, 9.0) + 0.98)
+    assert len(_rolling_quantiles(x, y, 20)[0]) == 0
