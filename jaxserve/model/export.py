@@ -56,3 +56,38 @@ def save_hf_checkpoint(directory: str, cfg: ModelConfig, params: dict) -> None:
     save_file(hf_tensors(cfg, params), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(hf_config(cfg), f, indent=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m jaxserve.model.export DIR``: a random Llama checkpoint of a chosen (tiny by
+    default) shape, for trying the engine without downloading a model."""
+    import argparse
+
+    from jaxserve.model.llama import params_of, random_model
+
+    parser = argparse.ArgumentParser(prog="python -m jaxserve.model.export", description=main.__doc__.split("\n\n")[0])
+    parser.add_argument("directory", help="where to write config.json + model.safetensors (created)")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=64, help="hidden size (heads of 16 dims)")
+    parser.add_argument("--vocab", type=int, default=256)
+    parser.add_argument("--max_position", type=int, default=1024, help="max_position_embeddings")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for name in ("layers", "hidden", "vocab", "max_position"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.hidden % 16:
+        parser.error(f"--hidden must be a multiple of 16 (heads of 16 dims), got {args.hidden}")
+    heads = args.hidden // 16
+    cfg = ModelConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_layers=args.layers,
+        num_heads=heads, num_kv_heads=max(heads // 2, 1), head_dim=16, max_position_embeddings=args.max_position,
+        rms_norm_eps=1e-5, dtype="float32",
+    )  # fmt: skip
+    save_hf_checkpoint(args.directory, cfg, params_of(random_model(cfg, seed=args.seed)))
+    print(f"wrote a random {args.layers}-layer Llama (hidden {args.hidden}, vocab {args.vocab}) to {args.directory}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

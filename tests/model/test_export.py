@@ -42,3 +42,18 @@ def test_llama_with_unequal_biases_is_refused():
                       head_dim=4, qkv_bias=True)  # fmt: skip
     with pytest.raises(ValueError, match="attention_bias"):
         hf_config(cfg)
+
+
+def test_cli_writes_a_tiny_checkpoint_both_loaders_read(tmp_path, capsys):
+    from jaxserve.model.export import main
+
+    out = tmp_path / "tiny"
+    assert main([str(out), "--layers", "3", "--hidden", "32", "--vocab", "100", "--max_position", "512"]) == 0
+    cfg, params = load_model(str(out))
+    assert (cfg.num_layers, cfg.hidden_size, cfg.vocab_size, cfg.max_position_embeddings) == (3, 32, 100, 512)
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (2, 1, 16)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    assert model.config.num_hidden_layers == 3
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "bad"), "--hidden", "20"])
+    assert "multiple of 16" in capsys.readouterr().err
