@@ -2,26 +2,9 @@
 
 A profile (``python -m jaxserve.profile``, format in ``jaxserve/calibration/profile_format.py``) holds the engine's
 measured step time over a grid of batch shapes, and the runner's ``StepGeometry`` (its bucket
-grids and attention path). The step time is modelled as linear in the work the engine does for a
-step as it *runs* it, padded (``StepGeometry.work``; seconds per unit)::
-
-    duration_s = c_const + Σ_j c_rows_j · token_rows_j + c_slots · sample_slots
-               + c_dk · decode_attention_keys + c_dr · decode_kv_read
-               + c_pk · prefill_attention_keys + c_pr · prefill_kv_read + c_seqs · num_seqs
-
-where ``token_rows_j`` are the padded rows falling in segment j of ``ROW_KNOTS`` (a piecewise-linear
-cost of the step's row count: per row, a few rows cost far more than hundreds).
-
-Counting the plan's real tokens instead would miss what dominates a small step on the CPU engine:
-its matmuls run over the bucket's padded rows, and the grouped attention visits every row's
-longest-context chunks (a batch of one long and many short decodes computes the long one for
-all, while each row reads only its own KV: compute and memory traffic are separate terms).
-
-Every coefficient is a cost, so the fit is non-negative least squares. It minimizes the *relative*
-squared error Σ ((pred − t) / t)² over the points' median times: step times span orders of
-magnitude (a 1-row decode vs a 2048-token prefill), and an absolute fit would spend itself on the
-largest points while the simulator mostly runs small decode steps. The problem is small (20
-unknowns, ~100 points) and solved exactly by an active-set NNLS; no gradient optimizer is needed.
+grids and attention path). The step time is linear in the padded work the engine does for a step as it runs it
+(``StepGeometry.work``), with non-negative coefficients fitted by ``jaxserve.calibration.fit``
+(whose docstring gives the model and why it counts padded work).
 
 What a profile does not measure comes from a ``RooflineCostModel`` of the profiled model on the
 configured hardware: KV capacity (device memory minus weights), energy (see ``ProfiledCostModel``),
