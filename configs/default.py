@@ -1,85 +1,103 @@
 """Defaults every experiment config starts from (see DESIGN.md "Configs and experiments").
 
-Override any key on the command line: --config.scheduler.chunk_size=256 --config.workload.qps=4.
+Every key is declared here once, as ``Key(path, default, help)`` (``python -m jaxserve.experiment
+--config_help`` lists them); code that reads a key has no default of its own. Scheduler options
+are the exception that proves the rule: ``scheduler_keys`` derives them from the registered
+policies, whose dataclass fields hold their defaults (see jaxserve/config.py); only their help is
+written here. Override any key on the command line: --config.scheduler.chunk_size=256
+--config.workload.qps=4 (``none`` unsets an optional key).
 """
 
 from ml_collections import ConfigDict
-from ml_collections.config_dict import placeholder
+
+from jaxserve.config import Key, build_config, scheduler_keys
+
+GENERAL = (
+    Key("backend", "sim", '"sim" (the discrete-event simulator) | "engine" (a real jit-compiled model from model.path)'),
+    Key("output_dir", "outputs/default", "where metrics.json, requests.csv and the plots are written"),
+    Key("seed", 0, "engine sampling seed; the profiled cost model's jitter seed (workload.seed seeds the workload)"),
+    Key("model.name", "llama-2-7b", "simulated model: a key of jaxserve.sim.models.MODELS (sim backend)"),
+    Key("model.path", "", "local Hugging Face checkpoint directory (engine backend)"),
+    Key("model.dtype", "bf16", "simulated weight and KV dtype of the roofline cost model (sim backend)"),
+    Key("model.max_context", 0, "longest prompt + output served; 0: the model's max_position_embeddings (engine: at most 4096)"),
+    Key("hardware.name", "a100-80gb", "simulated accelerator: a key of jaxserve.sim.hardware.HARDWARE"),
+    Key("hardware.tp", 1, "tensor-parallel degree of the simulated replica"),
+    Key("hardware.pp", 1, "pipeline-parallel degree of the simulated replica"),
+    Key("hardware.mfu", None, "model FLOPs utilization; unset: the hardware table's cited efficiency", float),
+    Key("hardware.mbu", None, "memory bandwidth utilization; unset: the hardware table's cited efficiency", float),
+    Key("hardware.step_overhead_s", None, "fixed CPU time per step; unset: the cost model's 4 ms (vLLM's measured bubble)", float),
+)
+
+SCHEDULER_NAME = Key("scheduler.name", "vllm", "the policy: jaxserve.scheduler.available() (static, orca, vllm, sarathi, vtc, ...)")
+
+# Help for the derived scheduler options (jaxserve/config.py adds which policies take each one).
+SCHEDULER_HELP = {
+    "max_num_seqs": "most requests in the running batch",
+    "enable_prefix_caching": "reuse cached full KV blocks across requests",
+    "preemption_mode": '"recompute" (free the victim\'s blocks) | "swap" (copy its KV to kv.num_host_blocks)',
+    "watermark": "fraction of KV blocks admission keeps free while other requests run",
+    "max_num_batched_tokens": "token budget of a step; a whole prompt must fit it",
+    "chunk_size": "token budget of a step, prefills split into chunks to fit it (Sarathi-Serve)",
+    "chunk_align": "prefill chunks are a multiple of this many tokens (except a prompt's last)",
+    "base": 'the batching policy under the fair queue: "vllm" | "sarathi"',
+    "w_p": "VTC weight of a prompt token in a client's service",
+    "w_q": "VTC weight of a generated token in a client's service",
+}
+
+RESOURCES = (
+    Key("kv.block_size", 16, "tokens per KV block"),
+    Key("kv.num_blocks", 0, "KV blocks on the device; 0: what fits (sim: kv.memory_fraction; engine: engine.kv_cache_gb)"),
+    Key("kv.memory_fraction", 0.9, "sim: fraction of device memory for weights + KV when kv.num_blocks is 0 (vLLM's gpu_memory_utilization)"),
+    Key("kv.num_host_blocks", 0, "host (CPU) KV blocks for preemption_mode='swap'"),
+)
+
+WORKLOAD = (
+    Key("workload.kind", "trace", '"trace" (replay trace_path) | "poisson" | "gamma" | "fixed" (synthetic arrivals at qps)'),
+    # "sample:<file>" ships with jaxserve (jaxserve/workload/samples), so a fresh clone runs as is.
+    Key("workload.trace_path", "sample:azure_conv_2023_first_10min.csv",
+        "kind='trace': the trace file; 'sample:<file>': shipped with jaxserve (the Azure 2023 conversation trace's "
+        "first 10 min); a relative path: under $JAXSERVE_TRACES, else ../shared/traces"),
+    Key("workload.trace_format", "auto", '"auto" (detect) | "azure" | "vidur" | "lengths" | "mooncake"'),
+    Key("workload.qps", None, "arrival rate (req/s); a trace replays at its recorded rate when unset, rescaled to qps when set", float),
+    Key("workload.cv", 1.0, "kind='gamma': coefficient of variation of the inter-arrival gaps"),
+    Key("workload.num_requests", 1000, "synthetic kinds: how many requests (cut a trace with max_requests)"),
+    Key("workload.seed", 0, "seed of arrivals and sampled lengths (and of the engine's random prompt ids)"),
+    Key("workload.time_scale", 1.0, "multiply a trace's arrival gaps (< 1: faster); not with qps"),
+    Key("workload.start_s", 0.0, "keep requests arriving from this second on (source time)"),
+    Key("workload.duration_s", 600.0, "keep requests arriving within this many seconds of start_s (the first 10 min: a fast default); none: all",
+        optional=True),
+    Key("workload.max_requests", None, "keep at most this many requests; unset: no limit", int),
+    Key("workload.client_id", "default", "client of every request (request ids are '<client_id>-<row>')"),
+    Key("workload.lengths.kind", "trace", '"trace" (the trace\'s own lengths, or lengths.path\'s) | "fixed" | "uniform" | "zipf"'),
+    Key("workload.lengths.prompt_len", 512, "lengths.kind='fixed': prompt tokens"),
+    Key("workload.lengths.output_len", 128, "lengths.kind='fixed': output tokens"),
+    Key("workload.lengths.low", 32, "lengths.kind='uniform'/'zipf': shortest length (prompt and output)"),
+    Key("workload.lengths.high", 2048, "lengths.kind='uniform'/'zipf': longest length (prompt and output)"),
+    Key("workload.lengths.a", 1.2, "lengths.kind='zipf': the exponent"),
+    Key("workload.lengths.path", None, "a length-only CSV to sample (prompt, output) pairs from, e.g. vidur_processed/sharegpt_8k_...csv", str),
+)
+
+RUN = (
+    Key("slo.ttft_s", None, "time-to-first-token target for slo_attainment; unset: no target", float),
+    Key("slo.tpot_s", None, "time-per-output-token target for slo_attainment; unset: no target", float),
+    Key("sim.max_time_s", None, "stop after this many simulated (engine: measured) seconds; unset: until every request is served", float),
+    Key("sim.cost_model", "roofline", '"roofline" | "profiled": step times fitted to sim.profile (its model, not model.name)'),
+    Key("sim.profile", None, "profile JSON from python -m jaxserve.profile (sim.cost_model='profiled')", str),
+    # "profiled" only: scale each step by a jitter factor drawn (by a hash of its shape) from the
+    # profile's repeats, so tail latencies see the machine's measured step-time scatter.
+    Key("sim.profile_jitter", False, "sim.cost_model='profiled': scale steps by the profile's measured step-time scatter"),
+    Key("engine.dtype", "auto", '"auto" (the checkpoint\'s torch_dtype) | "float32" | "bfloat16" | "float16"'),
+    Key("engine.attention", "auto", '"auto" | "grouped" (chunked jnp, CPU) | "ragged" (Pallas, GPU/TPU)'),
+    Key("engine.block_rows", 32, "prefill rows per block (chunks are padded to whole blocks)"),
+    Key("engine.kv_cache_gb", 0.5, "KV pool size (GB) when kv.num_blocks is 0"),
+    Key("engine.warmup", True, "compile every step shape before serving (latencies then exclude compiles)"),
+)
+
+
+def keys() -> tuple[Key, ...]:
+    """Every declared key, in the order --config_help lists them."""
+    return GENERAL + (SCHEDULER_NAME, *scheduler_keys(SCHEDULER_HELP)) + RESOURCES + WORKLOAD + RUN
 
 
 def get_config() -> ConfigDict:
-    c = ConfigDict()
-    c.backend = "sim"  # "sim" | "engine"
-    c.output_dir = "outputs/default"
-    c.seed = 0
-
-    c.model = ConfigDict()
-    c.model.name = "llama-2-7b"  # jaxserve.sim.models.MODELS (sim) ...
-    c.model.path = ""  # ... or a local HF checkpoint directory (engine)
-    c.model.dtype = "bf16"
-    c.model.max_context = 0  # 0: the model's max_position_embeddings
-
-    c.hardware = ConfigDict()
-    c.hardware.name = "a100-80gb"  # jaxserve.sim.hardware
-    c.hardware.tp = 1
-    c.hardware.pp = 1
-    c.hardware.mfu = placeholder(float)  # unset: the hardware table's cited efficiency
-    c.hardware.mbu = placeholder(float)
-    c.hardware.step_overhead_s = placeholder(float)  # unset: 4 ms (vLLM's measured CPU bubble)
-
-    c.scheduler = ConfigDict()  # every key but name is passed to jaxserve.scheduler.make
-    c.scheduler.name = "vllm"
-    c.scheduler.max_num_seqs = 256
-
-    c.kv = ConfigDict()
-    c.kv.block_size = 16
-    c.kv.num_blocks = 0  # 0: what fits in memory_fraction of the device after the weights
-    c.kv.memory_fraction = 0.9
-    c.kv.num_host_blocks = 0
-
-    c.workload = ConfigDict()
-    c.workload.kind = "trace"  # "poisson" | "gamma" | "fixed" | "trace"
-    # "sample:<file>": shipped with jaxserve (jaxserve/workload/samples: the Azure 2023 conversation
-    # trace's first 10 min); a relative path: under $JAXSERVE_TRACES, else ../shared/traces.
-    c.workload.trace_path = "sample:azure_conv_2023_first_10min.csv"
-    c.workload.trace_format = "auto"
-    c.workload.qps = placeholder(float)  # unset: replay at the recorded rate; set: rescale to it
-    c.workload.cv = 1.0
-    c.workload.num_requests = 1000
-    c.workload.seed = 0
-    c.workload.time_scale = 1.0
-    c.workload.start_s = 0.0
-    c.workload.duration_s = 600.0  # seconds of the trace to replay (the first 10 min: a fast default)
-    c.workload.max_requests = placeholder(int)  # unset: no limit
-    c.workload.client_id = "default"
-    c.workload.lengths = ConfigDict()
-    c.workload.lengths.kind = "trace"  # "fixed" | "uniform" | "zipf" | "trace" (the trace's own, or path's)
-    c.workload.lengths.prompt_len = 512
-    c.workload.lengths.output_len = 128
-    c.workload.lengths.low = 32
-    c.workload.lengths.high = 2048
-    c.workload.lengths.a = 1.2
-    c.workload.lengths.path = placeholder(str)  # a length-only CSV, e.g. vidur_processed/sharegpt_8k_...csv
-
-    c.slo = ConfigDict()
-    c.slo.ttft_s = placeholder(float)  # unset: no target
-    c.slo.tpot_s = placeholder(float)
-
-    c.sim = ConfigDict()
-    c.sim.max_time_s = placeholder(float)  # unset: until every request is served
-    c.sim.cost_model = "roofline"  # "roofline" | "profiled": step times fitted to sim.profile (its model, not model.name)
-    c.sim.profile = placeholder(str)  # profile JSON from python -m jaxserve.profile (sim.cost_model="profiled")
-    # "profiled" only: scale each step by a jitter factor drawn (by a hash of its shape) from the
-    # profile's repeats, so tail latencies see the machine's measured step-time scatter.
-    c.sim.profile_jitter = False
-
-    c.engine = ConfigDict()  # backend="engine": a real jit-compiled model from model.path
-    c.engine.dtype = "auto"  # "auto": the checkpoint's torch_dtype; or float32 | bfloat16 | float16
-    c.engine.attention = "auto"  # "auto" | "grouped" (chunked jnp, CPU) | "ragged" (Pallas on GPU/TPU)
-    c.engine.block_rows = 32  # prefill rows per block (chunks are padded to whole blocks)
-    c.engine.kv_cache_gb = 0.5  # KV pool size when kv.num_blocks is 0
-    c.engine.warmup = True  # compile every step shape before serving (latencies exclude compiles)
-
-    c.cluster = ConfigDict()
-    c.cluster.num_replicas = 1
-    return c
+    return build_config(keys())

@@ -7,6 +7,4 @@ def get_config():
     c = default.get_config()
     c.output_dir = "outputs/sarathi"
     c.scheduler.name = "sarathi"
-    c.scheduler.chunk_size = 512
-    c.scheduler.chunk_align = 1
     return c

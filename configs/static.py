@@ -7,5 +7,4 @@ def get_config():
     c = default.get_config()
     c.output_dir = "outputs/static"
     c.scheduler.name = "static"
-    c.scheduler.max_num_batched_tokens = 8192
     return c

@@ -1,4 +1,4 @@
-"""vtc: fair queueing with virtual token counters on top of vLLM batching; two clients."""
+"""vtc: fair queueing with virtual token counters on top of vLLM batching (scheduler.base, w_p, w_q)."""
 
 from configs import default
 
@@ -7,7 +7,4 @@ def get_config():
     c = default.get_config()
     c.output_dir = "outputs/vtc"
     c.scheduler.name = "vtc"
-    c.scheduler.base = "vllm"
-    c.scheduler.w_p = 1.0
-    c.scheduler.w_q = 2.0
     return c

@@ -1,15 +1,18 @@
 """Shared helpers for the paper-reproduction scripts in ``experiments/``.
 
-Everything here goes through jaxserve's public API (``jaxserve.sim.simulate``'s builders,
-``run_replica``, the workload builders, ``jaxserve.metrics``), so the experiments see exactly what
-``python -m jaxserve.experiment`` would for the same settings:
+Every run goes through the same config path as ``python -m jaxserve.experiment``: a config from
+``configs/<policy>.py``'s ``get_config()``, checked overrides (``jaxserve.config.override``, the
+function the CLI's ``--config.<key>=<value>`` goes through), then ``jaxserve.sim.simulate``'s
+``build_sim``/``run_sim``. So an experiment's point is a config a reader can rerun on the CLI:
 
-* ``make_setup(model, hardware)``: the roofline cost model and the KV cache vLLM would size for it;
-* ``load_lengths(path, max_total)``: an ``Empirical`` (prompt, output) distribution from a shared
-  length CSV, optionally filtered to requests that fit a context window;
-* ``poisson_requests(...)``: Poisson arrivals with lengths from a pair distribution;
-* ``run(setup, scheduler, requests)``: one simulated replica -> ``RunResult`` (log, metrics, per-request);
-* ``parallel_map(...)``: a process pool over the 2 cores with a rich progress bar;
+* ``config_for(policy, overrides)``: ``configs/<policy>.py`` with dotted-key overrides;
+* ``poisson_workload(...)`` / ``fixed_lengths(...)``: the overrides of a Poisson workload;
+* ``cli_command(policy, overrides)``: the same run as a ``python -m jaxserve.experiment`` command;
+* ``setup_for(config)``: the cost model, KV cache and context limit the config builds;
+* ``load_lengths(path, max_total)`` and ``lengths_file``: a shared length CSV, optionally filtered to
+  requests that fit a context window (written next to the outputs, for ``workload.lengths.path``);
+* ``run(config)``: one simulated replica -> ``RunResult`` (log, metrics, per-request);
+* ``parallel_map(...)``: a process pool with a rich progress bar;
 * output helpers: ``output_dir``, ``write_csv``, ``save_figure``, ``write_summary``.
 """
 
@@ -18,12 +21,13 @@ from __future__ import annotations
 import concurrent.futures as cf
 import csv
 import dataclasses
+import importlib
 import math
 import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,27 +45,52 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-import jaxserve.scheduler as schedulers
-from jaxserve.runtime.events import FrozenLog
+from jaxserve.config import get, override
 from jaxserve.kv.config import KVConfig
-from jaxserve.metrics import RequestMetrics, request_metrics, summarize
+from jaxserve.metrics import RequestMetrics, request_metrics
+from jaxserve.runtime.events import FrozenLog
 from jaxserve.sim.cost_model import RooflineCostModel
-from jaxserve.sim.simulate import build_cost_model, build_kv
-from jaxserve.runtime import RunLimits, run_replica
-from jaxserve.sim.executor import SimExecutor
-from jaxserve.workload import (
-    ArrivalProcess,
-    Empirical,
-    build_requests,
-    read_trace,
-    resolve_trace_path,
-)
+from jaxserve.sim.simulate import build_cost_model, build_kv, build_sim, max_context, run_sim
+from jaxserve.workload import Empirical, read_trace, resolve_trace_path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # configs/ is a package at the repository root, not part of jaxserve
+    sys.path.append(str(ROOT))
 console = Console()
 
 SHAREGPT = "vidur_processed/sharegpt_8k_filtered_stats_llama2_tokenizer.csv"
 ARXIV = "vidur_processed/arxiv_summarization_stats_llama2_tokenizer_filtered_v2.csv"
+
+
+# -- configs ----------------------------------------------------------------------------------------
+
+
+def config_for(policy: str, overrides: Mapping[str, Any] | None = None):
+    """``configs/<policy>.py``'s config with ``overrides`` (dotted keys) applied and checked."""
+    config = importlib.import_module(f"configs.{policy}").get_config()
+    return override(config, overrides or {})
+
+
+def poisson_workload(rate: float, num_requests: int, *, seed: int = 0, lengths_path: str | None = None,
+                     client_id: str = "default") -> dict:
+    """Overrides for ``num_requests`` Poisson(``rate``/s) arrivals from t=0 (no time window), lengths
+    sampled from ``lengths_path`` (a length CSV) unless other ``workload.lengths`` overrides follow."""
+    out = {"workload.kind": "poisson", "workload.qps": float(rate), "workload.num_requests": int(num_requests),
+           "workload.seed": int(seed), "workload.client_id": client_id, "workload.duration_s": None}
+    if lengths_path is not None:
+        out |= {"workload.lengths.kind": "trace", "workload.lengths.path": str(lengths_path)}
+    return out
+
+
+def cli_command(policy: str, overrides: Mapping[str, Any]) -> str:
+    """The ``python -m jaxserve.experiment`` command line that runs ``config_for(policy, overrides)``."""
+    args = [f"--config.{k}={'none' if v is None else v}" for k, v in overrides.items()]
+    return " ".join(["python -m jaxserve.experiment", f"--config=configs/{policy}.py", *args])
+
+
+def fixed_lengths(prompt_len: int, output_len: int) -> dict:
+    return {"workload.lengths.kind": "fixed", "workload.lengths.prompt_len": int(prompt_len),
+            "workload.lengths.output_len": int(output_len)}
 
 
 # -- model x hardware ------------------------------------------------------------------------------
@@ -90,25 +119,18 @@ class Setup:
         cm = self.cost_model
         gpus = f"{self.tp}x " if self.tp > 1 else "1x "
         return (
-            f"{self.model} (bf16) on {gpus}{self.hardware}: KV cache {self.kv.num_blocks:,} blocks x "
+            f"{self.model} ({cm.dtype}) on {gpus}{self.hardware}: KV cache {self.kv.num_blocks:,} blocks x "
             f"{self.kv.block_size} = {self.kv_tokens:,} tokens (vLLM sizing, 90% of memory minus weights and "
             f"activations), context {self.max_context:,}; roofline mfu={cm.mfu}, mbu={cm.mbu}, "
             f"{cm.step_overhead_s * 1e3:.0f} ms overhead per step"
         )
 
 
-def make_setup(model: str, hardware: str, *, tp: int = 1, block_size: int = 16, memory_fraction: float = 0.9,
-               num_blocks: int = 0, max_context: int | None = None) -> Setup:
-    """Cost model and KV cache exactly as ``simulate(config)`` builds them for these keys."""
-    config = {
-        "model": {"name": model, "dtype": "bf16"},
-        "hardware": {"name": hardware, "tp": tp, "pp": 1},
-        "kv": {"block_size": block_size, "num_blocks": num_blocks, "memory_fraction": memory_fraction},
-    }
+def setup_for(config) -> Setup:
+    """The cost model, KV cache and context limit ``simulate(config)`` builds."""
     cost_model = build_cost_model(config)
-    kv = build_kv(config, cost_model)
-    context = max_context or cost_model.model.max_position_embeddings
-    return Setup(model, hardware, tp, cost_model, kv, int(context))
+    return Setup(get(config, "model.name"), get(config, "hardware.name"), get(config, "hardware.tp"), cost_model,
+                 build_kv(config, cost_model), max_context(config, cost_model))
 
 
 # -- workloads --------------------------------------------------------------------------------------
@@ -142,11 +164,16 @@ def load_lengths(path: str, max_total: int | None = None) -> Lengths:
     return Lengths(path, Empirical(prompt[keep], output[keep]), len(prompt), int(keep.sum()), max_total)
 
 
-def poisson_requests(lengths, rate: float, num_requests: int, *, seed: int = 0, client_id: str = "default"):
-    """``num_requests`` length-only requests with Poisson(``rate``/s) arrivals from t=0."""
-    dist = lengths.dist if isinstance(lengths, Lengths) else lengths
-    return build_requests(arrivals=ArrivalProcess("poisson", rate), lengths=dist, num_requests=num_requests,
-                          seed=seed, client_id=client_id)
+def lengths_file(lengths: Lengths, out: Path) -> str:
+    """A ``workload.lengths.path`` for ``lengths``: the shared file itself when nothing was
+    filtered, else the kept rows written to ``out`` (a length-only CSV)."""
+    if lengths.rows_kept == lengths.rows_total:
+        return lengths.path
+    path = out / f"lengths_{Path(lengths.path).stem}_max{lengths.max_total}.csv"
+    dist = lengths.dist
+    write_csv(path, ({"num_prefill_tokens": int(p), "num_decode_tokens": int(o)}
+                     for p, o in zip(dist.prompt_lens, dist.output_lens)))
+    return str(path)
 
 
 # -- running ----------------------------------------------------------------------------------------
@@ -160,25 +187,13 @@ class RunResult:
     wall_s: float
 
 
-def make_scheduler(spec):
-    """A scheduler from a name, a (name, options) pair, or an already built one."""
-    if isinstance(spec, str):
-        return schedulers.make(spec)
-    if isinstance(spec, tuple):
-        name, options = spec
-        return schedulers.make(name, **options)
-    return spec
-
-
-def run(setup: Setup, scheduler, requests, *, max_sim_time_s: float = math.inf) -> RunResult:
-    """Serves ``requests`` on one simulated replica (requests beyond the context or the KV cache
-    are rejected and counted in ``metrics["num_rejected"]``)."""
+def run(config, requests: Sequence | None = None) -> RunResult:
+    """Simulates ``config`` as ``python -m jaxserve.experiment`` would (``build_sim``/``run_sim``),
+    serving ``requests`` (several config-built streams merged) instead of its workload when given.
+    Requests beyond the context or the KV cache are rejected and counted in ``metrics["num_rejected"]``."""
     t0 = time.perf_counter()
-    limits = RunLimits(max_context=setup.max_context, max_sim_time_s=max_sim_time_s)
-    log = run_replica(make_scheduler(scheduler), setup.kv, SimExecutor(setup.cost_model), requests,
-                      limits=limits).freeze()
-    metrics = summarize(log, price_per_hour_usd=setup.cost_model.cost_usd_per_hour())
-    return RunResult(log, metrics, request_metrics(log), time.perf_counter() - t0)
+    results = run_sim(build_sim(config, requests=requests))
+    return RunResult(results.log, results.metrics, request_metrics(results.log), time.perf_counter() - t0)
 
 
 def flat_metrics(metrics: dict, keys: Sequence[str] = (

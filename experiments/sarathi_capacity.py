@@ -23,11 +23,11 @@ import numpy as np
 from jaxserve.metrics import capacity, search_max_rate
 
 NAME = "sarathi_capacity"
-SCHEDULERS = {  # label -> (registry name, options)
+SCHEDULERS = {  # label -> (configs/<name>.py, overrides)
     "Orca": ("orca", {}),
     "vLLM": ("vllm", {}),
-    "Sarathi-512": ("sarathi", {"chunk_size": 512}),
-    "Sarathi-2048": ("sarathi", {"chunk_size": 2048}),
+    "Sarathi-512": ("sarathi", {"scheduler.chunk_size": 512}),
+    "Sarathi-2048": ("sarathi", {"scheduler.chunk_size": 2048}),
 }
 COLORS = {"Orca": "tab:orange", "vLLM": "tab:blue", "Sarathi-512": "tab:green", "Sarathi-2048": "tab:olive"}
 DATASETS = {"ShareGPT": C.SHAREGPT, "arXiv-Summarization": C.ARXIV}
@@ -36,12 +36,23 @@ PAPER = "Sarathi-Serve paper: up to 2.6x the capacity of vLLM for Mistral-7B on 
 CTX: dict = {}  # set in main() before workers are forked
 
 
+def point(label: str, dataset: str, rate: float, num_requests: int) -> tuple[str, dict]:
+    """(policy config, overrides) of one point: the model and hardware, ``label``'s scheduler
+    options, Poisson arrivals with ``dataset``'s lengths (keys ``python -m jaxserve.experiment`` takes)."""
+    policy, options = SCHEDULERS[label]
+    workload = C.poisson_workload(rate, num_requests, seed=CTX["args"].seed, lengths_path=DATASETS[dataset])
+    return policy, {**CTX["base"], **options, **workload}
+
+
+def run_config(label: str, dataset: str, rate: float, num_requests: int):
+    return C.config_for(*point(label, dataset, rate, num_requests))
+
+
 def evaluate(dataset: str, label: str, rate: float, memo: dict) -> dict:
     key = round(rate, 6)
     if key not in memo:
         args = CTX["args"]
-        requests = C.poisson_requests(CTX["lengths"][dataset], rate, args.num_requests, seed=args.seed)
-        result = C.run(CTX["setup"], SCHEDULERS[label], requests)
+        result = C.run(run_config(label, dataset, rate, args.num_requests))
         memo[key] = {"dataset": dataset, "scheduler": label, "rate_req_s": rate, **C.flat_metrics(result.metrics),
                      "wall_s": result.wall_s}
     return memo[key]
@@ -70,9 +81,7 @@ def search_pair(item):
 
 def stall_run(label):
     args = CTX["args"]
-    requests = C.poisson_requests(CTX["lengths"][args.stall_dataset], args.stall_rate, args.stall_requests,
-                                  seed=args.seed)
-    return C.run(CTX["setup"], SCHEDULERS[label], requests).log
+    return C.run(run_config(label, args.stall_dataset, args.stall_rate, args.stall_requests)).log
 
 
 def pick_victim(log, min_output: int) -> int:
@@ -184,10 +193,11 @@ def main():
     t0 = time.perf_counter()
     out = C.output_dir(NAME, args.out)
 
-    setup = C.make_setup(args.model, args.hardware)
-    lengths = {name: C.load_lengths(path) for name, path in DATASETS.items()}
+    base = {"model.name": args.model, "hardware.name": args.hardware}
+    setup = C.setup_for(C.config_for("vllm", base))
+    lengths = {name: C.load_lengths(path) for name, path in DATASETS.items()}  # for the summary
     slos = {"strict": args.slo_strict, "relaxed": args.slo_relaxed}
-    CTX.update(setup=setup, lengths={k: v.dist for k, v in lengths.items()}, args=args, slos=slos)
+    CTX.update(setup=setup, base=base, args=args, slos=slos)
     C.console.print(f"[bold]{setup.describe()}[/bold]")
 
     pairs = [(d, s) for d in DATASETS for s in SCHEDULERS]
@@ -279,7 +289,8 @@ Command: `{C.command_line()}` ({wall:.0f} s wall on {args.jobs} process(es)).
   * ShareGPT: {lengths['ShareGPT'].describe()}.
   * arXiv-Summarization: {lengths['arXiv-Summarization'].describe()}.
 * Poisson arrivals, {args.num_requests} requests per simulated rate (seed {args.seed}: the same draws at every
-  rate, rescaled in time).
+  rate, rescaled in time). Every point is a config; e.g. Sarathi-512 on ShareGPT at 1 req/s:
+  `{C.cli_command(*point("Sarathi-512", "ShareGPT", 1.0, args.num_requests))}`.
 * Schedulers: `orca` (whole prompts, full KV reservation), `vllm` (prefill-first, paged, recompute
   preemption), `sarathi` with token budget (chunk) 512 and 2048 (stall-free: decodes first, chunked prefills);
   max_num_seqs 256, whole-prompt policies max_num_batched_tokens 8192.

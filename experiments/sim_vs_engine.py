@@ -26,7 +26,6 @@ by the machine's speed relative to the profile. Run it on an otherwise idle mach
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import time
 
@@ -34,24 +33,23 @@ import _common as C
 import matplotlib.pyplot as plt
 import numpy as np
 
-from jaxserve.engine.engine import Engine
-from jaxserve.engine.model_runner import ModelRunner
-from jaxserve.engine.serve_config import with_token_ids
-from jaxserve.kv.config import KVConfig
-from jaxserve.metrics import request_metrics
-from jaxserve.model.config import ModelConfig
-from jaxserve.model.export import save_hf_checkpoint
-from jaxserve.model.llama import params_of, random_model
-from jaxserve.model.loader import load_model
 from jaxserve.calibration.fit import fit
 from jaxserve.calibration.profile_format import load_profile
 from jaxserve.calibration.profiler import profile_model
 from jaxserve.calibration.speed import DriftCompensatedRunner, SpeedProbe
+from jaxserve.config import build_scheduler, build_workload
+from jaxserve.engine.engine import Engine
+from jaxserve.engine.model_runner import step_limits
+from jaxserve.engine.serve_config import build_runner, engine_settings, with_token_ids
+from jaxserve.metrics import request_metrics
+from jaxserve.model.config import ModelConfig
+from jaxserve.model.export import save_hf_checkpoint
+from jaxserve.model.llama import params_of, random_model
+from jaxserve.runtime import RunLimits
 from jaxserve.sim import get_hardware
 from jaxserve.sim.cost_model import RooflineCostModel
-from jaxserve.sim.profiled_cost_model import ProfiledCostModel, model_spec
-from jaxserve.runtime import RunLimits, run_replica
-from jaxserve.sim.executor import SimExecutor
+from jaxserve.sim.profiled_cost_model import model_spec
+from jaxserve.sim.simulate import build_cost_model, build_kv, build_sim, run_sim
 from jaxserve.workload import build_requests, read_trace, resolve_trace_path
 
 NAME = "sim_vs_engine"
@@ -66,9 +64,9 @@ PROBE_EVERY = 32  # engine steps between speed probes
 PROBE_POINTS = 4  # profile shapes a speed probe times
 PROBE_WINDOW = 3  # the clock divides by the median of this many latest probes
 MAX_TOTAL = 1536  # prompt + output tokens per request (the model's context is 2048)
-SCHEDULERS = {
-    "sarathi": ("sarathi", {"chunk_size": 256, "max_num_seqs": 64}),
-    "vllm": ("vllm", {"max_num_batched_tokens": 2048, "max_num_seqs": 64}),
+SCHEDULERS = {  # label -> (configs/<name>.py, overrides)
+    "sarathi": ("sarathi", {"scheduler.chunk_size": 256, "scheduler.max_num_seqs": 64}),
+    "vllm": ("vllm", {"scheduler.max_num_batched_tokens": 2048, "scheduler.max_num_seqs": 64}),
 }
 AZURE = "azure_llm_2023/AzureLLMInferenceTrace_conv.csv"
 TARGET_STEP_MAPE, TARGET_LATENCY_ERROR = 0.10, 0.15
@@ -76,23 +74,34 @@ LATENCIES = ("ttft_s", "tbt_s", "e2e_s")
 PERCENTILES = (50, 90, 99)
 
 
-# -- workloads --------------------------------------------------------------------------------------
+# -- configs ----------------------------------------------------------------------------------------
 
 
-def poisson_workload(n: int, qps: float, seed: int):
-    lengths = C.load_lengths(C.SHAREGPT, max_total=MAX_TOTAL)
-    return C.poisson_requests(lengths, qps, n, seed=seed, client_id="sharegpt")
+def poisson_workload(out, n: int, qps: float, seed: int) -> dict:
+    """Workload overrides: Poisson arrivals, ShareGPT lengths that fit ``MAX_TOTAL``."""
+    lengths = C.lengths_file(C.load_lengths(C.SHAREGPT, max_total=MAX_TOTAL), out)
+    return C.poisson_workload(qps, n, seed=seed, lengths_path=lengths, client_id="sharegpt")
 
 
-def azure_workload(n: int, qps: float, seed: int):
-    """The first ``n`` conversation requests that fit ``MAX_TOTAL``, their arrival gaps rescaled so
-    the mean rate is ``qps`` (the trace's burstiness kept)."""
+def azure_workload(out, n: int, qps: float, seed: int) -> dict:
+    """Workload overrides: the first ``n`` conversation requests that fit ``MAX_TOTAL``, their
+    arrival gaps rescaled so the mean rate is ``qps`` (the trace's burstiness kept). The fitting
+    rows are written to ``out`` as a trace file (a config cannot filter by length)."""
     trace = read_trace(resolve_trace_path(AZURE))
-    rows = build_requests(trace, max_requests=20 * n, seed=seed, client_id="azure")
-    rows = [r for r in rows if r.max_total_tokens <= MAX_TOTAL][:n]
-    t = np.array([r.arrival_time for r in rows])
-    t = (t - t[0]) * ((len(t) - 1) / ((t[-1] - t[0]) * qps))
-    return [dataclasses.replace(r, arrival_time=float(a)) for r, a in zip(rows, t)]
+    rows = [r for r in build_requests(trace, max_requests=20 * n) if r.max_total_tokens <= MAX_TOTAL]
+    # repr: write_csv would round floats to 6 digits, and the arrival times must survive exactly.
+    path = C.write_csv(out / "azure_fitting.csv", ({"arrived_at": repr(r.arrival_time), "num_prefill_tokens": r.prompt_len,
+                                                    "num_decode_tokens": r.sampling.max_new_tokens} for r in rows))
+    return {"workload.kind": "trace", "workload.trace_path": str(path), "workload.trace_format": "vidur",
+            "workload.qps": qps, "workload.max_requests": n, "workload.seed": seed, "workload.client_id": "azure",
+            "workload.duration_s": None, "workload.lengths.kind": "trace"}
+
+
+def run_config(sname: str, workload: dict, shared: dict, *, jitter: bool = False):
+    """One run's config: ``sname``'s policy config, the shared model / KV / profile keys, the
+    workload, and ``sim.profile_jitter``."""
+    policy, options = SCHEDULERS[sname]
+    return C.config_for(policy, {**shared, **options, **workload, "sim.profile_jitter": jitter})
 
 
 # -- runs -------------------------------------------------------------------------------------------
@@ -103,11 +112,13 @@ def step_kind(plan) -> str:
     return "decode" if decodes == plan.num_seqs else ("prefill" if decodes == 0 else "mixed")
 
 
-def serve_on_engine(runner, probe, name, requests, profiled, roofline):
-    """The engine's run on the drift-compensated clock, and one row per step: measured seconds (raw
-    and divided by the machine speed at the time), predicted seconds."""
+def serve_on_engine(runner, probe, config, requests, profiled, roofline):
+    """The engine's run of ``config``'s scheduler on the drift-compensated clock, and one row per
+    step: measured seconds (raw and divided by the machine speed at the time), predicted seconds."""
     steps = []
-    executor = DriftCompensatedRunner(runner, probe, KVConfig(NUM_BLOCKS, BLOCK_SIZE), every=PROBE_EVERY, window=PROBE_WINDOW)
+    kv = build_kv(config, profiled)  # the scheduler's pool: the config's kv.*
+    sched = build_scheduler(config)
+    executor = DriftCompensatedRunner(runner, probe, kv, every=PROBE_EVERY, window=PROBE_WINDOW)
 
     def record(plan, out):
         steps.append({"kind": step_kind(plan), "num_seqs": plan.num_seqs, "num_tokens": plan.num_tokens,
@@ -115,16 +126,14 @@ def serve_on_engine(runner, probe, name, requests, profiled, roofline):
                       "raw_s": executor.raw_s[-1], "speed": executor.speeds[-1],
                       "profiled_s": profiled.step(plan).duration_s, "roofline_s": roofline.step(plan).duration_s})
 
-    sched = C.make_scheduler(SCHEDULERS[name])
     run = Engine(executor, sched, executor.kv).serve(
         requests, limits=RunLimits(max_context=runner.max_model_len), on_step=record)
     return run.log.freeze(), steps, executor.probes
 
 
-def simulate(name, requests, profiled, max_context):
-    sched = C.make_scheduler(SCHEDULERS[name])
-    return run_replica(sched, KVConfig(NUM_BLOCKS, BLOCK_SIZE), SimExecutor(profiled), requests,
-                       limits=RunLimits(max_context=max_context)).freeze()
+def simulate(config, requests):
+    """The simulator's run of ``config`` on the engine's requests (same ids, lengths and arrivals)."""
+    return run_sim(build_sim(config, requests=requests)).log
 
 
 # -- errors -----------------------------------------------------------------------------------------
@@ -344,30 +353,40 @@ def main(argv=None):
     profile = load_profile(str(profile_path))
     _, report = fit(profile.points, profile.engine, holdout_fraction=0.2, seed=args.seed)
     C.console.print(report.summary())
-    profiled = ProfiledCostModel.from_profile(profile, get_hardware("cpu"))
-    jittered = ProfiledCostModel.from_profile(profile, get_hardware("cpu"), jitter=True, jitter_seed=args.seed)
-    roofline = RooflineCostModel(model_spec(profile), get_hardware("cpu"), dtype="fp32")
+    # What every run shares: the model (engine) and its profile (simulator), the KV pool, the seed.
+    shared = {"model.path": model_dir, "hardware.name": "cpu", "sim.cost_model": "profiled",
+              "sim.profile": str(profile_path), "kv.block_size": BLOCK_SIZE, "kv.num_blocks": NUM_BLOCKS,
+              "seed": args.seed}  # fmt: skip
+    workloads = {"poisson": poisson_workload(out, n, args.poisson_qps, args.seed),
+                 "azure": azure_workload(out, n, args.azure_qps, args.seed)}  # fmt: skip
+    first = run_config(next(iter(SCHEDULERS)), workloads["poisson"], shared)
+    profiled = build_cost_model(first)
+    jittered = build_cost_model(run_config(next(iter(SCHEDULERS)), workloads["poisson"], shared, jitter=True))
+    roofline = RooflineCostModel(model_spec(profile), get_hardware("cpu"), dtype="fp32")  # contrast, uncalibrated
 
-    cfg, params = load_model(model_dir)
-    kv = KVConfig(NUM_BLOCKS + PROBE_PAGES, BLOCK_SIZE)
-    runner = ModelRunner(cfg, params, kv, max_model_len=cfg.max_position_embeddings)
+    # The engine's pool has PROBE_PAGES more pages than the scheduler's, reserved for the speed probe.
+    engine_config = C.override(first, {"kv.num_blocks": NUM_BLOCKS + PROBE_PAGES})
+    runner, _ = build_runner(engine_settings(engine_config), step_limits(build_scheduler(first))[0])
+    cfg = runner.cfg
+    shared["model.max_context"] = runner.max_model_len  # the simulator rejects what the engine would
     if runner.geometry != profile.engine:
         raise SystemExit(f"the engine's step geometry {runner.geometry} differs from the profile's {profile.engine}")
     probe = SpeedProbe(runner, profile, first_page=NUM_BLOCKS, num_points=PROBE_POINTS, seed=args.seed)
-    workloads = {"poisson": poisson_workload(n, args.poisson_qps, args.seed),
-                 "azure": azure_workload(n, args.azure_qps, args.seed)}  # fmt: skip
     runs, step_rows, latency, probe_rows, per_request = {}, [], [], [], []
     with C.progress_bar() as bar:
         task = bar.add_task("serve", total=len(workloads) * len(SCHEDULERS), last="")
-        for wname, reqs in workloads.items():
-            reqs = with_token_ids(reqs, cfg.vocab_size, args.seed)
+        for wname, workload in workloads.items():
+            # As backend="engine" does: the config's workload, random prompt ids drawn with workload.seed.
+            reqs = with_token_ids(build_workload(run_config(next(iter(SCHEDULERS)), workload, shared)), cfg.vocab_size,
+                                  args.seed)  # fmt: skip
             for sname in SCHEDULERS:
                 label = f"{wname}/{sname}"
                 bar.update(task, last=label)
-                engine_log, steps, probes = serve_on_engine(runner, probe, sname, reqs, profiled, roofline)
+                config = run_config(sname, workload, shared)
+                engine_log, steps, probes = serve_on_engine(runner, probe, config, reqs, profiled, roofline)
                 em, sm, mm = (request_metrics(log) for log in (
-                    engine_log, simulate(sname, reqs, jittered, runner.max_model_len),
-                    simulate(sname, reqs, profiled, runner.max_model_len)))  # fmt: skip
+                    engine_log, simulate(run_config(sname, workload, shared, jitter=True), reqs),
+                    simulate(config, reqs)))  # fmt: skip
                 run = {"engine_metrics": em, "sim_metrics": sm, "steps": steps, "probes": probes,
                        "errors": step_errors(steps), "raw_errors": step_errors(steps, "raw_s"),
                        "latency": latency_rows(em, sm), "median_latency": latency_rows(em, mm)}  # fmt: skip

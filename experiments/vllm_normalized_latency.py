@@ -22,7 +22,7 @@ import numpy as np
 from jaxserve.metrics import search_max_rate
 
 NAME = "vllm_normalized_latency"
-# label -> (registry name, options); "Orca (Max)" gets its max_num_seqs in main() (see orca_max_seqs).
+# label -> (configs/<name>.py, overrides); "Orca (Max)" gets its max_num_seqs in main() (see orca_max_seqs).
 SCHEDULERS: dict = {
     "static": ("static", {}),
     "Orca (Max)": ("orca", {}),
@@ -34,7 +34,7 @@ PAPER = ("vLLM paper (Sec. 6.2, ShareGPT, ≈): 1.7-2.7x the request rate of Orc
          "Orca (Max) at similar latency (PAPERS.md: 2-4x vs Orca overall)")
 
 
-def orca_max_seqs(kv, context: int, watermark: float = 0.01) -> int:
+def orca_max_seqs(kv, context: int, watermark: float) -> int:
     """Orca (Max) reserves the whole context for every request. With a uniform reservation that is
     exactly a cap on the batch: the most requests whose ``context`` tokens fit the blocks left
     after the admission watermark. Plain ``orca`` (which reserves prompt + max_new_tokens, never
@@ -47,14 +47,20 @@ CTX: dict = {}
 CACHE: dict = {}  # (label, rate) -> flat metrics row
 
 
+def point(label: str, rate: float) -> tuple[str, dict]:
+    """(policy config, overrides) of one point (keys ``python -m jaxserve.experiment`` takes)."""
+    args = CTX["args"]
+    policy, options = SCHEDULERS[label]
+    workload = C.poisson_workload(rate, args.num_requests, seed=args.seed, lengths_path=CTX["lengths_path"])
+    return policy, {**CTX["base"], **options, **workload}
+
+
 def simulate_point(item):
     label, rate = item
     key = (label, round(rate, 6))
     if key in CACHE:
         return CACHE[key]
-    setup, lengths, args = CTX["setup"], CTX["lengths"], CTX["args"]
-    requests = C.poisson_requests(lengths, rate, args.num_requests, seed=args.seed)
-    result = C.run(setup, SCHEDULERS[label], requests)
+    result = C.run(C.config_for(*point(label, rate)))
     m = result.metrics
     row = {"scheduler": label, "rate_req_s": rate, **C.flat_metrics(m),
            "mean_batch_tokens": m["mean_batch_tokens"], "wall_s": result.wall_s}
@@ -144,10 +150,13 @@ def main():
     t0 = time.perf_counter()
     out = C.output_dir(NAME, args.out)
 
-    setup = C.make_setup(args.model, args.hardware)
+    base = {"model.name": args.model, "hardware.name": args.hardware}
+    orca = C.config_for("orca", base)
+    setup = C.setup_for(orca)
     lengths = C.load_lengths(args.lengths, None if args.no_filter else setup.max_context)
-    SCHEDULERS["Orca (Max)"] = ("orca", {"max_num_seqs": orca_max_seqs(setup.kv, setup.max_context)})
-    CTX.update(setup=setup, lengths=lengths, args=args)
+    max_seqs = orca_max_seqs(setup.kv, setup.max_context, C.get(orca, "scheduler.watermark"))
+    SCHEDULERS["Orca (Max)"] = ("orca", {"scheduler.max_num_seqs": max_seqs})
+    CTX.update(setup=setup, lengths=lengths, lengths_path=C.lengths_file(lengths, out), base=base, args=args)
     C.console.print(f"[bold]{setup.describe()}[/bold]\n{lengths.describe()}")
 
     items = [(label, rate) for label in SCHEDULERS for rate in args.rates]
@@ -193,13 +202,14 @@ Command: `{C.command_line()}` ({wall:.0f} s wall on {args.jobs} process(es)).
 * Lengths: {lengths.describe()}.
   {"Requests longer than the context were kept and are rejected by the simulator (counted: up to " + str(rejected) + " per run)." if args.no_filter else "Filtering (rather than rejecting) keeps every scheduler on the same admitted requests; " + str(rejected) + " requests were rejected in any run."}
 * Arrivals: Poisson, {args.num_requests} requests per point (seed {args.seed}, the same draws at every rate
-  up to the time scale); rates {args.rates[0]:g}-{args.rates[-1]:g} req/s plus bisection points.
-* Schedulers (jaxserve.scheduler.make), all with max_num_batched_tokens 8192:
+  up to the time scale); rates {args.rates[0]:g}-{args.rates[-1]:g} req/s plus bisection points. Every point is a
+  config; e.g. vLLM at 1 req/s: `{C.cli_command(*point("vLLM", 1.0))}`.
+* Schedulers (configs/<name>.py), all with max_num_batched_tokens 8192:
   * `static`: a new batch only when the previous one has finished; KV for prompt + max_new_tokens reserved.
   * Orca (Oracle) = `orca`: iteration-level batching, whole prompts, KV for prompt + max_new_tokens reserved
     at admission. The simulator ends every request exactly at max_new_tokens = its true output length, so
     this reservation is the paper's *oracle* one (no over-reservation, only reserving outputs up front).
-  * Orca (Max) = `orca` with max_num_seqs = {orca_max_seqs(setup.kv, setup.max_context)}: reserving the whole
+  * Orca (Max) = `orca` with max_num_seqs = {max_seqs}: reserving the whole
     {setup.max_context}-token context per request (the paper's Orca (Max)) caps the batch at that many
     requests ({setup.kv.num_blocks} blocks less the 1% watermark, {-(-setup.max_context // setup.kv.block_size)}
     blocks each); with that cap plain `orca` admits exactly the same requests. Orca (Pow2) cannot be expressed

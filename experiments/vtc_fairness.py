@@ -21,14 +21,9 @@ import time
 import _common as C
 import numpy as np
 
+from jaxserve.config import build_workload
 from jaxserve.metrics import max_service_difference, service_trace
-from jaxserve.workload import (
-    ArrivalProcess,
-    Fixed,
-    Pair,
-    build_requests,
-    merge_workloads,
-)
+from jaxserve.workload import merge_workloads
 
 NAME = "vtc_fairness"
 CLIENT_COLORS = {"A": "tab:blue", "B": "tab:red"}
@@ -38,22 +33,29 @@ PAPER = ("VTC paper: FCFS serves the clients in proportion to their sending rate
 CTX: dict = {}
 
 
-def workload(args):
-    """Two clients' Poisson streams, merged; enough requests that both stay backlogged to the end."""
-    lengths = Pair(Fixed(args.input_len), Fixed(args.output_len))
-    streams = []
+def client_workloads(args) -> dict:
+    """Each client's workload overrides: a Poisson stream with enough requests that both stay
+    backlogged to the end."""
+    out = {}
     for client, rate, seed in (("A", args.rate_a * args.rate_scale, args.seed),
                                ("B", args.rate_b * args.rate_scale, args.seed + 1)):
         n = math.ceil(rate * args.duration * 1.1) + 10
-        streams.append(build_requests(arrivals=ArrivalProcess("poisson", rate), lengths=lengths, num_requests=n,
-                                      seed=seed, client_id=client))
-    return merge_workloads(*streams)
+        out[client] = {**C.poisson_workload(rate, n, seed=seed, client_id=client),
+                       **C.fixed_lengths(args.input_len, args.output_len)}
+    return out
+
+
+def workload(base: dict, clients: dict):
+    """The clients' streams, each built from its workload config, merged (one config's workload is
+    one client's)."""
+    return merge_workloads(*(build_workload(C.config_for("vllm", {**base, **w})) for w in clients.values()))
 
 
 def serve(item):
-    _label, spec = item
+    _label, (policy, options) = item
     args = CTX["args"]
-    return C.run(CTX["setup"], spec, CTX["requests"], max_sim_time_s=args.duration)
+    config = C.config_for(policy, {**CTX["base"], **options, "sim.max_time_s": args.duration})
+    return C.run(config, requests=CTX["requests"])
 
 
 def main():
@@ -79,13 +81,14 @@ def main():
     t0 = time.perf_counter()
     out = C.output_dir(NAME, args.out)
 
-    setup = C.make_setup(args.model, args.hardware)
-    requests = workload(args)
-    CTX.update(setup=setup, args=args, requests=requests)
+    base = {"model.name": args.model, "hardware.name": args.hardware}
+    setup = C.setup_for(C.config_for("vllm", base))
+    requests = workload(base, client_workloads(args))
+    CTX.update(setup=setup, base=base, args=args, requests=requests)
     C.console.print(f"[bold]{setup.describe()}[/bold]; {len(requests)} requests")
     policies = {
         "FCFS (vllm)": ("vllm", {}),
-        "VTC (vtc, base vllm)": ("vtc", {"base": "vllm", "w_p": args.w_p, "w_q": args.w_q}),
+        "VTC (vtc, base vllm)": ("vtc", {"scheduler.base": "vllm", "scheduler.w_p": args.w_p, "scheduler.w_q": args.w_q}),
     }
     results = dict(zip(policies, C.parallel_map(serve, list(policies.items()), jobs=args.jobs,
                                                 description="serving", label=lambda it: it[0])))
@@ -201,7 +204,7 @@ Command: `{C.command_line()}` ({wall:.0f} s wall on {args.jobs} process(es)).
   the overload.
 * Workload: client A {args.rate_a * args.rate_scale:g} req/s, client B {args.rate_b * args.rate_scale:g} req/s, Poisson,
   {args.input_len} input / {args.output_len} output tokens each, {args.duration:g} simulated seconds (service stops
-  then). Built with `build_requests` per client and `merge_workloads`, served with `run_replica`.
+  then). Each client's stream is built from its own workload config (`jaxserve.config.build_workload`), the two merged (`merge_workloads`) and served through `build_sim`/`run_sim`.
   The server completes {served_rps:.2f} req/s under FCFS against {(args.rate_a + args.rate_b) * args.rate_scale:g} req/s
   offered, so both clients stay backlogged (both-backlogged for {fc['both_backlogged_frac']:.0%} (FCFS) /
   {vt['both_backlogged_frac']:.0%} (VTC) of step ends).

@@ -1,18 +1,29 @@
 """Run one experiment config: ``python -m jaxserve.experiment --config=configs/sarathi.py``.
 
-Overrides: ``--config.scheduler.chunk_size=256 --config.workload.qps=6``. Writes ``metrics.json``,
+Overrides: ``--config.scheduler.chunk_size=256 --config.workload.qps=6`` (``--config.<bool key>``
+alone means True, ``--noconfig.<bool key>`` False, ``=none`` unsets an optional key).
+``--config_help`` lists every key with its default and meaning. Writes ``metrics.json``,
 ``requests.csv`` and PNG plots to ``config.output_dir`` and prints a summary table. A bad config
-(unknown key, wrong type, missing trace, bad value) stops with one message that names it.
+(unknown key, wrong type, missing trace, bad value) stops with one line that names the key, exit 2.
+
+config_flags loads the config file; the ``--config.*`` overrides are taken out of the command line
+before absl parses it and applied here, through ``jaxserve.config.override`` — the same checked path
+the experiments use — because ml_collections' own override parsing cannot add did-you-mean, lets
+``--config.workload.qps=abc`` through as a flags error (exit 1), and types placeholders loosely.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import importlib
 import json
 import math
 import os
+import re
 import sys
 import time
+from typing import Optional
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -20,9 +31,100 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an experiment config file (configs/*.py).")
+from jaxserve.config import ConfigError, check_keys, get, key_type, leaf_keys, override, parse_value
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None,
+    "Path to an experiment config file (configs/*.py). Override keys with --config.<key>=<value>; "
+    "--config_help lists every key with its default and meaning.",
+)  # fmt: skip
+_CONFIG_HELP = flags.DEFINE_bool("config_help", False, "List every config key with its default and meaning, then exit.")
 
 BACKENDS = ("sim", "engine")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # holds configs/ in a checkout
+CONFIG_ERROR_EXIT = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Override:
+    """One ``--config.<key>`` argument: ``text`` is None for a bare flag (``--config.x`` /
+    ``--noconfig.x``, True / False for a bool key)."""
+
+    key: str
+    text: Optional[str]
+    negated: bool
+    arg: str  # as written
+
+
+_OVERRIDE = re.compile(r"^--?(no)?config\.(.+)$")
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], tuple[Override, ...]]:
+    """(argv without the ``--config.*`` arguments, those arguments). ``--config.k=v`` and
+    ``--config.k v`` both work; the next argument is taken as the value unless it starts with '-'."""
+    rest, found, i = [], [], 0
+    while i < len(argv):
+        arg, m = argv[i], _OVERRIDE.match(argv[i]) if i else None
+        i += 1
+        if m is None:
+            rest.append(arg)
+            continue
+        negated, body = bool(m.group(1)), m.group(2)
+        if "=" in body:
+            key, text = body.split("=", 1)
+        elif not negated and i < len(argv) and not argv[i].startswith("-"):
+            key, text, arg = body, argv[i], f"{arg} {argv[i]}"
+            i += 1
+        else:
+            key, text = body, None
+        found.append(Override(key, text, negated, arg))
+    return rest, tuple(found)
+
+
+def apply_overrides(config, overrides: tuple[Override, ...]):
+    """A copy of ``config`` with the command-line overrides applied (later ones win); ConfigError
+    names the key for an unknown key, an ill-typed value or a bare flag on a non-bool key."""
+    values = {}
+    for o in overrides:
+        if o.text is None:
+            kind, _ = key_type(config, o.key)
+            if kind is not bool:
+                raise ConfigError(f"{o.arg}: {o.key} is not a bool; give a value: --config.{o.key}=<value>")
+            values[o.key] = not o.negated
+        elif o.negated:
+            raise ConfigError(f"{o.arg}: --noconfig takes no value; write --config.{o.key}={o.text}")
+        else:
+            values[o.key] = parse_value(config, o.key, o.text)
+    return override(config, values)
+
+
+def _defaults_module():
+    """``configs.default`` (the declared keys): the one the config files import."""
+    try:
+        return importlib.import_module("configs.default")
+    except ImportError as e:
+        raise ConfigError(f"cannot import configs/default.py, which declares the keys ({e}); run from a checkout "
+                          "or keep your configs/ next to a copy of it") from None
+
+
+def config_help(config, keys, source: str) -> str:
+    """The --config_help listing: every key of ``config`` in declaration order, its value, its help."""
+    declared = {k.path: k for k in keys}
+    order = [k.path for k in keys if k.path in set(leaf_keys(config))]
+    order += [k for k in leaf_keys(config) if k not in declared]
+    shown = {k: _show(get(config, k), declared.get(k)) for k in order}
+    width, vwidth = max(map(len, order)), min(max(map(len, shown.values())), 40)
+    lines = [f"Config keys of {source}, with their defaults. Set one with --config.<key>=<value>"
+             " (=none unsets an optional key):", ""]
+    for k in order:
+        lines.append(f"  {k:<{width}}  {shown[k]:<{vwidth}}  {declared[k].help if k in declared else ''}".rstrip())
+    return "\n".join(lines)
+
+
+def _show(value, key) -> str:
+    if value is None:
+        return f"unset ({key.type.__name__})" if key is not None else "None"
+    return repr(value)
 
 
 def write_outputs(results, output_dir: str, title: str) -> list[str]:
@@ -72,67 +174,90 @@ def summary_table(metrics: dict, title: str) -> Table:
 
 
 def _title(config) -> str:
-    sched, workload = config.scheduler.name, config.workload.kind
-    if config.backend == "engine":
+    sched, workload = get(config, "scheduler.name"), get(config, "workload.kind")
+    if get(config, "backend") == "engine":
         import jax
 
-        model = os.path.basename(os.path.normpath(config.model.path or "?"))
+        model = os.path.basename(os.path.normpath(get(config, "model.path") or "?"))
         return f"{sched} | {model} on {jax.default_backend()} (engine) | {workload}"
-    return f"{sched} | {config.model.name} on {config.hardware.name} | {workload}"
+    return f"{sched} | {get(config, 'model.name')} on {get(config, 'hardware.name')} | {workload}"
 
 
 def run(config, console: Console) -> dict:
     """Runs ``config`` on its backend, writes the outputs and prints the summary; returns metrics."""
-    backend = config.backend
+    backend = get(config, "backend", str)
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "engine":
-        from jaxserve.engine.serve_config import run_engine as execute
-
-        verb, unit = "serving", "s served"
-    else:
-        from jaxserve.sim.simulate import simulate as execute
-
-        verb, unit = "simulating", "s simulated"
+        raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    output_dir = get(config, "output_dir", str)
     title = _title(config)
     wall = time.perf_counter()
+    # Read and build everything first: a config error then stops before the progress bar starts.
+    if backend == "engine":
+        from jaxserve.engine.serve_config import build_engine, serve_engine
+
+        built, execute, verb, unit = build_engine(config), serve_engine, "serving", "s served"
+    else:
+        from jaxserve.sim.simulate import build_sim, run_sim
+
+        built, execute, verb, unit = build_sim(config), run_sim, "simulating", "s simulated"
     with Progress(
         TextColumn(f"[bold]{verb}"), BarColumn(), TextColumn("{task.fields[clock]:.1f} " + unit),
         TextColumn("{task.completed} steps"), TimeElapsedColumn(), console=console, transient=True,
     ) as progress:
         task = progress.add_task(verb, total=None, clock=0.0)
-        results = execute(config, on_progress=lambda t, steps: progress.update(task, completed=steps, clock=t))
+        results = execute(built, on_progress=lambda t, steps: progress.update(task, completed=steps, clock=t))
     wall = time.perf_counter() - wall
-    paths = write_outputs(results, config.output_dir, title)
+    paths = write_outputs(results, output_dir, title)
     console.print(summary_table(results.metrics, title))
     console.print(f"{results.metrics['num_steps']} steps in {wall:.1f} s wall; wrote {', '.join(paths)}")
     return results.metrics
 
 
-def main(argv):
-    del argv
-    console = Console(width=120)
-    try:
-        config = _CONFIG.value
-    except Exception as e:  # noqa: BLE001 - config_flags raises many kinds; report them all plainly
-        console.print(f"[red]config error:[/red] {e}")
-        return 2
-    if config is None:
-        console.print("[red]config error:[/red] pass --config=configs/<name>.py")
-        return 2
-    from jaxserve.config import ConfigError
+def _one_line(e: BaseException) -> str:
+    """An exception as one line (config_flags wraps a config file's own error in a traceback)."""
+    text = str(e).replace("\\'", "'")
+    text = text.split("Traceback (most recent call last)")[0]
+    return " ".join(text.split()) or type(e).__name__
 
+
+def load_config(overrides: tuple[Override, ...]):
+    """The --config file's config (configs/default.py's without one) with the overrides applied and
+    its keys checked against the declared ones."""
     try:
-        run(config, console)
+        loaded = _CONFIG.value
+        if loaded is not None:
+            loaded.lock  # config_flags defers a config file's load error to the first access  # noqa: B018
+    except Exception as e:  # noqa: BLE001 - a config file may raise anything; report it as one line
+        raise ConfigError(f"--config={config_flags.get_config_filename(flags.FLAGS['config'])}: {_one_line(e)}") from None
+    defaults = _defaults_module()
+    if loaded is None:
+        if not _CONFIG_HELP.value:
+            raise ConfigError("pass --config=configs/<name>.py (--config_help lists the keys)")
+        loaded = defaults.get_config()
+    check_keys(loaded, defaults.get_config())
+    return apply_overrides(loaded, overrides), defaults
+
+
+def main(argv, overrides: tuple[Override, ...] = ()) -> int:
+    del argv
+    try:
+        config, defaults = load_config(overrides)
+        if _CONFIG_HELP.value:
+            path = config_flags.get_config_filename(flags.FLAGS["config"]) if _CONFIG.value is not None else None
+            source = os.path.relpath(path) if path else "configs/default.py"
+            print(config_help(config, defaults.keys(), source))
+            return 0
+        run(config, Console(width=120))
     except (ConfigError, ValueError, FileNotFoundError) as e:
-        console.print(f"[red]config error:[/red] {e}")
-        return 2
+        print(f"config error: {_one_line(e)}", file=sys.stderr)
+        return CONFIG_ERROR_EXIT
     return 0
 
 
 def _put_config_root_on_path(argv: list[str]) -> None:
     """Config files import their base as ``from configs import default``: make that work from any
-    working directory by putting the folder that holds the config's ``configs`` package on the path."""
+    working directory by putting the folder that holds the config's ``configs`` package on the path
+    (and, behind everything, the checkout's, for config files kept elsewhere)."""
     for arg in argv[1:]:
         if arg.startswith("--config="):
             folder = os.path.dirname(os.path.abspath(arg.split("=", 1)[1]))
@@ -140,20 +265,33 @@ def _put_config_root_on_path(argv: list[str]) -> None:
                 root = os.path.dirname(folder)
                 if root not in sys.path:
                     sys.path.insert(0, root)
+    if os.path.isfile(os.path.join(REPO_ROOT, "configs", "default.py")) and REPO_ROOT not in sys.path:
+        sys.path.append(REPO_ROOT)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, except that a config file that fails while config_flags runs its
+    ``get_config()`` is a config error like any other: one line, exit 2."""
+    given = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "?")
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        if not str(e).startswith("flag --config="):  # another flag: absl's usual message and exit 1
+            sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.\n")
+            sys.exit(1)
+        # config_flags wraps the config file's exception with its traceback; its last line says what.
+        cause = [line for line in str(e).splitlines() if line.strip()][-1].strip()
+        print(f"config error: --config={given}: {cause}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - a config file may raise anything
+        print(f"config error: --config={given}: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+    sys.exit(CONFIG_ERROR_EXIT)
 
 
 def cli():
     _put_config_root_on_path(sys.argv)
-    try:
-        app.run(lambda argv: sys.exit(main(argv)))
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, ImportError, OSError) as e:
-        # --config.a.b=v overrides are applied while absl parses flags, before main() runs: an
-        # unknown key or a value of the wrong type surfaces here.
-        msg = str(e).replace("\\'", "'").replace("\\n", " ").replace("\n", " ").strip("'\"")
-        overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
-        arg = next((a for a in overrides if a.split("=")[0].rsplit(".", 1)[-1] in msg), "")
-        print(f"config error: {arg + ': ' if arg else ''}{msg}", file=sys.stderr)
-        sys.exit(2)
+    # config_flags reads --config.* overrides from sys.argv itself: take them out, apply them in main().
+    sys.argv, overrides = split_overrides(sys.argv)
+    app.run(lambda argv: sys.exit(main(argv, overrides)), flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from jaxserve.config import SEE_ALL_KEYS
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRACES = ROOT.parent / "shared" / "traces"
 
@@ -34,25 +36,92 @@ def test_sarathi_config_runs_and_writes_outputs(tmp_path):
     assert "ttft_s" in proc.stdout  # the summary table
 
 
+SMALL = ["--config.workload.kind=poisson", "--config.workload.qps=20", "--config.workload.num_requests=20",
+         "--config.workload.lengths.kind=fixed"]  # fmt: skip
+TOP_LEVEL = "(top-level keys: backend, engine, hardware, kv, model, output_dir, scheduler, seed, sim, slo, workload)"
+
+
 @pytest.mark.parametrize(
-    "args, needle",
+    "args, message",
     [
-        (["--config.scheduler.chunksize=3"], "chunksize"),  # unknown key
-        (["--config.kv.block_size=abc"], "block_size"),  # ill-typed
-        (["--config.workload.trace_path=no/such/trace.csv"], "no/such/trace.csv"),  # missing file
-        (["--config.scheduler.chunk_size=0"], "chunk_size"),  # bad value
+        (["--config.nosuch.key=1"], f"unknown config key 'nosuch.key' {TOP_LEVEL}"),
+        (["--config.foo=1"], f"unknown config key 'foo' {TOP_LEVEL}"),
+        (["--config.workload.qsp=4"], "unknown config key 'workload.qsp' (did you mean 'workload.qps'?)"),
+        (["--config.scheduler.chunksize=3"], "unknown config key 'scheduler.chunksize' (did you mean 'scheduler.chunk_size'?)"),
+        (["--config.workload.qps=abc"], "workload.qps must be a float or None, got 'abc'"),
+        (["--config.kv.block_size=abc"], "kv.block_size must be an int, got 'abc'"),
+        (["--config.kv.block_size"], "--config.kv.block_size: kv.block_size is not a bool; give a value"),
+        (["--config.workload.trace_path=no/such/trace.csv"], "workload.trace_path: trace file not found:"),
+        (["--config.scheduler.chunk_size=0"], "scheduler.chunk_size: scheduler option chunk_size must be an int >= 1"),
+        (["--config.scheduler.name=vllm", "--config.scheduler.chunk_size=64"],
+         "scheduler.chunk_size=64 does not apply to scheduler 'vllm' (it is an option of sarathi;"),
+        (["--config.scheduler.name=nosuch"], "scheduler.name: unknown scheduler 'nosuch'; available: orca,"),
+        ([*SMALL, "--config.workload.qps=-1"], "workload.qps must be a finite number > 0, got -1.0"),
+        ([*SMALL, "--config.workload.num_requests=0"], "workload.num_requests must be >= 1 for kind='poisson', got 0"),
         (["--config.model.name=gpt-9"], "model.name"),
         (["--config.hardware.name=tpu-v9"], "hardware.name"),
-        (["--config.workload.kind=foo"], "workload.kind"),
-        (["--config.backend=gpu"], "backend"),
+        (["--config.workload.kind=foo"], "workload.kind must be one of"),
+        (["--config.backend=gpu"], "backend must be one of ('sim', 'engine'), got 'gpu'"),
     ],
 )
-def test_bad_config_gives_one_clear_message(args, needle, tmp_path):
+def test_bad_config_gives_one_clear_line_and_exit_2(args, message, tmp_path):
     proc = run_cli("--config=configs/sarathi.py", *args, tmp_path=tmp_path)
-    assert proc.returncode != 0
-    err = proc.stdout + proc.stderr
-    assert needle in err
-    assert "Traceback" not in err
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("config error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert message in proc.stderr
+    if "unknown config key" in message:  # points to where every key is listed
+        assert "configs/default.py, or --config_help" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_every_option_of_the_chosen_scheduler_is_settable(tmp_path):
+    for config, option in (("vllm", "--config.scheduler.enable_prefix_caching=True"),
+                           ("sarathi", "--config.scheduler.chunk_size=64"),
+                           ("vtc", "--config.scheduler.base=sarathi")):
+        proc = run_cli(f"--config=configs/{config}.py", *SMALL, option, "--config.scheduler.watermark=0.05",
+                       tmp_path=tmp_path / config)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads((tmp_path / config / "metrics.json").read_text())["num_finished"] == 20
+    # Bool keys also take the bare form, and `none` unsets an optional key.
+    proc = run_cli("--config=configs/vllm.py", *SMALL, "--config.scheduler.enable_prefix_caching",
+                   "--config.workload.duration_s=none", tmp_path=tmp_path / "bare")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_config_help_lists_every_key_with_its_default(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    try:
+        from configs import default
+        from jaxserve.config import leaf_keys
+    finally:
+        sys.path.remove(str(ROOT))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "jaxserve.experiment", "--config_help"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines()[2:] if line.strip()}
+    assert set(lines) == set(leaf_keys(default.get_config()))
+    assert lines["scheduler.chunk_size"].split()[1] == "512" and "[sarathi, vtc via base]" in lines["scheduler.chunk_size"]
+    assert "unset (float)" in lines["workload.qps"] and "arrival rate" in lines["workload.qps"]
+    assert all(len(line.split()) >= 3 for line in lines.values()), "every key has a meaning"
+    proc = run_cli("--config=configs/sarathi.py", "--config.scheduler.chunk_size=256", "--config_help",
+                   tmp_path=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "configs/sarathi.py" in proc.stdout.splitlines()[0]
+    shown = {line.split()[0]: line.split()[1] for line in proc.stdout.splitlines()[2:] if line.strip()}
+    assert shown["scheduler.name"] == "'sarathi'" and shown["scheduler.chunk_size"] == "256"
+    help_text = subprocess.run([sys.executable, "-m", "jaxserve.experiment", "--help"], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=300).stdout  # fmt: skip
+    assert "--config_help" in help_text
+
+
+def test_a_config_file_with_a_misspelt_key_is_refused(tmp_path):
+    (tmp_path / "typo.py").write_text(
+        "from configs import default\n\ndef get_config():\n    c = default.get_config()\n    c.workload.qsp = 4.0\n    return c\n"
+    )
+    proc = run_cli(f"--config={tmp_path / 'typo.py'}", tmp_path=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr == "config error: unknown config key 'workload.qsp' (did you mean 'workload.qps'?). " + SEE_ALL_KEYS + "\n"
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +179,9 @@ def test_bad_engine_config_gives_one_clear_message(args, needle, tiny_llama, tmp
     if "--config.model.path" not in " ".join(args) and "dtype" in needle:
         args = [*args, f"--config.model.path={tiny_llama}"]
     proc = run_cli("--config=configs/sarathi.py", *args, *ENGINE_WORKLOAD, tmp_path=tmp_path)
-    assert proc.returncode != 0
-    err = proc.stdout + proc.stderr
-    assert needle in err and "Traceback" not in err
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("config error: ") and needle in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
 
 
 def test_configs_import_their_base_from_any_working_directory(tmp_path):
@@ -123,3 +192,30 @@ def test_configs_import_their_base_from_any_working_directory(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["num_finished"] == 20
+
+
+def run_experiment(name: str, out, *args) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, str(ROOT / "experiments" / f"{name}.py"), "--quick", "--jobs", "2", "--out", str(out), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_vtc_fairness_quick_run_writes_its_outputs(tmp_path):
+    proc = run_experiment("vtc_fairness", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("service.csv", "clients.csv", "service.png", "difference.png", "summary.md"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert "final service ratio A/B" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TRACES.exists(), reason="needs ../shared/traces")
+@pytest.mark.parametrize("name, outputs", [
+    ("sarathi_capacity", ("capacity.csv", "evaluations.csv", "stall.csv", "capacity.png", "stall.png", "summary.md")),
+    ("vllm_normalized_latency", ("sweep.csv", "search.csv", "normalized_latency.png", "summary.md")),
+])  # fmt: skip
+def test_paper_experiment_quick_runs_write_their_outputs(name, outputs, tmp_path):
+    proc = run_experiment(name, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for output in outputs:
+        assert (tmp_path / output).stat().st_size > 0, output

@@ -5,6 +5,8 @@ Builds the same scheduler and workload as the simulator from a config, loads the
 log with the same ``metrics.summarize``, so ``metrics.json`` has the same keys for both backends.
 Length-only workloads (traces, synthetic lengths) get random prompt token ids drawn with
 ``workload.seed``; requests run to their ``max_new_tokens`` (no stop tokens), as in the simulator.
+``engine_settings(config)`` reads every engine key without loading anything; ``build_engine``
+also builds the scheduler and workload and loads the model; ``serve_engine`` runs what it built.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from jaxserve.config import ConfigError, Results, _get, build_scheduler, build_workload
+from jaxserve.config import ConfigError, Results, build_scheduler, build_workload, get, positive_or_none, slo_targets
 from jaxserve.engine.engine import Engine
 from jaxserve.engine.kv_sizing import kv_blocks_for
 from jaxserve.engine.model_runner import ModelRunner, step_limits
@@ -44,50 +46,122 @@ def with_token_ids(requests: list[Request], vocab_size: int, seed: int) -> list[
     return out
 
 
-def build_runner(config) -> tuple[ModelRunner, KVConfig]:
-    path = _get(config, "model.path")
+@dataclasses.dataclass(frozen=True)
+class EngineSettings:
+    """Every config key the engine backend reads beyond the scheduler and workload (which both
+    backends build alike), read by ``engine_settings`` before any model is loaded."""
+
+    model_path: str
+    dtype: str | None  # a jnp dtype name; None: the checkpoint's torch_dtype
+    block_size: int
+    max_context: int  # 0: the model's max_position_embeddings, at most 4096
+    num_blocks: int  # 0: as many as kv_cache_gb holds (no more than the batch can use)
+    num_host_blocks: int
+    kv_cache_gb: float
+    block_rows: int
+    attention: str
+    seed: int
+    warmup: bool
+    token_seed: int  # workload.seed: the random prompt ids of length-only requests
+    max_time_s: float  # sim.max_time_s: stop after this many measured seconds (inf: never)
+    slo: dict  # summarize's slo_ttft_s / slo_tpot_s
+
+
+def engine_settings(config) -> EngineSettings:
+    """Reads and checks the engine's keys; ConfigError names the first bad one."""
+    path = get(config, "model.path", str)
     if not path:
         raise ConfigError("model.path: backend='engine' needs a local Hugging Face model directory")
     if not os.path.isdir(path):
         raise ConfigError(f"model.path: {path!r} is not a directory")
-    dtype_key = str(_get(config, "engine.dtype", "auto"))
+    dtype_key = get(config, "engine.dtype", str)
     if dtype_key not in DTYPES:
         raise ConfigError(f"engine.dtype must be one of {sorted(DTYPES)}, got {dtype_key!r}")
+    max_context = get(config, "model.max_context", int)
+    if max_context < 0:
+        raise ConfigError(f"model.max_context must be >= 0 (0: the model's), got {max_context}")
+    kv_cache_gb = get(config, "engine.kv_cache_gb", float)
+    if not kv_cache_gb > 0:
+        raise ConfigError(f"engine.kv_cache_gb must be > 0, got {kv_cache_gb}")
+    max_time_s = positive_or_none(config, "sim.max_time_s")
+    return EngineSettings(
+        model_path=path,
+        dtype=DTYPES[dtype_key],
+        block_size=get(config, "kv.block_size", int),
+        max_context=max_context,
+        num_blocks=get(config, "kv.num_blocks", int),
+        num_host_blocks=get(config, "kv.num_host_blocks", int),
+        kv_cache_gb=kv_cache_gb,
+        block_rows=get(config, "engine.block_rows", int),
+        attention=get(config, "engine.attention", str),
+        seed=get(config, "seed", int),
+        warmup=get(config, "engine.warmup", bool),
+        token_seed=get(config, "workload.seed", int),
+        max_time_s=math.inf if max_time_s is None else max_time_s,
+        slo=slo_targets(config),
+    )
+
+
+def build_runner(settings: EngineSettings, max_num_seqs: int) -> tuple[ModelRunner, KVConfig]:
+    """Loads the model and builds its runner and KV pool (``max_num_seqs`` bounds a pool sized
+    from memory: no more pages than that many full-length sequences need)."""
     try:
-        cfg, params = load_model(path, DTYPES[dtype_key])
+        cfg, params = load_model(settings.model_path, settings.dtype)
     except CheckpointError as e:
         raise ConfigError(f"model.path: {e}") from None
-    block_size = int(_get(config, "kv.block_size", 16))
-    max_len = int(_get(config, "model.max_context", 0) or 0) or min(cfg.max_position_embeddings, 4096)
-    num_blocks = int(_get(config, "kv.num_blocks", 0) or 0)
+    max_len = settings.max_context or min(cfg.max_position_embeddings, 4096)
+    num_blocks = settings.num_blocks
     if num_blocks <= 0:
-        max_seqs = int(_get(config, "scheduler.max_num_seqs", 256))
-        num_blocks = kv_blocks_for(cfg, block_size, float(_get(config, "engine.kv_cache_gb", 0.5)), max_len, max_seqs)
+        num_blocks = kv_blocks_for(cfg, settings.block_size, settings.kv_cache_gb, max_len, max_num_seqs)
     try:
-        kv = KVConfig(num_blocks, block_size, int(_get(config, "kv.num_host_blocks", 0) or 0))
+        kv = KVConfig(num_blocks, settings.block_size, settings.num_host_blocks)
         runner = ModelRunner(
-            cfg, params, kv, max_model_len=max_len, block_rows=int(_get(config, "engine.block_rows", 32)),
-            attention=str(_get(config, "engine.attention", "auto")), seed=int(_get(config, "seed", 0)),
+            cfg, params, kv, max_model_len=max_len, block_rows=settings.block_rows, attention=settings.attention,
+            seed=settings.seed,
         )  # fmt: skip
     except ValueError as e:
         raise ConfigError(f"engine/kv: {e}") from None
     return runner, kv
 
 
-def run_engine(config, on_progress: Callable[[float, int], None] | None = None) -> Results:
-    """Serves the config's workload on the real engine; see the module docstring."""
+@dataclasses.dataclass(frozen=True)
+class EngineRun:
+    """Everything an engine run needs, built from a config by ``build_engine`` (the model loaded)."""
+
+    settings: EngineSettings
+    runner: ModelRunner
+    kv: KVConfig
+    scheduler: object
+    requests: tuple[Request, ...]
+
+
+def build_engine(config) -> EngineRun:
+    """Reads ``config``, builds the scheduler and workload, loads the model."""
+    settings = engine_settings(config)
     sched = build_scheduler(config)
-    runner, kv = build_runner(config)
-    requests = with_token_ids(build_workload(config), runner.cfg.vocab_size, int(_get(config, "workload.seed", 0)))
-    if _get(config, "engine.warmup", True):
+    workload = build_workload(config)
+    runner, kv = build_runner(settings, step_limits(sched)[0])
+    requests = with_token_ids(workload, runner.cfg.vocab_size, settings.token_seed)
+    return EngineRun(settings, runner, kv, sched, tuple(requests))
+
+
+def serve_engine(run: EngineRun, on_progress: Callable[[float, int], None] | None = None) -> Results:
+    """Warms the runner up (``engine.warmup``) and serves ``run``'s requests: metrics, rows, log."""
+    runner, sched = run.runner, run.scheduler
+    if run.settings.warmup:
         max_decode, budget = step_limits(sched)
         budget_blocks = math.ceil(budget / runner.spec.block_rows)
         max_blocks = min(budget_blocks + max_decode, 4 * budget_blocks)
-        runner.warmup(min(max_decode, len(requests)), max_blocks, mixed=True)
-    limits = RunLimits(max_context=runner.max_model_len, max_sim_time_s=float(_get(config, "sim.max_time_s") or math.inf))
-    run = Engine(runner, sched, kv).serve(requests, limits=limits, on_progress=on_progress)
-    log = run.log.freeze()
-    metrics = summarize(log, slo_ttft_s=_get(config, "slo.ttft_s") or None, slo_tpot_s=_get(config, "slo.tpot_s") or None)
-    metrics["num_kv_blocks"] = kv.num_blocks
+        runner.warmup(min(max_decode, len(run.requests)), max_blocks, mixed=True)
+    limits = RunLimits(max_context=runner.max_model_len, max_sim_time_s=run.settings.max_time_s)
+    served = Engine(runner, sched, run.kv).serve(list(run.requests), limits=limits, on_progress=on_progress)
+    log = served.log.freeze()
+    metrics = summarize(log, **run.settings.slo)
+    metrics["num_kv_blocks"] = run.kv.num_blocks
     metrics["num_compilations"] = runner.num_compilations
-    return Results(metrics, request_metrics(log).rows(), log, kv, sched)
+    return Results(metrics, request_metrics(log).rows(), log, run.kv, sched)
+
+
+def run_engine(config, on_progress: Callable[[float, int], None] | None = None) -> Results:
+    """Serves the config's workload on the real engine (``serve_engine(build_engine(config))``)."""
+    return serve_engine(build_engine(config), on_progress)

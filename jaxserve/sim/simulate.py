@@ -1,50 +1,60 @@
 """``simulate(config) -> Results``: build model, hardware, KV, scheduler and workload from a config
-and run the discrete-event simulation."""
+and run the discrete-event simulation.
+
+``build_sim(config)`` reads the config and builds everything (a ``SimRun``); ``run_sim`` runs it.
+Experiments that serve something one workload config cannot say (several clients' streams, each
+built from a config, merged) pass those requests to ``build_sim``. Every key is read with ``jaxserve.config.get``, so a
+key missing from the config raises ``ConfigError``; none has a default here.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 from jaxserve.calibration.profile_format import load_profile
-from jaxserve.config import ConfigError, Results, _get, build_scheduler, build_workload
+from jaxserve.config import ConfigError, Results, build_scheduler, build_workload, get, positive_or_none, slo_targets
 from jaxserve.kv.config import KVConfig
 from jaxserve.metrics import request_metrics, summarize
+from jaxserve.request import Request
+from jaxserve.runtime import RunLimits, run_replica
 from jaxserve.sim.cost_model import RooflineCostModel
+from jaxserve.sim.executor import SimExecutor
 from jaxserve.sim.hardware import get_hardware
 from jaxserve.sim.models import get_model
 from jaxserve.sim.profiled_cost_model import ProfiledCostModel
-from jaxserve.runtime import RunLimits, run_replica
-from jaxserve.sim.executor import SimExecutor
+
+COST_MODELS = ("roofline", "profiled")
+_EFFICIENCIES = ("mfu", "mbu", "step_overhead_s")  # roofline-only hardware keys; unset: the cited values
 
 
 def _hardware(config):
     try:
-        return get_hardware(_get(config, "hardware.name"))
+        return get_hardware(get(config, "hardware.name", str))
     except ValueError as e:
         raise ConfigError(f"hardware.name: {e}") from None
 
 
 def build_cost_model(config) -> RooflineCostModel | ProfiledCostModel:
-    kind = _get(config, "sim.cost_model") or "roofline"
+    kind = get(config, "sim.cost_model", str)
+    if kind not in COST_MODELS:
+        raise ConfigError(f"sim.cost_model must be one of {COST_MODELS}, got {kind!r}")
     if kind == "profiled":
         return build_profiled_cost_model(config)
-    if kind != "roofline":
-        raise ConfigError(f"sim.cost_model must be 'roofline' or 'profiled', got {kind!r}")
     try:
-        model = get_model(_get(config, "model.name"))
+        model = get_model(get(config, "model.name", str))
     except ValueError as e:
         raise ConfigError(f"model.name: {e}") from None
     hardware = _hardware(config)
-    options = {}
-    for key in ("tp", "pp", "mfu", "mbu", "step_overhead_s"):
-        value = _get(config, f"hardware.{key}")
-        if value is not None:  # unset keys keep the cost model's cited defaults
+    options = {key: get(config, f"hardware.{key}", int) for key in ("tp", "pp")}
+    for key in _EFFICIENCIES:
+        value = get(config, f"hardware.{key}", float, optional=True)
+        if value is not None:  # unset keeps the cost model's cited value
             options[key] = value
-    dtype = _get(config, "model.dtype", "bf16")
     try:
-        return RooflineCostModel(model, hardware, dtype=dtype, **options)
+        return RooflineCostModel(model, hardware, dtype=get(config, "model.dtype", str), **options)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"hardware/model: {e}") from None
 
@@ -52,66 +62,98 @@ def build_cost_model(config) -> RooflineCostModel | ProfiledCostModel:
 def build_profiled_cost_model(config) -> ProfiledCostModel:
     """``sim.cost_model="profiled"``: step times fitted to ``sim.profile``; the model is the
     profile's (``model.name`` is not used), ``hardware.name`` gives memory, power and price, and
-    ``hardware.mfu``/``mbu``/``step_overhead_s`` do not apply (the profile measured the step)."""
-    path = _get(config, "sim.profile")
+    ``hardware.mfu``/``mbu``/``step_overhead_s`` do not apply (the profile measured the step), so
+    setting one is an error."""
+    path = get(config, "sim.profile", str, optional=True)
     if not path:
         raise ConfigError("sim.profile: sim.cost_model='profiled' needs a profile file (python -m jaxserve.profile)")
     for key in ("tp", "pp"):
-        if (_get(config, f"hardware.{key}") or 1) != 1:
+        if get(config, f"hardware.{key}", int) != 1:
             raise ConfigError(f"hardware.{key}: a profile measures one device; profiled cost models need {key}=1")
+    for key in _EFFICIENCIES:
+        if get(config, f"hardware.{key}", float, optional=True) is not None:
+            raise ConfigError(f"hardware.{key}: does not apply to sim.cost_model='profiled' (the profile measured the step)")
     hardware = _hardware(config)
+    jitter = get(config, "sim.profile_jitter", bool)
+    seed = get(config, "seed", int)
     try:
         profile = load_profile(str(path))
     except OSError as e:
         raise ConfigError(f"sim.profile: cannot read {path!r} ({e.strerror or e})") from None
     except ValueError as e:
         raise ConfigError(f"sim.profile: {e}") from None
-    jitter = _get(config, "sim.profile_jitter", False)
-    if not isinstance(jitter, bool):
-        raise ConfigError(f"sim.profile_jitter must be True or False, got {jitter!r}")
     try:
-        return ProfiledCostModel.from_profile(profile, hardware, jitter=jitter, jitter_seed=int(_get(config, "seed", 0) or 0))
+        return ProfiledCostModel.from_profile(profile, hardware, jitter=jitter, jitter_seed=seed)
     except ValueError as e:
         raise ConfigError(f"sim.profile/hardware.name: {e}") from None
 
 
-def build_kv(config, cost_model: RooflineCostModel) -> KVConfig:
-    block_size = int(_get(config, "kv.block_size", 16))
-    num_blocks = int(_get(config, "kv.num_blocks", 0) or 0)
-    if num_blocks <= 0:
-        fraction = float(_get(config, "kv.memory_fraction", 0.9))
+def build_kv(config, cost_model: RooflineCostModel | ProfiledCostModel) -> KVConfig:
+    block_size = get(config, "kv.block_size", int)
+    num_blocks = get(config, "kv.num_blocks", int)
+    fraction = get(config, "kv.memory_fraction", float)
+    num_host_blocks = get(config, "kv.num_host_blocks", int)
+    if num_blocks <= 0:  # 0: size the pool from memory, as vLLM does
         try:
             num_blocks = cost_model.kv_capacity_blocks(block_size, gpu_memory_utilization=fraction)
         except ValueError as e:
             raise ConfigError(f"kv: {e}") from None
     try:
-        return KVConfig(num_blocks, block_size, int(_get(config, "kv.num_host_blocks", 0) or 0))
+        return KVConfig(num_blocks, block_size, num_host_blocks)
     except ValueError as e:
         raise ConfigError(f"kv: {e}") from None
 
 
-def max_context(config, cost_model: RooflineCostModel) -> Optional[int]:
-    value = int(_get(config, "model.max_context", 0) or 0)
+def max_context(config, cost_model: RooflineCostModel | ProfiledCostModel) -> int:
+    """``model.max_context``; 0 means the model's ``max_position_embeddings``."""
+    value = get(config, "model.max_context", int)
+    if value < 0:
+        raise ConfigError(f"model.max_context must be >= 0 (0: the model's), got {value}")
     return value if value > 0 else cost_model.model.max_position_embeddings
 
 
-def simulate(config, on_progress: Optional[Callable[[float, int], None]] = None) -> Results:
-    """Runs the experiment ``config`` (an ml_collections.ConfigDict, see configs/default.py) in the
-    simulator and returns metrics, per-request rows and the event log."""
+def max_sim_time_s(config) -> float:
+    """``sim.max_time_s``; unset means no limit."""
+    value = positive_or_none(config, "sim.max_time_s")
+    return math.inf if value is None else value
+
+
+@dataclasses.dataclass(frozen=True)
+class SimRun:
+    """Everything a simulation needs, built from a config by ``build_sim``."""
+
+    cost_model: RooflineCostModel | ProfiledCostModel
+    kv: KVConfig
+    scheduler: object
+    requests: tuple[Request, ...]
+    limits: RunLimits
+    slo: dict  # summarize's slo_ttft_s / slo_tpot_s
+
+
+def build_sim(config, requests: Optional[Sequence[Request]] = None) -> SimRun:
+    """Reads ``config`` (an ml_collections.ConfigDict, see configs/default.py) and builds the run;
+    ``requests``, when given, are served instead of the config's workload (which is then not read):
+    e.g. several clients' streams, each built from a config, merged."""
     cost_model = build_cost_model(config)
-    kv = build_kv(config, cost_model)
-    sched = build_scheduler(config)
-    requests = build_workload(config)
-    limits = RunLimits(
-        max_context=max_context(config, cost_model),
-        max_sim_time_s=float(_get(config, "sim.max_time_s") or math.inf),
+    return SimRun(
+        cost_model=cost_model,
+        kv=build_kv(config, cost_model),
+        scheduler=build_scheduler(config),
+        requests=tuple(build_workload(config) if requests is None else requests),
+        limits=RunLimits(max_context=max_context(config, cost_model), max_sim_time_s=max_sim_time_s(config)),
+        slo=slo_targets(config),
     )
-    log = run_replica(sched, kv, SimExecutor(cost_model), requests, limits=limits, on_progress=on_progress).freeze()
-    metrics = summarize(
-        log,
-        slo_ttft_s=_get(config, "slo.ttft_s") or None,
-        slo_tpot_s=_get(config, "slo.tpot_s") or None,
-        price_per_hour_usd=cost_model.cost_usd_per_hour(),
-    )
-    metrics["num_kv_blocks"] = kv.num_blocks
-    return Results(metrics, request_metrics(log).rows(), log, kv, sched)
+
+
+def run_sim(run: SimRun, on_progress: Optional[Callable[[float, int], None]] = None) -> Results:
+    """Simulates ``run``: metrics, per-request rows and the event log."""
+    log = run_replica(run.scheduler, run.kv, SimExecutor(run.cost_model), list(run.requests), limits=run.limits,
+                      on_progress=on_progress).freeze()  # fmt: skip
+    metrics = summarize(log, **run.slo, price_per_hour_usd=run.cost_model.cost_usd_per_hour())
+    metrics["num_kv_blocks"] = run.kv.num_blocks
+    return Results(metrics, request_metrics(log).rows(), log, run.kv, run.scheduler)
+
+
+def simulate(config, on_progress: Optional[Callable[[float, int], None]] = None) -> Results:
+    """Runs the experiment ``config`` in the simulator (``run_sim(build_sim(config))``)."""
+    return run_sim(build_sim(config), on_progress)

@@ -176,6 +176,9 @@ def merge_workloads(*workloads: Sequence[Request]) -> list[Request]:
 # --- configs ------------------------------------------------------------------------------------
 
 
+# The defaults below serve partial mappings passed in directly (library use). The experiment
+# config path passes jaxserve.config's strict Section view, whose .get raises for a missing key, so
+# there every value comes from the config (configs/default.py declares them all).
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
     if isinstance(cfg, Mapping):
         return cfg.get(key, default)
@@ -306,6 +309,8 @@ def workload_from_config(cfg: Any, prefix: str = "workload") -> list[Request]:
             raise ValueError(f"{key('qps')} is required {why}")
         cv = check_positive(key("cv"), _required(cfg, "cv", prefix, why)) if kind == "gamma" else 1.0
         num_requests = check_count(key("num_requests"), _required(cfg, "num_requests", prefix, why))
+        if num_requests == 0:
+            raise ValueError(f"{key('num_requests')} must be >= 1 for kind={kind!r}, got 0")
         if lengths_cfg is None:
             raise ValueError(f"{key('lengths')} is required {why}")
         if lengths_kind == "trace" and _get(lengths_cfg, "path") is None:
