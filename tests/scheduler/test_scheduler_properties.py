@@ -1,14 +1,21 @@
 """Property tests: every registered scheduler (built-in or registered by a script) on random workloads.
 
-Random arrivals, prompt/output lengths, shared prefixes, stop tokens, clients, priorities, aborts at
-random steps, tiny KV caches and block sizes, swap space, prefix caching on/off. Each step is checked
-by ``sched_checks.Checker`` (KV accounting, sharing, freed-page hygiene, exactly-once computation,
-budgets, determinism of ``schedule``); each run must finish every admissible request with the right
-tokens and release every block.
+Random arrivals, prompt/output lengths, shared prefixes (and follow-ups that repeat one), stop
+tokens, clients, priorities, tiny KV caches and block sizes, swap space, prefix caching on/off, and
+aborts aimed at requests that are waiting, running, preempted or swapped out at that moment (and
+at finished or unknown ids). Each step is checked by ``sched_checks.Checker`` (KV accounting and
+contents, sharing, freed-page hygiene, exclusive writes, exactly-once computation, budgets,
+determinism, what each abort freed); each run must finish every request not aborted with the right
+tokens, none that was aborted, and release every block.
+
+The checks prove what they cover: ``test_scheduler_invariants[name]`` runs its own hypothesis
+exploration and then asserts that the workloads took every path policy ``name`` has (see
+``expected_paths``) and none it must not, so it is meaningful alone (``-k``) and in any order.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib.util
 import pathlib
@@ -21,7 +28,7 @@ from hypothesis import strategies as st
 import jaxserve
 from jaxserve.kv import KVConfig
 from jaxserve.scheduler.driver import drive
-from sched_checks import plan_key, run_checked
+from sched_checks import NOOP_ABORTS, PATHS, REAL_ABORTS, aim_aborts, plan_key, run_checked
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -54,44 +61,94 @@ def expected_output(req) -> tuple[int, ...]:
     return tuple(out)
 
 
+def tokens(min_size=0, max_size=24):
+    return st.lists(st.integers(1, VOCAB), min_size=min_size, max_size=max_size)
+
+
 @st.composite
-def scenarios(draw):
+def prompt_prefix(draw, block_size):
+    """Often whole blocks, so that a prompt equal to the prefix is fully cached (copy-on-write)."""
+    if draw(st.booleans()):
+        k = draw(st.integers(1, 3)) * block_size
+        return draw(tokens(k, k))
+    return draw(tokens(0, 3 * block_size))
+
+
+# Abort picks (see sched_checks.aim_aborts): a request state, which occurrence, which request.
+# Hypothesis favours early elements: the rarer states come first.
+ABORT_KINDS = ("swapped", "preempted", "running", "waiting", *NOOP_ABORTS)
+assert set(ABORT_KINDS) == set(REAL_ABORTS + NOOP_ABORTS)
+
+
+def abort_picks(kinds=ABORT_KINDS):
+    return st.lists(st.tuples(st.sampled_from(kinds), st.integers(0, 4), st.integers(0, 7)), min_size=1, max_size=4)
+
+
+def make_request(draw, rid, prompt, long_outputs):
+    return jaxserve.Request(
+        rid,
+        prompt_token_ids=prompt,
+        sampling=jaxserve.SamplingParams(
+            draw(st.integers(4 if long_outputs else 1, 16)), stop_token_ids=draw(st.sampled_from([(), (STOP,)]))
+        ),
+        client_id=draw(st.sampled_from(["a", "b", "c"])),
+        priority=draw(st.integers(0, 2)),
+    )
+
+
+@st.composite
+def scenarios(draw, preemption_mode=None):
+    """(requests, arrival steps, abort picks, scheduler options, token budget, KVConfig); the
+    preemption mode is drawn unless given."""
     block_size = draw(st.sampled_from([1, 2, 4, 8]))
-    prefixes = [draw(st.lists(st.integers(1, VOCAB), max_size=3 * block_size)) for _ in range(2)]
-    n = draw(st.integers(1, 10))
+    prefixes = [draw(prompt_prefix(block_size)) for _ in range(2)]
+    # "crowded": several requests at once in a cache that barely fits the largest one, so that
+    # running requests outgrow it (preemption, swapping); "roomy": batches of several requests
+    # even with full reservations (static, orca), so cached prefixes are shared (copy-on-write).
+    pressure = draw(st.sampled_from(["crowded", "mixed", "roomy"]))
+    crowded = pressure == "crowded"
+    n = draw(st.integers(3 if crowded else 1, 10))
     requests = []
     for i in range(n):
         prefix = prefixes[draw(st.integers(0, 1))]
-        tail = draw(st.lists(st.integers(1, VOCAB), min_size=0 if prefix else 1, max_size=24))
-        requests.append(
-            jaxserve.Request(
-                f"r{i}",
-                prompt_token_ids=prefix + tail,
-                sampling=jaxserve.SamplingParams(
-                    draw(st.integers(1, 16)), stop_token_ids=draw(st.sampled_from([(), (STOP,)]))
-                ),
-                client_id=draw(st.sampled_from(["a", "b", "c"])),
-                priority=draw(st.integers(0, 2)),
-            )
-        )
+        tail = draw(st.one_of(st.just([]), tokens(1)) if prefix else tokens(1))
+        requests.append(make_request(draw, f"r{i}", prefix + tail, crowded))
+    arrivals = draw(st.lists(st.integers(0, 2 if crowded else 8), min_size=n, max_size=n))
+    # Follow-up pairs, later: a longer prompt and then the bare prefix, whole blocks of it. The
+    # prefix is cached by then and held by the first of the pair, so the second copies its last
+    # block (copy-on-write, even in static batching where both must join one batch).
+    for _ in range(draw(st.integers(0, 2))):
+        prefix = prefixes[draw(st.integers(0, 1))]
+        whole_blocks = prefix[: len(prefix) // block_size * block_size]
+        if whole_blocks:
+            at = draw(st.integers(2, 12))
+            for prompt in (prefix + draw(tokens(1, 8)), whole_blocks):
+                requests.append(make_request(draw, f"r{len(requests)}", prompt, crowded))
+                arrivals.append(at)
     # Mostly a cache that fits the largest request alone but not everyone at once (contention,
     # preemption); sometimes one too small for some requests (rejection at add_request).
     largest = max(-(-r.max_total_tokens // block_size) for r in requests)
-    num_blocks = draw(st.one_of(st.integers(largest, 2 * largest), st.integers(max(1, largest // 2), largest)))
-    arrivals = draw(st.lists(st.integers(0, 8), min_size=n, max_size=n))
-    aborts = {}
-    for i in draw(st.lists(st.integers(0, n - 1), max_size=3, unique=True)):
-        aborts.setdefault(draw(st.integers(0, 30)), []).append(f"r{i}")
+    if crowded:
+        num_blocks = draw(st.integers(largest, largest + 2))
+    elif pressure == "roomy":
+        num_blocks = draw(st.integers(3 * largest, 6 * largest))
+    else:
+        num_blocks = draw(st.one_of(st.integers(largest, 2 * largest), st.integers(max(1, largest // 2), largest)))
     options = dict(
-        max_num_seqs=draw(st.integers(1, 6)),
+        max_num_seqs=draw(st.integers(2 if crowded else 1, 6)),
         enable_prefix_caching=draw(st.booleans()),
-        preemption_mode=draw(st.sampled_from(["recompute", "swap"])),
+        preemption_mode=preemption_mode or draw(st.sampled_from(["recompute", "swap"])),
         watermark=draw(st.sampled_from([0.0, 0.01, 0.2])),
     )
     longest = max(r.max_total_tokens for r in requests)
-    budget = draw(st.one_of(st.integers(longest, 2 * longest), st.integers(min(4, longest), longest)))
-    kv = KVConfig(num_blocks, block_size, num_host_blocks=draw(st.integers(0, 2 * largest)))
-    return requests, arrivals, aborts, options, budget, kv
+    roomy_budget = st.integers(longest, 2 * longest)
+    budget = draw(roomy_budget if crowded else st.one_of(roomy_budget, st.integers(min(4, longest), longest)))
+    # swap mode mostly with room on the host for a victim; sometimes too little (recompute fallback)
+    host = st.integers(largest // 2, 2 * largest) if options["preemption_mode"] == "swap" else st.integers(0, 2 * largest)
+    kv = KVConfig(num_blocks, block_size, num_host_blocks=draw(host))
+    # nothing is ever swapped out in recompute mode: aim at the other states there
+    kinds = ABORT_KINDS if options["preemption_mode"] == "swap" else tuple(k for k in ABORT_KINDS if k != "swapped")
+    return requests, arrivals, draw(abort_picks(kinds)), options, budget, kv
 
 
 def build(name: str, options: dict, budget: int):
@@ -123,82 +180,103 @@ def split_admissible(sched, kv, requests):
     return ok
 
 
-def check_scenario(name, scenario):
-    requests, arrivals, aborts, options, budget, kv = scenario
+def prepare(name, scenario):
+    """The scheduler, its admissible requests, the driver's arguments (aborts aimed at real
+    requests) and the token budget to check, for one scenario."""
+    requests, arrivals, picks, options, budget, kv = scenario
     sched = build(name, options, budget)
     admissible = split_admissible(sched, kv, requests)
     arrival_of = {r.request_id: a for r, a in zip(requests, arrivals)}
-    arrivals = [arrival_of[r.request_id] for r in admissible]
+    kwargs = dict(token_fn=token_fn, arrival_steps=[arrival_of[r.request_id] for r in admissible], max_steps=3000)
+    kwargs["aborts"] = aim_aborts(sched, kv, admissible, picks, output_form="alternate", **kwargs)
     budget_limit = budget if hasattr(sched, "chunk_size") or hasattr(sched, "max_num_batched_tokens") else None
-    result, checker = run_checked(
-        sched, kv, admissible, token_budget=budget_limit, token_fn=token_fn,
-        arrival_steps=arrivals, aborts=aborts, max_steps=3000,
-    )
+    return sched, kv, admissible, kwargs, budget_limit
+
+
+def check_scenario(name, scenario) -> set[str]:
+    """Runs one scenario under the Checker; every request not aborted finishes with the right
+    tokens, no aborted one does, and every block is released. Returns the paths it took."""
+    sched, kv, admissible, kwargs, budget_limit = prepare(name, scenario)
+    result, checker = run_checked(sched, kv, admissible, token_budget=budget_limit, **kwargs)
     final = result.final_state
     # liveness: nothing pending, nothing lost, nothing duplicated
     assert not final.has_unfinished, f"{name}: requests still pending after {result.num_steps} steps"
-    aborted = {rid for ids in aborts.values() for rid in ids}
     for req in admissible:
         rid = req.request_id
-        if rid in result.finished:
-            assert result.finished[rid].output_token_ids == expected_output(req), f"{name}: {rid} output"
+        if rid in checker.aborted:
+            assert rid not in result.finished, f"{name}: {rid} finished although it was aborted"
         else:
-            assert rid in aborted, f"{name}: {rid} was lost"
-    for what, happened in (
-        ("preemption", any(p.preempted for p in result.plans)),
-        ("swap", any(p.swapped_out for p in result.plans)),
-        ("swap-in", any(p.swapped_in for p in result.plans)),
-        ("copy-on-write", any(p.copy_blocks for p in result.plans)),
-        ("prefix hit", _admitted_with_cache_hit(result.plans)),
-        ("chunked prefill", any((p.num_new_tokens > 1).any() and not p.samples_token.all() for p in result.plans)),
-        ("abort", bool(aborted)),
-        ("stop token", any(f.finish_reason == "stop" for f in result.finished.values())),
-    ):
-        if happened:
-            event(what)
+            assert rid in result.finished, f"{name}: {rid} was lost"
+            assert result.finished[rid].output_token_ids == expected_output(req), f"{name}: {rid} output"
     # aborts and finishes release everything
     assert final.kv.device.num_used == 0 and final.kv.host.num_used == 0
     assert final.kv.device.num_free == kv.num_blocks
-    return result
+    paths = {p for p, count in checker.paths.items() if count}
+    if any(f.finish_reason == "stop" for f in result.finished.values()):
+        event("stop token")
+    for path in sorted(paths):
+        event(path)
+    return paths
 
 
-def _admitted_with_cache_hit(plans) -> bool:
-    seen = set()
-    for plan in plans:
-        seen.update(plan.preempted)  # a recompute starts again
-        for rid, nc in zip(plan.request_ids, plan.num_computed_tokens.tolist()):
-            if rid not in seen and nc > 0:
-                return True
-        seen = (seen - set(plan.preempted)) | set(plan.request_ids)
-    return False
+# Static batching and Orca reserve prompt + max_new_tokens at admission: they never run out of
+# blocks, so they never preempt, swap, or hold a preempted or swapped request.
+NEVER_PREEMPTS = {"static", "orca"}
+PREEMPTION_PATHS = {"preempt-recompute", "preempt-swap", "swap-in", "abort-preempted", "abort-swapped"}
+
+
+def expected_paths(name: str) -> tuple[set[str], set[str]]:
+    """(paths random workloads must reach, paths they must never take) for policy ``name``."""
+    if name in NEVER_PREEMPTS:
+        return set(PATHS) - PREEMPTION_PATHS, PREEMPTION_PATHS
+    return set(PATHS), set()
+
+
+def explore(name: str, max_examples: int, derandomize: bool) -> collections.Counter:
+    """Runs ``max_examples`` hypothesis scenarios through ``check_scenario``, half of them with
+    each preemption mode (so neither is left to chance); returns, per path, the number of
+    scenarios that took it."""
+    hits = collections.Counter()
+    for mode in ("recompute", "swap"):
+
+        @settings(max_examples=max_examples // 2, deadline=None, derandomize=derandomize, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(scenario=scenarios(mode))
+        def one(scenario):
+            hits.update(check_scenario(name, scenario))
+
+        one()
+    return hits
+
+
+def assert_coverage(name: str, hits: collections.Counter) -> None:
+    required, forbidden = expected_paths(name)
+    missing = sorted(required - set(hits))
+    assert not missing, f"{name}: random workloads never reached {missing}; reached {dict(hits)}"
+    taken = sorted(forbidden & set(hits))
+    assert not taken, f"{name}: took {taken}, which it never should"
 
 
 @pytest.mark.parametrize("name", NAMES)
-@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(scenario=scenarios())
-def test_scheduler_invariants(name, scenario):
-    check_scenario(name, scenario)
+def test_scheduler_invariants(name):
+    """160 random workloads pass every Checker invariant, and together they reach every path the
+    policy has (preemption by recompute and swap, copy-on-write, prefix hits, aborts in each state)."""
+    assert_coverage(name, explore(name, max_examples=160, derandomize=True))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
-@settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck))
-@given(scenario=scenarios())
-def test_scheduler_invariants_exhaustive(name, scenario):
-    check_scenario(name, scenario)
+def test_scheduler_invariants_exhaustive(name):
+    assert_coverage(name, explore(name, max_examples=3000, derandomize=False))
 
 
 @pytest.mark.parametrize("name", NAMES)
 @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(scenario=scenarios())
 def test_same_inputs_same_plans(name, scenario):
-    requests, arrivals, aborts, options, budget, kv = scenario
-    sched = build(name, options, budget)
-    admissible = split_admissible(sched, kv, requests)
-    arrival_of = {r.request_id: a for r, a in zip(requests, arrivals)}
-    kwargs = dict(arrival_steps=[arrival_of[r.request_id] for r in admissible], aborts=aborts, token_fn=token_fn)
+    sched, kv, admissible, kwargs, _ = prepare(name, scenario)
     first = drive(sched, kv, admissible, **kwargs)
-    second = drive(build(name, options, budget), kv, admissible, **kwargs)
+    second = drive(dataclasses.replace(sched), kv, admissible, **kwargs)
     assert [plan_key(p) for p in first.plans] == [plan_key(p) for p in second.plans]
 
 
