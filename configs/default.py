@@ -16,7 +16,7 @@ GENERAL = (
     Key("backend", "sim", '"sim" (the discrete-event simulator) | "engine" (a real jit-compiled model from model.path)'),
     Key("output_dir", "outputs/default", "where metrics.json, requests.csv and the plots are written"),
     Key("seed", 0, "engine sampling seed; the profiled cost model's jitter seed (workload.seed seeds the workload)"),
-    Key("model.name", "llama-2-7b", "simulated model: a key of jaxserve.sim.models.MODELS (sim backend)"),
+    Key("model.name", "llama-3-8b", "simulated model: a key of jaxserve.sim.models.MODELS (sim backend; its 8192-token context holds every request of the default trace)"),
     Key("model.path", "", "local Hugging Face checkpoint directory (engine backend)"),
     Key("model.dtype", "bf16", "simulated weight and KV dtype of the roofline cost model (sim backend)"),
     Key("model.max_context", 0, "longest prompt + output served; 0: the model's max_position_embeddings (engine: at most 4096)"),
@@ -68,6 +68,7 @@ WORKLOAD = (
         optional=True),
     Key("workload.max_requests", None, "keep at most this many requests; unset: no limit", int),
     Key("workload.client_id", "default", "client of every request (request ids are '<client_id>-<row>')"),
+    Key("workload.clients", "", "several clients: 'A:1,B:2' draws each request's client by weight (B sends twice A's rate); \"\": every request is workload.client_id's"),
     Key("workload.lengths.kind", "trace", '"trace" (the trace\'s own lengths, or lengths.path\'s) | "fixed" | "uniform" | "zipf"'),
     Key("workload.lengths.prompt_len", 512, "lengths.kind='fixed': prompt tokens"),
     Key("workload.lengths.output_len", 128, "lengths.kind='fixed': output tokens"),
@@ -90,7 +91,9 @@ RUN = (
     Key("engine.attention", "auto", '"auto" | "grouped" (chunked jnp, CPU) | "ragged" (Pallas, GPU/TPU)'),
     Key("engine.block_rows", 32, "prefill rows per block (chunks are padded to whole blocks)"),
     Key("engine.kv_cache_gb", 0.5, "KV pool size (GB) when kv.num_blocks is 0"),
-    Key("engine.warmup", True, "compile every step shape before serving (latencies then exclude compiles)"),
+    Key("engine.warmup", False, "compile every reachable step shape before serving; False: each on first use (step times exclude compiles either way)"),
+    Key("engine.compile_cache", "~/.cache/jaxserve/xla", "jax's persistent compilation cache directory (a rerun loads instead of compiling); \"\": off"),
+    Key("engine.max_compiled_shapes", 0, "most step shapes kept compiled (each maps ~260 memory sections); 0: from the host's vm.max_map_count"),
 )
 
 

@@ -28,7 +28,7 @@ from typing import Optional
 from absl import app, flags
 from ml_collections import config_flags
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from jaxserve.config import ConfigError, check_keys, get, key_type, leaf_keys, override, parse_value
@@ -162,7 +162,7 @@ def summary_table(metrics: dict, title: str) -> Table:
     for key in (
         "num_requests", "num_finished", "num_rejected", "num_preemptions", "throughput_req_s",
         "throughput_tok_s", "slo_attainment", "energy_j_per_token", "cost_usd_per_mtok", "num_kv_blocks",
-        "num_compilations",
+        "num_compilations", "compile_s",
     ):
         if key in metrics:
             v = metrics[key]
@@ -173,14 +173,57 @@ def summary_table(metrics: dict, title: str) -> Table:
     return outer
 
 
-def _title(config) -> str:
+def _title(config, built) -> str:
     sched, workload = get(config, "scheduler.name"), get(config, "workload.kind")
     if get(config, "backend") == "engine":
         import jax
 
         model = os.path.basename(os.path.normpath(get(config, "model.path") or "?"))
         return f"{sched} | {model} on {jax.default_backend()} (engine) | {workload}"
-    return f"{sched} | {get(config, 'model.name')} on {get(config, 'hardware.name')} | {workload}"
+    cost_model = built.cost_model
+    if get(config, "sim.cost_model") == "profiled":  # the profile's model and machine, not model.name's
+        return f"{sched} | {cost_model.model.name} on {cost_model.hardware.name} (profiled) | {workload}"
+    return f"{sched} | {cost_model.model.name} on {cost_model.hardware.name} | {workload}"
+
+
+REJECTION_WARN_FRACTION = 0.02  # above this share of rejected requests the summary warns
+
+
+def run_notes(metrics: dict) -> list[str]:
+    """Lines after the summary table: rejections by reason, and warnings a reader must not miss
+    (nothing finished, more than a few percent rejected)."""
+    n, rejected, finished = metrics["num_requests"], metrics["num_rejected"], metrics["num_finished"]
+    lines = [f"rejected {count} of {n} ({count / n:.1%}): {reason}" for reason, count in metrics["rejections"].items()]
+    if n and finished == 0:
+        lines.append(f"[bold red]warning:[/] no request finished ({rejected} of {n} rejected); the metrics above are empty")
+    elif n and rejected / n > REJECTION_WARN_FRACTION:
+        lines.append(f"[bold yellow]warning:[/] {rejected / n:.1%} of requests were rejected; their reasons are in "
+                     "requests.csv (finish_reason) and above")  # fmt: skip
+    return lines
+
+
+def client_table(metrics: dict) -> Optional[Table]:
+    """Per-client service (w_p = 1 per prompt token, w_q = 2 per output token, as VTC counts), when
+    the run had more than one client."""
+    clients = metrics.get("clients")
+    if not clients:
+        return None
+    table = Table(title="per client")
+    for col in ("client", "requests", "finished", "service", "share", "ttft p50 (s)", "e2e p50 (s)"):
+        table.add_column(col, justify="left" if col == "client" else "right")
+    total = sum(c["service"] for c in clients.values()) or 1.0
+    for name, c in clients.items():
+        table.add_row(name, str(c["num_requests"]), str(c["num_finished"]), f"{c['service']:.0f}",
+                      f"{c['service'] / total:.1%}", *("-" if c[k] is None else f"{c[k]:.3f}" for k in ("ttft_p50_s", "e2e_p50_s")))  # fmt: skip
+    return table
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+        TextColumn("{task.completed}/{task.total} {task.fields[what]}"), TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True,
+    )  # fmt: skip
 
 
 def run(config, console: Console) -> dict:
@@ -189,26 +232,44 @@ def run(config, console: Console) -> dict:
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
     output_dir = get(config, "output_dir", str)
-    title = _title(config)
     wall = time.perf_counter()
     # Read and build everything first: a config error then stops before the progress bar starts.
     if backend == "engine":
         from jaxserve.engine.serve_config import build_engine, serve_engine
 
-        built, execute, verb, unit = build_engine(config), serve_engine, "serving", "s served"
+        built, verb, unit = build_engine(config), "serving", "s served"
     else:
         from jaxserve.sim.simulate import build_sim, run_sim
 
-        built, execute, verb, unit = build_sim(config), run_sim, "simulating", "s simulated"
-    with Progress(
-        TextColumn(f"[bold]{verb}"), BarColumn(), TextColumn("{task.fields[clock]:.1f} " + unit),
-        TextColumn("{task.completed} steps"), TimeElapsedColumn(), console=console, transient=True,
-    ) as progress:
-        task = progress.add_task(verb, total=None, clock=0.0)
-        results = execute(built, on_progress=lambda t, steps: progress.update(task, completed=steps, clock=t))
+        built, verb, unit = build_sim(config), "simulating", "s simulated"
+    title = _title(config, built)
+    with _progress(console) as progress:
+        task = progress.add_task(verb, total=len(built.requests), what="requests", detail="")
+
+        def on_progress(p):
+            progress.update(task, completed=p.num_done, detail=f"{p.now:.1f} {unit}, {p.num_steps} steps")
+
+        if backend == "engine":
+            compile_task = None
+
+            def on_warmup(done, total, shape):
+                nonlocal compile_task
+                if compile_task is None:
+                    compile_task = progress.add_task("compiling", total=total, what="step shapes", detail="")
+                progress.update(compile_task, completed=done, detail=f"(decode rows, prefill blocks) = {shape}")
+
+            results = serve_engine(built, on_progress, on_warmup)
+        else:
+            results = run_sim(built, on_progress)
+        progress.add_task("writing outputs", total=None, what="", detail=output_dir)
+        paths = write_outputs(results, output_dir, title)
     wall = time.perf_counter() - wall
-    paths = write_outputs(results, output_dir, title)
     console.print(summary_table(results.metrics, title))
+    clients = client_table(results.metrics)
+    if clients is not None:
+        console.print(clients)
+    for line in run_notes(results.metrics):
+        console.print(line)
     console.print(f"{results.metrics['num_steps']} steps in {wall:.1f} s wall; wrote {', '.join(paths)}")
     return results.metrics
 
@@ -238,8 +299,22 @@ def load_config(overrides: tuple[Override, ...]):
     return apply_overrides(loaded, overrides), defaults
 
 
+QUIET_LOGGERS = ("jax", "matplotlib", "absl", "orbax")  # INFO chatter ("Unable to initialize backend 'tpu'", fonts)
+
+
+def quiet_logs() -> None:
+    """Library INFO lines off unless ``--verbosity`` (absl's flag) was given."""
+    import logging
+
+    if flags.FLAGS["verbosity"].present:
+        return
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv, overrides: tuple[Override, ...] = ()) -> int:
     del argv
+    quiet_logs()
     try:
         config, defaults = load_config(overrides)
         if _CONFIG_HELP.value:

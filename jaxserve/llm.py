@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 
 from jaxserve import scheduler as schedulers
+from jaxserve.engine.compilation import DEFAULT_CACHE_DIR, enable_persistent_cache
 from jaxserve.engine.engine import Engine
 from jaxserve.engine.kv_sizing import kv_blocks_for
 from jaxserve.engine.model_runner import ModelRunner, step_limits
@@ -48,7 +49,10 @@ class LLM:
     ``scheduler_options={"preemption_mode": "swap"}``); ``max_model_len`` (default: the model's, at most 4096); ``dtype``
     (override the checkpoint's); ``attention`` ("auto" | "grouped" | "ragged"); ``block_rows``
     (prefill rows per block); ``params_cache`` (a directory: restore converted parameters from it
-    with orbax if present, else convert and save them there); ``seed`` (for requests without one);
+    with orbax if present, else convert and save them there); ``compile_cache`` (jax's persistent
+    compilation cache directory, "" off: a second process loads its step functions instead of
+    compiling them); ``max_compiled_shapes`` (default: from the host's memory-map limit); ``seed``
+    (for requests without one);
     ``stop_at_eos`` (add the model's EOS ids to every request's stop tokens).
     """
 
@@ -67,6 +71,8 @@ class LLM:
         attention: str = "auto",
         block_rows: int = 32,
         params_cache: str | None = None,
+        compile_cache: str = DEFAULT_CACHE_DIR,
+        max_compiled_shapes: int | None = None,
         seed: int = 0,
         stop_at_eos: bool = True,
     ):
@@ -82,9 +88,11 @@ class LLM:
         if num_blocks is None:
             num_blocks = kv_blocks_for(self.cfg, block_size, kv_cache_gb, self.max_model_len, max_num_seqs)
         self.kv = KVConfig(num_blocks=num_blocks, block_size=block_size, num_host_blocks=num_host_blocks)
+        enable_persistent_cache(compile_cache)
         self.runner = ModelRunner(
-            self.cfg, params, self.kv, max_model_len=self.max_model_len, block_rows=block_rows, attention=attention, seed=seed
-        )
+            self.cfg, params, self.kv, max_model_len=self.max_model_len, block_rows=block_rows, attention=attention,
+            seed=seed, max_compiled_shapes=max_compiled_shapes,
+        )  # fmt: skip
         self.engine = Engine(self.runner, self.scheduler, self.kv)
         self.stop_at_eos = stop_at_eos
         self._next_id = 0

@@ -192,7 +192,9 @@ def summarize(
     else:
         metrics["slo_attainment"] = float(slo_met(rm, slo_ttft_s, slo_tpot_s)[admitted].mean())
     if len(set(log.client_id.tolist())) > 1 and len(log.step_end_s):
-        metrics["fairness_max_service_diff"] = max_service_difference(service_trace(log))
+        trace = service_trace(log)
+        metrics["fairness_max_service_diff"] = max_service_difference(trace)
+        metrics["clients"] = client_metrics(log, rm, trace)
     no_tokens = "no finished request produced a token"
     if energy > 0:
         metrics["energy_j"] = energy
@@ -202,6 +204,29 @@ def summarize(
         metrics["cost_usd_per_mtok"] = scalar("cost_usd_per_mtok", cost, no_tokens)
     metrics["unavailable"] = unavailable
     return metrics
+
+
+def client_metrics(log: FrozenLog, rm, trace: "ServiceTrace") -> dict[str, dict]:
+    """Per client: requests, finished, service received by the end (``service_trace``'s weights)
+    and median TTFT / E2E latency of its admitted requests (None when it has none)."""
+    out = {}
+    for c, name in enumerate(trace.clients):
+        mine = log.client_id == name
+        admitted = mine & ~rm.rejected
+
+        def median(values):
+            v = values[admitted]
+            v = v[~np.isnan(v)]
+            return float(np.median(v)) if len(v) else None
+
+        out[name] = {
+            "num_requests": int(mine.sum()),
+            "num_finished": int((mine & rm.finished).sum()),
+            "service": float(trace.service[c, -1]),
+            "ttft_p50_s": median(rm.ttft_s),
+            "e2e_p50_s": median(rm.e2e_s),
+        }
+    return out
 
 
 def rejection_reason_kind(reason: str) -> str:

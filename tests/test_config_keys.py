@@ -63,7 +63,7 @@ def small(config=None, **values):
     ("workload.lengths.kindd", "did you mean 'workload.lengths.kind'?"),
     ("nosuch.key", "unknown config key 'nosuch.key' (top-level keys: backend, engine, hardware, kv, model,"),
     ("foo", "unknown config key 'foo' (top-level keys: backend,"),
-    ("workload.zzz", "unknown config key 'workload.zzz' (keys of 'workload': client_id, cv, duration_s,"),
+    ("workload.zzz", "unknown config key 'workload.zzz' (keys of 'workload': client_id, clients, cv, duration_s,"),
     ("workload.kind.x", "'workload.kind' is a value, not a section"),
 ])  # fmt: skip
 def test_unknown_keys_raise_naming_the_key_with_a_suggestion(key, message):

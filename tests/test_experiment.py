@@ -164,7 +164,7 @@ def test_engine_backend_writes_the_same_metrics_as_the_simulator(tiny_llama, tmp
     # Energy and cost exist only where a cost model provides them; the engine measures no power.
     modelled_only = {"energy_j", "energy_j_per_token", "cost_usd_per_mtok"}
     assert set(sim_metrics) - modelled_only <= set(metrics)
-    assert set(metrics) - set(sim_metrics) == {"num_compilations"}
+    assert set(metrics) - set(sim_metrics) == {"num_compilations", "num_compiled_shapes", "compile_s", "num_compile_evictions"}
 
 
 @pytest.mark.parametrize(
@@ -219,3 +219,25 @@ def test_paper_experiment_quick_runs_write_their_outputs(name, outputs, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     for output in outputs:
         assert (tmp_path / output).stat().st_size > 0, output
+
+
+def test_vtc_config_shows_equal_service_where_vllm_follows_the_rates(tmp_path):
+    shares = {}
+    for name in ("vtc", "vllm"):
+        proc = run_cli("--config=configs/vtc.py", f"--config.scheduler.name={name}", tmp_path=tmp_path / name)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "per client" in proc.stdout
+        clients = json.loads((tmp_path / name / "metrics.json").read_text())["clients"]
+        shares[name] = clients["B"]["service"] / clients["A"]["service"]
+    assert shares["vtc"] < 1.15 and shares["vllm"] > 1.7, shares  # B sends twice A's rate
+
+
+def test_the_summary_names_rejection_reasons_and_warns(tmp_path):
+    proc = run_cli("--config=configs/sarathi.py", *SMALL, "--config.kv.num_blocks=8",
+                   "--config.workload.lengths.prompt_len=512", tmp_path=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = " ".join(proc.stdout.split())
+    assert "rejected 20 of 20 (100.0%):" in out
+    assert "warning: no request finished" in out
+    rows = (tmp_path / "requests.csv").read_text().splitlines()
+    assert all(",rejected: " in row for row in rows[1:])

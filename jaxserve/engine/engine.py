@@ -19,7 +19,7 @@ from jaxserve.kv.config import KVConfig
 from jaxserve.plan import BatchPlan, StepOutput
 from jaxserve.request import Request
 from jaxserve.scheduler.seq import FinishedRequest
-from jaxserve.runtime import RunLimits, run_replica
+from jaxserve.runtime import ProgressHook, RunLimits, run_replica
 
 
 @dataclasses.dataclass
@@ -45,7 +45,7 @@ class Engine:
         requests: Sequence[Request],
         *,
         limits: RunLimits | None = None,
-        on_progress: Callable[[float, int], None] | None = None,
+        on_progress: ProgressHook | None = None,
         progress_every: int = 50,
         on_step: Callable[[BatchPlan, StepOutput], None] | None = None,
     ) -> EngineRun:

@@ -14,11 +14,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable
 
 import numpy as np
 
 from jaxserve.config import ConfigError, Results, build_scheduler, build_workload, get, positive_or_none, slo_targets
+from jaxserve.engine.compilation import enable_persistent_cache
 from jaxserve.engine.engine import Engine
 from jaxserve.engine.kv_sizing import kv_blocks_for
 from jaxserve.engine.model_runner import ModelRunner, step_limits
@@ -27,6 +27,7 @@ from jaxserve.metrics import request_metrics, summarize
 from jaxserve.model.config import CheckpointError
 from jaxserve.model.loader import load_model
 from jaxserve.request import Request
+from jaxserve.runtime import ProgressHook
 from jaxserve.runtime.limits import RunLimits
 
 DTYPES = {"auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -62,6 +63,8 @@ class EngineSettings:
     attention: str
     seed: int
     warmup: bool
+    compile_cache: str  # "" : off
+    max_compiled_shapes: int | None  # None: default_max_compiled_shapes()
     token_seed: int  # workload.seed: the random prompt ids of length-only requests
     max_time_s: float  # sim.max_time_s: stop after this many measured seconds (inf: never)
     slo: dict  # summarize's slo_ttft_s / slo_tpot_s
@@ -84,6 +87,9 @@ def engine_settings(config) -> EngineSettings:
     if not kv_cache_gb > 0:
         raise ConfigError(f"engine.kv_cache_gb must be > 0, got {kv_cache_gb}")
     max_time_s = positive_or_none(config, "sim.max_time_s")
+    max_shapes = get(config, "engine.max_compiled_shapes", int)
+    if max_shapes < 0:
+        raise ConfigError(f"engine.max_compiled_shapes must be >= 0 (0: from the host's memory-map limit), got {max_shapes}")
     return EngineSettings(
         model_path=path,
         dtype=DTYPES[dtype_key],
@@ -96,6 +102,8 @@ def engine_settings(config) -> EngineSettings:
         attention=get(config, "engine.attention", str),
         seed=get(config, "seed", int),
         warmup=get(config, "engine.warmup", bool),
+        compile_cache=get(config, "engine.compile_cache", str),
+        max_compiled_shapes=max_shapes or None,
         token_seed=get(config, "workload.seed", int),
         max_time_s=math.inf if max_time_s is None else max_time_s,
         slo=slo_targets(config),
@@ -104,7 +112,9 @@ def engine_settings(config) -> EngineSettings:
 
 def build_runner(settings: EngineSettings, max_num_seqs: int) -> tuple[ModelRunner, KVConfig]:
     """Loads the model and builds its runner and KV pool (``max_num_seqs`` bounds a pool sized
-    from memory: no more pages than that many full-length sequences need)."""
+    from memory: no more pages than that many full-length sequences need). Turns on the persistent
+    compilation cache (``engine.compile_cache``) first."""
+    enable_persistent_cache(settings.compile_cache)
     try:
         cfg, params = load_model(settings.model_path, settings.dtype)
     except CheckpointError as e:
@@ -117,7 +127,7 @@ def build_runner(settings: EngineSettings, max_num_seqs: int) -> tuple[ModelRunn
         kv = KVConfig(num_blocks, settings.block_size, settings.num_host_blocks)
         runner = ModelRunner(
             cfg, params, kv, max_model_len=max_len, block_rows=settings.block_rows, attention=settings.attention,
-            seed=settings.seed,
+            seed=settings.seed, max_compiled_shapes=settings.max_compiled_shapes,
         )  # fmt: skip
     except ValueError as e:
         raise ConfigError(f"engine/kv: {e}") from None
@@ -145,23 +155,27 @@ def build_engine(config) -> EngineRun:
     return EngineRun(settings, runner, kv, sched, tuple(requests))
 
 
-def serve_engine(run: EngineRun, on_progress: Callable[[float, int], None] | None = None) -> Results:
-    """Warms the runner up (``engine.warmup``) and serves ``run``'s requests: metrics, rows, log."""
+def serve_engine(run: EngineRun, on_progress: ProgressHook | None = None, on_warmup=None) -> Results:
+    """Warms the runner up (``engine.warmup``; ``on_warmup(done, total, shape)`` per compiled
+    shape) and serves ``run``'s requests: metrics, rows, log."""
     runner, sched = run.runner, run.scheduler
     if run.settings.warmup:
         max_decode, budget = step_limits(sched)
         budget_blocks = math.ceil(budget / runner.spec.block_rows)
         max_blocks = min(budget_blocks + max_decode, 4 * budget_blocks)
-        runner.warmup(min(max_decode, len(run.requests)), max_blocks, mixed=True)
+        runner.warmup(min(max_decode, len(run.requests)), max_blocks, mixed=True, on_progress=on_warmup)
     limits = RunLimits(max_context=runner.max_model_len, max_sim_time_s=run.settings.max_time_s)
     served = Engine(runner, sched, run.kv).serve(list(run.requests), limits=limits, on_progress=on_progress)
     log = served.log.freeze()
     metrics = summarize(log, **run.settings.slo)
     metrics["num_kv_blocks"] = run.kv.num_blocks
     metrics["num_compilations"] = runner.num_compilations
+    metrics["num_compiled_shapes"] = runner.num_compiled_shapes
+    metrics["compile_s"] = runner.compile_seconds
+    metrics["num_compile_evictions"] = runner.num_evictions
     return Results(metrics, request_metrics(log).rows(), log, run.kv, sched)
 
 
-def run_engine(config, on_progress: Callable[[float, int], None] | None = None) -> Results:
+def run_engine(config, on_progress: ProgressHook | None = None, on_warmup=None) -> Results:
     """Serves the config's workload on the real engine (``serve_engine(build_engine(config))``)."""
-    return serve_engine(build_engine(config), on_progress)
+    return serve_engine(build_engine(config), on_progress, on_warmup)

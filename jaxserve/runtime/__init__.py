@@ -5,6 +5,6 @@ they share."""
 from jaxserve.runtime.events import EventLog, FrozenLog
 from jaxserve.runtime.executor import DecodeRun, Executor
 from jaxserve.runtime.limits import RunLimits
-from jaxserve.runtime.replica import Replica, run_replica
+from jaxserve.runtime.replica import Progress, ProgressHook, Replica, run_replica
 
-__all__ = ["DecodeRun", "EventLog", "Executor", "FrozenLog", "Replica", "RunLimits", "run_replica"]
+__all__ = ["DecodeRun", "EventLog", "Executor", "FrozenLog", "Progress", "ProgressHook", "Replica", "RunLimits", "run_replica"]

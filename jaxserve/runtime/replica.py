@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -28,6 +28,22 @@ from jaxserve.runtime.limits import RunLimits
 from jaxserve.scheduler.fast_forward import advance_decodes, decode_run_limit, is_stable_decode
 
 StepHook = Callable[[BatchPlan, StepOutput, object], None]
+
+
+class Progress(NamedTuple):
+    """How far a run is: its clock (s), steps taken, requests done (finished or rejected) of all."""
+
+    now: float
+    num_steps: int
+    num_done: int
+    num_requests: int
+
+    @property
+    def fraction(self) -> float:
+        return self.num_done / self.num_requests if self.num_requests else 1.0
+
+
+ProgressHook = Callable[[Progress], None]
 
 
 class Replica:
@@ -161,7 +177,7 @@ def run_replica(
     requests: Sequence[Request],
     *,
     limits: RunLimits = RunLimits(),
-    on_progress: Optional[Callable[[float, int], None]] = None,
+    on_progress: Optional[ProgressHook] = None,
     progress_every: int = 2000,
     fast_forward: bool = True,
     admit: Optional[Callable[[Request], None]] = None,
@@ -173,7 +189,7 @@ def run_replica(
     dropped. Stops when everything is served, or at ``limits.max_sim_time_s`` / ``max_steps``.
     ``RuntimeError`` if the scheduler plans nothing while work is queued and nothing else will
     arrive (a policy bug: it would wait forever). ``on_progress(now, steps)`` is called about
-    every ``progress_every`` steps.
+    every ``progress_every`` steps and once at the end with a ``Progress``.
     """
     replica = Replica(scheduler, kv, executor, limits=limits, admit=admit, on_step=on_step, fast_forward=fast_forward)
     order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_time, i))
@@ -198,7 +214,14 @@ def run_replica(
         before = replica.num_steps
         replica.step(arrivals[nxt].arrival_time if nxt < len(arrivals) else math.inf)
         if on_progress is not None and before // progress_every != replica.num_steps // progress_every:
-            on_progress(replica.now, replica.num_steps)
+            on_progress(_progress(replica, len(arrivals)))
         if replica.now >= limits.max_sim_time_s:
             break
+    if on_progress is not None:
+        on_progress(_progress(replica, len(arrivals)))
     return replica.log
+
+
+def _progress(replica: Replica, num_requests: int) -> Progress:
+    log = replica.log
+    return Progress(replica.now, replica.num_steps, len(log.rejected) + len(log.finish_reasons), num_requests)

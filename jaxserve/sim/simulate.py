@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Optional
 
 from jaxserve.calibration.profile_format import load_profile
@@ -19,7 +19,7 @@ from jaxserve.config import ConfigError, Results, build_scheduler, build_workloa
 from jaxserve.kv.config import KVConfig
 from jaxserve.metrics import request_metrics, summarize
 from jaxserve.request import Request
-from jaxserve.runtime import RunLimits, run_replica
+from jaxserve.runtime import ProgressHook, RunLimits, run_replica
 from jaxserve.sim.cost_model import RooflineCostModel
 from jaxserve.sim.executor import SimExecutor
 from jaxserve.sim.hardware import get_hardware
@@ -145,7 +145,7 @@ def build_sim(config, requests: Optional[Sequence[Request]] = None) -> SimRun:
     )
 
 
-def run_sim(run: SimRun, on_progress: Optional[Callable[[float, int], None]] = None) -> Results:
+def run_sim(run: SimRun, on_progress: Optional[ProgressHook] = None) -> Results:
     """Simulates ``run``: metrics, per-request rows and the event log."""
     log = run_replica(run.scheduler, run.kv, SimExecutor(run.cost_model), list(run.requests), limits=run.limits,
                       on_progress=on_progress).freeze()  # fmt: skip
@@ -154,6 +154,6 @@ def run_sim(run: SimRun, on_progress: Optional[Callable[[float, int], None]] = N
     return Results(metrics, request_metrics(log).rows(), log, run.kv, run.scheduler)
 
 
-def simulate(config, on_progress: Optional[Callable[[float, int], None]] = None) -> Results:
+def simulate(config, on_progress: Optional[ProgressHook] = None) -> Results:
     """Runs the experiment ``config`` in the simulator (``run_sim(build_sim(config))``)."""
     return run_sim(build_sim(config), on_progress)

@@ -18,6 +18,7 @@ from jaxserve.request import Request, SamplingParams
 from jaxserve.workload import lengths as lengths_lib
 from jaxserve.workload import traces
 from jaxserve.workload.arrivals import ArrivalProcess, check_count, check_positive
+from jaxserve.workload.clients import assign_clients, parse_clients
 
 WORKLOAD_KINDS = ("poisson", "gamma", "fixed", "trace")
 LENGTH_KINDS = ("fixed", "uniform", "zipf", "trace")
@@ -262,7 +263,8 @@ def workload_from_config(cfg: Any, prefix: str = "workload") -> list[Request]:
     "zipf" (``a``, ``low``, ``high``) — each of these one value or a (prompt, output) pair — or
     "trace" (``path``: sample (prompt, output) pairs from that file; no path under a trace workload
     means the trace's own lengths). Always optional: ``time_scale``, ``start_s``, ``duration_s``,
-    ``max_requests``, ``client_id`` (see ``build_requests``). ``num_requests`` applies to synthetic
+    ``max_requests``, ``client_id`` (see ``build_requests``), ``clients`` ("A:1,B:2": requests
+    drawn among clients by weight, ``workload.clients``). ``num_requests`` applies to synthetic
     kinds only (cut a trace with ``max_requests``), and under kind "trace" any other ``lengths``
     kind replaces the trace's lengths, so a shared default should leave ``lengths.kind`` "trace"
     or ``lengths`` None for replays. Relative paths go through ``traces.resolve_trace_path``.
@@ -326,7 +328,8 @@ def workload_from_config(cfg: Any, prefix: str = "workload") -> list[Request]:
             f"{prefix}: no requests in the window start_s={options['start_s']}, "
             f"duration_s={options['duration_s']}, max_requests={options['max_requests']}"
         )
-    return requests
+    clients = parse_clients(_value(cfg, "clients", ""), key("clients"))
+    return assign_clients(requests, clients, options["seed"])
 
 
 def _optional(cfg: Any, name: str, key, check) -> Any:
