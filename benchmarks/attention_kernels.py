@@ -31,39 +31,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve.sim.hardware import hardware_for_device
 from pallas_kernels.paged_attention import kernel as paged_kernel
 from pallas_kernels.paged_attention import reference as paged_reference
 from pallas_kernels.ragged_paged_attention import kernel as ragged_kernel
 from pallas_kernels.ragged_paged_attention import reference as ragged_reference
 
-# device_kind substrings -> jaxserve.sim.hardware names (whose memory_bandwidth is the peak)
-_DEVICE_KINDS = [
-    ("h200", "h200"),
-    ("h100 80gb hbm3", "h100-sxm"),
-    ("h100 sxm", "h100-sxm"),
-    ("a100-sxm4-80gb", "a100-80gb"),
-    ("a100 80gb", "a100-80gb"),
-    ("a100-sxm4-40gb", "a100-40gb"),
-    ("a100", "a100-40gb"),
-    ("l4", "l4"),
-    ("v5 lite", "tpu-v5e"),
-    ("v5e", "tpu-v5e"),
-    ("v5p", "tpu-v5p"),
-]
-
 
 def peak_bandwidth(device) -> tuple[str | None, float | None]:
-    """(hardware name, peak HBM bytes/s) for a jax device, or (None, None) when not in the table."""
-    kind = getattr(device, "device_kind", "").lower()
-    for needle, name in _DEVICE_KINDS:
-        if needle in kind:
-            try:
-                from jaxserve.sim.hardware import get_hardware
-
-                return name, get_hardware(name).memory_bandwidth
-            except Exception:  # the table moved or changed: report no peak rather than fail
-                return name, None
-    return None, None
+    """(hardware name, peak HBM bytes/s) for a jax accelerator, or (None, None) when not in the table
+    (or a CPU: the table's nominal CPU is one measured machine, not this one's peak)."""
+    spec = None if device.platform == "cpu" else hardware_for_device(device.platform, getattr(device, "device_kind", ""))
+    return (None, None) if spec is None else (spec.name, spec.memory_bandwidth)
 
 
 def make_decode_batch(rng, *, batch, context, num_q_heads, num_kv_heads, head_dim, page_size, dtype):

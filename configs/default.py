@@ -20,7 +20,7 @@ GENERAL = (
     Key("model.path", "", "local Hugging Face checkpoint directory (engine backend)"),
     Key("model.dtype", "bf16", "simulated weight and KV dtype of the roofline cost model (sim backend)"),
     Key("model.max_context", 0, "longest prompt + output served; 0: the model's max_position_embeddings (engine: at most 4096)"),
-    Key("hardware.name", "a100-80gb", "simulated accelerator: a key of jaxserve.sim.hardware.HARDWARE"),
+    Key("hardware.name", "a100-80gb", "simulated accelerator: a key of jaxserve.sim.hardware.HARDWARE (roofline only; profiled runs model the profile's machine)"),
     Key("hardware.tp", 1, "tensor-parallel degree of the simulated replica"),
     Key("hardware.pp", 1, "pipeline-parallel degree of the simulated replica"),
     Key("hardware.mfu", None, "model FLOPs utilization; unset: the hardware table's cited efficiency", float),
@@ -82,7 +82,7 @@ RUN = (
     Key("slo.ttft_s", None, "time-to-first-token target for slo_attainment; unset: no target", float),
     Key("slo.tpot_s", None, "time-per-output-token target for slo_attainment; unset: no target", float),
     Key("sim.max_time_s", None, "stop after this many simulated (engine: measured) seconds; unset: until every request is served", float),
-    Key("sim.cost_model", "roofline", '"roofline" | "profiled": step times fitted to sim.profile (its model, not model.name)'),
+    Key("sim.cost_model", "roofline", '"roofline" | "profiled": step times fitted to sim.profile (its model and machine, not model.name/hardware.name)'),
     Key("sim.profile", None, "profile JSON from python -m jaxserve.profile (sim.cost_model='profiled')", str),
     # "profiled" only: scale each step by a jitter factor drawn (by a hash of its shape) from the
     # profile's repeats, so tail latencies see the machine's measured step-time scatter.

@@ -21,6 +21,11 @@ step_times.png, latency_cdfs.png, machine_speed.png, summary.md (the error table
 model/. The profile and the engine runs are timed minutes apart, so the engine runs on a
 drift-compensated clock (``jaxserve.calibration.speed``): speed probes between its steps divide each step's time
 by the machine's speed relative to the profile. Run it on an otherwise idle machine all the same.
+
+Cost on the 2-core CI machine: ``--quick`` (the small grid, 3 repeats, 8 requests per run; a smoke
+run whose errors mean nothing) about 70 s; a full run profiles the default grid 12 times over and
+serves 100 requests per run, tens of minutes (with the default grid and 3 repeats alone, 30
+requests per run took about 18 minutes). The profile is kept and resumed, so a rerun skips it.
 """
 
 from __future__ import annotations
@@ -262,11 +267,16 @@ def _worst_latency_error(rows) -> float:
     return max(abs(r["error"]) for r in rows if r["percentile"] in (50, 99))
 
 
-def summary_text(profile, report, jitter, runs, wall_s) -> str:
+QUICK_NOTE = ("**A `--quick` smoke run**: the small profile grid, 3 repeats and 8 requests per workload "
+              "check that every part runs; its errors say nothing about the simulator (run without --quick).")
+
+
+def summary_text(profile, report, jitter, runs, wall_s, quick=False) -> str:
     pct = lambda x: f"{100 * x:+.1f}%"  # noqa: E731
     lines = [
         "# Simulator vs engine (profiled cost model)", "",
         f"`{C.command_line()}` — {wall_s:.0f} s wall.", "",
+        *([QUICK_NOTE, ""] if quick else []),
         f"Model: `{profile.model_name}` ({profile.model_config().num_params / 1e6:.1f}M parameters, {profile.dtype}) on "
         f"{profile.device['backend']} ({profile.device['kind']}); profile of {len(profile.points)} step shapes, "
         f"held-out fit MAPE {100 * report.holdout_mape:.1f}% (train {100 * report.train_mape:.1f}%). Machine noise: "
@@ -329,11 +339,12 @@ def summary_text(profile, report, jitter, runs, wall_s) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer requests and profile repeats")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: the small profile grid, 3 repeats, 8 requests per workload (~70 s on 2 cores)")
     parser.add_argument("--model", default="", help="a local HF model directory (default: a random one is written)")
     parser.add_argument("--fresh-profile", action="store_true", help="measure the profile again")
-    parser.add_argument("--grid", default="default", help="the profile grid (jaxserve.profile --grid)")
-    parser.add_argument("--num-requests", type=int, default=0, help="per workload (default 100, --quick 30)")
+    parser.add_argument("--grid", default="", help="the profile grid (jaxserve.profile --grid; default 'default', --quick 'small')")
+    parser.add_argument("--num-requests", type=int, default=0, help="per workload (default 100, --quick 8)")
     parser.add_argument("--poisson-qps", type=float, default=0.8, help="about 70%% of the engine's capacity")
     parser.add_argument("--azure-qps", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
@@ -341,20 +352,21 @@ def main(argv=None):
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     out = C.output_dir(NAME, args.out)
-    n = args.num_requests or (30 if args.quick else 100)
+    n = args.num_requests or (8 if args.quick else 100)
+    grid = args.grid or ("small" if args.quick else "default")
 
     model_dir = prepare_model(args, out)
     profile_path = out / "profile.json"
     if args.fresh_profile and profile_path.exists():
         os.remove(profile_path)
     C.console.print(f"[bold]profiling[/] {model_dir} -> {profile_path}")
-    profile_model(model_dir, str(profile_path), grid=args.grid, repeats=3 if args.quick else PROFILE_REPEATS,
+    profile_model(model_dir, str(profile_path), grid=grid, repeats=3 if args.quick else PROFILE_REPEATS,
                   block_size=BLOCK_SIZE, kv_cache_gb=1.0)
     profile = load_profile(str(profile_path))
     _, report = fit(profile.points, profile.engine, holdout_fraction=0.2, seed=args.seed)
     C.console.print(report.summary())
     # What every run shares: the model (engine) and its profile (simulator), the KV pool, the seed.
-    shared = {"model.path": model_dir, "hardware.name": "cpu", "sim.cost_model": "profiled",
+    shared = {"model.path": model_dir, "sim.cost_model": "profiled",
               "sim.profile": str(profile_path), "kv.block_size": BLOCK_SIZE, "kv.num_blocks": NUM_BLOCKS,
               "seed": args.seed}  # fmt: skip
     workloads = {"poisson": poisson_workload(out, n, args.poisson_qps, args.seed),
@@ -405,7 +417,7 @@ def main(argv=None):
     plot_steps(out, runs)
     plot_latency_cdfs(out, runs)
     plot_speed(out, runs)
-    path = C.write_summary(out, summary_text(profile, report, jittered.jitter, runs, time.perf_counter() - t0))
+    path = C.write_summary(out, summary_text(profile, report, jittered.jitter, runs, time.perf_counter() - t0, args.quick))
     C.print_summary(path, time.perf_counter() - t0)
 
 

@@ -166,7 +166,7 @@ def summary_table(metrics: dict, title: str) -> Table:
     ):
         if key in metrics:
             v = metrics[key]
-            scalars.add_row(key, f"{v:.4g}" if isinstance(v, float) else str(v))
+            scalars.add_row(key, "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v))
     outer = Table.grid()
     outer.add_row(table)
     outer.add_row(scalars)
@@ -182,8 +182,8 @@ def _title(config, built) -> str:
         return f"{sched} | {model} on {jax.default_backend()} (engine) | {workload}"
     cost_model = built.cost_model
     if get(config, "sim.cost_model") == "profiled":  # the profile's model and machine, not model.name's
-        return f"{sched} | {cost_model.model.name} on {cost_model.hardware.name} (profiled) | {workload}"
-    return f"{sched} | {cost_model.model.name} on {cost_model.hardware.name} | {workload}"
+        return f"{sched} | {cost_model.model.name} on {cost_model.machine} (profiled) | {workload}"
+    return f"{sched} | {cost_model.model.name} on {cost_model.machine} | {workload}"
 
 
 REJECTION_WARN_FRACTION = 0.02  # above this share of rejected requests the summary warns

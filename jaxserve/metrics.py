@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Optional
 
 import numpy as np
@@ -131,13 +131,15 @@ def summarize(
     slo_ttft_s: Optional[float] = None,
     slo_tpot_s: Optional[float] = None,
     price_per_hour_usd: Optional[float] = None,
+    unmodelled: Optional[Mapping[str, str]] = None,
 ) -> dict:
     """The metrics.json dictionary (DESIGN.md keys plus counts, energy and cost where modelled).
 
     A metric the run has no data for is ``None`` (in JSON ``null``), never NaN or a number computed
     from nothing, and ``unavailable[key]`` says why; ``slo_attainment`` is ``None`` when no SLO is
     set. ``rejections`` counts rejected requests by reason (numbers and ids masked, so requests
-    rejected for the same cause group together)."""
+    rejected for the same cause group together). ``unmodelled`` maps keys the executor cannot give
+    (energy, cost) to why: they are ``None`` with that reason."""
     rm = request_metrics(log)
     admitted = ~rm.rejected
     start = float(log.arrival_s[admitted].min()) if admitted.any() else 0.0
@@ -202,6 +204,9 @@ def summarize(
     if price_per_hour_usd is not None:
         cost = price_per_hour_usd * makespan / 3600.0 / out_tokens * 1e6 if out_tokens else None
         metrics["cost_usd_per_mtok"] = scalar("cost_usd_per_mtok", cost, no_tokens)
+    for key, why in (unmodelled or {}).items():
+        metrics[key] = None
+        unavailable[key] = why
     metrics["unavailable"] = unavailable
     return metrics
 

@@ -1,4 +1,4 @@
-"""experiments/sim_vs_engine.py: its error arithmetic, and (slow) one end-to-end run on a tiny model."""
+"""experiments/sim_vs_engine.py: its error arithmetic (its end-to-end run is its quick mode, tests/test_quick_modes.py)."""
 
 from __future__ import annotations
 
@@ -41,18 +41,3 @@ def test_latency_rows_compare_percentiles():
     assert len(rows) == len(E.LATENCIES) * len(E.PERCENTILES)
     assert by[("ttft_s", 50)]["error"] == pytest.approx(0.1)
     assert by[("e2e_s", 50)]["engine_s"] == 3.0 and by[("e2e_s", 50)]["sim_s"] == 4.0  # NaN (unfinished) dropped
-
-
-@pytest.mark.slow
-def test_end_to_end_on_a_tiny_model(tmp_path):
-    from hf_checkpoints import make_checkpoint
-
-    model = tmp_path / "tiny"
-    make_checkpoint(str(model), "llama", max_position_embeddings=2048, vocab_size=96)
-    out = tmp_path / "out"
-    E.main(["--model", str(model), "--grid", "small", "--num-requests", "8", "--out", str(out), "--quick"])
-    for name in ("steps.csv", "probes.csv", "requests.csv", "latency.csv", "step_times.png", "latency_cdfs.png", "machine_speed.png",
-                 "summary.md", "profile.json"):  # fmt: skip
-        assert (out / name).stat().st_size > 0, name
-    text = (out / "summary.md").read_text()
-    assert "poisson/sarathi" in text and "azure/vllm" in text and "MAPE raw" in text and "speed min / median" in text

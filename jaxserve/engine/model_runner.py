@@ -326,21 +326,21 @@ class ModelRunner(Executor):
         ``mixed``, both), smallest first and at most ``max_compiled_shapes`` of them (more would
         only be dropped again); returns how many it ran. ``on_progress(done, total, shape)`` is
         called after each. Runs on padding rows only: no KV changes."""
-        spec = self.spec
-        decodes = bucket_sizes(max_decode_rows, spec.min_decode_rows, spec.decode_per_octave)
-        blocks = bucket_sizes(max_blocks, spec.min_blocks, spec.blocks_per_octave)
-        shapes = [
-            (d, b)
-            for d in decodes
-            for b in blocks
-            if (d or b) and (mixed or not (d and b))
-        ]
-        shapes = sorted(shapes, key=lambda s: (s[0] + s[1] * spec.block_rows, s))[: self.max_compiled_shapes]
+        shapes = bucket_shapes(self.spec, max_decode_rows, max_blocks, mixed)[: self.max_compiled_shapes]
         for i, shape in enumerate(shapes):
             self._compile(shape, all_logits=False)
             if on_progress is not None:
                 on_progress(i + 1, len(shapes), shape)
         return len(shapes)
+
+
+def bucket_shapes(spec, max_decode_rows: int, max_blocks: int, mixed: bool = True) -> list[tuple[int, int]]:
+    """Every ``(decode rows, prefill blocks)`` bucket shape of a step up to these sizes (decode-only,
+    prefill-only and, with ``mixed``, both), smallest first: what a full warm-up would compile."""
+    decodes = bucket_sizes(max_decode_rows, spec.min_decode_rows, spec.decode_per_octave)
+    blocks = bucket_sizes(max_blocks, spec.min_blocks, spec.blocks_per_octave)
+    shapes = [(d, b) for d in decodes for b in blocks if (d or b) and (mixed or not (d and b))]
+    return sorted(shapes, key=lambda s: (s[0] + s[1] * spec.block_rows, s))
 
 
 def step_limits(scheduler) -> tuple[int, int]:

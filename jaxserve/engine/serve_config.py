@@ -155,25 +155,39 @@ def build_engine(config) -> EngineRun:
     return EngineRun(settings, runner, kv, sched, tuple(requests))
 
 
+def warmup_limits(run: EngineRun) -> tuple[int, int]:
+    """``(decode rows, prefill blocks)`` a full warm-up of ``run`` compiles up to: the scheduler's
+    batch size (at most the number of requests), and its token budget in blocks plus one per
+    sequence (each prefill chunk is padded to whole blocks), at most 4x the budget's blocks."""
+    max_decode, budget = step_limits(run.scheduler)
+    budget_blocks = math.ceil(budget / run.runner.spec.block_rows)
+    return min(max_decode, len(run.requests)), min(budget_blocks + max_decode, 4 * budget_blocks)
+
+
 def serve_engine(run: EngineRun, on_progress: ProgressHook | None = None, on_warmup=None) -> Results:
     """Warms the runner up (``engine.warmup``; ``on_warmup(done, total, shape)`` per compiled
     shape) and serves ``run``'s requests: metrics, rows, log."""
     runner, sched = run.runner, run.scheduler
     if run.settings.warmup:
-        max_decode, budget = step_limits(sched)
-        budget_blocks = math.ceil(budget / runner.spec.block_rows)
-        max_blocks = min(budget_blocks + max_decode, 4 * budget_blocks)
-        runner.warmup(min(max_decode, len(run.requests)), max_blocks, mixed=True, on_progress=on_warmup)
+        max_decode, max_blocks = warmup_limits(run)
+        runner.warmup(max_decode, max_blocks, mixed=True, on_progress=on_warmup)
     limits = RunLimits(max_context=runner.max_model_len, max_sim_time_s=run.settings.max_time_s)
     served = Engine(runner, sched, run.kv).serve(list(run.requests), limits=limits, on_progress=on_progress)
     log = served.log.freeze()
-    metrics = summarize(log, **run.settings.slo)
+    metrics = summarize(log, **run.settings.slo, unmodelled=ENGINE_UNMODELLED)
     metrics["num_kv_blocks"] = run.kv.num_blocks
     metrics["num_compilations"] = runner.num_compilations
     metrics["num_compiled_shapes"] = runner.num_compiled_shapes
     metrics["compile_s"] = runner.compile_seconds
     metrics["num_compile_evictions"] = runner.num_evictions
     return Results(metrics, request_metrics(log).rows(), log, run.kv, sched)
+
+
+ENGINE_UNMODELLED = {
+    "energy_j": "the engine measures time, not power",
+    "energy_j_per_token": "the engine measures time, not power",
+    "cost_usd_per_mtok": "the engine has no price for its machine (the simulator's hardware table has)",
+}
 
 
 def run_engine(config, on_progress: ProgressHook | None = None, on_warmup=None) -> Results:

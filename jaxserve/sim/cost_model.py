@@ -180,6 +180,11 @@ class RooflineCostModel:
         return self._devices
 
     @property
+    def machine(self) -> str:
+        """The device's name, for titles (``hardware.name``)."""
+        return self.hardware.name
+
+    @property
     def models_energy(self) -> bool:
         """Whether ``energy_j`` is modelled (the hardware has published power figures)."""
         return self.hardware.has_power_model

@@ -354,3 +354,32 @@ HARDWARE: Mapping[str, HardwareSpec] = types.MappingProxyType(_entries())
 def get_hardware(name: str) -> HardwareSpec:
     """The spec called ``name`` (case-insensitive); ``ValueError`` listing the known names otherwise."""
     return lookup(HARDWARE, name, "hardware")
+
+
+# jax ``device_kind`` substrings (lower case, most specific first) -> HARDWARE names.
+DEVICE_KINDS: tuple[tuple[str, str], ...] = (
+    ("h200", "h200"),
+    ("h100 80gb hbm3", "h100-sxm"),
+    ("h100 sxm", "h100-sxm"),
+    ("a100-sxm4-80gb", "a100-80gb"),
+    ("a100 80gb", "a100-80gb"),
+    ("a100-sxm4-40gb", "a100-40gb"),
+    ("a100", "a100-40gb"),
+    ("l4", "l4"),
+    ("v5 lite", "tpu-v5e"),
+    ("v5e", "tpu-v5e"),
+    ("v5p", "tpu-v5p"),
+)
+
+
+def hardware_for_device(backend: str, kind: str) -> HardwareSpec | None:
+    """The spec of the machine jax reports as ``backend`` (``jax.default_backend()``) and ``kind``
+    (``device.device_kind``), or None when the table has no such device. Every CPU maps to the
+    nominal ``"cpu"`` entry (the project's measured CI machine): CPUs report no usable kind."""
+    if backend == "cpu":
+        return HARDWARE["cpu"]
+    kind = kind.lower()
+    for needle, name in DEVICE_KINDS:
+        if needle in kind:
+            return HARDWARE[name]
+    return None

@@ -60,8 +60,9 @@ def build_cost_model(config) -> RooflineCostModel | ProfiledCostModel:
 
 
 def build_profiled_cost_model(config) -> ProfiledCostModel:
-    """``sim.cost_model="profiled"``: step times fitted to ``sim.profile``; the model is the
-    profile's (``model.name`` is not used), ``hardware.name`` gives memory, power and price, and
+    """``sim.cost_model="profiled"``: step times fitted to ``sim.profile``; the model and the machine
+    are the profile's (``model.name`` and ``hardware.name`` are not used): memory, power and price come
+    from the profiled machine's entry in jaxserve.sim.hardware, or are unknown when it has none.
     ``hardware.mfu``/``mbu``/``step_overhead_s`` do not apply (the profile measured the step), so
     setting one is an error."""
     path = get(config, "sim.profile", str, optional=True)
@@ -73,7 +74,6 @@ def build_profiled_cost_model(config) -> ProfiledCostModel:
     for key in _EFFICIENCIES:
         if get(config, f"hardware.{key}", float, optional=True) is not None:
             raise ConfigError(f"hardware.{key}: does not apply to sim.cost_model='profiled' (the profile measured the step)")
-    hardware = _hardware(config)
     jitter = get(config, "sim.profile_jitter", bool)
     seed = get(config, "seed", int)
     try:
@@ -83,9 +83,9 @@ def build_profiled_cost_model(config) -> ProfiledCostModel:
     except ValueError as e:
         raise ConfigError(f"sim.profile: {e}") from None
     try:
-        return ProfiledCostModel.from_profile(profile, hardware, jitter=jitter, jitter_seed=seed)
+        return ProfiledCostModel.from_profile(profile, jitter=jitter, jitter_seed=seed)
     except ValueError as e:
-        raise ConfigError(f"sim.profile/hardware.name: {e}") from None
+        raise ConfigError(f"sim.profile: {e}") from None
 
 
 def build_kv(config, cost_model: RooflineCostModel | ProfiledCostModel) -> KVConfig:
@@ -145,11 +145,24 @@ def build_sim(config, requests: Optional[Sequence[Request]] = None) -> SimRun:
     )
 
 
+def unmodelled_metrics(cost_model: RooflineCostModel | ProfiledCostModel) -> dict[str, str]:
+    """``summarize``'s ``unmodelled``: energy and cost keys the cost model cannot give, with why."""
+    out = {}
+    if not cost_model.models_energy:
+        why = (f"the profiled machine {cost_model.machine!r} is not in jaxserve.sim.hardware"
+               if cost_model.hardware is None else f"hardware {cost_model.machine!r} has no published power figures")
+        out.update(energy_j=why, energy_j_per_token=why)
+    if cost_model.cost_usd_per_hour() is None:
+        out["cost_usd_per_mtok"] = f"the profiled machine {cost_model.machine!r} has no known price"
+    return out
+
+
 def run_sim(run: SimRun, on_progress: Optional[ProgressHook] = None) -> Results:
     """Simulates ``run``: metrics, per-request rows and the event log."""
     log = run_replica(run.scheduler, run.kv, SimExecutor(run.cost_model), list(run.requests), limits=run.limits,
                       on_progress=on_progress).freeze()  # fmt: skip
-    metrics = summarize(log, **run.slo, price_per_hour_usd=run.cost_model.cost_usd_per_hour())
+    metrics = summarize(log, **run.slo, price_per_hour_usd=run.cost_model.cost_usd_per_hour(),
+                        unmodelled=unmodelled_metrics(run.cost_model))
     metrics["num_kv_blocks"] = run.kv.num_blocks
     return Results(metrics, request_metrics(log).rows(), log, run.kv, run.scheduler)
 

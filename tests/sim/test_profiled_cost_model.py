@@ -21,6 +21,7 @@ from jaxserve.calibration.grid import grid_points
 from jaxserve.calibration.jitter import StepJitter
 from jaxserve.calibration.profile_format import Profile, load_profile, save_profile
 from jaxserve.sim import ConfigError, get_hardware, simulate
+from jaxserve.sim.hardware import hardware_for_device
 from jaxserve.sim.profiled_cost_model import ProfiledCostModel
 from jaxserve.runtime import run_replica
 from jaxserve.sim.executor import SimExecutor
@@ -51,10 +52,13 @@ def synthetic_points(coefficients=TRUE, noise=0.0, seed=0, repeats=3, geometry=R
     return points
 
 
-def synthetic_profile(geometry=RAGGED, **kw) -> Profile:
+A100 = {"backend": "gpu", "kind": "NVIDIA A100-SXM4-80GB"}
+
+
+def synthetic_profile(geometry=RAGGED, device=A100, **kw) -> Profile:
     return Profile(
         model=json.loads(json.dumps(dataclasses.asdict(LLAMA_7B_SHAPE))), dtype="bfloat16",
-        device={"backend": "gpu", "kind": "synthetic"}, block_size=16,
+        device=dict(device), block_size=16,
         points=tuple(synthetic_points(geometry=geometry, **kw)), engine=geometry, model_name="llama-7b-shape",
         grid="default",
     )  # fmt: skip
@@ -383,6 +387,69 @@ def test_simulate_with_profile_jitter(tmp_path):
     loose["sim"]["profile_jitter"] = "yes"
     with pytest.raises(ConfigError, match="sim.profile_jitter"):
         simulate(loose)
+
+
+@pytest.mark.parametrize("backend, kind, name", [
+    ("gpu", "NVIDIA H200", "h200"), ("gpu", "NVIDIA H100 80GB HBM3", "h100-sxm"),
+    ("gpu", "NVIDIA A100-SXM4-40GB", "a100-40gb"), ("gpu", "NVIDIA A100-SXM4-80GB", "a100-80gb"),
+    ("gpu", "NVIDIA L4", "l4"), ("tpu", "TPU v5 lite", "tpu-v5e"), ("tpu", "TPU v5p", "tpu-v5p"),
+    ("cpu", "cpu", "cpu"), ("gpu", "NVIDIA GeForce RTX 4090", None), ("tpu", "TPU v4", None),
+])  # fmt: skip
+def test_hardware_for_device(backend, kind, name):
+    spec = hardware_for_device(backend, kind)
+    assert (spec and spec.name) == name
+
+
+def test_a_profiled_run_models_the_profiled_machine_not_hardware_name(tmp_path):
+    from jaxserve.experiment import _title
+    from jaxserve.sim.simulate import build_sim
+
+    path = tmp_path / "profile.json"
+    save_profile(synthetic_profile(device={"backend": "gpu", "kind": "NVIDIA H200"}), str(path))
+    config = profiled_config(path)
+    config.hardware.name = "l4"  # read by roofline runs only
+    run = build_sim(config)
+    assert run.cost_model.hardware.name == "h200"
+    assert _title(config, run) == "vllm | llama-7b-shape on h200 (profiled) | poisson"
+    assert run.kv.num_blocks == run.cost_model.roofline.kv_capacity_blocks(16)
+    assert run.kv.num_blocks > cost_model("a100-80gb").kv_capacity_blocks(16)  # 141 GB, not 80 or 24
+    m = simulate(config).metrics
+    assert m["energy_j"] > 0 and "energy_j" not in m["unavailable"]
+    h200_hour = get_hardware("h200").price_per_hour_usd
+    out_tokens = 30 * 40
+    assert m["cost_usd_per_mtok"] == pytest.approx(h200_hour * m["makespan_s"] / 3600 / out_tokens * 1e6)
+
+
+def test_a_profiled_cpu_run_says_energy_is_not_modelled(tmp_path):
+    path = tmp_path / "profile.json"
+    save_profile(synthetic_profile(device={"backend": "cpu", "kind": "cpu"}), str(path))
+    config = profiled_config(path)
+    config.kv.num_blocks = 400  # a 7B-shaped bf16 model does not fit the nominal 24 GiB CPU
+    m = simulate(config).metrics
+    assert m["energy_j"] is None and m["energy_j_per_token"] is None
+    assert "'cpu' has no published power figures" in m["unavailable"]["energy_j"]
+    assert m["cost_usd_per_mtok"] > 0
+
+
+def test_an_unknown_profiled_machine_has_unknown_memory_energy_and_price(tmp_path):
+    from jaxserve.experiment import _title
+    from jaxserve.sim.simulate import build_sim
+
+    path = tmp_path / "profile.json"
+    save_profile(synthetic_profile(device={"backend": "gpu", "kind": "NVIDIA GeForce RTX 4090"}), str(path))
+    config = profiled_config(path)
+    with pytest.raises(ConfigError, match=r"kv: the profiled machine 'NVIDIA GeForce RTX 4090' .*set kv.num_blocks"):
+        simulate(config)
+    config.kv.num_blocks = 400
+    assert _title(config, build_sim(config)) == "vllm | llama-7b-shape on NVIDIA GeForce RTX 4090 (profiled) | poisson"
+    m = simulate(config).metrics
+    assert m["num_finished"] == 30
+    for key in ("energy_j", "energy_j_per_token", "cost_usd_per_mtok"):
+        assert m[key] is None and "NVIDIA GeForce RTX 4090" in m["unavailable"][key]
+    unknown = ProfiledCostModel.from_profile(load_profile(str(path)))
+    swap = plan([40], [1], swap_in_blocks=((0, 1),))
+    with pytest.raises(ValueError, match="host link"):
+        unknown.step(swap)
 
 
 @pytest.mark.parametrize("change, needle", [

@@ -1,0 +1,99 @@
+"""Every experiment's and benchmark's quick mode runs end to end on a fresh install (issue 15): a
+smoke run each, as a subprocess from the project root, checked for the outputs it documents.
+
+Marked ``quick_mode`` (left out of the default run, which stays fast); ``.ci/run`` runs them after
+the suite: ``python -m pytest -m quick_mode tests/test_quick_modes.py``. A new script in
+``experiments/`` or ``benchmarks/`` must get an entry in ``QUICK_RUNS`` (a test checks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TRACES = ROOT.parent / "shared" / "traces"
+
+def engine_cpu(result):
+    assert result["workload"]["output_tokens"] > 0 and result["jaxserve_compile"]["during_run"] == 0
+    assert result["jaxserve_tok_s"] > 0 and result["transformers_tok_s"] > 0
+    d = result["decode_batch1"]
+    assert d["roofline_step_ms"] > 0 and d["jaxserve_step_ms"] > 0 and d["copy_bandwidth_gb_s"] > 0
+    assert d["jaxserve_fraction_of_roofline"] == pytest.approx(d["roofline_step_ms"] / d["jaxserve_step_ms"], abs=2e-3)
+
+
+def engine_startup(result):
+    for run in ("cold", "rerun"):
+        r = result["runs"][run]
+        assert r["num_finished"] == r["num_requests"] == 8 and r["wall_s"] > 0 and r["num_compilations"] > 0
+    assert result["rerun_speedup"] > 0
+
+
+def sim_vs_engine(out):
+    text = (out / "summary.md").read_text()
+    assert "poisson/sarathi" in text and "azure/vllm" in text and "MAPE raw" in text and "speed min / median" in text
+
+
+# script -> (arguments, "json": checks of the JSON line it prints last | files it writes under --out
+# and checks of that folder)
+QUICK_RUNS = {
+    "experiments/vllm_normalized_latency.py": (["--quick"], ("summary.md",), None),
+    "experiments/sarathi_capacity.py": (["--quick"], ("summary.md",), None),
+    "experiments/vtc_fairness.py": (["--quick"], ("summary.md",), None),
+    "experiments/sim_vs_engine.py": (["--quick"], ("steps.csv", "probes.csv", "requests.csv", "latency.csv",
+                                                   "step_times.png", "latency_cdfs.png", "machine_speed.png",
+                                                   "summary.md", "profile.json"), sim_vs_engine),
+    "experiments/custom_scheduler.py": ([], (), None),
+    "experiments/scheduler_demo.py": (["--num_requests", "60"], (), None),
+    "benchmarks/simulator_speed.py": (["--duration_s", "60"], "json", None),
+    "benchmarks/scheduler_overhead.py": (["--steps", "60", "--schedulers", "vllm,sarathi", "--block", "25"], "json", None),
+    "benchmarks/attention_kernels.py": (["--batch", "2", "--context", "256", "--iters", "2"], "json", None),
+    "benchmarks/engine_cpu.py": (["--quick"], "json", engine_cpu),
+    "benchmarks/engine_startup.py": (["--quick"], "json", engine_startup),
+}
+NEEDS_TRACES = {"experiments/vllm_normalized_latency.py", "experiments/sarathi_capacity.py",
+                "experiments/sim_vs_engine.py", "benchmarks/simulator_speed.py"}  # fmt: skip
+
+
+def scripts() -> set[str]:
+    return {f"{d}/{p.name}" for d in ("experiments", "benchmarks") for p in (ROOT / d).glob("*.py")
+            if not p.name.startswith("_")}  # fmt: skip
+
+
+def test_every_script_has_a_quick_run():
+    assert scripts() == set(QUICK_RUNS)
+
+
+def run_script(script: str, args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
+    cmd = [sys.executable, str(ROOT / script), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.quick_mode
+@pytest.mark.parametrize("script", sorted(QUICK_RUNS))
+def test_quick_mode(script, tmp_path):
+    if script in NEEDS_TRACES and not TRACES.exists():
+        pytest.skip("needs ../shared/traces")
+    args, expect, check = QUICK_RUNS[script]
+    out = tmp_path / "out"
+    if isinstance(expect, tuple) and expect:
+        args = [*args, "--out", str(out)]
+    proc = run_script(script, args, tmp_path)
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+    if expect == "json":
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert result, script
+        if check:
+            check(result)
+    else:
+        for name in expect:
+            assert (out / name).stat().st_size > 0, f"{script} did not write {name}"
+        assert proc.stdout.strip(), f"{script} printed nothing"
+        if check:
+            check(out)
