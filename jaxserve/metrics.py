@@ -148,6 +148,7 @@ def summarize(
     out_tokens = int(rm.num_output[rm.finished].sum())
     energy = float(log.step_energy_j.sum())
     busy = float(log.step_duration_s.sum())
+    num_replicas = max(1, len(np.unique(log.step_replica)))  # busy_fraction is per replica that ran
     unavailable: dict[str, str] = {}
 
     def dist(key: str, values: np.ndarray, why: str) -> dict:
@@ -180,10 +181,14 @@ def summarize(
         "throughput_tok_s": scalar("throughput_tok_s", float(out_tokens / makespan) if rm.finished.any() else None, none_finished),
         "slo_attainment": None,
         "num_preemptions": int(log.preemptions.sum()),
-        "busy_fraction": float(min(busy / makespan, 1.0)) if rm.finished.any() else None,
+        "busy_fraction": float(min(busy / makespan / num_replicas, 1.0)) if rm.finished.any() else None,
         "mean_batch_tokens": float(log.step_tokens.mean()) if len(log.step_tokens) else 0.0,
         "peak_kv_usage": float(log.step_kv_usage.max()) if len(log.step_kv_usage) else 0.0,
         "rejections": rejection_counts(log),
+        "num_retried": int((log.retries > 0).sum()),
+        "num_failed": int(log.failed.sum()),
+        "lost_tokens": int(log.lost_tokens),
+        "failures": failure_counts(log),
     }
     if metrics["busy_fraction"] is None:
         unavailable["busy_fraction"] = none_finished
@@ -239,14 +244,23 @@ def rejection_reason_kind(reason: str) -> str:
     return re.sub(r"\d+(\.\d+)?(e[+-]?\d+)?", "N", re.sub(r"'[^']*'", "'…'", reason))
 
 
-def rejection_counts(log: FrozenLog) -> dict[str, int]:
-    """Rejected requests per ``rejection_reason_kind``, most common first."""
+def _reason_counts(log: FrozenLog, prefix: str) -> dict[str, int]:
     counts: dict[str, int] = {}
     for reason in log.finish_reason:
-        if reason.startswith("rejected: "):
-            kind = rejection_reason_kind(reason[len("rejected: "):])
+        if reason.startswith(prefix):
+            kind = rejection_reason_kind(reason[len(prefix):])
             counts[kind] = counts.get(kind, 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def rejection_counts(log: FrozenLog) -> dict[str, int]:
+    """Rejected requests per ``rejection_reason_kind``, most common first."""
+    return _reason_counts(log, "rejected: ")
+
+
+def failure_counts(log: FrozenLog) -> dict[str, int]:
+    """Requests a cluster could not serve (every replica able to take them gone), by reason."""
+    return _reason_counts(log, "failed: ")
 
 
 # -- searches ----------------------------------------------------------------------------------

@@ -46,6 +46,10 @@ class EventLog:
         self._step_running: list[int] = []
         self._step_kv_usage: list[float] = []
         self._token_req: list[np.ndarray] = []  # per step: indices of requests that got a token
+        self._step_replica: list[int] = []
+        self.retries: dict[int, int] = {}  # request index -> times re-dispatched after a replica failed
+        self.failed: dict[int, str] = {}  # request index -> why it could not be served (a cluster gave up)
+        self.lost_tokens = 0  # tokens whose KV a failed replica took with it (recomputed elsewhere)
 
     # -- writing ---------------------------------------------------------------------------------
     def add_request(self, request, now: float) -> int:
@@ -59,9 +63,24 @@ class EventLog:
     def reject(self, request_id: str, reason: str) -> None:
         self.rejected[self.index[request_id]] = reason
 
-    def step(self, plan: BatchPlan, start_s: float, duration_s: float, energy_j: float, state, finished) -> None:
-        """Records a step that ran ``plan`` from ``start_s`` for ``duration_s`` and left ``state``;
-        ``finished`` are the requests it finished (``FinishedRequest``s: id and reason)."""
+    def retry(self, request_id: str, lost_tokens: int) -> None:
+        """The request's replica failed; it goes on elsewhere, its ``lost_tokens`` of KV recomputed."""
+        i = self.index[request_id]
+        self.retries[i] = self.retries.get(i, 0) + 1
+        self.lost_tokens += lost_tokens
+
+    def fail(self, request_id: str, reason: str) -> None:
+        self.failed[self.index[request_id]] = reason
+
+    def num_tokens(self, request_id: str) -> int:
+        """Tokens the request has received so far (O(steps): for rare events such as a fault)."""
+        i = self.index[request_id]
+        return int(sum(int((t == i).sum()) for t in self._token_req))
+
+    def step(self, plan: BatchPlan, start_s: float, duration_s: float, energy_j: float, state, finished,
+             replica: int = 0) -> None:
+        """Records a step that replica ``replica`` ran: ``plan`` from ``start_s`` for ``duration_s``,
+        leaving ``state``; ``finished`` are the requests it finished (``FinishedRequest``s)."""
         end = start_s + duration_s
         index = self.index
         for rid in plan.preempted + plan.swapped_out:
@@ -89,8 +108,9 @@ class EventLog:
         self._step_waiting.append(state.num_waiting)
         self._step_running.append(state.num_running)
         self._step_kv_usage.append(state.kv.usage)
+        self._step_replica.append(replica)
 
-    def decode_run(self, request_ids, start_s: float, durations, energies, state, kv_usage) -> np.ndarray:
+    def decode_run(self, request_ids, start_s: float, durations, energies, state, kv_usage, replica: int = 0) -> np.ndarray:
         """Records k decode steps of the same requests at once (``len(durations)`` steps, the
         same as k calls of ``step``); returns the steps' end times."""
         k = len(durations)
@@ -106,18 +126,30 @@ class EventLog:
         self._step_waiting.extend([state.num_waiting] * k)
         self._step_running.extend([state.num_running] * k)
         self._step_kv_usage.extend(np.asarray(kv_usage, np.float64).tolist())
+        self._step_replica.extend([replica] * k)
         return ends
 
     # -- reading ---------------------------------------------------------------------------------
     def _finish_reason(self, i: int) -> str:
         if i in self.rejected:
             return f"rejected: {self.rejected[i]}"
+        if i in self.failed:
+            return f"failed: {self.failed[i]}"
         return self.finish_reasons.get(i, "unfinished")  # unfinished: the run stopped first
 
     def freeze(self) -> "FrozenLog":
+        """The log as arrays, steps in order of their end time (replicas of a cluster append their
+        steps as they are driven, not in time order; a stable sort keeps one replica's order)."""
         n = len(self.requests)
-        counts = np.fromiter((len(t) for t in self._token_req), np.int64, len(self._token_req))
         ends = np.asarray(self._step_end, np.float64)
+        steps = {field: np.asarray(getattr(self, "_step_" + name), dtype) for name, (field, dtype) in _STEP_COLUMNS.items()}
+        token_req = self._token_req
+        if len(ends) > 1 and np.any(np.diff(ends) < 0):
+            order = np.argsort(ends, kind="stable")
+            ends = ends[order]
+            steps = {name: column[order] for name, column in steps.items()}
+            token_req = [token_req[i] for i in order.tolist()]
+        counts = np.fromiter((len(t) for t in token_req), np.int64, len(token_req))
 
         def per_request(d: dict, fill) -> np.ndarray:
             out = np.full(n, fill, np.float64)
@@ -139,18 +171,23 @@ class EventLog:
             rewaits=np.array(
                 self.rewaits + [(i, t, np.inf) for i, t in self._requeued_at.items()], np.float64
             ).reshape(-1, 3),
-            token_req=np.concatenate(self._token_req) if self._token_req else np.zeros(0, np.int64),
+            token_req=np.concatenate(token_req) if token_req else np.zeros(0, np.int64),
             token_time_s=np.repeat(ends, counts),
             step_end_s=ends,
-            step_duration_s=np.asarray(self._step_duration, np.float64),
-            step_energy_j=np.asarray(self._step_energy, np.float64),
-            step_tokens=np.asarray(self._step_tokens, np.int64),
-            step_prefill_tokens=np.asarray(self._step_prefill_tokens, np.int64),
-            step_seqs=np.asarray(self._step_seqs, np.int64),
-            step_waiting=np.asarray(self._step_waiting, np.int64),
-            step_running=np.asarray(self._step_running, np.int64),
-            step_kv_usage=np.asarray(self._step_kv_usage, np.float64),
+            **steps,
+            retries=per_request(self.retries, 0).astype(np.int64),
+            failed=np.isin(np.arange(n), np.fromiter(self.failed.keys(), np.int64, len(self.failed))),
+            lost_tokens=self.lost_tokens,
         )
+
+
+# EventLog's per-step lists (``_step_<name>``) -> FrozenLog fields, with their dtypes.
+_STEP_COLUMNS = {
+    "duration": ("step_duration_s", np.float64), "energy": ("step_energy_j", np.float64),
+    "tokens": ("step_tokens", np.int64), "prefill_tokens": ("step_prefill_tokens", np.int64),
+    "seqs": ("step_seqs", np.int64), "waiting": ("step_waiting", np.int64), "running": ("step_running", np.int64),
+    "kv_usage": ("step_kv_usage", np.float64), "replica": ("step_replica", np.int64),
+}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +198,7 @@ class FrozenLog:
     arrival_s: np.ndarray
     prompt_len: np.ndarray
     client_id: np.ndarray
-    finish_reason: tuple[str, ...]  # "stop" | "length" | "rejected: <why>" | "unfinished"
+    finish_reason: tuple[str, ...]  # "stop" | "length" | "rejected: <why>" | "failed: <why>" | "unfinished"
     rejected: np.ndarray
     first_scheduled_s: np.ndarray
     finish_s: np.ndarray
@@ -178,6 +215,10 @@ class FrozenLog:
     step_waiting: np.ndarray
     step_running: np.ndarray
     step_kv_usage: np.ndarray
+    step_replica: np.ndarray  # which replica ran the step (0 on a single replica)
+    retries: np.ndarray  # per request: re-dispatches after a replica failed
+    failed: np.ndarray  # per request: a cluster could not serve it (finish_reason says why)
+    lost_tokens: int  # tokens of KV lost with failed replicas
 
     @property
     def num_requests(self) -> int:

@@ -53,6 +53,8 @@ class Replica:
     cannot serve); ``on_step(plan, out, state)`` sees every executed step. With ``fast_forward``,
     runs of identical decode steps before ``step``'s horizon are applied in closed form when the
     executor offers one (``Executor.decode_run``); the log and state equal the step-by-step ones.
+    Replicas of a cluster share one ``log`` (each step tagged with ``index``); a request already in
+    it (retried after a fault elsewhere, or registered when it reached the router) keeps its entry.
     """
 
     def __init__(
@@ -66,8 +68,10 @@ class Replica:
         on_step: Optional[StepHook] = None,
         fast_forward: bool = True,
         log: Optional[EventLog] = None,
+        index: int = 0,
     ):
         self.scheduler = scheduler
+        self.index = index  # which replica of a cluster (the log's step_replica)
         self.executor = executor
         self.limits = limits
         self.state = scheduler.init(kv)
@@ -104,7 +108,8 @@ class Replica:
         self.now = max(self.now, request.arrival_time)
         self._blocked = False
         log, rid = self.log, request.request_id
-        log.add_request(request, request.arrival_time)
+        if rid not in log.index:
+            log.add_request(request, request.arrival_time)
         max_context = self.limits.max_context
         if max_context is not None and request.max_total_tokens > max_context:
             log.reject(rid, f"prompt + max_new_tokens = {request.max_total_tokens} > context {max_context}")
@@ -137,7 +142,7 @@ class Replica:
         start = self.now
         self.now = start + out.duration_s
         self.state = state = scheduler.update(state, plan, out, self.now)
-        self.log.step(plan, start, out.duration_s, out.energy_j, state, state.finished)
+        self.log.step(plan, start, out.duration_s, out.energy_j, state, state.finished, self.index)
         if self._on_step is not None:
             self._on_step(plan, out, state)
         self.num_steps += 1
@@ -163,7 +168,7 @@ class Replica:
         new_state, used_after = advance_decodes(state, k, closed.token_id)
         ends = self.log.decode_run(
             run.ids, self.now, closed.durations_s[:k], closed.energies_j[:k], new_state,
-            used_after / state.kv.config.num_blocks,
+            used_after / state.kv.config.num_blocks, self.index,
         )  # fmt: skip
         self.state, self.now = new_state, float(ends[-1])
         self.num_steps += k

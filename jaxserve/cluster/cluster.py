@@ -1,0 +1,318 @@
+"""A cluster: replicas (each its own scheduler, KV pool and executor) driven from one event clock,
+a router placing arrivals, and cluster events (add, drain, remove, fail) at given times.
+
+The loop takes the earliest of: a cluster event, an arrival, a replica's next step (ties in that
+order). An arrival is logged when it reaches the router (so time held there counts as queueing)
+and submitted to it; after every event the router dispatches what it will. Replicas share one
+event log (each step tagged with its replica), so metrics see the cluster as one service.
+
+Clock: replica steps are atomic, as on one replica: the router sees a replica's state after the
+step it is running, and a request placed on a replica mid-step is scheduled at the step's end.
+A replica's fast path (closed-form decode runs) stops at the next arrival or cluster event, and,
+while the router holds requests, at every other replica's next step (any step may free room).
+
+Faults: a failed replica's unfinished requests are re-submitted to the router as continuations
+(prompt + the tokens already delivered, the rest to generate), their KV recomputed elsewhere
+(``EventLog.retry`` counts them and the lost tokens); a request that no replica can take when
+nothing more can change is reported failed with the reason. Nothing is lost or served twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+from collections.abc import Sequence
+from typing import Optional
+
+from jaxserve.cluster.faults import continuation, unfinished_outputs
+from jaxserve.cluster.view import ClusterView, ReplicaView, no_cache
+from jaxserve.kv.config import KVConfig
+from jaxserve.kv.prefix_hash import prompt_block_hashes
+from jaxserve.persistent import EMPTY_MAP
+from jaxserve.request import Request
+from jaxserve.runtime.events import EventLog
+from jaxserve.runtime.executor import Executor
+from jaxserve.runtime.limits import RunLimits
+from jaxserve.runtime.replica import Progress, ProgressHook, Replica
+
+EVENT_KINDS = ("add", "drain", "remove", "fail")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaSpec:
+    """What a replica is made of: a scheduler, its KV pool, an executor and its limits."""
+
+    scheduler: object
+    kv: KVConfig
+    executor: Executor
+    limits: RunLimits = RunLimits()
+    name: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterEvent:
+    """At ``time_s``: ``add`` a replica built from ``spec``; ``drain`` replica ``replica`` (it takes
+    nothing new and finishes what it has); ``remove`` it (drain, then it is gone once empty); or
+    ``fail`` it (it stops at once; its requests go on elsewhere)."""
+
+    time_s: float
+    kind: str
+    replica: Optional[int] = None
+    spec: Optional[ReplicaSpec] = None
+
+    def __post_init__(self):
+        if self.kind not in EVENT_KINDS:
+            raise ValueError(f"cluster event kind must be one of {EVENT_KINDS}, got {self.kind!r}")
+        if not self.time_s >= 0:
+            raise ValueError(f"cluster event time_s must be >= 0, got {self.time_s!r}")
+        if (self.kind == "add") != (self.spec is not None) or (self.kind == "add") == (self.replica is not None):
+            raise ValueError(f"a cluster event 'add' takes a spec and no replica; {self.kind!r} a replica and no spec")
+
+
+class Member:
+    """One replica of the cluster and what the cluster tracks about it."""
+
+    def __init__(self, index: int, spec: ReplicaSpec, log: EventLog, fast_forward: bool):
+        self.index = index
+        self.spec = spec
+        self.status = "up"  # up | draining | removing | removed | failed
+        self.requests: dict[str, Request] = {}  # placed here and not finished
+        self.not_started: dict[str, int] = {}  # placed, not yet scheduled: id -> prompt tokens
+        self.queued_tokens = 0
+        self.num_high_priority = 0
+        self.replica = Replica(spec.scheduler, spec.kv, spec.executor, limits=spec.limits, log=log,
+                               index=index, on_step=self._on_step, fast_forward=fast_forward)  # fmt: skip
+
+    @property
+    def accepting(self) -> bool:
+        return self.status == "up"
+
+    @property
+    def live(self) -> bool:
+        return self.status in ("up", "draining", "removing")
+
+    def _on_step(self, plan, out, state) -> None:
+        for rid in plan.request_ids:
+            tokens = self.not_started.pop(rid, None)
+            if tokens is not None:
+                self.queued_tokens -= tokens
+        for f in state.finished:
+            self._forget(f.request_id)
+
+    def _forget(self, rid: str) -> None:
+        request = self.requests.pop(rid, None)
+        if request is not None and request.priority < 0:
+            self.num_high_priority -= 1
+        tokens = self.not_started.pop(rid, None)
+        if tokens is not None:
+            self.queued_tokens -= tokens
+
+    def place(self, request: Request, now: float) -> bool:
+        self.replica.wait_until(now)
+        if not self.replica.add(request):
+            return False
+        self.requests[request.request_id] = request
+        self.not_started[request.request_id] = request.prompt_len
+        self.queued_tokens += request.prompt_len
+        self.num_high_priority += request.priority < 0
+        return True
+
+    def view(self) -> ReplicaView:
+        state = self.replica.state
+        pool = state.kv.device
+        cached = no_cache
+        if pool.enable_caching:
+            block_size = self.spec.kv.block_size
+
+            def cached(request: Request) -> int:
+                return len(pool.match_prefix(prompt_block_hashes(request, block_size)))
+
+        return ReplicaView(
+            index=self.index, accepting=self.status == "up", num_waiting=state.num_waiting + state.num_swapped,
+            num_running=state.num_running, queued_tokens=self.queued_tokens, used_blocks=pool.num_used,
+            num_blocks=self.spec.kv.num_blocks, block_size=self.spec.kv.block_size,
+            num_high_priority=self.num_high_priority, cached_prefix_blocks=cached,
+        )  # fmt: skip
+
+
+class Cluster:
+    """Replicas from ``specs`` and ``router`` on one clock; ``run(requests, events)`` serves them."""
+
+    def __init__(self, specs: Sequence[ReplicaSpec], router, *, fast_forward: bool = True,
+                 max_sim_time_s: float = math.inf):
+        if not specs:
+            raise ValueError("a cluster needs at least one replica")
+        self.router = router
+        self.log = EventLog()
+        self.fast_forward = fast_forward
+        self.max_sim_time_s = max_sim_time_s
+        self.members: list[Member] = []
+        for spec in specs:
+            self._add(spec)
+        self.router_state = router.init(len(self.members))
+        self.now = 0.0
+        self.served: dict[str, int] = {}
+        self._token_cursor = 0
+        self.num_steps = 0
+        self.placements: list[tuple[float, str, int]] = []  # (time, request id, replica), in order
+        self.prompt_lens: dict[str, int] = {}  # each request's own prompt length (continuations grow it)
+
+    # -- events ------------------------------------------------------------------------------------
+    def _add(self, spec: ReplicaSpec) -> Member:
+        member = Member(len(self.members), spec, self.log, self.fast_forward)
+        member.replica.wait_until(getattr(self, "now", 0.0))
+        self.members.append(member)
+        return member
+
+    def _member(self, event: ClusterEvent) -> Member:
+        if not isinstance(event.replica, int) or not 0 <= event.replica < len(self.members):
+            raise ValueError(f"cluster event {event.kind!r} at {event.time_s} s: no replica {event.replica!r} "
+                             f"(replicas 0..{len(self.members) - 1})")
+        return self.members[event.replica]
+
+    def apply(self, event: ClusterEvent) -> None:
+        if event.kind == "add":
+            self._add(event.spec)
+            return
+        member = self._member(event)
+        if not member.live:
+            return  # already gone: nothing to drain or fail
+        if event.kind == "drain":
+            member.status = "draining"
+        elif event.kind == "remove":
+            member.status = "removing"
+        else:
+            self._fail(member)
+
+    def _fail(self, member: Member) -> None:
+        """Fails ``member`` once its in-flight step is done (steps are atomic: what that step
+        delivered stays delivered); its unfinished requests go back to the router."""
+        member.status = "failed"
+        outputs = unfinished_outputs(member.spec.scheduler, member.replica.state)
+        computed = _computed_tokens(member.replica.state)
+        for rid, request in sorted(member.requests.items(), key=lambda kv: (kv[1].arrival_time, kv[0])):
+            # ``request`` may itself be a continuation: its prompt holds what earlier replicas delivered
+            delivered_here = self.log.num_tokens(rid) - (request.prompt_len - self.prompt_lens[rid])
+            self.log.retry(rid, computed.get(rid, 0))
+            self.router_state = self.router.submit(
+                self.router_state, continuation(request, outputs.get(rid, ()), delivered_here, self.now))
+        member.requests.clear()
+        member.not_started.clear()
+        member.queued_tokens = member.num_high_priority = 0
+
+    # -- dispatch ----------------------------------------------------------------------------------
+    def view(self) -> ClusterView:
+        if self.router.accounts_service:
+            self._count_served()
+        served = EMPTY_MAP.update(self.served) if self.router.accounts_service else EMPTY_MAP
+        return ClusterView(self.now, tuple(m.view() for m in self.members), served)
+
+    def _count_served(self) -> None:
+        tokens = self.log._token_req  # appended per step; read once each
+        requests = self.log.requests
+        for rows in tokens[self._token_cursor:]:
+            for i in rows.tolist():
+                client = requests[i].client_id
+                self.served[client] = self.served.get(client, 0) + 1
+        self._token_cursor = len(tokens)
+
+    def dispatch(self) -> None:
+        self.router_state, placements = self.router.dispatch(self.router_state, self.view())
+        seen = set()
+        for request, index in placements:
+            rid = request.request_id
+            if rid in seen or not 0 <= index < len(self.members) or not self.members[index].accepting:
+                raise RuntimeError(f"router {type(self.router).__name__} placed {rid!r} on replica {index!r}, "
+                                   "which is not accepting or was already given it in this dispatch")
+            seen.add(rid)
+            self.placements.append((self.now, rid, index))
+            self.members[index].place(request, self.now)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def run(self, requests: Sequence[Request], events: Sequence[ClusterEvent] = (),
+            on_progress: Optional[ProgressHook] = None, progress_every: int = 2000) -> EventLog:
+        """Serves ``requests`` with ``events`` applied at their times; returns the shared log. Every
+        request ends in it served, rejected or failed with its reason, or unfinished at the time limit."""
+        arrivals = sorted(requests, key=lambda r: r.arrival_time)
+        ids = [r.request_id for r in arrivals]
+        if len(set(ids)) != len(ids):
+            raise ValueError("request ids must be unique within a run")
+        pending_events = [(e.time_s, i, e) for i, e in enumerate(events)]
+        heapq.heapify(pending_events)
+        nxt, n = 0, len(arrivals)
+        while True:
+            t_event = pending_events[0][0] if pending_events else math.inf
+            t_arrival = arrivals[nxt].arrival_time if nxt < n else math.inf
+            live = [m for m in self.members if m.live]
+            busy = min(live, key=lambda m: (m.replica.next_event_time, m.index), default=None)
+            t_step = busy.replica.next_event_time if busy is not None else math.inf
+            t = min(t_event, t_arrival, t_step)
+            if t == math.inf or t >= self.max_sim_time_s:
+                break
+            if t_event == t:
+                self.now = max(self.now, t)
+                self.apply(heapq.heappop(pending_events)[2])
+            elif t_arrival == t:
+                self.now = max(self.now, t)
+                request = arrivals[nxt]
+                nxt += 1
+                self.log.add_request(request, request.arrival_time)
+                self.prompt_lens[request.request_id] = request.prompt_len
+                self.router_state = self.router.submit(self.router_state, request)
+            else:
+                self.now = max(self.now, t)
+                horizon = min(t_event, t_arrival)
+                if self.router.pending(self.router_state):
+                    horizon = min([horizon] + [m.replica.next_event_time for m in live if m is not busy])
+                before = busy.replica.num_steps
+                busy.replica.step(horizon)
+                self.num_steps += busy.replica.num_steps - before
+                if on_progress is not None and before // progress_every != busy.replica.num_steps // progress_every:
+                    on_progress(self.progress(n))
+            self._retire_empty()
+            self.dispatch()
+        self._give_up()
+        if on_progress is not None:
+            on_progress(self.progress(n))
+        return self.log
+
+    def _retire_empty(self) -> None:
+        for m in self.members:
+            if m.status == "removing" and not m.replica.has_unfinished:
+                m.status = "removed"
+
+    def _give_up(self) -> None:
+        """What is still held at the router when nothing more can change: failed, with why."""
+        if self.now >= self.max_sim_time_s:
+            return  # stopped by the time limit: unfinished, not failed
+        for request in self.router.pending(self.router_state):
+            accepting = sum(m.accepting for m in self.members)
+            why = "no replica is accepting requests" if not accepting else f"router {type(self.router).__name__} never placed it"
+            self.log.fail(request.request_id, why)
+        for m in self.members:
+            if m.live and m.replica.is_blocked:
+                raise RuntimeError(f"replica {m.index}'s scheduler planned an empty step with "
+                                   f"{m.replica.state.num_waiting} waiting requests and nothing more to come")
+
+    def progress(self, num_requests: int) -> Progress:
+        log = self.log
+        done = len(log.rejected) + len(log.finish_reasons) + len(log.failed)
+        return Progress(self.now, self.num_steps, done, num_requests)
+
+
+def _computed_tokens(state) -> dict[str, int]:
+    """Tokens with KV on the replica per request (running rows and swapped requests)."""
+    run = state.running
+    out = dict(zip(run.ids, run.num_computed.tolist()))
+    for seq in state.swapped.sorted_items():
+        out[seq.request_id] = seq.num_computed
+    return out
+
+
+def run_cluster(specs: Sequence[ReplicaSpec], router, requests: Sequence[Request], events: Sequence[ClusterEvent] = (),
+                *, fast_forward: bool = True, max_sim_time_s: float = math.inf,
+                on_progress: Optional[ProgressHook] = None) -> EventLog:
+    """``Cluster(specs, router).run(requests, events)``: the shared event log."""
+    cluster = Cluster(specs, router, fast_forward=fast_forward, max_sim_time_s=max_sim_time_s)
+    return cluster.run(requests, events, on_progress=on_progress)
