@@ -78,6 +78,14 @@ WORKLOAD = (
     Key("workload.lengths.path", None, "a length-only CSV to sample (prompt, output) pairs from, e.g. vidur_processed/sharegpt_8k_...csv", str),
 )
 
+CLUSTER = (
+    Key("cluster.num_replicas", 1, "replicas at the start (simulator); each has the replica keys above unless cluster.replicas overrides them"),
+    Key("cluster.router", "round_robin", "where requests go: jaxserve.cluster.routers.available() (round_robin, shortest_queue, least_kv, prefix_affinity, freeness, fair)"),
+    Key("cluster.router_options", "", "the router's options, 'name=value,...' (e.g. fair: 'max_waiting=4,w_q=1')"),
+    Key("cluster.replicas", "", "per-replica overrides of model/hardware/scheduler/kv keys: '1:hardware.name=h100-sxm,scheduler.name=sarathi;2:kv.num_blocks=2000'"),
+    Key("cluster.events", "", "cluster events: 'fail:2@30,drain:1@60,remove:3@90,add@120' (kind[:replica]@seconds; add builds a replica from the base keys)"),
+)
+
 RUN = (
     Key("slo.ttft_s", None, "time-to-first-token target for slo_attainment; unset: no target", float),
     Key("slo.tpot_s", None, "time-per-output-token target for slo_attainment; unset: no target", float),
@@ -99,7 +107,7 @@ RUN = (
 
 def keys() -> tuple[Key, ...]:
     """Every declared key, in the order --config_help lists them."""
-    return GENERAL + (SCHEDULER_NAME, *scheduler_keys(SCHEDULER_HELP)) + RESOURCES + WORKLOAD + RUN
+    return GENERAL + (SCHEDULER_NAME, *scheduler_keys(SCHEDULER_HELP)) + RESOURCES + WORKLOAD + CLUSTER + RUN
 
 
 def get_config() -> ConfigDict:

@@ -162,9 +162,9 @@ def summary_table(metrics: dict, title: str) -> Table:
     for key in (
         "num_requests", "num_finished", "num_rejected", "num_preemptions", "throughput_req_s",
         "throughput_tok_s", "slo_attainment", "energy_j_per_token", "cost_usd_per_mtok", "num_kv_blocks",
-        "num_compilations", "compile_s",
+        "num_compilations", "compile_s", "num_replicas", "num_retried", "num_failed",
     ):
-        if key in metrics:
+        if key in metrics and not (key in ("num_retried", "num_failed") and not metrics[key]):
             v = metrics[key]
             scalars.add_row(key, "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v))
     outer = Table.grid()
@@ -181,9 +181,12 @@ def _title(config, built) -> str:
         model = os.path.basename(os.path.normpath(get(config, "model.path") or "?"))
         return f"{sched} | {model} on {jax.default_backend()} (engine) | {workload}"
     cost_model = built.cost_model
+    machine = cost_model.machine
+    if hasattr(built, "specs"):  # a cluster: its size and router
+        machine = f"{len(built.specs)} x {machine}, {get(config, 'cluster.router')}"
     if get(config, "sim.cost_model") == "profiled":  # the profile's model and machine, not model.name's
-        return f"{sched} | {cost_model.model.name} on {cost_model.machine} (profiled) | {workload}"
-    return f"{sched} | {cost_model.model.name} on {cost_model.machine} | {workload}"
+        return f"{sched} | {cost_model.model.name} on {machine} (profiled) | {workload}"
+    return f"{sched} | {cost_model.model.name} on {machine} | {workload}"
 
 
 REJECTION_WARN_FRACTION = 0.02  # above this share of rejected requests the summary warns
@@ -194,6 +197,7 @@ def run_notes(metrics: dict) -> list[str]:
     (nothing finished, more than a few percent rejected)."""
     n, rejected, finished = metrics["num_requests"], metrics["num_rejected"], metrics["num_finished"]
     lines = [f"rejected {count} of {n} ({count / n:.1%}): {reason}" for reason, count in metrics["rejections"].items()]
+    lines += [f"[bold red]failed[/] {count} of {n} ({count / n:.1%}): {reason}" for reason, count in metrics["failures"].items()]
     if n and finished == 0:
         lines.append(f"[bold red]warning:[/] no request finished ({rejected} of {n} rejected); the metrics above are empty")
     elif n and rejected / n > REJECTION_WARN_FRACTION:
@@ -239,9 +243,12 @@ def run(config, console: Console) -> dict:
 
         built, verb, unit = build_engine(config), "serving", "s served"
     else:
+        from jaxserve.cluster.config import build_cluster_sim, is_cluster, run_cluster_sim
         from jaxserve.sim.simulate import build_sim, run_sim
 
-        built, verb, unit = build_sim(config), "simulating", "s simulated"
+        cluster = is_cluster(config)
+        built, verb, unit = (build_cluster_sim if cluster else build_sim)(config), "simulating", "s simulated"
+        simulate_run = run_cluster_sim if cluster else run_sim
     title = _title(config, built)
     with _progress(console) as progress:
         task = progress.add_task(verb, total=len(built.requests), what="requests", detail="")
@@ -260,7 +267,7 @@ def run(config, console: Console) -> dict:
 
             results = serve_engine(built, on_progress, on_warmup)
         else:
-            results = run_sim(built, on_progress)
+            results = simulate_run(built, on_progress)
         progress.add_task("writing outputs", total=None, what="", detail=output_dir)
         paths = write_outputs(results, output_dir, title)
     wall = time.perf_counter() - wall

@@ -61,7 +61,7 @@ def small(config=None, **values):
     ("qps", "did you mean 'workload.qps'?"),
     ("scheduler.chunksize", "did you mean 'scheduler.chunk_size'?"),
     ("workload.lengths.kindd", "did you mean 'workload.lengths.kind'?"),
-    ("nosuch.key", "unknown config key 'nosuch.key' (top-level keys: backend, engine, hardware, kv, model,"),
+    ("nosuch.key", "unknown config key 'nosuch.key' (top-level keys: backend, cluster, engine, hardware, kv, model,"),
     ("foo", "unknown config key 'foo' (top-level keys: backend,"),
     ("workload.zzz", "unknown config key 'workload.zzz' (keys of 'workload': client_id, clients, cv, duration_s,"),
     ("workload.kind.x", "'workload.kind' is a value, not a section"),
@@ -273,6 +273,10 @@ def test_every_declared_key_is_read_by_some_code_path(files, tmp_path):
     cli = small(**{"output_dir": str(tmp_path / "out")})
     reads |= reads_of(cli, lambda rec: experiment.run(rec, Console(file=open("/dev/null", "w"))))
     assert (tmp_path / "out" / "metrics.json").exists()
+    # A cluster: its keys, read when it is built.
+    from jaxserve.cluster.config import build_cluster_sim
+
+    reads |= reads_of(small(**{"cluster.num_replicas": 2, "cluster.router": "fair"}), build_cluster_sim)
     assert declared - reads == set(), "declared but read by nothing"
     assert reads - declared == set(), "read but not declared"
 

@@ -34,6 +34,12 @@ def engine_startup(result):
     assert result["rerun_speedup"] > 0
 
 
+def cluster_speed(result):
+    one, many = result["one_replica"], result["16_replicas"]
+    assert one["num_requests"] == many["num_requests"] == one["num_finished"] == many["num_finished"] > 0
+    assert result["ratio"] == pytest.approx(many["requests_per_wall_s"] / one["requests_per_wall_s"], rel=1e-2)
+
+
 def sim_vs_engine(out):
     text = (out / "summary.md").read_text()
     assert "poisson/sarathi" in text and "azure/vllm" in text and "MAPE raw" in text and "speed min / median" in text
@@ -51,13 +57,14 @@ QUICK_RUNS = {
     "experiments/custom_scheduler.py": ([], (), None),
     "experiments/scheduler_demo.py": (["--num_requests", "60"], (), None),
     "benchmarks/simulator_speed.py": (["--duration_s", "60"], "json", None),
+    "benchmarks/cluster_speed.py": (["--duration_s", "60"], "json", cluster_speed),
     "benchmarks/scheduler_overhead.py": (["--steps", "60", "--schedulers", "vllm,sarathi", "--block", "25"], "json", None),
     "benchmarks/attention_kernels.py": (["--batch", "2", "--context", "256", "--iters", "2"], "json", None),
     "benchmarks/engine_cpu.py": (["--quick"], "json", engine_cpu),
     "benchmarks/engine_startup.py": (["--quick"], "json", engine_startup),
 }
 NEEDS_TRACES = {"experiments/vllm_normalized_latency.py", "experiments/sarathi_capacity.py",
-                "experiments/sim_vs_engine.py", "benchmarks/simulator_speed.py"}  # fmt: skip
+                "experiments/sim_vs_engine.py", "benchmarks/simulator_speed.py", "benchmarks/cluster_speed.py"}  # fmt: skip
 
 
 def scripts() -> set[str]:

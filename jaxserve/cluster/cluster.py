@@ -263,7 +263,7 @@ class Cluster:
             else:
                 self.now = max(self.now, t)
                 horizon = min(t_event, t_arrival)
-                if self.router.pending(self.router_state):
+                if self.router.has_pending(self.router_state):
                     horizon = min([horizon] + [m.replica.next_event_time for m in live if m is not busy])
                 before = busy.replica.num_steps
                 busy.replica.step(horizon)
@@ -271,7 +271,8 @@ class Cluster:
                 if on_progress is not None and before // progress_every != busy.replica.num_steps // progress_every:
                     on_progress(self.progress(n))
             self._retire_empty()
-            self.dispatch()
+            if self.router.has_pending(self.router_state):
+                self.dispatch()
         self._give_up()
         if on_progress is not None:
             on_progress(self.progress(n))

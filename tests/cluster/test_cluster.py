@@ -113,6 +113,17 @@ def test_a_failed_replica_s_requests_finish_elsewhere_exactly_once():
     assert m["num_finished"] == len(requests)
 
 
+def test_requests_queued_on_a_failed_replica_are_not_lost():
+    """Overloaded: the failed replica holds requests that have no token yet; they start elsewhere."""
+    requests = workload(7, 300, rate=200.0)
+    log = run_cluster([spec(), spec()], routers.make("round_robin"), requests, [ClusterEvent(0.5, "fail", replica=1)]).freeze()
+    assert_each_request_served_once(log, requests)
+    first_token = np.full(log.num_requests, np.inf)
+    np.minimum.at(first_token, log.token_req, log.token_time_s)
+    waiting_at_failure = (log.retries > 0) & (first_token > 0.5)
+    assert waiting_at_failure.sum() > 10 and ((log.retries > 0) & (first_token < 0.5)).any()
+
+
 def test_when_every_replica_fails_the_rest_is_reported_failed_not_lost():
     requests = workload(5, 80, rate=40.0)
     log = run_cluster([spec(), spec()], routers.make("round_robin"), requests,

@@ -5,7 +5,8 @@ waiting at the router: ``submit(state, request)`` queues an arrival, ``dispatch(
 returns the placements it makes now, ``(request, replica index)`` pairs, each on an accepting
 replica and each request at most once. Requests it does not place stay queued until a later
 dispatch (a router may hold work back, as fair dispatch does); ``pending(state)`` lists them,
-oldest first. Routers are frozen dataclasses of options, so the same inputs give the same
+oldest first, and ``has_pending(state)`` says cheaply whether there are any (the cluster dispatches
+only then). Routers are frozen dataclasses of options, so the same inputs give the same
 placements.
 
 Most policies place every request on arrival by a per-request choice: ``PerRequestRouter`` turns
@@ -35,6 +36,8 @@ class Router(Protocol):
 
     def pending(self, state: Any) -> tuple[Request, ...]: ...
 
+    def has_pending(self, state: Any) -> bool: ...
+
 
 class QueuedState(NamedTuple):
     """A per-request router's state: its policy's own memory and the arrivals not yet placed."""
@@ -63,6 +66,9 @@ class PerRequestRouter(abc.ABC):
 
     def pending(self, state: QueuedState) -> tuple[Request, ...]:
         return state.pending
+
+    def has_pending(self, state: QueuedState) -> bool:
+        return bool(state.pending)
 
     def dispatch(self, state: QueuedState, view: ClusterView) -> tuple[QueuedState, Placements]:
         policy, placements, kept = state.policy, [], []

@@ -65,6 +65,9 @@ class FairRouter:
         items = [item for q in state.queues.values() for item in q.sorted_items()]
         return tuple(r for _, r in sorted(items, key=lambda item: item[0]))
 
+    def has_pending(self, state: FairState) -> bool:
+        return bool(state.queues)
+
     def _lift(self, state: FairState, view: ClusterView) -> FairState:
         new = [c for c in state.queues if c not in state.lifted]
         if not new:

@@ -20,6 +20,12 @@ def available() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
+def constructor(name: str) -> Callable[..., Any]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown router {name!r}; available: {', '.join(available())}")
+    return _REGISTRY[name]
+
+
 def option_names(name: str) -> tuple[str, ...]:
     constructor = _REGISTRY[name]
     return tuple(f.name for f in dataclasses.fields(constructor)) if dataclasses.is_dataclass(constructor) else ()

@@ -1,0 +1,193 @@
+"""A simulated cluster from a config: ``cluster.*`` keys (configs/default.py) on top of the
+single-replica keys, which describe every replica unless ``cluster.replicas`` overrides some.
+
+* ``cluster.num_replicas``: replicas at the start.
+* ``cluster.router`` and ``cluster.router_options`` (``"max_waiting=4,w_q=1"``; values typed by
+  the router's fields).
+* ``cluster.replicas``: per-replica overrides, ``"1:hardware.name=h100-sxm,scheduler.name=sarathi;
+  3:kv.num_blocks=2000"`` — any replica key (model, hardware, scheduler, kv), checked like
+  ``--config`` overrides.
+* ``cluster.events``: ``"fail:2@30,drain:1@60,add@90,remove:3@120"`` (kind, replica, time in
+  seconds); an added replica is built from the base keys and takes the next index.
+
+Every error is a ConfigError naming the key and the bad part.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from typing import Optional
+
+from jaxserve.cluster.cluster import EVENT_KINDS, Cluster, ClusterEvent, ReplicaSpec
+from jaxserve.cluster.routers import registry as router_registry
+from jaxserve.config import ConfigError, Results, build_scheduler, build_workload, get, override, slo_targets
+from jaxserve.metrics import request_metrics, summarize
+from jaxserve.runtime import ProgressHook, RunLimits
+from jaxserve.sim.executor import SimExecutor
+from jaxserve.sim.simulate import build_cost_model, build_kv, max_context, max_sim_time_s, unmodelled_metrics
+
+REPLICA_SECTIONS = ("model", "hardware", "scheduler", "kv")  # what cluster.replicas may override
+
+
+def is_cluster(config) -> bool:
+    """Whether the config asks for more than one replica or for cluster events."""
+    return get(config, "cluster.num_replicas", int) != 1 or bool(get(config, "cluster.events", str)) \
+        or get(config, "cluster.router", str) != "round_robin" or bool(get(config, "cluster.replicas", str))
+
+
+def _pairs(text: str, key: str) -> dict[str, str]:
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, value = part.partition("=")
+        if not eq or not name.strip():
+            raise ConfigError(f"{key}: expected name=value, got {part!r}")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def _typed(value: str, kind, key: str):
+    kind = typing.get_origin(kind) or kind
+    try:
+        if kind is bool:
+            if value.lower() not in ("true", "false"):
+                raise ValueError
+            return value.lower() == "true"
+        if kind in (int, float, str):
+            return kind(value)
+    except ValueError:
+        raise ConfigError(f"{key} must be {kind.__name__}, got {value!r}") from None
+    raise ConfigError(f"{key} cannot be set from the command line (a {kind!r} option)")
+
+
+def build_router(config):
+    name = get(config, "cluster.router", str)
+    if name not in router_registry.available():
+        raise ConfigError(f"cluster.router: unknown router {name!r}; available: {', '.join(router_registry.available())}")
+    constructor = router_registry.constructor(name)
+    fields = [f.name for f in dataclasses.fields(constructor)] if dataclasses.is_dataclass(constructor) else []
+    hints = typing.get_type_hints(constructor)
+    options = {}
+    for option, text in _pairs(get(config, "cluster.router_options", str), "cluster.router_options").items():
+        if option not in fields:
+            raise ConfigError(f"cluster.router_options: router {name!r} has no option {option!r}; "
+                              f"options: {', '.join(fields) or 'none'}")
+        options[option] = _typed(text, hints[option], f"cluster.router_options.{option}")
+    try:
+        return router_registry.make(name, **options)
+    except ValueError as e:
+        raise ConfigError(f"cluster.router_options: {e}") from None
+
+
+def replica_configs(config) -> list:
+    """One config per starting replica: the base with that replica's ``cluster.replicas`` overrides."""
+    n = get(config, "cluster.num_replicas", int)
+    if n < 1:
+        raise ConfigError(f"cluster.num_replicas must be >= 1, got {n}")
+    overrides: dict[int, dict] = {}
+    for part in filter(None, (p.strip() for p in get(config, "cluster.replicas", str).split(";"))):
+        index, colon, rest = part.partition(":")
+        if not colon or not index.strip().isdigit():
+            raise ConfigError(f"cluster.replicas: expected '<replica>:key=value,...', got {part!r}")
+        i = int(index)
+        if i >= n:
+            raise ConfigError(f"cluster.replicas: override for replica {i}, but cluster.num_replicas is {n} (replicas 0..{n - 1})")
+        values = {}
+        for key, text in _pairs(rest, f"cluster.replicas[{i}]").items():
+            if key.split(".")[0] not in REPLICA_SECTIONS:
+                raise ConfigError(f"cluster.replicas[{i}]: {key!r} is not a replica key (sections: {', '.join(REPLICA_SECTIONS)})")
+            kind = type(get(config, key)) if get(config, key) is not None else str
+            values[key] = _typed(text, kind, f"cluster.replicas[{i}].{key}")
+        overrides[i] = values
+    return [override(config, overrides.get(i, {})) for i in range(n)]
+
+
+def replica_spec(config, name: str) -> ReplicaSpec:
+    cost_model = build_cost_model(config)
+    return ReplicaSpec(build_scheduler(config), build_kv(config, cost_model), SimExecutor(cost_model),
+                       RunLimits(max_context=max_context(config, cost_model)), name)  # fmt: skip
+
+
+def build_events(config, num_replicas: int) -> list[ClusterEvent]:
+    text = get(config, "cluster.events", str)
+    parsed = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        what, at, time = part.partition("@")
+        kind, colon, index = what.partition(":")
+        kind = kind.strip()
+        try:
+            t = float(time)
+        except ValueError:
+            t = math.nan
+        if not at or kind not in EVENT_KINDS or not t >= 0 or (kind == "add") == bool(colon):
+            raise ConfigError(f"cluster.events: expected '<{'|'.join(EVENT_KINDS[1:])}>:<replica>@<seconds>' or "
+                              f"'add@<seconds>', got {part!r}")
+        if kind != "add" and not index.strip().isdigit():
+            raise ConfigError(f"cluster.events: {part!r}: the replica must be an index, got {index!r}")
+        parsed.append((t, kind, None if kind == "add" else int(index)))
+    events, count = [], num_replicas
+    for t, kind, index in sorted(parsed, key=lambda e: e[0]):
+        if kind == "add":
+            events.append(ClusterEvent(t, "add", spec=replica_spec(config, f"replica {count}")))
+            count += 1
+        elif index >= count:
+            raise ConfigError(f"cluster.events: {kind}:{index}@{t:g} names replica {index}, but only replicas "
+                              f"0..{count - 1} exist by then")
+        else:
+            events.append(ClusterEvent(t, kind, replica=index))
+    return events
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterSim:
+    """Everything a simulated cluster run needs, built from a config by ``build_cluster_sim``."""
+
+    configs: tuple
+    specs: tuple[ReplicaSpec, ...]
+    router: object
+    events: tuple[ClusterEvent, ...]
+    requests: tuple
+    max_sim_time_s: float
+    slo: dict
+
+    @property
+    def cost_model(self):
+        """Replica 0's cost model (titles)."""
+        return self.specs[0].executor.cost_model
+
+
+def build_cluster_sim(config) -> ClusterSim:
+    if get(config, "backend", str) != "sim":
+        raise ConfigError("cluster.*: a cluster runs in the simulator (backend='sim'); real-engine replicas are not "
+                          "built from the CLI yet")
+    configs = replica_configs(config)
+    specs = tuple(replica_spec(c, f"replica {i}") for i, c in enumerate(configs))
+    return ClusterSim(tuple(configs), specs, build_router(config), tuple(build_events(config, len(specs))),
+                      tuple(build_workload(config)), max_sim_time_s(config), slo_targets(config))  # fmt: skip
+
+
+def run_cluster_sim(run: ClusterSim, on_progress: Optional[ProgressHook] = None) -> Results:
+    """Simulates ``run``: metrics (with ``per_replica``), per-request rows, the shared log."""
+    cluster = Cluster(run.specs, run.router, max_sim_time_s=run.max_sim_time_s)
+    log = cluster.run(list(run.requests), run.events, on_progress=on_progress).freeze()
+    members = cluster.members
+    prices = [m.spec.executor.cost_model.cost_usd_per_hour() for m in members]
+    price = None if any(p is None for p in prices) else sum(prices)  # every replica for the whole run
+    metrics = summarize(log, **run.slo, price_per_hour_usd=price, unmodelled=unmodelled_metrics(run.cost_model))
+    metrics["num_kv_blocks"] = sum(m.spec.kv.num_blocks for m in members)
+    metrics["num_replicas"] = len(members)
+    metrics["per_replica"] = {
+        str(m.index): {"status": m.status, "num_steps": int((log.step_replica == m.index).sum()),
+                       "num_placed": sum(1 for _, _, i in cluster.placements if i == m.index),
+                       "busy_s": float(log.step_duration_s[log.step_replica == m.index].sum())}
+        for m in members
+    }  # fmt: skip
+    replica_of = {}
+    for _, rid, i in cluster.placements:
+        replica_of[rid] = i  # the last replica it was placed on
+    rows = request_metrics(log).rows()
+    for i, (row, info) in enumerate(zip(rows, log.requests)):
+        row["replica"] = replica_of.get(info.request_id, "")
+        row["retries"] = int(log.retries[i])
+    return Results(metrics, rows, log, members[0].spec.kv, members[0].spec.scheduler)

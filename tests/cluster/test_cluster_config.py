@@ -1,0 +1,97 @@
+"""cluster.* keys: a simulated cluster from a config and the CLI, and one clear error per bad key."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from jaxserve.cluster.config import build_cluster_sim, is_cluster, run_cluster_sim
+from jaxserve.config import ConfigError, override
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def defaults():
+    spec = importlib.util.spec_from_file_location("jaxserve_cluster_test_defaults", ROOT / "configs" / "default.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def small(**values):
+    base = {"workload.kind": "poisson", "workload.qps": 40.0, "workload.num_requests": 120,
+            "workload.lengths.kind": "uniform", "workload.lengths.low": 16, "workload.lengths.high": 400,
+            "model.name": "llama-2-7b", "cluster.num_replicas": 3}  # fmt: skip
+    return override(defaults(), {**base, **values})
+
+
+def test_a_cluster_config_builds_each_replica_with_its_overrides():
+    config = small(**{"cluster.replicas": "1:hardware.name=h100-sxm,scheduler.name=sarathi;2:kv.num_blocks=300",
+                      "cluster.router": "fair", "cluster.router_options": "max_waiting=3,w_q=1.5",
+                      "cluster.events": "fail:1@1.5,add@2,drain:3@2.5"})  # fmt: skip
+    assert is_cluster(config) and not is_cluster(defaults())
+    run = build_cluster_sim(config)
+    assert [s.executor.cost_model.hardware.name for s in run.specs] == ["a100-80gb", "h100-sxm", "a100-80gb"]
+    assert [type(s.scheduler).__name__ for s in run.specs] == ["VLLMScheduler", "SarathiScheduler", "VLLMScheduler"]
+    assert run.specs[2].kv.num_blocks == 300 and run.specs[0].kv.num_blocks > 1000
+    assert run.router.max_waiting == 3 and run.router.w_q == 1.5
+    assert [(e.kind, e.replica, e.time_s) for e in run.events] == [("fail", 1, 1.5), ("add", None, 2.0), ("drain", 3, 2.5)]
+    results = run_cluster_sim(run)
+    m = results.metrics
+    assert m["num_replicas"] == 4 and m["num_finished"] == 120 and m["num_retried"] > 0
+    assert m["per_replica"]["1"]["status"] == "failed" and m["per_replica"]["3"]["status"] == "draining"
+    assert sum(r["num_placed"] for r in m["per_replica"].values()) == 120 + m["num_retried"]
+    assert {row["replica"] for row in results.requests} == {0, 1, 2, 3}
+    assert sum(row["retries"] for row in results.requests) == int(results.log.retries.sum())
+
+
+@pytest.mark.parametrize("values, needle", [
+    ({"cluster.router": "nope"}, "cluster.router: unknown router 'nope'; available: fair"),
+    ({"cluster.num_replicas": 0}, "cluster.num_replicas must be >= 1, got 0"),
+    ({"cluster.replicas": "5:kv.num_blocks=10"}, r"override for replica 5, but cluster.num_replicas is 3 \(replicas 0..2\)"),
+    ({"cluster.replicas": "x:kv.num_blocks=10"}, "expected '<replica>:key=value"),
+    ({"cluster.replicas": "1:workload.qps=3"}, r"cluster.replicas\[1\]: 'workload.qps' is not a replica key"),
+    ({"cluster.replicas": "1:kv.num_blocks=many"}, r"cluster.replicas\[1\].kv.num_blocks must be int, got 'many'"),
+    ({"cluster.replicas": "1:kv.nblocks=3"}, "unknown config key 'kv.nblocks'"),
+    ({"cluster.replicas": "1:hardware.name=tpu-v9"}, "hardware.name"),
+    ({"cluster.router_options": "max_waiting=3"}, "router 'round_robin' has no option 'max_waiting'"),
+    ({"cluster.router": "fair", "cluster.router_options": "max_waiting=0"}, "max_waiting must be an int >= 1"),
+    ({"cluster.router": "fair", "cluster.router_options": "max_waiting"}, "expected name=value, got 'max_waiting'"),
+    ({"cluster.events": "explode:1@3"}, "cluster.events: expected"),
+    ({"cluster.events": "fail:1@soon"}, "cluster.events: expected"),
+    ({"cluster.events": "add:1@3"}, "cluster.events: expected"),
+    ({"cluster.events": "fail:7@3"}, r"fail:7@3 names replica 7, but only replicas 0..2 exist by then"),
+    ({"cluster.events": "add@1,fail:3@2"}, None),  # the added replica is 3: fine
+    ({"backend": "engine"}, "a cluster runs in the simulator"),
+])  # fmt: skip
+def test_bad_cluster_keys_name_the_key(values, needle):
+    config = small(**values)
+    if needle is None:
+        assert [e.kind for e in build_cluster_sim(config).events] == ["add", "fail"]
+        return
+    with pytest.raises(ConfigError, match=needle):
+        build_cluster_sim(config)
+
+
+def test_the_cli_runs_a_cluster_and_exits_2_on_a_bad_cluster_key(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    args = [sys.executable, "-m", "jaxserve.experiment", "--config=configs/vllm.py", "--config.workload.kind=poisson",
+            "--config.workload.qps=30", "--config.workload.num_requests=60", "--config.workload.lengths.kind=fixed", "--config.cluster.num_replicas=2",
+            "--config.cluster.router=least_kv", f"--config.output_dir={tmp_path}"]  # fmt: skip
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 x a100-80gb, least_kv" in proc.stdout
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["num_replicas"] == 2 and metrics["num_finished"] == 60
+    with open(tmp_path / "requests.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["replica"] for r in rows} == {"0", "1"}
+    bad = subprocess.run([*args[:-2], "--config.cluster.router=fastest"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "cluster.router: unknown router 'fastest'" in bad.stderr
