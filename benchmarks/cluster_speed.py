@@ -2,7 +2,7 @@
 
     python benchmarks/cluster_speed.py [--replicas 16] [--router shortest_queue] [--scheduler vllm] [--duration_s 0]
 
-The Azure 2023 conversation trace (Llama-3-8B on simulated A100-80GBs, the default config) replayed
+The Azure 2023 conversation trace, the whole hour (Llama-2-7B on simulated A100-80GBs) replayed
 twice in one process: at its recorded rate on one replica, and 16 times faster (``workload.time_scale
 = 1/16``) on 16 replicas behind ``--router``, so each replica sees about the load of the single one.
 For each: simulated requests and steps per wall second and wall microseconds per step (simulation
@@ -25,6 +25,9 @@ from configs import default  # noqa: E402
 from jaxserve.cluster.config import build_cluster_sim, run_cluster_sim  # noqa: E402
 from jaxserve.config import override  # noqa: E402
 from jaxserve.sim.simulate import build_sim, run_sim  # noqa: E402
+
+
+TRACE = "azure_llm_2023/AzureLLMInferenceTrace_conv.csv"  # under $JAXSERVE_TRACES or ../shared/traces
 
 
 def bench(config, cluster: bool) -> dict:
@@ -50,6 +53,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     base = override(default.get_config(), {
         "scheduler.name": args.scheduler, "workload.duration_s": args.duration_s if args.duration_s > 0 else 1e9,
+        "workload.trace_path": TRACE, "model.name": "llama-2-7b",
         "model.max_context": 16384,  # replay every request
     })  # fmt: skip
     if args.scheduler in ("vllm", "orca", "static"):

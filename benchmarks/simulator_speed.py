@@ -25,8 +25,13 @@ from jaxserve.experiment import write_outputs  # noqa: E402
 from jaxserve.sim.simulate import simulate  # noqa: E402
 
 
+TRACE = "azure_llm_2023/AzureLLMInferenceTrace_conv.csv"  # under $JAXSERVE_TRACES or ../shared/traces
+
+
 def bench(name: str, duration_s: float) -> dict:
     config = default.get_config()
+    config.workload.trace_path = TRACE  # the whole hour (the default is the packaged 10-minute sample)
+    config.model.name = "llama-2-7b"
     config.scheduler.name = name
     config.workload.duration_s = duration_s if duration_s > 0 else 1e9
     if name in ("vllm", "orca", "static"):
@@ -58,7 +63,7 @@ def main():
     args = parser.parse_args()
     result = {
         "benchmark": "simulator_speed",
-        "trace": "azure_llm_2023/AzureLLMInferenceTrace_conv.csv",
+        "trace": TRACE,
         "model": "llama-2-7b",
         "hardware": "a100-80gb",
         "machine": f"{platform.machine()} {platform.python_implementation()} {platform.python_version()}",

@@ -381,7 +381,7 @@ class PolicyOption:
 
 
 def _constructor(name: str):
-    return _registry._REGISTRY[name]  # the registry has no public accessor for a constructor
+    return _registry.constructor(name)
 
 
 def _own_options(constructor) -> dict[str, Any]:

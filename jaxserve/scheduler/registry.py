@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable
 
-_REGISTRY: dict[str, Callable[..., Any]] = {}
+from jaxserve.registry import Registry
 
-
-def register(name: str, constructor: Callable[..., Any], *, overwrite: bool = False) -> None:
-    """Makes ``make(name, **options)`` call ``constructor(**options)``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"scheduler name must be a non-empty str, got {name!r}")
-    if name in _REGISTRY and not overwrite and _REGISTRY[name] is not constructor:
-        raise ValueError(f"scheduler {name!r} is already registered (pass overwrite=True to replace it)")
-    _REGISTRY[name] = constructor
-
-
-def available() -> tuple[str, ...]:
-    return tuple(sorted(_REGISTRY))
+_SCHEDULERS = Registry("scheduler")
+register = _SCHEDULERS.register  # register(name, constructor, overwrite=False): make(name, **options) calls it
+available = _SCHEDULERS.available
+constructor = _SCHEDULERS.constructor
 
 
 def _option_names(constructor) -> list[str]:
@@ -31,16 +22,14 @@ def _option_names(constructor) -> list[str]:
 
 def make(name: str, **options):
     """Builds the scheduler registered as ``name``; an unknown name or option is a ValueError."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown scheduler {name!r}; available: {', '.join(available())}")
-    constructor = _REGISTRY[name]
+    build = constructor(name)
     try:
-        return constructor(**options)
+        return build(**options)
     except TypeError as e:
-        known = _option_names(constructor)
+        known = _option_names(build)
         unknown = [k for k in options if k not in known]
         if unknown and not any(
-            p.kind == p.VAR_KEYWORD for p in inspect.signature(constructor).parameters.values()
+            p.kind == p.VAR_KEYWORD for p in inspect.signature(build).parameters.values()
         ):
             raise ValueError(
                 f"scheduler {name!r} has no option {unknown[0]!r}; options: {', '.join(known)}"
