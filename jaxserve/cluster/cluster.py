@@ -147,11 +147,11 @@ class Cluster:
         self.log = EventLog()
         self.fast_forward = fast_forward
         self.max_sim_time_s = max_sim_time_s
+        self.now = 0.0
         self.members: list[Member] = []
         for spec in specs:
             self._add(spec)
         self.router_state = router.init(len(self.members))
-        self.now = 0.0
         self.served: dict[str, int] = {}
         self._token_cursor = 0
         self.num_steps = 0
@@ -161,7 +161,7 @@ class Cluster:
     # -- events ------------------------------------------------------------------------------------
     def _add(self, spec: ReplicaSpec) -> Member:
         member = Member(len(self.members), spec, self.log, self.fast_forward)
-        member.replica.wait_until(getattr(self, "now", 0.0))
+        member.replica.wait_until(self.now)
         self.members.append(member)
         return member
 
@@ -191,9 +191,10 @@ class Cluster:
         member.status = "failed"
         outputs = unfinished_outputs(member.spec.scheduler, member.replica.state)
         computed = _computed_tokens(member.replica.state)
+        delivered = self.log.tokens_per_request()
         for rid, request in sorted(member.requests.items(), key=lambda kv: (kv[1].arrival_time, kv[0])):
             # ``request`` may itself be a continuation: its prompt holds what earlier replicas delivered
-            delivered_here = self.log.num_tokens(rid) - (request.prompt_len - self.prompt_lens[rid])
+            delivered_here = int(delivered[self.log.index[rid]]) - (request.prompt_len - self.prompt_lens[rid])
             self.log.retry(rid, computed.get(rid, 0))
             self.router_state = self.router.submit(
                 self.router_state, continuation(request, outputs.get(rid, ()), delivered_here, self.now))
@@ -209,13 +210,12 @@ class Cluster:
         return ClusterView(self.now, tuple(m.view() for m in self.members), served)
 
     def _count_served(self) -> None:
-        tokens = self.log._token_req  # appended per step; read once each
+        steps, self._token_cursor = self.log.token_rows_since(self._token_cursor)
         requests = self.log.requests
-        for rows in tokens[self._token_cursor:]:
+        for rows in steps:
             for i in rows.tolist():
                 client = requests[i].client_id
                 self.served[client] = self.served.get(client, 0) + 1
-        self._token_cursor = len(tokens)
 
     def dispatch(self) -> None:
         self.router_state, placements = self.router.dispatch(self.router_state, self.view())

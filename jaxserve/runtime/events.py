@@ -72,10 +72,15 @@ class EventLog:
     def fail(self, request_id: str, reason: str) -> None:
         self.failed[self.index[request_id]] = reason
 
-    def num_tokens(self, request_id: str) -> int:
-        """Tokens the request has received so far (O(steps): for rare events such as a fault)."""
-        i = self.index[request_id]
-        return int(sum(int((t == i).sum()) for t in self._token_req))
+    def token_rows_since(self, cursor: int) -> tuple[list[np.ndarray], int]:
+        """Per step recorded since step ``cursor`` (in recording order): the indices of the requests
+        that got a token; and the new cursor. For readers that follow a run as it goes."""
+        return self._token_req[cursor:], len(self._token_req)
+
+    def tokens_per_request(self) -> np.ndarray:
+        """Tokens each request (by index) has received so far; O(tokens): for rare events such as a fault."""
+        rows = np.concatenate(self._token_req) if self._token_req else np.zeros(0, np.int64)
+        return np.bincount(rows, minlength=len(self.requests))
 
     def step(self, plan: BatchPlan, start_s: float, duration_s: float, energy_j: float, state, finished,
              replica: int = 0) -> None:

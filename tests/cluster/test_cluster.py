@@ -140,8 +140,8 @@ def test_continuation_appends_delivered_tokens():
     r = jaxserve.Request("a", prompt_token_ids=[5, 6, 7], sampling=jaxserve.SamplingParams(10), arrival_time=1.0)
     c = continuation(r, (8, 9, 4), 2, now=3.0)
     assert c.prompt_token_ids == (5, 6, 7, 8, 9) and c.sampling.max_new_tokens == 8 and c.arrival_time == 3.0
-    placeholder = continuation(jaxserve.Request("b", prompt_len=30, sampling=jaxserve.SamplingParams(4)), (), 3, now=2.0)
-    assert placeholder.prompt_len == 33 and placeholder.sampling.max_new_tokens == 1
+    length_only = continuation(jaxserve.Request("b", prompt_len=30, sampling=jaxserve.SamplingParams(4)), (), 3, now=2.0)
+    assert length_only.prompt_len == 33 and length_only.sampling.max_new_tokens == 1
     with pytest.raises(ValueError, match="has all its tokens"):
         continuation(r, (), 10, now=3.0)
 
