@@ -321,6 +321,41 @@ class ModelRunner(Executor):
             dst[: len(plan.copy_blocks)] = [d for _, d in plan.copy_blocks]
             self.caches = self._copy(self.caches, src, dst)
 
+    # -- KV contents, for moving a request to another runner (migration, phase hand-off) ---------
+    def read_kv(self, blocks) -> np.ndarray:
+        """``[L, 2, Hkv, len(blocks), page_size, D]``: the pages ``blocks`` of every layer, on the host."""
+        blocks = [int(b) for b in blocks]
+        self._check_pages(blocks)
+        src = np.zeros(bucket(max(len(blocks), 1)), np.int32)
+        src[: len(blocks)] = blocks
+        return np.asarray(self._gather(self.caches, src))[:, :, :, : len(blocks)]
+
+    def write_kv(self, blocks, payload) -> None:
+        """Writes ``payload`` (another runner's ``read_kv`` of as many blocks) into pages ``blocks``."""
+        blocks = [int(b) for b in blocks]
+        self._check_pages(blocks)
+        want = (self.cfg.num_layers, 2, self.cfg.num_kv_heads, len(blocks), self.kv.block_size, self.cfg.head_dim)
+        if payload is None or tuple(payload.shape) != want:
+            got = None if payload is None else tuple(payload.shape)
+            raise ValueError(f"write_kv: a payload of shape {want} is needed for {len(blocks)} blocks, got {got}")
+        if not blocks:
+            return
+        n = bucket(len(blocks))
+        dst = np.full(n, self.spec.num_pages, np.int32)
+        dst[: len(blocks)] = blocks
+        pages = np.zeros(want[:3] + (n,) + want[4:], self.host_dtype)
+        pages[:, :, :, : len(blocks)] = payload
+        self.caches = self._scatter(self.caches, pages, dst)
+
+    @property
+    def host_dtype(self):
+        return np.dtype(jnp.dtype(self.cfg.dtype))
+
+    def _check_pages(self, blocks) -> None:
+        bad = [b for b in blocks if not 0 <= b < self.kv.num_blocks]
+        if bad:
+            raise ValueError(f"KV block {bad[0]} is outside this runner's pool [0, {self.kv.num_blocks})")
+
     def warmup(self, max_decode_rows: int, max_blocks: int, mixed: bool = True, on_progress=None) -> int:
         """Compiles the bucket shapes up to these sizes (decode-only, prefill-only and, with
         ``mixed``, both), smallest first and at most ``max_compiled_shapes`` of them (more would

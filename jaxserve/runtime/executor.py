@@ -6,11 +6,13 @@ The simulator's cost-model executor and the engine's ModelRunner both implement 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple, Optional, Protocol
 
 import numpy as np
 
 from jaxserve.plan import BatchPlan, StepOutput
+from jaxserve.request import Request
 
 
 class DecodeRun(NamedTuple):
@@ -25,7 +27,23 @@ class DecodeRun(NamedTuple):
 
 class Executor(Protocol):
     """Runs one BatchPlan at a time. Implementations subclass this protocol explicitly so they
-    inherit ``decode_run``'s default (no closed form)."""
+    inherit the defaults: no closed form (``decode_run``), nothing to register per request, and no
+    KV contents (``read_kv``/``write_kv``: a simulator's KV is bookkeeping only)."""
+
+    def register(self, request: Request) -> None:
+        """Called before ``request`` joins this executor's replica (on arrival or migrated in);
+        raises ``ValueError`` naming the problem when it cannot be served here."""
+
+    def release(self, request_id: str) -> None:
+        """``request_id`` left this replica (finished, aborted or migrated away)."""
+
+    def read_kv(self, blocks: Sequence[int]) -> Optional[np.ndarray]:
+        """The contents of KV ``blocks`` (in that order) as one host array, for copying to another
+        replica; ``None`` when this executor holds no KV contents."""
+        return None
+
+    def write_kv(self, blocks: Sequence[int], payload: Optional[np.ndarray]) -> None:
+        """Writes ``payload`` (from another executor's ``read_kv`` of as many blocks) into ``blocks``."""
 
     def execute(self, plan: BatchPlan) -> StepOutput:
         """Applies the plan's swaps and copies, runs the step, returns one token per sampling row

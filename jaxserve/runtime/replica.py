@@ -123,22 +123,43 @@ class Replica:
             return False
         return True
 
+    def replace_state(self, state) -> None:
+        """Installs a scheduler state changed from outside between steps (a request migrated in or
+        out); the replica looks for work again."""
+        if state.inflight is not None:
+            raise ValueError("replace_state() needs a state between steps (no plan in flight)")
+        self.state = state
+        self._blocked = False
+
     def wait_until(self, t: float) -> None:
         """An idle replica's clock moves to ``t`` (never backwards)."""
         self.now = max(self.now, t)
 
     def step(self, horizon: float = math.inf) -> int:
-        """Schedules, executes and applies one step at ``now``; then, with the fast path, as many
-        identical decode steps as start before ``horizon`` (the next event the driver knows of).
-        Returns the number of steps taken: 0 if the scheduler planned nothing (the replica is then
-        blocked until ``add``)."""
+        """Schedules, executes and applies one step at ``now``. With the fast path, when that step
+        is a stable decode, it and the identical decode steps after it that start before
+        ``horizon`` (the next event the driver knows of) are applied in closed form instead (they
+        start and finish no request, and ``on_step`` does not see them). Returns the number of
+        steps taken: 0 if the scheduler planned nothing (the replica is then blocked until ``add``)."""
         scheduler, before = self.scheduler, self.state
         state, plan = scheduler.schedule(before, self.now)
-        self.state = state
         if plan.is_empty:
+            self.state = state
             self._blocked = True
             return 0
-        out = self.executor.execute(plan)
+        if self._fast_forward and is_stable_decode(scheduler, before, plan):
+            # This step and the identical ones after it, in closed form from ``before`` (the
+            # scheduled state is dropped: schedule is pure); 0 when none can be (a row finishes
+            # now, or the executor has no closed form): then the step runs as planned.
+            k = self._decode_run(before, min(horizon, self.limits.max_sim_time_s))
+            if k:
+                return k
+        self.state = state
+        try:
+            out = self.executor.execute(plan)
+        except BaseException:
+            self.state = before  # the step never happened: a driver may carry its requests on
+            raise
         start = self.now
         self.now = start + out.duration_s
         self.state = state = scheduler.update(state, plan, out, self.now)
@@ -146,15 +167,13 @@ class Replica:
         if self._on_step is not None:
             self._on_step(plan, out, state)
         self.num_steps += 1
-        horizon = min(horizon, self.limits.max_sim_time_s)
-        if self._fast_forward and not state.finished and self.now < horizon and is_stable_decode(scheduler, before, plan):
-            return 1 + self._skip_decodes(horizon)
         return 1
 
-    def _skip_decodes(self, horizon: float) -> int:
-        """Applies the longest run of identical decode steps that nothing interrupts: each starts
-        before ``horizon``, none finishes a request or runs out of blocks, no limit is hit."""
-        state = self.state
+    def _decode_run(self, state, horizon: float) -> int:
+        """Applies, from ``state`` (whose next plan is a stable decode), the longest run of
+        identical decode steps that nothing interrupts: the first runs now, each later one starts
+        before ``horizon``, none finishes a request or runs out of blocks, no limit is hit.
+        Returns how many (0: none, the caller steps normally)."""
         k = min(decode_run_limit(state), self.limits.max_steps - self.num_steps)
         if k < 1:
             return 0

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Protocol, runtime_checkable
 from jaxserve.kv.config import KVConfig
 from jaxserve.kv.prefix_hash import prompt_block_hashes
 from jaxserve.kv.state import KVState
-from jaxserve.persistent import KeyedQueue, evolve
+from jaxserve.persistent import EMPTY_MAP, KeyedQueue, evolve
 from jaxserve.plan import BatchPlan, StepOutput
 from jaxserve.request import Request, RequestStatus
 from jaxserve.scheduler.queues import FCFS, QueueOrder
@@ -37,6 +37,11 @@ class SchedulerState:
     next_seq_no: int = 0
     inflight: Optional[Inflight] = None  # set by schedule(), cleared by update()
     finished: tuple[FinishedRequest, ...] = ()  # requests that finished in the last update()
+    # Live migration (scheduler/migration.py): device blocks held outside any block table, by
+    # request id: reserved here for a request migrating in (each also holds a batch seat), or
+    # kept by a request migrating out until its last copy is done.
+    incoming: Any = EMPTY_MAP  # immutables.Map[str, tuple[int, ...]]
+    outgoing: Any = EMPTY_MAP  # immutables.Map[str, tuple[int, ...]]
 
     @property
     def num_waiting(self) -> int:

@@ -63,6 +63,7 @@ class StepBuilder:
         self.swapped = state.swapped
         self.outputs = state.outputs  # TokenBuffer
         self.run: RunningBatch = state.running
+        self.num_incoming = len(state.incoming)  # seats reserved for requests migrating in
         self.live = len(self.run)  # rows [0, live) remain; the rest were preempted
         self.num_new = np.zeros(self.live, np.int64)
         self.tables: list | None = None  # copied on first change
@@ -79,7 +80,7 @@ class StepBuilder:
     # -- helpers -------------------------------------------------------------------------------
     @property
     def num_seqs(self) -> int:
-        return self.live + len(self.new_rows)
+        return self.live + len(self.new_rows) + self.num_incoming
 
     @property
     def has_room(self) -> bool:
