@@ -45,6 +45,24 @@ def sim_vs_engine(out):
     assert "poisson/sarathi" in text and "azure/vllm" in text and "MAPE raw" in text and "speed min / median" in text
 
 
+def cluster_routers(out):
+    import csv
+
+    from jaxserve.workload import resolve_trace_path
+
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    routers = {"round_robin", "shortest_queue", "prefix_affinity", "freeness", "least_kv", "fair"}
+    mooncake = resolve_trace_path("mooncake_fast25/synthetic_trace.jsonl").exists()
+    panels = {"azure", "mooncake"} if mooncake else {"azure"}
+    assert {(r["panel"], r["router"]) for r in rows} == {(p, r) for p in panels for r in routers}
+    assert all(int(r["num_finished"]) + int(r["num_rejected"]) == int(r["num_requests"]) > 0 for r in rows)
+    # the Azure trace has lengths only: prefix affinity cannot match, so it is the shortest queue
+    azure = {r["router"]: r for r in rows if r["panel"] == "azure"}
+    assert float(azure["prefix_affinity"]["prefix_hit_rate"]) == 0.0
+    assert azure["prefix_affinity"]["ttft_s_p99"] == azure["shortest_queue"]["ttft_s_p99"]
+    assert "exactly the same run" in (out / "summary.md").read_text()
+
+
 # script -> (arguments, "json": checks of the JSON line it prints last | files it writes under --out
 # and checks of that folder)
 QUICK_RUNS = {
@@ -55,6 +73,8 @@ QUICK_RUNS = {
                                                    "step_times.png", "latency_cdfs.png", "machine_speed.png",
                                                    "summary.md", "profile.json"), sim_vs_engine),
     "experiments/custom_scheduler.py": ([], (), None),
+    "experiments/cluster_routers.py": (["--quick"], ("results.csv", "replicas.csv", "routers.png", "summary.md"),
+                                       cluster_routers),
     "experiments/scheduler_demo.py": (["--num_requests", "60"], (), None),
     "benchmarks/simulator_speed.py": (["--duration_s", "60"], "json", None),
     "benchmarks/cluster_speed.py": (["--duration_s", "60"], "json", cluster_speed),
