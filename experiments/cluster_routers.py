@@ -103,6 +103,12 @@ def serve(item):
         "prefix_hit_rate": 1.0 - prefill_computed / prompt_started if prompt_started else math.nan,
         "wall_s": wall,
     }
+    # bursts sent to one replica: the fraction of consecutive arrivals (in arrival order) placed on
+    # the same replica (1 / replicas for a random choice, 0 for round robin)
+    placed_on = np.array([-1 if row["replica"] == "" else int(row["replica"]) for row in res.requests])
+    order = np.argsort(log.arrival_s, kind="stable")
+    seq = placed_on[order][placed_on[order] >= 0]
+    row["same_replica_consecutive"] = float((seq[1:] == seq[:-1]).mean()) if len(seq) > 1 else math.nan
     rm = request_metrics(log)
     ttft = rm.ttft_s[~np.isnan(rm.ttft_s)]
     e2e = rm.e2e_s[~np.isnan(rm.e2e_s)]
@@ -178,7 +184,7 @@ def plot(results: dict, panels, routers, path):
 
 def table(results, panel, routers) -> str:
     head = ("| router | TTFT P50 / P99 (s) | TBT P50 / P99 (ms) | TPOT P50 / P99 (ms) | E2E P50 / P99 (s) | "
-            "tok/s | CV placed / prompt tok / busy | busy mean / max | prefix hit | rejected | sim wall (s) |")
+            "tok/s | CV placed / prompt tok / busy | same replica | busy mean / max | prefix hit | rejected | sim wall (s) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for router in routers:
         r = results[(panel, router)]["row"]
@@ -186,7 +192,7 @@ def table(results, panel, routers) -> str:
             f"| {router} | {r['ttft_s_p50']:.3f} / {r['ttft_s_p99']:.2f} | {r['tbt_s_p50'] * 1e3:.1f} / "
             f"{r['tbt_s_p99'] * 1e3:.0f} | {r['tpot_s_p50'] * 1e3:.1f} / {r['tpot_s_p99'] * 1e3:.1f} | "
             f"{r['e2e_s_p50']:.2f} / {r['e2e_s_p99']:.1f} | {r['throughput_tok_s']:,.0f} | {r['cv_placed']:.3f} / "
-            f"{r['cv_prompt_tokens']:.3f} / {r['cv_busy']:.3f} | {r['busy_mean']:.2f} / {r['busy_max']:.2f} | "
+            f"{r['cv_prompt_tokens']:.3f} / {r['cv_busy']:.3f} | {r['same_replica_consecutive']:.1%} | {r['busy_mean']:.2f} / {r['busy_max']:.2f} | "
             f"{r['prefix_hit_rate']:.1%} | {r['num_rejected']} | {r['wall_s']:.0f} |")
     return "\n".join(lines)
 
@@ -290,7 +296,9 @@ Command: `{C.command_line()}` ({wall:.0f} s wall on {args.jobs} process(es)).
 
 Columns: latencies over all requests (TBT = gaps between a request's tokens, TPOT = its mean gap);
 tok/s = output tokens per second of the whole run; CV = coefficient of variation over replicas of
-requests placed, prompt tokens placed and busy time (busy = seconds of steps / makespan); prefix
+requests placed, prompt tokens placed and busy time (busy = seconds of steps / makespan); same
+replica = fraction of consecutive arrivals placed on the same replica (bursts; 1/replicas if
+random, 0 for round robin); prefix
 hit = 1 - prefill tokens computed / prompt tokens of started requests (tokens the prefix cache
 saved); sim wall = wall seconds of that one simulation.
 
@@ -318,8 +326,8 @@ NOTES = """## Reading it
 * **Freeness** (Llumnix) ranks replicas by free KV per running request. With an A100-80GB's KV pool
   (hundreds of thousands of tokens per replica) a queued prompt changes a replica's freeness by
   little, and the running batch only grows at that replica's next step, so arrivals that come
-  between two of its steps all go to the same replica: freeness is a memory-pressure signal, and
-  balances well only when KV is the scarce resource.
+  between two of its steps all go to the same replica (the "same replica" column): freeness is a
+  memory-pressure signal, and balances well only when KV is the scarce resource.
 * Simulated replicas (roofline cost model), not measured GPUs; one seedless trace replay per router.
 """
 
