@@ -57,9 +57,17 @@ class RequestMetrics:
     tbt_req: np.ndarray  # the request index of each gap
 
     def rows(self) -> list[dict]:
-        """One dict per request (for CSV)."""
+        """One dict per request (for CSV), values as plain Python numbers, bools and strings."""
         cols = [f.name for f in dataclasses.fields(self) if f.name not in ("tbt_s", "tbt_req")]
-        return [{c: _plain(getattr(self, c)[i]) for c in cols} for i in range(len(self.request_id))]
+        values = [_plain_column(getattr(self, c)) for c in cols]
+        return [dict(zip(cols, row)) for row in zip(*values)]
+
+
+def _plain_column(column) -> list:
+    """``column`` as a list of plain Python values (``_plain`` of each), column at a time."""
+    if isinstance(column, np.ndarray) and column.dtype.kind in "biuf":
+        return column.tolist()  # numpy bool/int/float -> bool/int/float, as _plain does
+    return [_plain(x) for x in column]
 
 
 def _plain(x):
@@ -73,6 +81,21 @@ def _plain(x):
 
 
 def request_metrics(log: FrozenLog) -> RequestMetrics:
+    """The per-request metrics of ``log``. Computed once per log and kept on it (a run's summary,
+    CSV and plots all read them); the arrays computed here are read-only."""
+    cached = log.__dict__.get("_request_metrics")
+    if cached is None:
+        cached = _request_metrics(log)
+        shared = {id(v) for v in vars(log).values()}
+        for f in dataclasses.fields(cached):
+            value = getattr(cached, f.name)
+            if isinstance(value, np.ndarray) and id(value) not in shared:  # the log's own stay as they are
+                value.flags.writeable = False
+        object.__setattr__(log, "_request_metrics", cached)  # FrozenLog is frozen; a private cache
+    return cached
+
+
+def _request_metrics(log: FrozenLog) -> RequestMetrics:
     n = log.num_requests
     req, times = log.request_tokens()
     num_output = np.bincount(req, minlength=n)
@@ -87,8 +110,9 @@ def request_metrics(log: FrozenLog) -> RequestMetrics:
     same = req[1:] == req[:-1] if len(req) > 1 else np.zeros(0, bool)
     tbt, tbt_req = gaps[same], req[1:][same]
     max_tbt = np.full(n, np.nan)
-    if len(tbt):
-        np.fmax.at(max_tbt, tbt_req, tbt)
+    if len(tbt):  # gaps are grouped by request (sorted): one reduceat, not a slow ufunc.at
+        group = np.flatnonzero(np.concatenate(([True], tbt_req[1:] != tbt_req[:-1])))
+        max_tbt[tbt_req[group]] = np.maximum.reduceat(tbt, group)
     finished = ~np.isnan(log.finish_s)
     with np.errstate(invalid="ignore", divide="ignore"):
         e2e = np.where(finished, log.finish_s - log.arrival_s, np.nan)

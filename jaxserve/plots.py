@@ -14,10 +14,23 @@ from jaxserve.runtime.events import FrozenLog  # noqa: E402
 from jaxserve.metrics import RequestMetrics  # noqa: E402
 
 
+CDF_POINTS = 2000  # a CDF is drawn through this many evenly spaced ranks (all of them when fewer)
+
+
+def _fixed_layout(fig) -> None:
+    """Fixed margins in inches (room for tick labels, axis labels, titles and the suptitle) instead
+    of ``tight_layout``, which lays every text out once more before saving: a third of the cost."""
+    width, height = fig.get_size_inches()
+    fig.subplots_adjust(left=0.8 / width, right=1 - 0.2 / width, bottom=0.55 / height, top=1 - 0.75 / height,
+                        wspace=0.25, hspace=0.35)  # fmt: skip
+
+
 def _cdf(ax, values, label):
     values = np.sort(np.asarray(values, np.float64)[~np.isnan(values)])
-    if len(values):
-        ax.plot(values, np.arange(1, len(values) + 1) / len(values), label=label)
+    n = len(values)
+    if n:
+        ranks = np.arange(n) if n <= CDF_POINTS else np.unique(np.linspace(0, n - 1, CDF_POINTS).round().astype(np.int64))
+        ax.plot(values[ranks], (ranks + 1) / n, label=label)
 
 
 def _rolling_quantiles(x, y, window: int):
@@ -62,7 +75,7 @@ def plot_run(log: FrozenLog, rm: RequestMetrics, output_dir: str, title: str = "
 
     def save(fig, name):
         fig.suptitle(title)
-        fig.tight_layout()
+        _fixed_layout(fig)
         path = os.path.join(output_dir, name)
         fig.savefig(path, dpi=110)
         plt.close(fig)
