@@ -9,6 +9,8 @@ into numpy arrays for vectorized metrics.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+
 import numpy as np
 
 from jaxserve.plan import BatchPlan
@@ -92,14 +94,19 @@ class EventLog:
             i = index[rid]
             self.preemptions[i] = self.preemptions.get(i, 0) + 1
             self._requeued_at[i] = start_s
-        sampled = [rid for rid, s in zip(plan.request_ids, plan.samples_token.tolist()) if s]
-        for rid in plan.request_ids:
-            i = index[rid]
-            if i not in self.first_scheduled:
-                self.first_scheduled[i] = start_s
-            elif self._requeued_at and i in self._requeued_at:
-                self.rewaits.append((i, self._requeued_at.pop(i), start_s))
-        self._token_req.append(np.fromiter(map(index.__getitem__, sampled), np.int64, len(sampled)))
+        rows = list(map(index.__getitem__, plan.request_ids))
+        first, requeued = self.first_scheduled, self._requeued_at
+        if requeued:  # preempted rows scheduled again (a row scheduled for the first time is not one)
+            for i in [i for i in rows if i in requeued and i in first]:
+                self.rewaits.append((i, requeued.pop(i), start_s))
+        for i in [i for i in rows if i not in first]:
+            first[i] = start_s
+        samples = plan.samples_token
+        if np.count_nonzero(samples) == len(rows):
+            self._token_req.append(np.array(rows, np.int64))
+        else:
+            sampled = list(itertools.compress(rows, samples.tolist()))
+            self._token_req.append(np.array(sampled, np.int64))
         for f in finished:
             i = index[f.request_id]
             self.finished[i] = end
