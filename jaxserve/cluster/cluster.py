@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 from jaxserve.cluster.faults import continuation, unfinished_outputs
+from jaxserve.cluster.migration import MigrationSettings, Migrator
 from jaxserve.cluster.view import ClusterView, ReplicaView, no_cache
 from jaxserve.kv.config import KVConfig
 from jaxserve.kv.prefix_hash import prompt_block_hashes
@@ -48,6 +49,7 @@ class ReplicaSpec:
     executor: Executor
     limits: RunLimits = RunLimits()
     name: str = ""
+    kv_bytes_per_block: float = 0.0  # KV bytes one block holds on a device (a simulated migration's copy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +84,8 @@ class Member:
         self.queued_tokens = 0
         self.num_high_priority = 0
         self.replica = Replica(spec.scheduler, spec.kv, spec.executor, limits=spec.limits, log=log,
-                               index=index, on_step=self._on_step, fast_forward=fast_forward)  # fmt: skip
+                               index=index, on_step=self._on_step, fast_forward=fast_forward,
+                               admit=getattr(spec.executor, "register", None))  # fmt: skip
 
     @property
     def accepting(self) -> bool:
@@ -99,6 +102,7 @@ class Member:
                 self.queued_tokens -= tokens
         for f in state.finished:
             self._forget(f.request_id)
+            release(self.spec.executor, f.request_id)
 
     def _forget(self, rid: str) -> None:
         request = self.requests.pop(rid, None)
@@ -133,16 +137,37 @@ class Member:
             num_running=state.num_running, queued_tokens=self.queued_tokens, used_blocks=pool.num_used,
             num_blocks=self.spec.kv.num_blocks, block_size=self.spec.kv.block_size,
             num_high_priority=self.num_high_priority, cached_prefix_blocks=cached,
+            draining=self.status in ("draining", "removing"),
         )  # fmt: skip
 
 
+def release(executor, request_id: str) -> None:
+    """Tells ``executor`` that ``request_id`` left its replica (executors without the hook: nothing)."""
+    hook = getattr(executor, "release", None)
+    if hook is not None:
+        hook(request_id)
+
+
+STEP_ERRORS = ("fail", "raise")
+
+
 class Cluster:
-    """Replicas from ``specs`` and ``router`` on one clock; ``run(requests, events)`` serves them."""
+    """Replicas from ``specs`` and ``router`` on one clock; ``run(requests, events)`` serves them.
+
+    ``migration`` (``MigrationSettings``) moves running requests between replicas (Llumnix).
+    ``step_errors``: what an exception from a replica's step means — ``"fail"`` (a real engine
+    crashed: the replica fails, its requests go on elsewhere) or ``"raise"`` (a simulator bug)."""
 
     def __init__(self, specs: Sequence[ReplicaSpec], router, *, fast_forward: bool = True,
-                 max_sim_time_s: float = math.inf):
+                 max_sim_time_s: float = math.inf, migration: Optional[MigrationSettings] = None,
+                 step_errors: str = "fail"):
         if not specs:
             raise ValueError("a cluster needs at least one replica")
+        if step_errors not in STEP_ERRORS:
+            raise ValueError(f"step_errors must be one of {STEP_ERRORS}, got {step_errors!r}")
+        self.step_errors = step_errors
+        self.replica_failures: list[tuple[float, int, str]] = []  # (time, replica, why)
+        self.migrator = Migrator(self, migration) if migration is not None and migration.mode != "off" else None
         self.router = router
         self.log = EventLog()
         self.fast_forward = fast_forward
@@ -185,12 +210,16 @@ class Cluster:
         else:
             self._fail(member)
 
-    def _fail(self, member: Member) -> None:
+    def _fail(self, member: Member, why: str = "failure event") -> None:
         """Fails ``member`` once its in-flight step is done (steps are atomic: what that step
         delivered stays delivered); its unfinished requests go back to the router."""
         member.status = "failed"
+        self.replica_failures.append((self.now, member.index, why))
         outputs = unfinished_outputs(member.spec.scheduler, member.replica.state)
         computed = _computed_tokens(member.replica.state)
+        if self.migrator is not None:  # requests detached for their last copy are still this replica's
+            for rid, moving in self.migrator.replica_failed(member.index, self.now).items():
+                outputs[rid], computed[rid] = moving.outputs, moving.num_computed
         delivered = self.log.tokens_per_request()
         for rid, request in sorted(member.requests.items(), key=lambda kv: (kv[1].arrival_time, kv[0])):
             # ``request`` may itself be a continuation: its prompt holds what earlier replicas delivered
@@ -201,6 +230,17 @@ class Cluster:
         member.requests.clear()
         member.not_started.clear()
         member.queued_tokens = member.num_high_priority = 0
+
+    # -- migration ---------------------------------------------------------------------------------
+    def moved(self, request_id: str, source: Member, destination: Optional[Member]) -> None:
+        """``request_id`` left ``source``; with a live migration it is now ``destination``'s (a
+        recompute migration places its continuation with ``Member.place`` instead)."""
+        request = source.requests[request_id]
+        source._forget(request_id)
+        if destination is not None:
+            destination.requests[request_id] = request
+            destination.num_high_priority += request.priority < 0
+            self.placements.append((self.now, request_id, destination.index))
 
     # -- dispatch ----------------------------------------------------------------------------------
     def view(self) -> ClusterView:
@@ -247,7 +287,8 @@ class Cluster:
             live = [m for m in self.members if m.live]
             busy = min(live, key=lambda m: (m.replica.next_event_time, m.index), default=None)
             t_step = busy.replica.next_event_time if busy is not None else math.inf
-            t = min(t_event, t_arrival, t_step)
+            t_move = self.migrator.next_time() if self.migrator is not None else math.inf
+            t = min(t_event, t_arrival, t_move, t_step)
             if t == math.inf or t >= self.max_sim_time_s:
                 break
             if t_event == t:
@@ -260,13 +301,21 @@ class Cluster:
                 self.log.add_request(request, request.arrival_time)
                 self.prompt_lens[request.request_id] = request.prompt_len
                 self.router_state = self.router.submit(self.router_state, request)
+            elif t_move == t:
+                self.now = max(self.now, t)
+                self.migrator.advance(self.now)
             else:
                 self.now = max(self.now, t)
-                horizon = min(t_event, t_arrival)
+                horizon = min(t_event, t_arrival, t_move)
                 if self.router.has_pending(self.router_state):
                     horizon = min([horizon] + [m.replica.next_event_time for m in live if m is not busy])
                 before = busy.replica.num_steps
-                busy.replica.step(horizon)
+                try:
+                    busy.replica.step(horizon)
+                except Exception as e:  # a real replica crashed mid-step: it fails, its requests go on
+                    if self.step_errors == "raise":
+                        raise
+                    self._fail(busy, f"step raised {type(e).__name__}: {e}")
                 self.num_steps += busy.replica.num_steps - before
                 if on_progress is not None and before // progress_every != busy.replica.num_steps // progress_every:
                     on_progress(self.progress(n))

@@ -30,6 +30,7 @@ class ReplicaView(NamedTuple):
     block_size: int
     num_high_priority: int  # requests on it with Request.priority < 0 (more urgent than the default)
     cached_prefix_blocks: Callable[[Request], int]
+    draining: bool = False  # draining or being removed: its requests should leave (Llumnix scale-in)
 
     @property
     def num_requests(self) -> int:

@@ -144,7 +144,9 @@ class Replica:
         scheduler, before = self.scheduler, self.state
         state, plan = scheduler.schedule(before, self.now)
         if plan.is_empty:
-            self.state = state
+            # Nothing happened: keep the state before (the scheduled one awaits an update that
+            # would never come, and a driver may change the state before the next step).
+            self.state = before
             self._blocked = True
             return 0
         if self._fast_forward and is_stable_decode(scheduler, before, plan):
