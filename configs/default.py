@@ -84,6 +84,14 @@ CLUSTER = (
     Key("cluster.router_options", "", "the router's options, 'name=value,...' (e.g. fair: 'max_waiting=4,w_q=1')"),
     Key("cluster.replicas", "", "per-replica overrides of model/hardware/scheduler/kv keys: '1:hardware.name=h100-sxm,scheduler.name=sarathi;2:kv.num_blocks=2000'"),
     Key("cluster.events", "", "cluster events: 'fail:2@30,drain:1@60,remove:3@90,add@120' (kind[:replica]@seconds; add builds a replica from the base keys)"),
+    Key("cluster.migration.mode", "off", '"off" | "live" (Llumnix: KV copied in stages while decoding, only the last stage pauses) | "recompute" (abort, recompute elsewhere)'),
+    Key("cluster.migration.interval_s", 0.25, "how often the migration policy looks at the cluster (s)"),
+    Key("cluster.migration.source_below", 0.0, "a replica whose Llumnix freeness (free blocks per running request, queued demand counted) is below this gives requests away"),
+    Key("cluster.migration.destination_above", 8.0, "a replica whose freeness is above this takes migrated requests"),
+    Key("cluster.migration.headroom_blocks", 0, "virtual blocks each high-priority request (priority < 0) adds to its replica's usage (Llumnix priority isolation)"),
+    Key("cluster.migration.link", "infiniband-hdr", "link KV crosses: nvlink3 | pcie4 | infiniband-hdr | ethernet-100g | ethernet-25g (jaxserve/cluster/migration.py, with sources)"),
+    Key("cluster.migration.max_stages", 8, "live: most copy stages before the last (pausing) one"),
+    Key("cluster.migration.final_stage_blocks", 1, "live: the last stage starts once at most this many full blocks are left to copy"),
 )
 
 RUN = (

@@ -167,6 +167,11 @@ def summary_table(metrics: dict, title: str) -> Table:
         if key in metrics and not (key in ("num_retried", "num_failed") and not metrics[key]):
             v = metrics[key]
             scalars.add_row(key, "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v))
+    if metrics.get("migration_mode", "off") != "off":
+        down = metrics["migration_downtime_s"]
+        scalars.add_row(f"num_migrations ({metrics['migration_mode']})", str(metrics["num_migrations"]))
+        scalars.add_row("migration_aborts", str(metrics["num_migration_aborts"]))
+        scalars.add_row("migration_downtime_s p50/p99", "-" if down is None else f"{down['p50']:.4g} / {down['p99']:.4g}")
     outer = Table.grid()
     outer.add_row(table)
     outer.add_row(scalars)

@@ -9,6 +9,8 @@ single-replica keys, which describe every replica unless ``cluster.replicas`` ov
   ``--config`` overrides.
 * ``cluster.events``: ``"fail:2@30,drain:1@60,add@90,remove:3@120"`` (kind, replica, time in
   seconds); an added replica is built from the base keys and takes the next index.
+* ``cluster.migration.*``: Llumnix's migration (mode off | live | recompute, the policy's
+  thresholds, the link, the live stages).
 
 Every error is a ConfigError naming the key and the bad part.
 """
@@ -21,6 +23,8 @@ import typing
 from typing import Optional
 
 from jaxserve.cluster.cluster import EVENT_KINDS, Cluster, ClusterEvent, ReplicaSpec
+from jaxserve.cluster.migration import MODES, KVLink, MigrationSettings, fill_downtimes, migration_metrics
+from jaxserve.cluster.migration_policy import LlumnixPolicy
 from jaxserve.cluster.routers import registry as router_registry
 from jaxserve.config import ConfigError, Results, build_scheduler, build_workload, get, override, slo_targets
 from jaxserve.metrics import request_metrics, summarize
@@ -34,7 +38,8 @@ REPLICA_SECTIONS = ("model", "hardware", "scheduler", "kv")  # what cluster.repl
 def is_cluster(config) -> bool:
     """Whether the config asks for more than one replica or for cluster events."""
     return get(config, "cluster.num_replicas", int) != 1 or bool(get(config, "cluster.events", str)) \
-        or get(config, "cluster.router", str) != "round_robin" or bool(get(config, "cluster.replicas", str))
+        or get(config, "cluster.router", str) != "round_robin" or bool(get(config, "cluster.replicas", str)) \
+        or get(config, "cluster.migration.mode", str) != "off"
 
 
 def _pairs(text: str, key: str) -> dict[str, str]:
@@ -105,8 +110,33 @@ def replica_configs(config) -> list:
 
 def replica_spec(config, name: str) -> ReplicaSpec:
     cost_model = build_cost_model(config)
-    return ReplicaSpec(build_scheduler(config), build_kv(config, cost_model), SimExecutor(cost_model),
-                       RunLimits(max_context=max_context(config, cost_model)), name)  # fmt: skip
+    kv = build_kv(config, cost_model)
+    bytes_per_block = kv.block_size * getattr(cost_model, "kv_bytes_per_token_device", 0.0)
+    return ReplicaSpec(build_scheduler(config), kv, SimExecutor(cost_model),
+                       RunLimits(max_context=max_context(config, cost_model)), name, bytes_per_block)  # fmt: skip
+
+
+def build_migration(config) -> MigrationSettings:
+    """``cluster.migration.*`` -> MigrationSettings; a bad value is a ConfigError naming its key."""
+    mode = get(config, "cluster.migration.mode", str)
+    if mode not in MODES:
+        raise ConfigError(f"cluster.migration.mode must be one of {', '.join(MODES)}, got {mode!r}")
+    try:
+        link = KVLink.named(get(config, "cluster.migration.link", str))
+    except ValueError as e:
+        raise ConfigError(f"cluster.migration.link: {e}") from None
+    try:
+        policy = LlumnixPolicy(get(config, "cluster.migration.source_below", float),
+                               get(config, "cluster.migration.destination_above", float),
+                               get(config, "cluster.migration.headroom_blocks", int))  # fmt: skip
+    except ValueError as e:
+        raise ConfigError(f"cluster.migration.source_below/destination_above/headroom_blocks: {e}") from None
+    values = {k: get(config, f"cluster.migration.{k}", t) for k, t in
+              (("interval_s", float), ("max_stages", int), ("final_stage_blocks", int))}  # fmt: skip
+    for key, value in values.items():
+        if not value > 0:
+            raise ConfigError(f"cluster.migration.{key} must be > 0, got {value!r}")
+    return MigrationSettings(mode, policy, link=link, **values)
 
 
 def build_events(config, num_replicas: int) -> list[ClusterEvent]:
@@ -150,6 +180,7 @@ class ClusterSim:
     requests: tuple
     max_sim_time_s: float
     slo: dict
+    migration: MigrationSettings = MigrationSettings("off")
 
     @property
     def cost_model(self):
@@ -164,12 +195,14 @@ def build_cluster_sim(config) -> ClusterSim:
     configs = replica_configs(config)
     specs = tuple(replica_spec(c, f"replica {i}") for i, c in enumerate(configs))
     return ClusterSim(tuple(configs), specs, build_router(config), tuple(build_events(config, len(specs))),
-                      tuple(build_workload(config)), max_sim_time_s(config), slo_targets(config))  # fmt: skip
+                      tuple(build_workload(config)), max_sim_time_s(config), slo_targets(config),
+                      build_migration(config))  # fmt: skip
 
 
 def run_cluster_sim(run: ClusterSim, on_progress: Optional[ProgressHook] = None) -> Results:
     """Simulates ``run``: metrics (with ``per_replica``), per-request rows, the shared log."""
-    cluster = Cluster(run.specs, run.router, max_sim_time_s=run.max_sim_time_s)
+    cluster = Cluster(run.specs, run.router, max_sim_time_s=run.max_sim_time_s, migration=run.migration,
+                      step_errors="raise")  # a simulated step that raises is a bug, not a fault
     log = cluster.run(list(run.requests), run.events, on_progress=on_progress).freeze()
     members = cluster.members
     prices = [m.spec.executor.cost_model.cost_usd_per_hour() for m in members]
@@ -177,6 +210,13 @@ def run_cluster_sim(run: ClusterSim, on_progress: Optional[ProgressHook] = None)
     metrics = summarize(log, **run.slo, price_per_hour_usd=price, unmodelled=unmodelled_metrics(run.cost_model))
     metrics["num_kv_blocks"] = sum(m.spec.kv.num_blocks for m in members)
     metrics["num_replicas"] = len(members)
+    records = cluster.migrator.records if cluster.migrator is not None else []
+    fill_downtimes(records, log)
+    metrics.update(migration_metrics(records))
+    if metrics["migration_downtime_s"] is None:
+        metrics.setdefault("unavailable", {})["migration_downtime_s"] = (
+            "no migration completed" if run.migration.mode != "off" else "cluster.migration.mode is 'off'")
+    metrics["migration_mode"] = run.migration.mode
     metrics["per_replica"] = {
         str(m.index): {"status": m.status, "num_steps": int((log.step_replica == m.index).sum()),
                        "num_placed": sum(1 for _, _, i in cluster.placements if i == m.index),

@@ -70,6 +70,11 @@ def test_a_cluster_config_builds_each_replica_with_its_overrides():
     ({"cluster.events": "fail:7@3"}, r"fail:7@3 names replica 7, but only replicas 0..2 exist by then"),
     ({"cluster.events": "add@1,fail:3@2"}, None),  # the added replica is 3: fine
     ({"backend": "engine"}, "a cluster runs in the simulator"),
+    ({"cluster.migration.mode": "teleport"}, "cluster.migration.mode must be one of off, live, recompute, got 'teleport'"),
+    ({"cluster.migration.mode": "live", "cluster.migration.link": "carrier-pigeon"}, "cluster.migration.link: unknown link 'carrier-pigeon'; known: ethernet-100g"),
+    ({"cluster.migration.mode": "live", "cluster.migration.interval_s": 0.0}, "cluster.migration.interval_s must be > 0"),
+    ({"cluster.migration.mode": "live", "cluster.migration.max_stages": 0}, "cluster.migration.max_stages must be > 0"),
+    ({"cluster.migration.mode": "live", "cluster.migration.destination_above": -1.0}, "destination_above .* must exceed source_below"),
 ])  # fmt: skip
 def test_bad_cluster_keys_name_the_key(values, needle):
     config = small(**values)
@@ -95,3 +100,16 @@ def test_the_cli_runs_a_cluster_and_exits_2_on_a_bad_cluster_key(tmp_path):
     assert {r["replica"] for r in rows} == {"0", "1"}
     bad = subprocess.run([*args[:-2], "--config.cluster.router=fastest"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "cluster.router: unknown router 'fastest'" in bad.stderr
+
+
+def test_a_migrating_cluster_reports_its_migrations():
+    config = small(**{"cluster.migration.mode": "live", "cluster.migration.destination_above": 2.0,
+                      "cluster.router": "round_robin", "kv.num_blocks": 120, "workload.qps": 60.0})  # fmt: skip
+    results = run_cluster_sim(build_cluster_sim(config))
+    m = results.metrics
+    assert m["migration_mode"] == "live" and m["num_migrations"] > 0, m
+    assert set(m["migration_downtime_s"]) == {"mean", "p50", "p99"}
+    assert m["migrated_bytes"] > 0 and m["num_finished"] == m["num_requests"]
+    off = run_cluster_sim(build_cluster_sim(small(**{"kv.num_blocks": 120, "workload.qps": 60.0}))).metrics
+    assert off["num_migrations"] == 0 and off["migration_downtime_s"] is None
+    assert "off" in off["unavailable"]["migration_downtime_s"]
