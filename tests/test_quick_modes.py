@@ -63,6 +63,24 @@ def cluster_routers(out):
     assert "exactly the same run" in (out / "summary.md").read_text()
 
 
+def llumnix_migration(out):
+    import csv
+
+    tail = list(csv.DictReader(open(out / "tail.csv")))
+    assert {r["mode"] for r in tail} == {"off", "live", "recompute"}
+    assert all(int(r["num_finished"]) + int(r["num_rejected"]) == int(r["num_requests"]) > 0 for r in tail)
+    assert all(int(r["num_migrations"]) == 0 for r in tail if r["mode"] == "off")
+    down = {(r["hardware"], r["mode"], int(r["length"])): r for r in csv.DictReader(open(out / "downtime.csv"))}
+    assert all(r["outcome"] == "done" for r in down.values())
+    # live: flat in the length; recompute: grows with it and costs more than live at 4096 tokens
+    live = [float(down[("l4", "live", n)]["downtime_s"]) for n in (256, 4096)]
+    rec = [float(down[("l4", "recompute", n)]["downtime_s"]) for n in (256, 4096)]
+    assert live[1] < 1.5 * live[0] and rec[1] > 4 * rec[0] and rec[1] > 4 * live[1]
+    prio = list(csv.DictReader(open(out / "priority.csv")))
+    assert [int(r["headroom_blocks"]) for r in prio] == [0, 300] and all(int(r["high_count"]) > 0 for r in prio)
+    assert "| paper | ours |" in (out / "summary.md").read_text()
+
+
 # script -> (arguments, "json": checks of the JSON line it prints last | files it writes under --out
 # and checks of that folder)
 QUICK_RUNS = {
@@ -75,6 +93,9 @@ QUICK_RUNS = {
     "experiments/custom_scheduler.py": ([], (), None),
     "experiments/cluster_routers.py": (["--quick"], ("results.csv", "replicas.csv", "routers.png", "summary.md"),
                                        cluster_routers),
+    "experiments/llumnix_migration.py": (["--quick"], ("tail.csv", "downtime.csv", "priority.csv", "headline.csv",
+                                                        "tail_latency.png", "ttft_cdf.png", "downtime.png",
+                                                        "priority.png", "summary.md"), llumnix_migration),
     "experiments/scheduler_demo.py": (["--num_requests", "60"], (), None),
     "benchmarks/simulator_speed.py": (["--duration_s", "60"], "json", None),
     "benchmarks/cluster_speed.py": (["--duration_s", "60"], "json", cluster_speed),
