@@ -83,7 +83,7 @@ class BatchPlan:
     @functools.cached_property
     def num_tokens(self) -> int:
         """Total new tokens in the step (the GEMM batch size)."""
-        return int(self.num_new_tokens.sum())
+        return int(np.add.reduce(self.num_new_tokens))  # (ufunc reduce: cheaper than .sum() on small arrays)
 
     @property
     def is_empty(self) -> bool:
@@ -96,7 +96,9 @@ class BatchPlan:
 
     @functools.cached_property
     def num_decode_tokens(self) -> int:
-        return int(self.is_decode.sum())
+        if self.num_tokens == len(self.num_new_tokens):  # every row computes one token: decodes are the sampling rows
+            return int(np.count_nonzero(self.samples_token))
+        return int(np.count_nonzero(self.is_decode))
 
     @property
     def num_prefill_tokens(self) -> int:

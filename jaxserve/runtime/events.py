@@ -122,9 +122,12 @@ class EventLog:
         self._step_kv_usage.append(state.kv.usage)
         self._step_replica.append(replica)
 
-    def decode_run(self, request_ids, start_s: float, durations, energies, state, kv_usage, replica: int = 0) -> np.ndarray:
+    def decode_run(self, request_ids, start_s: float, durations, energies, state, kv_usage, replica: int = 0,
+                   finished=()) -> np.ndarray:
         """Records k decode steps of the same requests at once (``len(durations)`` steps, the
-        same as k calls of ``step``); returns the steps' end times."""
+        same as k calls of ``step``), leaving ``state``; ``finished`` are the requests the last of
+        them finished (``FinishedRequest``s; they count as running until then). Returns the steps'
+        end times."""
         k = len(durations)
         ends = np.cumsum(np.concatenate([[start_s], durations]))[1:]  # sequential, like now += d
         rows = np.fromiter(map(self.index.__getitem__, request_ids), np.int64, len(request_ids))
@@ -136,8 +139,13 @@ class EventLog:
         self._step_prefill_tokens.extend([0] * k)
         self._step_seqs.extend([len(rows)] * k)
         self._step_waiting.extend([state.num_waiting] * k)
-        self._step_running.extend([state.num_running] * k)
+        self._step_running.extend([state.num_running + len(finished)] * (k - 1) + [state.num_running])
         self._step_kv_usage.extend(np.asarray(kv_usage, np.float64).tolist())
+        end = self._step_end[-1]
+        for f in finished:
+            i = self.index[f.request_id]
+            self.finished[i] = end
+            self.finish_reasons[i] = f.finish_reason
         self._step_replica.extend([replica] * k)
         return ends
 

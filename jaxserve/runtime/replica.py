@@ -25,7 +25,9 @@ from jaxserve.request import Request
 from jaxserve.runtime.events import EventLog
 from jaxserve.runtime.executor import Executor
 from jaxserve.runtime.limits import RunLimits
-from jaxserve.scheduler.fast_forward import advance_decodes, decode_run_limit, is_stable_decode
+from jaxserve.scheduler.fast_forward import (
+    advance_decodes, decode_run_limit, finishing_step, is_stable_decode, retire_finished,
+)
 
 StepHook = Callable[[BatchPlan, StepOutput, object], None]
 
@@ -139,7 +141,8 @@ class Replica:
         """Schedules, executes and applies one step at ``now``. With the fast path, when that step
         is a stable decode, it and the identical decode steps after it that start before
         ``horizon`` (the next event the driver knows of) are applied in closed form instead (they
-        start and finish no request, and ``on_step`` does not see them). Returns the number of
+        start no request, only the last may finish some, and then only without ``on_step``, which
+        does not see them). Returns the number of
         steps taken: 0 if the scheduler planned nothing (the replica is then blocked until ``add``)."""
         scheduler, before = self.scheduler, self.state
         state, plan = scheduler.schedule(before, self.now)
@@ -174,9 +177,12 @@ class Replica:
     def _decode_run(self, state, horizon: float) -> int:
         """Applies, from ``state`` (whose next plan is a stable decode), the longest run of
         identical decode steps that nothing interrupts: the first runs now, each later one starts
-        before ``horizon``, none finishes a request or runs out of blocks, no limit is hit.
-        Returns how many (0: none, the caller steps normally)."""
-        k = min(decode_run_limit(state), self.limits.max_steps - self.num_steps)
+        before ``horizon``, none runs out of blocks, no limit is hit, and only the last may finish
+        requests. Returns how many (0: none, the caller steps normally)."""
+        # The run may end with the step at which requests finish (retired as update would), unless
+        # a driver watches every step that starts or finishes a request (``on_step``).
+        finish = finishing_step(state) if self._on_step is None else 0
+        k = min(finish or decode_run_limit(state), self.limits.max_steps - self.num_steps)
         if k < 1:
             return 0
         run = state.running
@@ -187,9 +193,14 @@ class Replica:
         # step j is scheduled at end_{j-1} (end_0 = now): it runs only if nothing is due by then
         k = min(k, 1 + int(np.searchsorted(ends, horizon, side="left")))
         new_state, used_after = advance_decodes(state, k, closed.token_id)
+        usage = used_after / state.kv.config.num_blocks
+        finished = ()
+        if k == finish:
+            new_state = retire_finished(new_state)
+            finished = new_state.finished
+            usage[-1] = new_state.kv.usage  # after the finished requests' blocks were freed
         ends = self.log.decode_run(
-            run.ids, self.now, closed.durations_s[:k], closed.energies_j[:k], new_state,
-            used_after / state.kv.config.num_blocks, self.index,
+            run.ids, self.now, closed.durations_s[:k], closed.energies_j[:k], new_state, usage, self.index, finished
         )  # fmt: skip
         self.state, self.now = new_state, float(ends[-1])
         self.num_steps += k

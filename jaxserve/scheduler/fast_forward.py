@@ -20,20 +20,24 @@ import numpy as np
 from jaxserve.kv.state import KVState
 from jaxserve.persistent import evolve
 from jaxserve.plan import BatchPlan
+from jaxserve.scheduler.caching import prompt_blocks_to_offer
+from jaxserve.scheduler.running import _frozen
+from jaxserve.scheduler.update import _retire
 
 
 def is_stable_decode(sched, state, plan: BatchPlan) -> bool:
     """Whether ``plan`` (scheduled from ``state``) is one step of a run ``advance_decodes`` can
     repeat: every running request decodes, nothing else happens, nothing can stop early."""
     run = state.running
+    n = len(run)
     return (
         type(sched).__dict__.get("fast_forward_safe", False)  # declared by the class itself
         and not sched.order.accounts_service
-        and plan.num_seqs == len(run) > 0
-        and plan.num_tokens == len(run)
-        and bool(plan.samples_token.all())
+        and plan.num_seqs == n > 0
         and not (plan.preempted or plan.swapped_out or plan.swapped_in or plan.copy_blocks)
-        and not run.has_stop.any()
+        and plan.num_tokens == n
+        and np.count_nonzero(plan.samples_token) == n  # (count_nonzero: cheaper than .all()/.any())
+        and not np.count_nonzero(run.has_stop)
     )
 
 
@@ -47,7 +51,9 @@ def decode_run_limit(state) -> int:
     if k <= 0:
         return 0
     free = state.kv.device.num_free
-    lo, hi = 0, k  # largest k with allocations(k) <= free (allocations grow with k)
+    if _allocations(run, state.kv.block_size, k).sum() <= free:  # the usual case when memory is not tight
+        return k
+    lo, hi = 0, k - 1  # largest k with allocations(k) <= free (allocations grow with k)
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if _allocations(run, state.kv.block_size, mid).sum() <= free:
@@ -57,6 +63,45 @@ def decode_run_limit(state) -> int:
     return lo
 
 
+def finishing_step(state) -> int:
+    """The decode step (counted from 1) of ``state``'s run at which its first requests finish,
+    when every step up to it has its blocks (``advance_decodes`` may take it, then
+    ``retire_finished``); else 0."""
+    run = state.running
+    if not len(run):
+        return 0
+    k = int((run.max_new - run.num_output).min())
+    if k < 1 or _allocations(run, state.kv.block_size, k).sum() > state.kv.device.num_free:
+        return 0
+    return k
+
+
+def retire_finished(state):
+    """``state`` (just advanced by the step that finished some of its rows) after ``update``'s
+    retirement of the rows that reached ``max_new_tokens``, exactly as ``update`` does it: their
+    blocks offered to the prefix cache when caching, slots released, blocks freed tail first in row
+    order, rows dropped; ``state.finished`` lists them."""
+    run, kv = state.running, state.kv
+    pool, bs = kv.device, kv.block_size
+    caching = pool.enable_caching
+    if caching:
+        nums = run.nums.copy()
+        blocks, hashes = prompt_blocks_to_offer(run, np.arange(len(run)), bs, nums)
+        run = evolve(run, nums=_frozen(nums))
+    else:
+        blocks, hashes = [], []
+    done = (run.num_output >= run.max_new).nonzero()[0].tolist()
+    ends = [(r, "length") for r in done]
+    finished, freed = _retire(run, state.outputs, ends, bs, caching, blocks, hashes)
+    outputs = state.outputs.release(run.slot[done].tolist())
+    if blocks:
+        pool = pool.register(blocks, hashes)
+    pool = pool.free(freed)
+    return evolve(
+        state, kv=KVState(kv.config, pool, kv.host), running=run.drop(done), outputs=outputs, finished=finished
+    )
+
+
 def _allocations(run, block_size: int, k: int) -> np.ndarray:
     """Blocks each row allocates over k decode steps."""
     return np.maximum(-(-(run.num_computed + k) // block_size) - run.num_blocks, 0)
@@ -64,8 +109,9 @@ def _allocations(run, block_size: int, k: int) -> np.ndarray:
 
 def advance_decodes(state, k: int, token_id: int):
     """The state after k decode steps of every running request, each sampling ``token_id``
-    (``decode_run_limit(state) >= k`` must hold); also the number of blocks in use after each
-    step, int64 [k]."""
+    (``decode_run_limit(state) >= k`` must hold, or ``finishing_step(state) == k``: then the last
+    step's finished rows are still in the batch, for ``retire_finished``); also the number of
+    blocks in use after each step, int64 [k]."""
     run, kv = state.running, state.kv
     bs = kv.block_size
     c, b = run.num_computed, run.num_blocks
@@ -84,10 +130,11 @@ def advance_decodes(state, k: int, token_id: int):
         assigned = np.empty(len(rows), np.int64)
         assigned[order] = blocks
         new_tables = list(tables)
-        starts = np.cumsum(need) - need
+        starts = (np.cumsum(need) - need).tolist()
+        counts, assigned = need.tolist(), assigned.tolist()  # Python ints: the loop below reads them per row
         for r in need.nonzero()[0].tolist():
-            s = int(starts[r])
-            new_tables[r] = tables[r] + tuple(assigned[s : s + int(need[r])].tolist())
+            s = starts[r]
+            new_tables[r] = tables[r] + tuple(assigned[s : s + counts[r]])
         tables = tuple(new_tables)
         used_after += np.cumsum(np.bincount(steps - 1, minlength=k)[:k])
     positions = run.num_output[:, None] + np.arange(k)

@@ -51,6 +51,7 @@ DEFAULT_STEP_OVERHEAD_S = 4e-3
 PROFILE_NUM_TOKENS = 8192
 PROFILE_NUM_SEQS = 256
 LOGIT_BYTES = 4  # logits are materialized in float32 for sampling
+_SCALAR_RUN = 16  # decode_run evaluates runs up to this long with Python floats, longer ones with numpy
 
 
 class StepCost(NamedTuple):
@@ -209,8 +210,8 @@ class RooflineCostModel:
         if not len(n):
             return StepCost(0.0, 0.0, 0.0, 0.0, 0.0)
         c = plan.num_computed_tokens
-        tokens = float(n.sum())
-        computed = float(c.sum())
+        tokens = float(plan.num_tokens)  # (cached on the plan; the same integer sum)
+        computed = float(np.add.reduce(c))
         # Σ n·(c + (n+1)/2): query-key pairs, causal within each chunk.
         pairs = float(np.dot(n, c)) + 0.5 * (float(np.dot(n, n)) + tokens)
         samples = int(np.count_nonzero(plan.samples_token))
@@ -244,6 +245,9 @@ class RooflineCostModel:
 
         Element j equals ``step(plan_j).duration_s`` / ``.energy_j`` bit for bit: the same
         expressions in the same order, evaluated for all j at once (the simulator's fast path)."""
+        if k <= _SCALAR_RUN:  # a short run: scalar arithmetic beats two dozen numpy calls on tiny arrays
+            costs = [self._decode_step(num_rows, float(context_tokens + num_rows * j)) for j in range(k)]
+            return np.array([d for d, _ in costs], np.float64), np.array([e for _, e in costs], np.float64)
         tokens = float(num_rows)
         computed = (context_tokens + num_rows * np.arange(k, dtype=np.int64)).astype(np.float64)
         pairs = computed + 0.5 * (float(num_rows) + tokens)
@@ -257,6 +261,26 @@ class RooflineCostModel:
         )
         comm = tokens * self._s_per_token_comm + samples * self._s_per_sample_comm + self._comm_fixed
         busy = np.maximum(memory, compute)
+        duration = self.step_overhead_s + num_rows * self.per_seq_overhead_s + busy + comm
+        utilization = busy / (self.pp * duration)
+        energy = (self._idle_w + self._dyn_w * utilization) * duration * self._devices
+        return duration, energy
+
+    def _decode_step(self, num_rows: int, computed: float) -> tuple[float, float]:
+        """``(duration, energy)`` of one decode step of ``num_rows`` rows whose contexts sum to
+        ``computed``: ``step``'s expressions, in its order, for that plan (so equal bit for bit)."""
+        tokens = float(num_rows)
+        pairs = computed + 0.5 * (float(num_rows) + tokens)  # Σ n·c + (Σ n² + Σ n)/2 with n = 1
+        samples = num_rows
+        compute = tokens * self._s_per_token_gemm + samples * self._s_per_sample_gemm + pairs * self._s_per_attn_pair
+        memory = (
+            self._s_weights
+            + (self._s_lm_head if samples else 0.0)
+            + (computed + 2.0 * tokens) * self._s_per_kv_token
+            + tokens * self._s_per_token_act
+        )
+        comm = tokens * self._s_per_token_comm + samples * self._s_per_sample_comm + self._comm_fixed
+        busy = max(memory, compute)
         duration = self.step_overhead_s + num_rows * self.per_seq_overhead_s + busy + comm
         utilization = busy / (self.pp * duration)
         energy = (self._idle_w + self._dyn_w * utilization) * duration * self._devices

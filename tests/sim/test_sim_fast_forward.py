@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 
 import jaxserve
 from jaxserve.kv import KVConfig
-from jaxserve.scheduler.fast_forward import advance_decodes, decode_run_limit, is_stable_decode
+from jaxserve.scheduler.fast_forward import (
+    advance_decodes, decode_run_limit, finishing_step, is_stable_decode, retire_finished,
+)
 from jaxserve.sim import RooflineCostModel, get_hardware, get_model
 from jaxserve.runtime import run_replica
 from jaxserve.sim.executor import SIM_TOKEN_ID, SimExecutor
@@ -92,10 +94,42 @@ def test_advance_matches_update_loop_state():
     fast.kv.device.check()
 
 
-def test_cost_model_decode_run_is_bitwise_step():
+@pytest.mark.parametrize("caching", [False, True])
+def test_a_run_that_ends_finishing_requests_matches_the_update_loop_state(caching):
+    sched = jaxserve.scheduler.make("vllm", enable_prefix_caching=caching)
+    state = sched.init(KVConfig(64, 4))
+    for i, max_new in enumerate((30, 12, 12, 40)):  # two finish at the same step, mid-batch
+        state = sched.add_request(state, jaxserve.Request(f"r{i}", prompt_token_ids=list(range(1, 6 + i)),
+                                                          sampling=jaxserve.SamplingParams(max_new)), 0.0)
+    state, plan = sched.schedule(state, 0.0)  # the prefill samples each request's first token
+    state = sched.update(state, plan, StepOutput({r: SIM_TOKEN_ID for r in plan.request_ids}), 0.0)
+    k = finishing_step(state)
+    assert k == 12 - 1 and decode_run_limit(state) == k - 1
+    fast, used = advance_decodes(state, k, SIM_TOKEN_ID)
+    fast = retire_finished(fast)
+    slow = state
+    for _ in range(k):
+        slow, plan = sched.schedule(slow, 0.0)
+        slow = sched.update(slow, plan, StepOutput({r: SIM_TOKEN_ID for r in plan.request_ids}), 0.0)
+    assert [f.request_id for f in slow.finished] == ["r1", "r2"]
+    assert fast.finished == slow.finished
+    assert fast.running.ids == slow.running.ids and fast.running.block_tables == slow.running.block_tables
+    np.testing.assert_array_equal(fast.running.nums, slow.running.nums)
+    assert fast.running_outputs() == slow.running_outputs()
+    assert fast.kv.device.num_used == slow.kv.device.num_used and fast.step == slow.step
+    fp, sp = fast.kv.device, slow.kv.device
+    assert dict(fp.refcounts) == dict(sp.refcounts) and dict(fp.cached) == dict(sp.cached)
+    assert fp.evictable == sp.evictable and fp.stacked == sp.stacked
+    assert len(sp.cached) > 0 or not caching
+    fast.kv.device.check()
+
+
+@pytest.mark.parametrize("k", [1, 3, 16, 17, 50])  # short runs are evaluated with floats, long ones with numpy
+def test_cost_model_decode_run_is_bitwise_step(k):
     rows, ctx = 37, 5000
-    durations, energies = COST.decode_run(rows, ctx, ctx // rows + 1, 50)
-    for j in (0, 1, 17, 49):
+    durations, energies = COST.decode_run(rows, ctx, ctx // rows + 1, k)
+    assert durations.shape == energies.shape == (k,) and durations.dtype == np.float64
+    for j in sorted({0, 1, k // 2, k - 1} & set(range(k))):
         c = np.full(rows, 0, np.int64)
         c[:] = (ctx + rows * j) // rows
         c[: (ctx + rows * j) % rows] += 1
