@@ -506,7 +506,20 @@ NOTES = """## Reading it
   balances load at dispatch too); the gains come only from moving running requests afterwards.
 * **Where the paper's 10x comes from**: its baseline queues behind fragmented, preempting
   instances at high load with long, heavy-tailed lengths; ours shows how much of that a freeness
-  dispatcher already avoids and what migration adds on top, at these rates.
+  dispatcher already avoids and what migration adds on top, at these rates. Below capacity nothing
+  migrates (freeness never falls below 0); at capacity migration cuts the TTFT tail but not TPOT.
+* **Live downtime is one decode step**: the last stage copies at most two blocks (well under 1 ms
+  over InfiniBand HDR), so downtime is the destination's next step, growing only with the step's
+  attention; in the cluster runs it is longer (waiting behind the destination's prefill steps:
+  vLLM prioritizes prefills, and the destination is the freest instance, the one receiving prompts).
+* **Priority without a priority queue**: headroom alone lowers the high-priority class's TPOT
+  (its instances are less loaded) but every high-priority request takes `headroom_blocks` of
+  virtual capacity, so dispatch and migration crowd normal requests onto fewer instances and TTFT
+  (both classes) grows with the headroom. The vLLM queue here is FCFS; Llumnix also schedules
+  high-priority requests first on their instance, which this run does not do.
+* **Simulation cost**: with migration on, the policy ticks every 0.25 s while any instance runs,
+  which cuts the simulator's closed-form decode runs: live/recompute runs cost ~2.5x the wall of
+  `off` even when nothing migrates (2.4 req/s).
 """
 
 
