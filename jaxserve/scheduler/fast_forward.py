@@ -119,7 +119,18 @@ def advance_decodes(state, k: int, token_id: int):
     pool = kv.device
     used_after = np.full(k, pool.num_used, np.int64)
     tables = run.block_tables
-    if need.any():
+    total = int(np.add.reduce(need))
+    rows = need.nonzero()[0] if total else None
+    if total and len(rows) == total:  # the usual short run: no row needs more than one block
+        steps = (b * bs - c + 1)[rows]  # the step that computes token b_r*bs, which needs the block
+        order = np.argsort(steps, kind="stable")  # the step-by-step order: by step, then by row
+        pool, blocks = pool.allocate(total)
+        new_tables = list(tables)
+        for r, block in zip(rows[order].tolist(), blocks):
+            new_tables[r] = tables[r] + (block,)
+        tables = tuple(new_tables)
+        used_after += np.add.accumulate(np.bincount(steps - 1, minlength=k)[:k])
+    elif total:
         rows = np.repeat(np.arange(len(run)), need)
         # Row r's m-th new block is needed at the step that computes token b_r*bs + m*bs.
         first = b * bs - c + 1
