@@ -75,9 +75,10 @@ class ClusterEvent:
 class Member:
     """One replica of the cluster and what the cluster tracks about it."""
 
-    def __init__(self, index: int, spec: ReplicaSpec, log: EventLog, fast_forward: bool):
+    def __init__(self, index: int, spec: ReplicaSpec, log: EventLog, fast_forward: bool, on_finished=None):
         self.index = index
         self.spec = spec
+        self._on_finished = on_finished  # (request as placed here, FinishedRequest)
         self.status = "up"  # up | draining | removing | removed | failed
         self.requests: dict[str, Request] = {}  # placed here and not finished
         self.not_started: dict[str, int] = {}  # placed, not yet scheduled: id -> prompt tokens
@@ -101,6 +102,8 @@ class Member:
             if tokens is not None:
                 self.queued_tokens -= tokens
         for f in state.finished:
+            if self._on_finished is not None:
+                self._on_finished(self.requests[f.request_id], f)
             self._forget(f.request_id)
             release(self.spec.executor, f.request_id)
 
@@ -182,10 +185,11 @@ class Cluster:
         self.num_steps = 0
         self.placements: list[tuple[float, str, int]] = []  # (time, request id, replica), in order
         self.prompt_lens: dict[str, int] = {}  # each request's own prompt length (continuations grow it)
+        self.outputs: dict[str, tuple[int, ...]] = {}  # finished request -> every token it generated
 
     # -- events ------------------------------------------------------------------------------------
     def _add(self, spec: ReplicaSpec) -> Member:
-        member = Member(len(self.members), spec, self.log, self.fast_forward)
+        member = Member(len(self.members), spec, self.log, self.fast_forward, self._finished)
         member.replica.wait_until(self.now)
         self.members.append(member)
         return member
@@ -230,6 +234,13 @@ class Cluster:
         member.requests.clear()
         member.not_started.clear()
         member.queued_tokens = member.num_high_priority = 0
+
+    def _finished(self, request: Request, finished) -> None:
+        """Keeps the outputs of requests with real token ids (a simulator's placeholders are not kept)."""
+        if request.has_real_tokens:
+            # A continuation's prompt carries the tokens delivered before its replica failed.
+            carried = tuple(request.prompt_token_ids[self.prompt_lens[request.request_id]:])
+            self.outputs[request.request_id] = carried + tuple(finished.output_token_ids)
 
     # -- migration ---------------------------------------------------------------------------------
     def moved(self, request_id: str, source: Member, destination: Optional[Member]) -> None:

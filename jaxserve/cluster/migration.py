@@ -140,7 +140,8 @@ class Migrator:
     # -- timeline ----------------------------------------------------------------------------------
     def next_time(self) -> float:
         ends = min((m.ends_s for m in self.active.values()), default=float("inf"))
-        busy = any(m.live and m.replica.state.num_running for m in self.cluster.members)
+        # ticks only while some replica will step (a cluster that cannot move is not kept alive)
+        busy = any(m.live and m.replica.next_event_time < float("inf") for m in self.cluster.members)
         return min(ends, self.next_tick if busy and self.settings.mode != "off" else float("inf"))
 
     def advance(self, now: float) -> None:
@@ -236,6 +237,10 @@ class Migrator:
 
     def _copy(self, src, dst, src_blocks, dst_blocks, record: MigrationRecord) -> float:
         """Copies the blocks' KV; returns the stage's duration (measured for real KV, else modelled)."""
+        for executor in (src.spec.executor, dst.spec.executor):
+            prepare = getattr(executor, "prepare_kv_copy", None)
+            if prepare is not None:
+                prepare(len(src_blocks))  # compilation is not copy time
         t0 = time.perf_counter()
         payload = src.spec.executor.read_kv(src_blocks)
         if payload is not None:

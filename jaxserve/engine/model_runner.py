@@ -166,6 +166,7 @@ class ModelRunner(Executor):
         self.num_evictions = 0  # times the compiled steps were dropped to stay under the cap
         self._compiled: set[tuple[tuple[int, int], bool]] = set()  # (shape, all_logits) compiled now
         self._sampling: dict[str, RequestSampling] = {}
+        self._kv_copy_ready: set[int] = set()  # block-count buckets whose KV gather/scatter is compiled
         jit = functools.partial(jax.jit, donate_argnums=(1,))
         self._steps = {
             flag: jit(
@@ -338,6 +339,10 @@ class ModelRunner(Executor):
         if payload is None or tuple(payload.shape) != want:
             got = None if payload is None else tuple(payload.shape)
             raise ValueError(f"write_kv: a payload of shape {want} is needed for {len(blocks)} blocks, got {got}")
+        if payload.dtype != self.host_dtype:
+            raise ValueError(f"write_kv: the payload is {payload.dtype}, this runner's KV is {self.host_dtype}")
+        if len(set(blocks)) != len(blocks):
+            raise ValueError(f"write_kv: blocks {blocks} name a block twice")
         if not blocks:
             return
         n = bucket(len(blocks))
@@ -346,6 +351,18 @@ class ModelRunner(Executor):
         pages = np.zeros(want[:3] + (n,) + want[4:], self.host_dtype)
         pages[:, :, :, : len(blocks)] = payload
         self.caches = self._scatter(self.caches, pages, dst)
+
+    def prepare_kv_copy(self, num_blocks: int) -> None:
+        """Compiles the gather and scatter of ``num_blocks`` blocks' bucket (on padding pages:
+        nothing changes), so a timed copy contains no compilation."""
+        n = bucket(max(int(num_blocks), 1))
+        if n in self._kv_copy_ready:
+            return
+        pages = np.zeros((self.cfg.num_layers, 2, self.cfg.num_kv_heads, n, self.kv.block_size, self.cfg.head_dim), self.host_dtype)
+        jax.block_until_ready(self._gather(self.caches, np.zeros(n, np.int32)))
+        self.caches = self._scatter(self.caches, pages, np.full(n, self.spec.num_pages, np.int32))
+        jax.block_until_ready(self.caches)
+        self._kv_copy_ready.add(n)
 
     @property
     def host_dtype(self):

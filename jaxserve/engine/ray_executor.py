@@ -113,6 +113,9 @@ class _RunnerActor:
     def write_kv(self, blocks: list[int], payload: Optional[np.ndarray]) -> None:
         self.runner.write_kv(blocks, payload)
 
+    def prepare_kv_copy(self, num_blocks: int) -> None:
+        self.runner.prepare_kv_copy(num_blocks)
+
     def warmup(self, max_decode_rows: int, max_blocks: int, mixed: bool) -> int:
         return self.runner.warmup(max_decode_rows, max_blocks, mixed=mixed)
 
@@ -216,6 +219,9 @@ class RayExecutor(Executor):
 
     def write_kv(self, blocks: Sequence[int], payload: Optional[np.ndarray]) -> None:
         self._call("write_kv", [int(b) for b in blocks], payload)
+
+    def prepare_kv_copy(self, num_blocks: int) -> None:
+        self._call("prepare_kv_copy", int(num_blocks))
 
     # -- the rest of ModelRunner's surface that front doors read ----------------------------------
     def warmup(self, max_decode_rows: int, max_blocks: int, mixed: bool = True, on_progress=None) -> int:

@@ -45,6 +45,10 @@ class Executor(Protocol):
     def write_kv(self, blocks: Sequence[int], payload: Optional[np.ndarray]) -> None:
         """Writes ``payload`` (from another executor's ``read_kv`` of as many blocks) into ``blocks``."""
 
+    def prepare_kv_copy(self, num_blocks: int) -> None:
+        """Readies ``read_kv``/``write_kv`` of ``num_blocks`` blocks (e.g. compiles them), so that a
+        measured copy times the copy alone."""
+
     def execute(self, plan: BatchPlan) -> StepOutput:
         """Applies the plan's swaps and copies, runs the step, returns one token per sampling row
         and the step's duration and energy."""

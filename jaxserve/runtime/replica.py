@@ -30,6 +30,7 @@ from jaxserve.scheduler.fast_forward import (
 )
 
 StepHook = Callable[[BatchPlan, StepOutput, object], None]
+_NO_TOKENS = np.zeros(0, np.int64)
 
 
 class Progress(NamedTuple):
@@ -147,9 +148,9 @@ class Replica:
         scheduler, before = self.scheduler, self.state
         state, plan = scheduler.schedule(before, self.now)
         if plan.is_empty:
-            # Nothing happened: keep the state before (the scheduled one awaits an update that
-            # would never come, and a driver may change the state before the next step).
-            self.state = before
+            # Nothing runs, but scheduling may have changed the state (a preemption): keep it,
+            # its step closed by an empty update so a driver may change it before the next one.
+            self.state = scheduler.update(state, plan, StepOutput.for_plan(plan, _NO_TOKENS), self.now)
             self._blocked = True
             return 0
         if self._fast_forward and is_stable_decode(scheduler, before, plan):

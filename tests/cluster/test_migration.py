@@ -169,7 +169,7 @@ events = st.lists(st.tuples(st.floats(0.0, 6.0), st.sampled_from(["fail", "drain
                   max_size=2)  # fmt: skip
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), n=st.integers(5, 60), rate=st.floats(5.0, 80.0), blocks=st.integers(60, 300),
        mode=st.sampled_from(["live", "recompute"]), evs=events, stages=st.integers(1, 4),
        bandwidth=st.sampled_from([25e9, 2e8]))  # a slow link: requests finish or get preempted mid-copy

@@ -1,0 +1,200 @@
+"""Real engines in a cluster (tiny checkpoint, CPU): a request live-migrated mid-decode gives the
+tokens of an unmigrated run, the source frees every block and the destination holds exactly the
+request's; a migration whose destination fills up mid-way aborts with the request still correct on
+the source; a replica whose step raises fails and its requests finish elsewhere with the same
+tokens. Each runs on in-process ModelRunners, and again on Ray actors when ray is installed."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import pytest
+from engine_testing import RUNNER_KV, greedy, prompt, request
+
+from jaxserve.cluster import Cluster
+from jaxserve.cluster import routers
+from jaxserve.cluster.engines import engine_replica
+from jaxserve.cluster.migration import MigrationSettings
+from jaxserve.cluster.routers.base import PerRequestRouter
+from jaxserve.engine.engine import Engine
+from jaxserve.kv.config import KVConfig
+from jaxserve.request import SamplingParams
+from jaxserve.scheduler import make
+from jaxserve.scheduler import migration as moves
+
+SECOND_KV = KVConfig(num_blocks=40, block_size=RUNNER_KV.block_size)
+HAS_RAY = importlib.util.find_spec("ray") is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class Pinned(PerRequestRouter):
+    """Everything on ``replica`` while it accepts, then on the lowest accepting one."""
+
+    replica: int = 0
+
+    def choose(self, policy, view, request):
+        ok = [r.index for r in view.accepting]
+        return policy, (self.replica if self.replica in ok else min(ok, default=None))
+
+
+@dataclasses.dataclass(frozen=True)
+class NeverPolicy:
+    """Migrations are started by the test, never by the policy."""
+
+    def plan(self, view, candidates, busy):
+        return ()
+
+
+def sampled(n: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, temperature=0.9, top_k=20, seed=1234)
+
+
+# Long enough to outlast a live migration's stages: a copy between Ray actors takes ~10 ms, in
+# which the tiny model decodes about ten tokens on the source.
+REQUESTS = {
+    "greedy": request("g", prompt(1, 9), greedy(48)),
+    "seeded": request("s", prompt(2, 11), sampled(48)),
+}
+LIVE = MigrationSettings("live", policy=None, max_stages=3, final_stage_blocks=4)
+
+
+@pytest.fixture(scope="module", params=["in-process", pytest.param("ray", marks=pytest.mark.skipif(
+    not HAS_RAY, reason="ray is not installed (pip install -e '.[ray]')"))])  # fmt: skip
+def executors(request, runner, llama_params, llama):
+    """Two executors with different pool sizes: the session runner (64 blocks) and a 40-block one,
+    in this process, or both in Ray actors."""
+    if request.param == "in-process":
+        from jaxserve.engine.model_runner import ModelRunner
+
+        cfg, params = llama_params
+        yield runner, ModelRunner(cfg, params, SECOND_KV)
+        return
+    import jax
+
+    from jaxserve.engine.ray_executor import RayExecutor, init_local_ray
+
+    init_local_ray(num_cpus=2)
+    cache = jax.config.jax_compilation_cache_dir
+    pair = (RayExecutor.start(llama[0], RUNNER_KV, compile_cache=cache, num_cpus=0.5),
+            RayExecutor.start(llama[0], SECOND_KV, compile_cache=cache, num_cpus=0.5))  # fmt: skip
+    yield pair
+    for ex in pair:
+        ex.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(runner):
+    """Each request's tokens served alone on one engine, without migration."""
+    run = Engine(runner, make("vllm"), RUNNER_KV).serve(list(REQUESTS.values()))
+    return {rid: f.output_token_ids for rid, f in run.finished.items()}
+
+
+def cluster_of(executors, **kwargs) -> Cluster:
+    specs = [engine_replica(ex, make("vllm"), f"engine {i}") for i, ex in enumerate(executors)]
+    return Cluster(specs, Pinned(0), fast_forward=False, **kwargs)
+
+
+def start_after(cluster, rid: str, num_output: int, then=None):
+    """Starts migrating ``rid`` from replica 0 to 1 once it has ``num_output`` tokens; returns the
+    list its MigrationRecord is appended to."""
+    records = []
+    source = cluster.members[0].replica
+    on_step = source._on_step
+
+    def hook(plan, out, state):
+        on_step(plan, out, state)
+        run = source.state.running
+        r = run.row_index(rid)
+        if not records and r is not None and int(run.num_output[r]) >= num_output:
+            records.append(cluster.migrator.start(rid, 0, 1, source.now))
+            if then is not None:
+                then()
+
+    source._on_step = hook
+    return records
+
+
+@pytest.mark.parametrize("kind", ["greedy", "seeded"])
+def test_a_live_migrated_request_gives_the_unmigrated_tokens(executors, reference, kind):
+    req = REQUESTS[kind]
+    cluster = cluster_of(executors, migration=dataclasses.replace(LIVE, policy=NeverPolicy()))
+    records = start_after(cluster, req.request_id, 5)
+    at_completion = []
+    done = cluster.migrator._stage_done
+
+    def spy(move, now):
+        done(move, now)
+        if move.record.outcome == "done":
+            src, dst = (m.replica.state for m in cluster.members)
+            r = dst.running.row_index(req.request_id)
+            at_completion.append((src.kv.device.num_used, dst.running.block_tables[r], int(dst.running.num_computed[r]),
+                                  dst.kv.device.num_used, dict(dst.kv.device.refcounts.items())))  # fmt: skip
+
+    cluster.migrator._stage_done = spy
+    cluster.run([req])
+    (record,) = records
+    assert record.outcome == "done" and record.num_stages >= 1 and record.num_bytes > 0, record
+    assert cluster.outputs[req.request_id] == reference[req.request_id]
+    (src_used, table, computed, dst_used, refs) = at_completion[0]
+    assert src_used == 0, "the source kept blocks after the migration"
+    assert len(table) == -(-computed // RUNNER_KV.block_size) and dst_used == len(table)
+    assert refs == {b: 1 for b in table}, "the destination holds other blocks than the request's"
+    assert any(cluster.log.freeze().step_replica == 1), "the destination never decoded it"
+
+
+def test_a_migration_whose_destination_fills_up_aborts_and_the_source_finishes_it(executors, reference):
+    req = REQUESTS["greedy"]
+    # the first stage copies the prompt's full blocks; the last would need at least one more
+    cluster = cluster_of(executors, migration=dataclasses.replace(LIVE, policy=NeverPolicy(), final_stage_blocks=1))
+    dst = cluster.members[1]
+
+    def fill_destination():  # after the first stage's handshake, someone else takes every free block
+        state = dst.replica.state
+        dst.replica.replace_state(moves.reserve_incoming(dst.spec.scheduler, state, "filler", state.kv.device.num_free))
+
+    records = start_after(cluster, req.request_id, 4, then=fill_destination)
+    log = cluster.run([req]).freeze()
+    (record,) = records
+    assert record.outcome.startswith("aborted: handshake refused"), record.outcome
+    assert cluster.outputs[req.request_id] == reference[req.request_id]
+    assert not any(log.step_replica == 1)
+    dst_state = dst.replica.state
+    assert set(dst_state.incoming) == {"filler"}, "the aborted migration left a reservation behind"
+    assert dst_state.kv.device.num_used == len(dst_state.incoming["filler"])
+    assert cluster.members[0].replica.state.kv.device.num_used == 0
+
+
+class FailingExecutor:
+    """Delegates to ``inner``; its ``fail_at``-th execute raises (a crashed engine)."""
+
+    def __init__(self, inner, fail_at: int):
+        self.inner, self.fail_at, self.calls = inner, fail_at, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def execute(self, plan):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("device lost")
+        return self.inner.execute(plan)
+
+
+def test_a_replica_whose_step_raises_fails_and_its_requests_finish_elsewhere(executors, reference):
+    reqs = [REQUESTS["greedy"]]
+    cluster = Cluster([engine_replica(FailingExecutor(executors[0], fail_at=4), make("vllm"), "crashes"),
+                       engine_replica(executors[1], make("vllm"), "survivor")], Pinned(0), fast_forward=False)  # fmt: skip
+    log = cluster.run(reqs).freeze()
+    assert [(i, why) for _, i, why in cluster.replica_failures] == [(0, "step raised RuntimeError: device lost")]
+    assert cluster.members[0].status == "failed"
+    assert log.retries.tolist() == [1] and log.finish_reason == ("length",)
+    # greedy: the continuation (prompt + delivered tokens, recomputed) goes on with the same tokens
+    assert cluster.outputs["g"] == reference["g"]
+    assert cluster.members[1].replica.state.kv.device.num_used == 0
+
+
+def test_round_robin_engines_serve_like_one_engine(executors, reference):
+    cluster = Cluster([engine_replica(ex, make("vllm")) for ex in executors], routers.make("round_robin"), fast_forward=False)
+    cluster.run(list(REQUESTS.values()))
+    assert cluster.outputs == reference
