@@ -79,6 +79,7 @@ class Member:
         self.index = index
         self.spec = spec
         self._on_finished = on_finished  # (request as placed here, FinishedRequest)
+        self._view = self._view_state = self._view_key = None
         self.status = "up"  # up | draining | removing | removed | failed
         self.requests: dict[str, Request] = {}  # placed here and not finished
         self.not_started: dict[str, int] = {}  # placed, not yet scheduled: id -> prompt tokens
@@ -126,7 +127,17 @@ class Member:
         return True
 
     def view(self) -> ReplicaView:
+        """The router's view of this replica (cached until its state or placements change: a
+        router reads every replica at every arrival)."""
         state = self.replica.state
+        key = (self.status, self.queued_tokens, self.num_high_priority)
+        if self._view is not None and self._view_state is state and self._view_key == key:
+            return self._view
+        self._view_state, self._view_key = state, key
+        self._view = self._make_view(state)
+        return self._view
+
+    def _make_view(self, state) -> ReplicaView:
         pool = state.kv.device
         cached = no_cache
         if pool.enable_caching:
@@ -169,6 +180,7 @@ class Cluster:
         if step_errors not in STEP_ERRORS:
             raise ValueError(f"step_errors must be one of {STEP_ERRORS}, got {step_errors!r}")
         self.step_errors = step_errors
+        self._num_removing = 0  # members draining to be removed (checked after every loop event)
         self.replica_failures: list[tuple[float, int, str]] = []  # (time, replica, why)
         self.migrator = Migrator(self, migration) if migration is not None and migration.mode != "off" else None
         self.router = router
@@ -177,6 +189,7 @@ class Cluster:
         self.max_sim_time_s = max_sim_time_s
         self.now = 0.0
         self.members: list[Member] = []
+        self._next: list[float] = []  # each member's next step time (inf when not live), kept current
         for spec in specs:
             self._add(spec)
         self.router_state = router.init(len(self.members))
@@ -192,7 +205,17 @@ class Cluster:
         member = Member(len(self.members), spec, self.log, self.fast_forward, self._finished)
         member.replica.wait_until(self.now)
         self.members.append(member)
+        self._next.append(math.inf)
+        self._refresh(member)
         return member
+
+    def _refresh(self, member: Member) -> None:
+        """Re-reads ``member``'s next step time; called after anything that may change it."""
+        self._next[member.index] = member.replica.next_event_time if member.live else math.inf
+
+    def _refresh_all(self) -> None:
+        for m in self.members:
+            self._refresh(m)
 
     def _member(self, event: ClusterEvent) -> Member:
         if not isinstance(event.replica, int) or not 0 <= event.replica < len(self.members):
@@ -210,6 +233,8 @@ class Cluster:
         if event.kind == "drain":
             member.status = "draining"
         elif event.kind == "remove":
+            if member.status != "removing":
+                self._num_removing += 1
             member.status = "removing"
         else:
             self._fail(member)
@@ -279,6 +304,7 @@ class Cluster:
             seen.add(rid)
             self.placements.append((self.now, rid, index))
             self.members[index].place(request, self.now)
+            self._refresh(self.members[index])
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, requests: Sequence[Request], events: Sequence[ClusterEvent] = (),
@@ -292,12 +318,13 @@ class Cluster:
         pending_events = [(e.time_s, i, e) for i, e in enumerate(events)]
         heapq.heapify(pending_events)
         nxt, n = 0, len(arrivals)
+        times = self._next
+        self._refresh_all()
         while True:
             t_event = pending_events[0][0] if pending_events else math.inf
             t_arrival = arrivals[nxt].arrival_time if nxt < n else math.inf
-            live = [m for m in self.members if m.live]
-            busy = min(live, key=lambda m: (m.replica.next_event_time, m.index), default=None)
-            t_step = busy.replica.next_event_time if busy is not None else math.inf
+            t_step = min(times)
+            busy = self.members[times.index(t_step)] if t_step < math.inf else None  # ties: lowest index
             t_move = self.migrator.next_time() if self.migrator is not None else math.inf
             t = min(t_event, t_arrival, t_move, t_step)
             if t == math.inf or t >= self.max_sim_time_s:
@@ -305,6 +332,7 @@ class Cluster:
             if t_event == t:
                 self.now = max(self.now, t)
                 self.apply(heapq.heappop(pending_events)[2])
+                self._refresh_all()
             elif t_arrival == t:
                 self.now = max(self.now, t)
                 request = arrivals[nxt]
@@ -315,11 +343,12 @@ class Cluster:
             elif t_move == t:
                 self.now = max(self.now, t)
                 self.migrator.advance(self.now)
+                self._refresh_all()
             else:
                 self.now = max(self.now, t)
                 horizon = min(t_event, t_arrival, t_move)
                 if self.router.has_pending(self.router_state):
-                    horizon = min([horizon] + [m.replica.next_event_time for m in live if m is not busy])
+                    horizon = min([horizon] + [t for i, t in enumerate(times) if i != busy.index])
                 before = busy.replica.num_steps
                 try:
                     busy.replica.step(horizon)
@@ -327,10 +356,13 @@ class Cluster:
                     if self.step_errors == "raise":
                         raise
                     self._fail(busy, f"step raised {type(e).__name__}: {e}")
+                    self._refresh_all()
+                self._refresh(busy)
                 self.num_steps += busy.replica.num_steps - before
                 if on_progress is not None and before // progress_every != busy.replica.num_steps // progress_every:
                     on_progress(self.progress(n))
-            self._retire_empty()
+            if self._num_removing:
+                self._retire_empty()
             if self.router.has_pending(self.router_state):
                 self.dispatch()
         self._give_up()
@@ -342,6 +374,8 @@ class Cluster:
         for m in self.members:
             if m.status == "removing" and not m.replica.has_unfinished:
                 m.status = "removed"
+                self._refresh(m)
+        self._num_removing = sum(m.status == "removing" for m in self.members)
 
     def _give_up(self) -> None:
         """What is still held at the router when nothing more can change: failed, with why."""
