@@ -144,7 +144,7 @@ class Member:
             block_size = self.spec.kv.block_size
 
             def cached(request: Request) -> int:
-                return len(pool.match_prefix(prompt_block_hashes(request, block_size)))
+                return len(pool.match_prefix(_block_hashes(request, block_size)))
 
         return ReplicaView(
             index=self.index, accepting=self.status == "up", num_waiting=state.num_waiting + state.num_swapped,
@@ -394,6 +394,20 @@ class Cluster:
         log = self.log
         done = len(log.rejected) + len(log.finish_reasons) + len(log.failed)
         return Progress(self.now, self.num_steps, done, num_requests)
+
+
+_HASHES: dict = {}  # (request, block size) -> its prompt's block keys: a router asks every replica
+
+
+def _block_hashes(request: Request, block_size: int) -> tuple:
+    """``prompt_block_hashes`` of the request being routed, computed once for all replicas."""
+    key = (request.request_id, block_size)
+    entry = _HASHES.get(key)
+    if entry is None or entry[0] is not request:  # the same object, not an equal-id continuation
+        if len(_HASHES) > 64:
+            _HASHES.clear()
+        entry = _HASHES[key] = (request, prompt_block_hashes(request, block_size))
+    return entry[1]
 
 
 def _computed_tokens(state) -> dict[str, int]:
