@@ -103,11 +103,17 @@ def detach(sched, state, request_id: str) -> tuple[object, MigratingRequest]:
 
 def release_outgoing(state, request_id: str):
     """Frees a detached request's blocks (its copy is done, or it finished elsewhere)."""
-    blocks = state.outgoing.get(request_id)
+    return _free_held(state, "outgoing", request_id)
+
+
+def _free_held(state, field: str, request_id: str):
+    """Frees the blocks ``state.<field>`` holds for ``request_id`` (none: unchanged)."""
+    held = getattr(state, field)
+    blocks = held.get(request_id)
     if blocks is None:
         return state
-    return evolve(state, kv=evolve(state.kv, device=state.kv.device.free(reversed(blocks))),
-                  outgoing=state.outgoing.delete(request_id))  # fmt: skip
+    pool = state.kv.device.free(reversed(blocks))
+    return evolve(state, kv=evolve(state.kv, device=pool), **{field: held.delete(request_id)})
 
 
 # -- destination ----------------------------------------------------------------------------------
@@ -132,11 +138,7 @@ def reserve_incoming(sched, state, request_id: str, num_blocks: int):
 
 def cancel_incoming(state, request_id: str):
     """Gives back what ``reserve_incoming`` took for ``request_id`` (an aborted migration)."""
-    blocks = state.incoming.get(request_id)
-    if blocks is None:
-        return state
-    return evolve(state, kv=evolve(state.kv, device=state.kv.device.free(reversed(blocks))),
-                  incoming=state.incoming.delete(request_id))  # fmt: skip
+    return _free_held(state, "incoming", request_id)
 
 
 def attach(sched, state, moving: MigratingRequest, *, source: bool = False):

@@ -10,13 +10,13 @@ import dataclasses
 import importlib.util
 
 import pytest
+from cluster_testing import NeverPolicy, Pinned, start_migration_when
 from engine_testing import RUNNER_KV, greedy, prompt, request
 
 from jaxserve.cluster import Cluster
 from jaxserve.cluster import routers
 from jaxserve.cluster.engines import engine_replica
 from jaxserve.cluster.migration import MigrationSettings
-from jaxserve.cluster.routers.base import PerRequestRouter
 from jaxserve.engine.engine import Engine
 from jaxserve.kv.config import KVConfig
 from jaxserve.request import SamplingParams
@@ -25,25 +25,6 @@ from jaxserve.scheduler import migration as moves
 
 SECOND_KV = KVConfig(num_blocks=40, block_size=RUNNER_KV.block_size)
 HAS_RAY = importlib.util.find_spec("ray") is not None
-
-
-@dataclasses.dataclass(frozen=True)
-class Pinned(PerRequestRouter):
-    """Everything on ``replica`` while it accepts, then on the lowest accepting one."""
-
-    replica: int = 0
-
-    def choose(self, policy, view, request):
-        ok = [r.index for r in view.accepting]
-        return policy, (self.replica if self.replica in ok else min(ok, default=None))
-
-
-@dataclasses.dataclass(frozen=True)
-class NeverPolicy:
-    """Migrations are started by the test, never by the policy."""
-
-    def plan(self, view, candidates, busy):
-        return ()
 
 
 def sampled(n: int) -> SamplingParams:
@@ -95,31 +76,11 @@ def cluster_of(executors, **kwargs) -> Cluster:
     return Cluster(specs, Pinned(0), fast_forward=False, **kwargs)
 
 
-def start_after(cluster, rid: str, num_output: int, then=None):
-    """Starts migrating ``rid`` from replica 0 to 1 once it has ``num_output`` tokens; returns the
-    list its MigrationRecord is appended to."""
-    records = []
-    source = cluster.members[0].replica
-    on_step = source._on_step
-
-    def hook(plan, out, state):
-        on_step(plan, out, state)
-        run = source.state.running
-        r = run.row_index(rid)
-        if not records and r is not None and int(run.num_output[r]) >= num_output:
-            records.append(cluster.migrator.start(rid, 0, 1, source.now))
-            if then is not None:
-                then()
-
-    source._on_step = hook
-    return records
-
-
 @pytest.mark.parametrize("kind", ["greedy", "seeded"])
 def test_a_live_migrated_request_gives_the_unmigrated_tokens(executors, reference, kind):
     req = REQUESTS[kind]
     cluster = cluster_of(executors, migration=dataclasses.replace(LIVE, policy=NeverPolicy()))
-    records = start_after(cluster, req.request_id, 5)
+    records = start_migration_when(cluster, req.request_id, 5)
     at_completion = []
     done = cluster.migrator._stage_done
 
@@ -153,7 +114,7 @@ def test_a_migration_whose_destination_fills_up_aborts_and_the_source_finishes_i
         state = dst.replica.state
         dst.replica.replace_state(moves.reserve_incoming(dst.spec.scheduler, state, "filler", state.kv.device.num_free))
 
-    records = start_after(cluster, req.request_id, 4, then=fill_destination)
+    records = start_migration_when(cluster, req.request_id, 4, then=fill_destination)
     log = cluster.run([req]).freeze()
     (record,) = records
     assert record.outcome.startswith("aborted: handshake refused"), record.outcome

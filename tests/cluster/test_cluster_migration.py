@@ -11,6 +11,7 @@ import hypothesis.strategies as st
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
+from cluster_testing import NeverPolicy, Pinned, start_migration_when
 from test_cluster import COST, assert_each_request_served_once, workload
 
 import jaxserve
@@ -18,23 +19,11 @@ from jaxserve.cluster import Cluster, ClusterEvent, ReplicaSpec
 from jaxserve.cluster import routers
 from jaxserve.cluster.migration import KVLink, MigrationSettings, fill_downtimes, migration_metrics
 from jaxserve.cluster.migration_policy import Candidate, LlumnixPolicy
-from jaxserve.cluster.routers.base import PerRequestRouter
 from jaxserve.kv import KVConfig
 from jaxserve.sim.executor import SimExecutor
 
 BYTES_PER_BLOCK = 16 * COST.kv_bytes_per_token_device
 REACHED = collections.Counter()
-
-
-@dataclasses.dataclass(frozen=True)
-class Pinned(PerRequestRouter):
-    """Everything on one replica while it accepts (then the lowest accepting index): makes imbalance."""
-
-    replica: int = 0
-
-    def choose(self, policy, view, request):
-        ok = [r.index for r in view.accepting]
-        return policy, (self.replica if self.replica in ok else min(ok, default=None))
 
 
 def spec(num_blocks=400, scheduler="vllm") -> ReplicaSpec:
@@ -70,35 +59,14 @@ def test_llumnix_moves_requests_off_an_overloaded_replica_and_serves_all_once():
 
 def migrate_at(length: int, mode: str) -> float:
     """Downtime of one request moved at ``length`` tokens of context, live or by recompute."""
-    request = one_request(prompt=length, new=50)
-    cluster = Cluster([spec(4000), spec(4000)], Pinned(0), migration=MigrationSettings(mode, policy=NeverPolicy()), fast_forward=False)
-    started = []
-
-    def hook(plan, out, state):  # start the migration after the request's 5th output token
-        state = cluster.members[0].replica.state
-        if not started and state.running.ids and int(state.running.num_output[0]) >= 5:
-            started.append(cluster.migrator.start("long", 0, 1, cluster.members[0].replica.now))
-
-    cluster.members[0].replica._on_step = chain(cluster.members[0].replica._on_step, hook)
-    log = cluster.run([request]).freeze()
-    fill_downtimes(started, log)
-    (record,) = started
+    cluster = Cluster([spec(4000), spec(4000)], Pinned(0), migration=MigrationSettings(mode, policy=NeverPolicy()),
+                      fast_forward=False)  # fmt: skip
+    records = start_migration_when(cluster, "long", 5)
+    log = cluster.run([one_request(prompt=length, new=50)]).freeze()
+    fill_downtimes(records, log)
+    (record,) = records
     assert record.outcome == "done", record.outcome
     return record.downtime_s
-
-
-def chain(*hooks):
-    def run(*args):
-        for h in hooks:
-            h(*args)
-
-    return run
-
-
-@dataclasses.dataclass(frozen=True)
-class NeverPolicy:
-    def plan(self, view, candidates, busy):
-        return ()
 
 
 def test_live_downtime_is_flat_in_sequence_length_while_recompute_grows():
@@ -114,14 +82,7 @@ def test_live_downtime_is_flat_in_sequence_length_while_recompute_grows():
 def test_a_live_copy_is_modelled_from_bytes_and_link():
     link = KVLink(bandwidth=1e9, latency_s=0.001)
     cluster = Cluster([spec(4000), spec(4000)], Pinned(0), migration=MigrationSettings("live", NeverPolicy(), link=link), fast_forward=False)
-    records = []
-
-    def hook(plan, out, state):
-        state = cluster.members[0].replica.state
-        if not records and state.running.ids and int(state.running.num_output[0]) >= 2:
-            records.append(cluster.migrator.start("long", 0, 1, cluster.members[0].replica.now))
-
-    cluster.members[0].replica._on_step = chain(cluster.members[0].replica._on_step, hook)
+    records = start_migration_when(cluster, "long", 2)
     cluster.run([one_request(prompt=1600, new=200)])
     (r,) = records
     # stage 1 copies the 100 full prompt blocks (0.84 s at 1 GB/s), during which the request keeps
@@ -132,14 +93,7 @@ def test_a_live_copy_is_modelled_from_bytes_and_link():
 
 def test_a_destination_without_room_aborts_and_the_source_keeps_the_request():
     cluster = Cluster([spec(4000), spec(60)], Pinned(0), migration=MigrationSettings("live", NeverPolicy()), fast_forward=False)
-    records = []
-
-    def hook(plan, out, state):
-        state = cluster.members[0].replica.state
-        if not records and state.running.ids and int(state.running.num_output[0]) >= 2:
-            records.append(cluster.migrator.start("long", 0, 1, cluster.members[0].replica.now))
-
-    cluster.members[0].replica._on_step = chain(cluster.members[0].replica._on_step, hook)
+    records = start_migration_when(cluster, "long", 2)
     log = cluster.run([one_request(prompt=1600, new=100)]).freeze()
     (r,) = records
     assert r.outcome.startswith("aborted: handshake refused"), r.outcome
