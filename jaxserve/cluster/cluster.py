@@ -86,7 +86,7 @@ class Member:
         self.queued_tokens = 0
         self.num_high_priority = 0
         self.replica = Replica(spec.scheduler, spec.kv, spec.executor, limits=spec.limits, log=log,
-                               index=index, on_step=self._on_step, fast_forward=fast_forward,
+                               index=index, on_plan=self._started, on_finished=self._finished, fast_forward=fast_forward,
                                admit=getattr(spec.executor, "register", None))  # fmt: skip
 
     @property
@@ -97,12 +97,15 @@ class Member:
     def live(self) -> bool:
         return self.status in ("up", "draining", "removing")
 
-    def _on_step(self, plan, out, state) -> None:
-        for rid in plan.request_ids:
-            tokens = self.not_started.pop(rid, None)
-            if tokens is not None:
-                self.queued_tokens -= tokens
-        for f in state.finished:
+    def _started(self, plan) -> None:
+        if self.not_started:
+            for rid in plan.request_ids:
+                tokens = self.not_started.pop(rid, None)
+                if tokens is not None:
+                    self.queued_tokens -= tokens
+
+    def _finished(self, finished) -> None:
+        for f in finished:
             if self._on_finished is not None:
                 self._on_finished(self.requests[f.request_id], f)
             self._forget(f.request_id)

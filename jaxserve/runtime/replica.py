@@ -53,7 +53,10 @@ class Replica:
     """A scheduler (pure; its state is ``self.state``) driving ``executor`` over ``kv``.
 
     ``admit(request)`` may refuse a request by raising ``ValueError`` (an engine refuses ids it
-    cannot serve); ``on_step(plan, out, state)`` sees every executed step. With ``fast_forward``,
+    cannot serve); ``on_step(plan, out, state)`` sees every executed step. A driver that only needs
+    to know which requests start and finish uses ``on_plan(plan)`` (every plan run one by one: closed-
+    form runs start no request) and ``on_finished(finished)`` (every step, runs included) instead,
+    which leaves runs free to end with a finishing step. With ``fast_forward``,
     runs of identical decode steps before ``step``'s horizon are applied in closed form when the
     executor offers one (``Executor.decode_run``); the log and state equal the step-by-step ones.
     Replicas of a cluster share one ``log`` (each step tagged with ``index``); a request already in
@@ -72,6 +75,8 @@ class Replica:
         fast_forward: bool = True,
         log: Optional[EventLog] = None,
         index: int = 0,
+        on_plan: Optional[Callable[[BatchPlan], None]] = None,
+        on_finished: Optional[Callable[[tuple], None]] = None,
     ):
         self.scheduler = scheduler
         self.index = index  # which replica of a cluster (the log's step_replica)
@@ -83,6 +88,8 @@ class Replica:
         self.num_steps = 0
         self._admit = admit
         self._on_step = on_step
+        self._on_plan = on_plan
+        self._on_finished = on_finished
         self._fast_forward = fast_forward
         self._blocked = False  # the last schedule planned nothing: wait for new work
 
@@ -170,6 +177,10 @@ class Replica:
         self.now = start + out.duration_s
         self.state = state = scheduler.update(state, plan, out, self.now)
         self.log.step(plan, start, out.duration_s, out.energy_j, state, state.finished, self.index)
+        if self._on_plan is not None:
+            self._on_plan(plan)
+        if self._on_finished is not None and state.finished:
+            self._on_finished(state.finished)
         if self._on_step is not None:
             self._on_step(plan, out, state)
         self.num_steps += 1
@@ -205,6 +216,8 @@ class Replica:
         )  # fmt: skip
         self.state, self.now = new_state, float(ends[-1])
         self.num_steps += k
+        if finished and self._on_finished is not None:
+            self._on_finished(finished)
         return k
 
 
