@@ -120,6 +120,7 @@ class Member:
             self.queued_tokens -= tokens
 
     def place(self, request: Request, now: float) -> bool:
+        self.replica.settle(now)
         self.replica.wait_until(now)
         if not self.replica.add(request):
             return False
@@ -129,18 +130,26 @@ class Member:
         self.num_high_priority += request.priority < 0
         return True
 
-    def view(self) -> ReplicaView:
-        """The router's view of this replica (cached until its state or placements change: a
-        router reads every replica at every arrival)."""
-        state = self.replica.state
-        key = (self.status, self.queued_tokens, self.num_high_priority)
+    def view(self, now: float) -> ReplicaView:
+        """The router's view of this replica at ``now`` (cached until its state or placements
+        change: a router reads every replica at every arrival). A replica with a decode run pending
+        is seen as it is at ``now`` without cutting the run: queues are constant during a run, only
+        its blocks in use grow."""
+        replica, step = self.replica, 0
+        if replica.has_pending_run:
+            step = replica.steps_started_by(now)
+            if step >= replica.pending_run_length:
+                replica.settle(now)  # the run's last (finishing) step has started: apply it
+                step = 0
+        state = replica.state  # the state the pending run started from, if any
+        key = (self.status, self.queued_tokens, self.num_high_priority, step)
         if self._view is not None and self._view_state is state and self._view_key == key:
             return self._view
         self._view_state, self._view_key = state, key
-        self._view = self._make_view(state)
+        self._view = self._make_view(state, replica.pending_view(now)[1] if step else None)
         return self._view
 
-    def _make_view(self, state) -> ReplicaView:
+    def _make_view(self, state, used_blocks=None) -> ReplicaView:
         pool = state.kv.device
         cached = no_cache
         if pool.enable_caching:
@@ -151,7 +160,8 @@ class Member:
 
         return ReplicaView(
             index=self.index, accepting=self.status == "up", num_waiting=state.num_waiting + state.num_swapped,
-            num_running=state.num_running, queued_tokens=self.queued_tokens, used_blocks=pool.num_used,
+            num_running=state.num_running, queued_tokens=self.queued_tokens,
+            used_blocks=pool.num_used if used_blocks is None else used_blocks,
             num_blocks=self.spec.kv.num_blocks, block_size=self.spec.kv.block_size,
             num_high_priority=self.num_high_priority, cached_prefix_blocks=cached,
             draining=self.status in ("draining", "removing"),
@@ -206,6 +216,10 @@ class Cluster:
     # -- events ------------------------------------------------------------------------------------
     def _add(self, spec: ReplicaSpec) -> Member:
         member = Member(len(self.members), spec, self.log, self.fast_forward, self._finished)
+        # Decode runs are deferred (cut only when this replica is read or changed) unless the
+        # router reads what a run changes besides blocks in use: served tokens, or prefix caches.
+        member.replica.defer_runs = (self.fast_forward and not self.router.accounts_service
+                                     and not getattr(spec.scheduler, "enable_prefix_caching", False))  # fmt: skip
         member.replica.wait_until(self.now)
         self.members.append(member)
         self._next.append(math.inf)
@@ -286,7 +300,8 @@ class Cluster:
         if self.router.accounts_service:
             self._count_served()
         served = EMPTY_MAP.update(self.served) if self.router.accounts_service else EMPTY_MAP
-        return ClusterView(self.now, tuple(m.view() for m in self.members), served)
+        now = self.now
+        return ClusterView(now, tuple(m.view(now) for m in self.members), served)
 
     def _count_served(self) -> None:
         steps, self._token_cursor = self.log.token_rows_since(self._token_cursor)
@@ -334,6 +349,7 @@ class Cluster:
                 break
             if t_event == t:
                 self.now = max(self.now, t)
+                self.settle_all()
                 self.apply(heapq.heappop(pending_events)[2])
                 self._refresh_all()
             elif t_arrival == t:
@@ -345,11 +361,13 @@ class Cluster:
                 self.router_state = self.router.submit(self.router_state, request)
             elif t_move == t:
                 self.now = max(self.now, t)
+                self.settle_all()
                 self.migrator.advance(self.now)
                 self._refresh_all()
             else:
                 self.now = max(self.now, t)
-                horizon = min(t_event, t_arrival, t_move)
+                # a deferred run need not stop at arrivals: it is cut if one lands on its replica
+                horizon = min(t_event, t_move) if busy.replica.defer_runs else min(t_event, t_arrival, t_move)
                 if self.router.has_pending(self.router_state):
                     horizon = min([horizon] + [t for i, t in enumerate(times) if i != busy.index])
                 before = busy.replica.num_steps
@@ -368,10 +386,19 @@ class Cluster:
                 self._retire_empty()
             if self.router.has_pending(self.router_state):
                 self.dispatch()
+        self.settle_all(math.inf)  # stopped by the time limit: runs end as computed
         self._give_up()
         if on_progress is not None:
             on_progress(self.progress(n))
         return self.log
+
+    def settle_all(self, until: Optional[float] = None) -> None:
+        """Applies every replica's pending decode run up to ``until`` (default: now) — before
+        reading or changing replicas wholesale: events, migrations, the end."""
+        t = self.now if until is None else until
+        for m in self.members:
+            if m.replica.has_pending_run:
+                m.replica.settle(t)
 
     def _retire_empty(self) -> None:
         for m in self.members:

@@ -23,10 +23,10 @@ from jaxserve.kv.config import KVConfig
 from jaxserve.plan import BatchPlan, StepOutput
 from jaxserve.request import Request
 from jaxserve.runtime.events import EventLog
-from jaxserve.runtime.executor import Executor
+from jaxserve.runtime.executor import DecodeRun, Executor
 from jaxserve.runtime.limits import RunLimits
 from jaxserve.scheduler.fast_forward import (
-    advance_decodes, decode_run_limit, finishing_step, is_stable_decode, retire_finished,
+    advance_decodes, blocks_in_use_after, decode_run_limit, finishing_step, is_stable_decode, retire_finished,
 )
 
 StepHook = Callable[[BatchPlan, StepOutput, object], None]
@@ -92,6 +92,10 @@ class Replica:
         self._on_finished = on_finished
         self._fast_forward = fast_forward
         self._blocked = False  # the last schedule planned nothing: wait for new work
+        # A cluster defers closed-form runs: held pending, cut (``settle``) only if the replica is
+        # read or changed before the run ends — not at every arrival anywhere in the cluster.
+        self.defer_runs = False
+        self._pending: Optional[PendingRun] = None
 
     # -- what a driver asks -----------------------------------------------------------------------
     @property
@@ -115,6 +119,8 @@ class Replica:
         """Hands over a request that has arrived (``arrival_time <= now``, or the replica is idle
         and its clock jumps to it). Returns False if it was rejected: over ``limits.max_context``,
         refused by ``admit`` or by the scheduler; the log keeps the reason."""
+        if self._pending is not None:
+            raise RuntimeError("add() with a run pending: settle() it at the arrival's time first")
         self.now = max(self.now, request.arrival_time)
         self._blocked = False
         log, rid = self.log, request.request_id
@@ -138,6 +144,8 @@ class Replica:
         out); the replica looks for work again."""
         if state.inflight is not None:
             raise ValueError("replace_state() needs a state between steps (no plan in flight)")
+        if self._pending is not None:
+            raise RuntimeError("replace_state() with a run pending: settle() it first")
         self.state = state
         self._blocked = False
 
@@ -152,6 +160,7 @@ class Replica:
         start no request, only the last may finish some, and then only without ``on_step``, which
         does not see them). Returns the number of
         steps taken: 0 if the scheduler planned nothing (the replica is then blocked until ``add``)."""
+        self.settle()
         scheduler, before = self.scheduler, self.state
         state, plan = scheduler.schedule(before, self.now)
         if plan.is_empty:
@@ -190,7 +199,8 @@ class Replica:
         """Applies, from ``state`` (whose next plan is a stable decode), the longest run of
         identical decode steps that nothing interrupts: the first runs now, each later one starts
         before ``horizon``, none runs out of blocks, no limit is hit, and only the last may finish
-        requests. Returns how many (0: none, the caller steps normally)."""
+        requests. Returns how many (0: none, the caller steps normally). With ``defer_runs`` the
+        run is held pending instead (``settle``)."""
         # The run may end with the step at which requests finish (retired as update would), unless
         # a driver watches every step that starts or finishes a request (``on_step``).
         finish = finishing_step(state) if self._on_step is None else 0
@@ -201,24 +211,87 @@ class Replica:
         closed = self.executor.decode_run(len(run), int(run.num_computed.sum()), int(run.num_computed.max()), k)
         if closed is None:
             return 0
-        ends = self.now + np.cumsum(closed.durations_s)  # only to find the cut; the log recomputes them sequentially
+        # End times summed in order, as the log sums them: a run cut at j and continued from there
+        # has bitwise the same end times as the uncut run, so deferring changes nothing.
+        ends = np.cumsum(np.concatenate(([self.now], closed.durations_s)))[1:]
         # step j is scheduled at end_{j-1} (end_0 = now): it runs only if nothing is due by then
         k = min(k, 1 + int(np.searchsorted(ends, horizon, side="left")))
+        pending = PendingRun(state, self.now, ends[:k], closed, k == finish, self.num_steps)
+        if self.defer_runs and k > 1:
+            self._pending = pending
+            self.now = float(ends[k - 1])
+            self.num_steps += k
+            return k
+        self._apply_run(pending, k)
+        return k
+
+    def _apply_run(self, run: "PendingRun", k: int) -> None:
+        """Applies the first ``k`` steps of ``run`` (all of them, or a cut: then none finishes)."""
+        state, closed = run.before, run.closed
         new_state, used_after = advance_decodes(state, k, closed.token_id)
         usage = used_after / state.kv.config.num_blocks
         finished = ()
-        if k == finish:
+        if run.finishes and k == len(run.ends):
             new_state = retire_finished(new_state)
             finished = new_state.finished
             usage[-1] = new_state.kv.usage  # after the finished requests' blocks were freed
         ends = self.log.decode_run(
-            run.ids, self.now, closed.durations_s[:k], closed.energies_j[:k], new_state, usage, self.index, finished
+            state.running.ids, run.start, closed.durations_s[:k], closed.energies_j[:k], new_state, usage, self.index,
+            finished,
         )  # fmt: skip
         self.state, self.now = new_state, float(ends[-1])
-        self.num_steps += k
+        self.num_steps = run.num_steps + k
         if finished and self._on_finished is not None:
             self._on_finished(finished)
-        return k
+
+    # -- deferred runs (a cluster's replicas) ------------------------------------------------------
+    def steps_started_by(self, t: float) -> int:
+        """Of the pending run, the steps that start before ``t`` (0 without one)."""
+        return 0 if self._pending is None else self._pending.started_by(t)
+
+    def pending_view(self, t: float):
+        """``(state before the run, KV blocks in use)`` as of ``t`` while a run is pending and its
+        last step has not started by ``t`` (queues are constant in a run: only blocks grow); None
+        otherwise (``settle`` first, then read ``state``)."""
+        run = self._pending
+        if run is None:
+            return None
+        j = self.steps_started_by(t)
+        if j >= len(run.ends):
+            return None
+        return run.before, blocks_in_use_after(run.before, j)
+
+    def settle(self, t: float = math.inf) -> None:
+        """Applies the pending run's steps that start before ``t`` (all of them by default): the
+        replica is then as if its run had been cut at ``t``, so a driver may read or change it."""
+        run = self._pending
+        if run is None:
+            return
+        self._pending = None
+        self._apply_run(run, run.started_by(t))
+
+    @property
+    def has_pending_run(self) -> bool:
+        return self._pending is not None
+
+    @property
+    def pending_run_length(self) -> int:
+        return 0 if self._pending is None else len(self._pending.ends)
+
+
+class PendingRun(NamedTuple):
+    """A closed-form decode run computed but not yet applied (``Replica.defer_runs``)."""
+
+    before: object  # the scheduler state at its first step
+    start: float  # its first step's start (s)
+    ends: np.ndarray  # float64 [k] its steps' end times, summed as the log sums them
+    closed: DecodeRun
+    finishes: bool  # its last step finishes requests
+    num_steps: int  # the replica's step count before it
+
+    def started_by(self, t: float) -> int:
+        """How many of its steps start before ``t`` (step j starts when step j - 1 ends): at least 1."""
+        return min(len(self.ends), 1 + int(np.searchsorted(self.ends, t, side="left")))
 
 
 def run_replica(

@@ -102,6 +102,12 @@ def retire_finished(state):
     )
 
 
+def blocks_in_use_after(state, k: int) -> int:
+    """KV blocks in use after ``k`` decode steps of ``state``'s run (no step finishing requests):
+    what ``advance_decodes`` reports for its step k, without applying the steps."""
+    return state.kv.device.num_used + int(np.add.reduce(_allocations(state.running, state.kv.block_size, k)))
+
+
 def _allocations(run, block_size: int, k: int) -> np.ndarray:
     """Blocks each row allocates over k decode steps."""
     return np.maximum(-(-(run.num_computed + k) // block_size) - run.num_blocks, 0)

@@ -98,3 +98,42 @@ def test_blocked_replica_waits_for_work_and_idle_clock_jumps():
     assert not replica.add(too_big)  # rejected with its reason, the replica goes on
     assert list(replica.log.rejected) == [replica.log.index["big"]]
     assert replica.next_event_time == math.inf
+
+
+def test_a_deferred_run_settled_at_any_time_equals_a_run_cut_there():
+    """A replica with ``defer_runs`` holds its closed-form decode run pending; settling it at t
+    gives exactly the replica whose run was cut at horizon t (state, clock and log), and its
+    pending view's blocks in use are those of that replica."""
+    import jaxserve
+    from jaxserve.kv import KVConfig
+    from jaxserve.runtime import Replica
+    from jaxserve.sim import RooflineCostModel, get_hardware, get_model
+    from jaxserve.sim.executor import SimExecutor
+    from log_testing import assert_same_log
+
+    cost = RooflineCostModel(get_model("llama-2-7b"), get_hardware("a100-80gb"))
+    kv = KVConfig(300, 16)
+    requests = [jaxserve.Request(f"r{i}", prompt_len=40 + 30 * i, sampling=jaxserve.SamplingParams(150 + 20 * i))
+                for i in range(4)]
+
+    def started(defer: bool, horizon: float):
+        replica = Replica(jaxserve.scheduler.make("vllm"), kv, SimExecutor(cost))
+        replica.defer_runs = defer
+        for r in requests:
+            replica.add(r)
+        replica.step()  # the prefill
+        replica.step(horizon)  # a decode run: pending, or cut at the horizon
+        return replica
+
+    for t in (0.05, 0.4, 1.0, 2.5):
+        deferred, cut = started(True, float("inf")), started(False, t)
+        assert deferred.has_pending_run
+        if deferred.steps_started_by(t) < deferred.pending_run_length:
+            _, used = deferred.pending_view(t)
+            assert used == cut.state.kv.device.num_used
+        deferred.settle(t)
+        assert not deferred.has_pending_run
+        assert (deferred.now, deferred.num_steps) == (cut.now, cut.num_steps)
+        assert deferred.state.running.num_computed.tolist() == cut.state.running.num_computed.tolist()
+        assert deferred.state.running.block_tables == cut.state.running.block_tables
+        assert_same_log(deferred.log.freeze(), cut.log.freeze())
