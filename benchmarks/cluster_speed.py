@@ -7,7 +7,9 @@ twice in one process: at its recorded rate on one replica, and 16 times faster (
 = 1/16``) on 16 replicas behind ``--router``, so each replica sees about the load of the single one.
 For each: simulated requests and steps per wall second and wall microseconds per step (simulation
 only: no outputs written); ``ratio`` is the cluster's requests per wall second over the single
-replica's (>= 1.0: a replica in a cluster costs no more than one alone). Prints one JSON line.
+replica's (>= 1.0: a replica in a cluster costs no more than one alone); ``ratio_per_step`` the
+same per simulated step (the two runs batch differently, so their steps per request differ).
+Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -66,6 +68,11 @@ def main(argv=None):
         f"{platform.python_version()}", "scheduler": args.scheduler, "router": args.router,
         "one_replica": one, f"{args.replicas}_replicas": many,
         "ratio": round(many["requests_per_wall_s"] / one["requests_per_wall_s"], 3),
+        # The same per step: the cluster's replicas, each overloaded for 1/16 of the time, batch
+        # less than the lone replica does over the hour, so they take more steps per request.
+        "ratio_per_step": round(one["us_per_step"] / many["us_per_step"], 3),
+        "steps_per_request": {"one": round(one["num_steps"] / one["num_requests"], 2),
+                              "cluster": round(many["num_steps"] / many["num_requests"], 2)},
     }))  # fmt: skip
 
 
