@@ -361,13 +361,16 @@ class Cluster:
                 self.router_state = self.router.submit(self.router_state, request)
             elif t_move == t:
                 self.now = max(self.now, t)
-                self.settle_all()
-                self.migrator.advance(self.now)
+                self.migrator.advance(self.now)  # settles the replicas it reads or changes
                 self._refresh_all()
             else:
                 self.now = max(self.now, t)
                 # a deferred run need not stop at arrivals: it is cut if one lands on its replica
-                horizon = min(t_event, t_move) if busy.replica.defer_runs else min(t_event, t_arrival, t_move)
+                if busy.replica.defer_runs:  # a policy tick reads pending runs without cutting them
+                    stage = self.migrator.next_stage_end() if self.migrator is not None else math.inf
+                    horizon = min(t_event, stage)
+                else:
+                    horizon = min(t_event, t_arrival, t_move)
                 if self.router.has_pending(self.router_state):
                     horizon = min([horizon] + [t for i, t in enumerate(times) if i != busy.index])
                 before = busy.replica.num_steps

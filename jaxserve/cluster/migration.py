@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
 
 import numpy as np
 from typing import Optional
@@ -138,8 +139,12 @@ class Migrator:
         self.next_tick = 0.0
 
     # -- timeline ----------------------------------------------------------------------------------
+    def next_stage_end(self) -> float:
+        """When the next copy stage ends (infinity when none is in flight)."""
+        return min((m.ends_s for m in self.active.values()), default=float("inf"))
+
     def next_time(self) -> float:
-        ends = min((m.ends_s for m in self.active.values()), default=float("inf"))
+        ends = self.next_stage_end()
         # ticks only while some replica will step (a cluster that cannot move is not kept alive)
         busy = any(m.live and m.replica.next_event_time < float("inf") for m in self.cluster.members)
         return min(ends, self.next_tick if busy and self.settings.mode != "off" else float("inf"))
@@ -149,6 +154,7 @@ class Migrator:
         for rid in sorted(self.active, key=lambda r: (self.active[r].ends_s, r)):
             move = self.active.get(rid)
             if move is not None and move.ends_s <= now:
+                self._settle(now, move.record.source, move.record.destination)
                 self._stage_done(move, now)
         if now >= self.next_tick:
             self.next_tick = now + self.settings.interval_s
@@ -157,27 +163,21 @@ class Migrator:
     def _tick(self, now: float) -> None:
         cluster = self.cluster
         busy = frozenset(i for m in self.active.values() for i in (m.record.source, m.record.destination))
-        view = cluster.view()
-        picks = self.policy.plan(view, self.candidates(), busy)
+        view = cluster.view()  # replicas in a pending decode run are seen as of now, not cut
+        picks = self.policy.plan(view, self.candidates(now), busy)
         for rid, src, dst in picks:
+            self._settle(now, src, dst)
             self.start(rid, src, dst, now)
 
-    def candidates(self) -> dict[int, tuple]:
-        """Per live replica, its decoding requests not already moving: ``Candidate`` values."""
-        from jaxserve.cluster.migration_policy import Candidate
+    def _settle(self, now: float, *indices: int) -> None:
+        for i in indices:
+            self.cluster.members[i].replica.settle(now)
 
-        out = {}
-        for m in self.cluster.members:
-            if not m.live:
-                continue
-            run = m.replica.state.running
-            remaining = run.num_tokens - run.num_computed
-            out[m.index] = tuple(
-                Candidate(rid, int(nc), req.priority)
-                for rid, req, nc, left in zip(run.ids, run.requests, run.num_computed.tolist(), remaining.tolist())
-                if left == 1 and nc >= req.prompt_len and rid not in self.active
-            )
-        return out
+    def candidates(self, now: float) -> "Candidates":
+        """Per live replica, its decoding requests not already moving (computed when the policy
+        asks: it asks only about replicas it would take requests from)."""
+        return Candidates(self, now)
+
 
     # -- one migration -----------------------------------------------------------------------------
     def start(self, request_id: str, source: int, destination: int, now: float) -> Optional[MigrationRecord]:
@@ -323,6 +323,40 @@ class Migrator:
 
     def is_moving(self, request_id: str) -> bool:
         return request_id in self.active
+
+
+class Candidates(Mapping):
+    """Replica index -> its migratable ``Candidate`` requests as of ``now`` (lazily, cached). A
+    replica in a pending decode run holds the same requests, each ``steps_started_by(now)``
+    tokens further on."""
+
+    def __init__(self, migrator: "Migrator", now: float):
+        self._migrator, self._now, self._cache = migrator, now, {}
+        self._live = [m.index for m in migrator.cluster.members if m.live]
+
+    def __getitem__(self, index: int) -> tuple:
+        if index not in self._cache:
+            from jaxserve.cluster.migration_policy import Candidate
+
+            replica, active = self._migrator.cluster.members[index].replica, self._migrator.active
+            ahead = replica.steps_started_by(self._now)
+            run = replica.state.running
+            remaining = run.num_tokens - run.num_computed
+            self._cache[index] = tuple(
+                Candidate(rid, int(nc) + ahead, req.priority)
+                for rid, req, nc, left in zip(run.ids, run.requests, run.num_computed.tolist(), remaining.tolist())
+                if left == 1 and nc >= req.prompt_len and rid not in active
+            )  # fmt: skip
+        return self._cache[index]
+
+    def __contains__(self, index) -> bool:
+        return index in self._live
+
+    def __iter__(self):
+        return iter(self._live)
+
+    def __len__(self) -> int:
+        return len(self._live)
 
 
 def fill_downtimes(records: list[MigrationRecord], log) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import NamedTuple
 
 from jaxserve.cluster.routers.freeness import freeness
@@ -53,7 +54,8 @@ class LlumnixPolicy:
     def freeness(self, replica, draining: bool) -> float:
         return -math.inf if draining else freeness(replica, self.headroom_blocks)
 
-    def plan(self, view: ClusterView, candidates: dict[int, tuple[Candidate, ...]], busy: frozenset) -> tuple[Move, ...]:
+    def plan(self, view: ClusterView, candidates: Mapping[int, tuple[Candidate, ...]], busy: frozenset) -> tuple[Move, ...]:
+        """``candidates[i]``: replica i's migratable requests (looked up only for sources)."""
         scored = [(self.freeness(r, r.draining), r) for r in view.replicas if r.index in candidates and r.index not in busy]
         sources = sorted(((f, r.index) for f, r in scored if (f < self.source_below or r.draining) and candidates[r.index]))
         dests = sorted(((-f, r.index) for f, r in scored if r.accepting and f > self.destination_above))
