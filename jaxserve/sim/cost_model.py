@@ -246,29 +246,14 @@ class RooflineCostModel:
         Element j equals ``step(plan_j).duration_s`` / ``.energy_j`` bit for bit: the same
         expressions in the same order, evaluated for all j at once (the simulator's fast path)."""
         if k <= _SCALAR_RUN:  # a short run: scalar arithmetic beats two dozen numpy calls on tiny arrays
-            costs = [self._decode_step(num_rows, float(context_tokens + num_rows * j)) for j in range(k)]
+            costs = [self._decode_cost(num_rows, float(context_tokens + num_rows * j), max) for j in range(k)]
             return np.array([d for d, _ in costs], np.float64), np.array([e for _, e in costs], np.float64)
-        tokens = float(num_rows)
         computed = (context_tokens + num_rows * np.arange(k, dtype=np.int64)).astype(np.float64)
-        pairs = computed + 0.5 * (float(num_rows) + tokens)
-        samples = num_rows
-        compute = tokens * self._s_per_token_gemm + samples * self._s_per_sample_gemm + pairs * self._s_per_attn_pair
-        memory = (
-            self._s_weights
-            + (self._s_lm_head if samples else 0.0)
-            + (computed + 2.0 * tokens) * self._s_per_kv_token
-            + tokens * self._s_per_token_act
-        )
-        comm = tokens * self._s_per_token_comm + samples * self._s_per_sample_comm + self._comm_fixed
-        busy = np.maximum(memory, compute)
-        duration = self.step_overhead_s + num_rows * self.per_seq_overhead_s + busy + comm
-        utilization = busy / (self.pp * duration)
-        energy = (self._idle_w + self._dyn_w * utilization) * duration * self._devices
-        return duration, energy
+        return self._decode_cost(num_rows, computed, np.maximum)
 
-    def _decode_step(self, num_rows: int, computed: float) -> tuple[float, float]:
-        """``(duration, energy)`` of one decode step of ``num_rows`` rows whose contexts sum to
-        ``computed``: ``step``'s expressions, in its order, for that plan (so equal bit for bit)."""
+    def _decode_cost(self, num_rows: int, computed, maximum):
+        """The decode-step cost expressions for ``computed`` (a float, or a float64 array of the
+        run's steps), in ``step``'s order: the same operations either way, so equal bit for bit."""
         tokens = float(num_rows)
         pairs = computed + 0.5 * (float(num_rows) + tokens)  # Σ n·c + (Σ n² + Σ n)/2 with n = 1
         samples = num_rows
@@ -280,7 +265,7 @@ class RooflineCostModel:
             + tokens * self._s_per_token_act
         )
         comm = tokens * self._s_per_token_comm + samples * self._s_per_sample_comm + self._comm_fixed
-        busy = max(memory, compute)
+        busy = maximum(memory, compute)
         duration = self.step_overhead_s + num_rows * self.per_seq_overhead_s + busy + comm
         utilization = busy / (self.pp * duration)
         energy = (self._idle_w + self._dyn_w * utilization) * duration * self._devices
