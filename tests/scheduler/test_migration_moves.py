@@ -138,7 +138,7 @@ actions = st.lists(st.tuples(st.sampled_from(["start", "stage", "final", "finish
 
 @pytest.mark.parametrize("name,options", [("vllm", {}), ("sarathi", {"chunk_size": 16}),
                                           ("vllm", {"enable_prefix_caching": True, "max_num_seqs": 3})])
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(workload=workloads, plan=actions, num_blocks=st.integers(8, 40))
 def test_migrations_keep_every_request_and_block(name, options, workload, plan, num_blocks):
     sched = make(name, **options)
