@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 from jaxserve.cluster.faults import continuation, unfinished_outputs
+from jaxserve.cluster.handoff import ROLES, Handoff, PoolSettings
 from jaxserve.cluster.migration import MigrationSettings, Migrator
 from jaxserve.cluster.view import ClusterView, ReplicaView, no_cache
 from jaxserve.kv.config import KVConfig
@@ -50,6 +51,12 @@ class ReplicaSpec:
     limits: RunLimits = RunLimits()
     name: str = ""
     kv_bytes_per_block: float = 0.0  # KV bytes one block holds on a device (a simulated migration's copy)
+    role: str = "mixed"  # phase pools (handoff.py): "mixed" | "prefill" | "decode"
+    num_layers: int = 1  # the model's layers (a layer-by-layer KV handoff's pipeline)
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"replica {self.name!r}: role must be one of {ROLES}, got {self.role!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +85,8 @@ class Member:
     def __init__(self, index: int, spec: ReplicaSpec, log: EventLog, fast_forward: bool, on_finished=None):
         self.index = index
         self.spec = spec
+        self.role = spec.role
+        self.last_plan = None  # the last plan it ran step by step (a prefill replica's handoffs read it)
         self._on_finished = on_finished  # (request as placed here, FinishedRequest)
         self._view = self._view_state = self._view_key = None
         self.status = "up"  # up | draining | removing | removed | failed
@@ -91,13 +100,20 @@ class Member:
 
     @property
     def accepting(self) -> bool:
+        """Up: it takes new work (arrivals, migrations, handoffs)."""
         return self.status == "up"
+
+    @property
+    def takes_arrivals(self) -> bool:
+        """Up and not a decode replica: the router may place arrivals on it."""
+        return self.status == "up" and self.role != "decode"
 
     @property
     def live(self) -> bool:
         return self.status in ("up", "draining", "removing")
 
     def _started(self, plan) -> None:
+        self.last_plan = plan
         if self.not_started:
             for rid in plan.request_ids:
                 tokens = self.not_started.pop(rid, None)
@@ -159,7 +175,7 @@ class Member:
                 return len(pool.match_prefix(_block_hashes(request, block_size)))
 
         return ReplicaView(
-            index=self.index, accepting=self.status == "up", num_waiting=state.num_waiting + state.num_swapped,
+            index=self.index, accepting=self.takes_arrivals, num_waiting=state.num_waiting + state.num_swapped,
             num_running=state.num_running, queued_tokens=self.queued_tokens,
             used_blocks=pool.num_used if used_blocks is None else used_blocks,
             num_blocks=self.spec.kv.num_blocks, block_size=self.spec.kv.block_size,
@@ -182,14 +198,24 @@ class Cluster:
     """Replicas from ``specs`` and ``router`` on one clock; ``run(requests, events)`` serves them.
 
     ``migration`` (``MigrationSettings``) moves running requests between replicas (Llumnix).
+    Replicas whose spec has a ``role`` other than "mixed" form phase pools: prefill replicas hand
+    requests to decode replicas after their prompts (``handoff.py``, with ``pools`` settings).
     ``step_errors``: what an exception from a replica's step means — ``"fail"`` (a real engine
     crashed: the replica fails, its requests go on elsewhere) or ``"raise"`` (a simulator bug)."""
 
     def __init__(self, specs: Sequence[ReplicaSpec], router, *, fast_forward: bool = True,
                  max_sim_time_s: float = math.inf, migration: Optional[MigrationSettings] = None,
-                 step_errors: str = "fail"):
+                 step_errors: str = "fail", pools: Optional[PoolSettings] = None):
         if not specs:
             raise ValueError("a cluster needs at least one replica")
+        roles = {spec.role for spec in specs}
+        if roles in ({"prefill"}, {"decode"}):
+            raise ValueError(f"phase pools: replicas {sorted(roles)} cannot serve both phases "
+                             "(prefill replicas need decode or mixed ones, decode replicas prefill or mixed ones)")
+        self.handoff = Handoff(self, pools or PoolSettings()) if roles != {"mixed"} else None
+        if self.handoff is not None and migration is not None and migration.mode != "off":
+            raise ValueError("phase pools and migration together are not supported: migrate between the replicas of "
+                             "a colocated (mixed) cluster")
         if step_errors not in STEP_ERRORS:
             raise ValueError(f"step_errors must be one of {STEP_ERRORS}, got {step_errors!r}")
         self.step_errors = step_errors
@@ -223,16 +249,16 @@ class Cluster:
         member.replica.wait_until(self.now)
         self.members.append(member)
         self._next.append(math.inf)
-        self._refresh(member)
+        self.refresh(member)
         return member
 
-    def _refresh(self, member: Member) -> None:
+    def refresh(self, member: Member) -> None:
         """Re-reads ``member``'s next step time; called after anything that may change it."""
         self._next[member.index] = member.replica.next_event_time if member.live else math.inf
 
     def _refresh_all(self) -> None:
         for m in self.members:
-            self._refresh(m)
+            self.refresh(m)
 
     def _member(self, event: ClusterEvent) -> Member:
         if not isinstance(event.replica, int) or not 0 <= event.replica < len(self.members):
@@ -243,6 +269,8 @@ class Cluster:
     def apply(self, event: ClusterEvent) -> None:
         if event.kind == "add":
             self._add(event.spec)
+            if self.handoff is not None:
+                self.handoff.poke(self.now)
             return
         member = self._member(event)
         if not member.live:
@@ -263,9 +291,10 @@ class Cluster:
         self.replica_failures.append((self.now, member.index, why))
         outputs = unfinished_outputs(member.spec.scheduler, member.replica.state)
         computed = _computed_tokens(member.replica.state)
-        if self.migrator is not None:  # requests detached for their last copy are still this replica's
-            for rid, moving in self.migrator.replica_failed(member.index, self.now).items():
-                outputs[rid], computed[rid] = moving.outputs, moving.num_computed
+        for mover in (self.migrator, self.handoff):  # requests detached to move are still this replica's
+            if mover is not None:
+                for rid, moving in mover.replica_failed(member.index, self.now).items():
+                    outputs[rid], computed[rid] = moving.outputs, moving.num_computed
         delivered = self.log.tokens_per_request()
         for rid, request in sorted(member.requests.items(), key=lambda kv: (kv[1].arrival_time, kv[0])):
             # ``request`` may itself be a continuation: its prompt holds what earlier replicas delivered
@@ -316,13 +345,13 @@ class Cluster:
         seen = set()
         for request, index in placements:
             rid = request.request_id
-            if rid in seen or not 0 <= index < len(self.members) or not self.members[index].accepting:
+            if rid in seen or not 0 <= index < len(self.members) or not self.members[index].takes_arrivals:
                 raise RuntimeError(f"router {type(self.router).__name__} placed {rid!r} on replica {index!r}, "
                                    "which is not accepting or was already given it in this dispatch")
             seen.add(rid)
             self.placements.append((self.now, rid, index))
             self.members[index].place(request, self.now)
-            self._refresh(self.members[index])
+            self.refresh(self.members[index])
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, requests: Sequence[Request], events: Sequence[ClusterEvent] = (),
@@ -344,7 +373,8 @@ class Cluster:
             t_step = min(times)
             busy = self.members[times.index(t_step)] if t_step < math.inf else None  # ties: lowest index
             t_move = self.migrator.next_time() if self.migrator is not None else math.inf
-            t = min(t_event, t_arrival, t_move, t_step)
+            t_hand = self.handoff.next_time() if self.handoff is not None else math.inf
+            t = min(t_event, t_arrival, t_move, t_hand, t_step)
             if t == math.inf or t >= self.max_sim_time_s:
                 break
             if t_event == t:
@@ -363,6 +393,10 @@ class Cluster:
                 self.now = max(self.now, t)
                 self.migrator.advance(self.now)  # settles the replicas it reads or changes
                 self._refresh_all()
+            elif t_hand == t:
+                self.now = max(self.now, t)
+                self.handoff.advance(self.now)  # settles the replicas it changes
+                self._refresh_all()
             else:
                 self.now = max(self.now, t)
                 # a deferred run need not stop at arrivals: it is cut if one lands on its replica
@@ -370,10 +404,14 @@ class Cluster:
                     stage = self.migrator.next_stage_end() if self.migrator is not None else math.inf
                     horizon = min(t_event, stage)
                 else:
-                    horizon = min(t_event, t_arrival, t_move)
+                    horizon = min(t_event, t_arrival, t_move, t_hand)
+                    if self.handoff is not None:  # any prefill step may start a handoff to this replica
+                        horizon = min([horizon] + [times[m.index] for m in self.members if m.role == "prefill"])
                 if self.router.has_pending(self.router_state):
                     horizon = min([horizon] + [t for i, t in enumerate(times) if i != busy.index])
-                before = busy.replica.num_steps
+                if self.handoff is not None and self.handoff.waiting:
+                    horizon = self.now  # any step may make room for a waiting handoff: no runs meanwhile
+                before, step_start = busy.replica.num_steps, busy.replica.now
                 try:
                     busy.replica.step(horizon)
                 except Exception as e:  # a real replica crashed mid-step: it fails, its requests go on
@@ -381,7 +419,12 @@ class Cluster:
                         raise
                     self._fail(busy, f"step raised {type(e).__name__}: {e}")
                     self._refresh_all()
-                self._refresh(busy)
+                if self.handoff is not None and busy.live:
+                    if busy.role == "prefill":
+                        self.handoff.after_prefill_step(busy, step_start, busy.last_plan)
+                    if self.handoff.poke(self.now):  # a step may have freed room for waiting handoffs
+                        self._refresh_all()
+                self.refresh(busy)
                 self.num_steps += busy.replica.num_steps - before
                 if on_progress is not None and before // progress_every != busy.replica.num_steps // progress_every:
                     on_progress(self.progress(n))
@@ -407,13 +450,15 @@ class Cluster:
         for m in self.members:
             if m.status == "removing" and not m.replica.has_unfinished:
                 m.status = "removed"
-                self._refresh(m)
+                self.refresh(m)
         self._num_removing = sum(m.status == "removing" for m in self.members)
 
     def _give_up(self) -> None:
         """What is still held at the router when nothing more can change: failed, with why."""
         if self.now >= self.max_sim_time_s:
             return  # stopped by the time limit: unfinished, not failed
+        if self.handoff is not None:
+            self.handoff.give_up()
         for request in self.router.pending(self.router_state):
             accepting = sum(m.accepting for m in self.members)
             why = "no replica is accepting requests" if not accepting else f"router {type(self.router).__name__} never placed it"

@@ -23,7 +23,8 @@ import typing
 from typing import Optional
 
 from jaxserve.cluster.cluster import EVENT_KINDS, Cluster, ClusterEvent, ReplicaSpec
-from jaxserve.cluster.migration import MODES, KVLink, MigrationSettings, fill_downtimes, migration_metrics
+from jaxserve.cluster.kv_transfer import KVLink
+from jaxserve.cluster.migration import MODES, MigrationSettings, fill_downtimes, migration_metrics
 from jaxserve.cluster.migration_policy import LlumnixPolicy
 from jaxserve.cluster.routers import registry as router_registry
 from jaxserve.config import ConfigError, Results, build_scheduler, build_workload, get, override, slo_targets

@@ -21,52 +21,16 @@ the source to the end of its first step that samples a token on the destination.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Mapping
 
 import numpy as np
 from typing import Optional
 
 from jaxserve.cluster.faults import continuation
+from jaxserve.cluster.kv_transfer import KVLink, copy_blocks
 from jaxserve.scheduler import migration as moves
-from jaxserve.sim.tables import lookup
 
 MODES = ("off", "live", "recompute")
-
-# Link bandwidths, one direction, bytes/s, and the per-message latency a stage pays.
-# NVLink 3 (A100): 600 GB/s bidirectional (NVIDIA A100 datasheet); PCIe 4.0 x16: 32 GB/s
-# (PCI-SIG; ~25 GB/s achieved); InfiniBand HDR: 200 Gb/s (NVIDIA ConnectX-6); 100 GbE: 100 Gb/s.
-LINKS = {
-    "nvlink3": (300e9, 10e-6),
-    "pcie4": (25e9, 10e-6),
-    "infiniband-hdr": (25e9, 5e-6),
-    "ethernet-100g": (12.5e9, 50e-6),
-    "ethernet-25g": (3.125e9, 50e-6),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class KVLink:
-    """The link KV crosses between two replicas: ``bandwidth`` bytes/s one way, ``latency_s`` per stage."""
-
-    bandwidth: float = LINKS["infiniband-hdr"][0]
-    latency_s: float = LINKS["infiniband-hdr"][1]
-    name: str = "infiniband-hdr"
-
-    def __post_init__(self):
-        if not self.bandwidth > 0:
-            raise ValueError(f"KVLink bandwidth must be > 0 bytes/s, got {self.bandwidth!r}")
-        if not self.latency_s >= 0:
-            raise ValueError(f"KVLink latency_s must be >= 0, got {self.latency_s!r}")
-
-    @classmethod
-    def named(cls, name: str) -> "KVLink":
-        bandwidth, latency = lookup(LINKS, name, "link")
-        return cls(bandwidth, latency, name.strip().lower())
-
-    def transfer_s(self, num_bytes: float) -> float:
-        return self.latency_s + num_bytes / self.bandwidth
-
 
 @dataclasses.dataclass(frozen=True)
 class MigrationSettings:
@@ -237,23 +201,11 @@ class Migrator:
 
     def _copy(self, src, dst, src_blocks, dst_blocks, record: MigrationRecord) -> float:
         """Copies the blocks' KV; returns the stage's duration (measured for real KV, else modelled)."""
-        for executor in (src.spec.executor, dst.spec.executor):
-            prepare = getattr(executor, "prepare_kv_copy", None)
-            if prepare is not None:
-                prepare(len(src_blocks))  # compilation is not copy time
-        t0 = time.perf_counter()
-        payload = src.spec.executor.read_kv(src_blocks)
-        if payload is not None:
-            dst.spec.executor.write_kv(dst_blocks, payload)
-            duration = time.perf_counter() - t0
-            num_bytes = float(payload.nbytes)
-        else:
-            num_bytes = float(len(src_blocks) * src.spec.kv_bytes_per_block)
-            duration = self.settings.link.transfer_s(num_bytes)
+        copy = copy_blocks(src.spec, dst.spec, src_blocks, dst_blocks, self.settings.link)
         record.num_blocks += len(src_blocks)
-        record.num_bytes += num_bytes
-        record.copy_s += duration
-        return duration
+        record.num_bytes += copy.num_bytes
+        record.copy_s += copy.duration_s
+        return copy.duration_s
 
     def _stage_done(self, move: _Move, now: float) -> None:
         if move.moving is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from cluster_testing import COST, assert_each_request_served_once, tokens_per_request, workload
 from log_testing import assert_same_log
 
 import jaxserve
@@ -17,40 +18,12 @@ from jaxserve.runtime import run_replica
 from jaxserve.sim import RooflineCostModel, get_hardware, get_model
 from jaxserve.sim.executor import SimExecutor
 
-COST = RooflineCostModel(get_model("llama-2-7b"), get_hardware("a100-80gb"))
 KV = KVConfig(400, 16)
-
-
-def workload(seed: int, n: int, rate: float, clients: str = "A") -> list[jaxserve.Request]:
-    rng = np.random.default_rng(seed)
-    times = np.cumsum(rng.exponential(1 / rate, n))
-    return [
-        jaxserve.Request(f"r{i}", prompt_len=int(rng.integers(1, 400)), sampling=jaxserve.SamplingParams(int(rng.integers(1, 200))),
-                         arrival_time=float(t), client_id=clients[i % len(clients)])
-        for i, t in enumerate(times)
-    ]  # fmt: skip
 
 
 def spec(scheduler="vllm", hardware="a100-80gb", kv=KV) -> ReplicaSpec:
     cost = COST if hardware == "a100-80gb" else RooflineCostModel(get_model("llama-2-7b"), get_hardware(hardware))
     return ReplicaSpec(jaxserve.scheduler.make(scheduler), kv, SimExecutor(cost))
-
-
-def tokens_per_request(log) -> np.ndarray:
-    return np.bincount(log.token_req, minlength=log.num_requests)
-
-
-def assert_each_request_served_once(log, requests):
-    """Every request finished with exactly its max_new_tokens tokens, or is rejected/failed with a reason."""
-    by_id = {r.request_id: r for r in requests}
-    assert sorted(info.request_id for info in log.requests) == sorted(by_id)  # each logged once
-    got = tokens_per_request(log)
-    for i, info in enumerate(log.requests):
-        reason = log.finish_reason[i]
-        if reason.startswith(("rejected: ", "failed: ")):
-            continue
-        assert reason in ("stop", "length"), (info.request_id, reason)
-        assert got[i] == by_id[info.request_id].sampling.max_new_tokens, info.request_id
 
 
 @pytest.mark.parametrize("scheduler", ["vllm", "sarathi", "orca"])

@@ -11,13 +11,13 @@ import hypothesis.strategies as st
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
-from cluster_testing import NeverPolicy, Pinned, start_migration_when
-from test_cluster import COST, assert_each_request_served_once, workload
+from cluster_testing import COST, NeverPolicy, Pinned, assert_each_request_served_once, start_migration_when, workload
 
 import jaxserve
 from jaxserve.cluster import Cluster, ClusterEvent, ReplicaSpec
 from jaxserve.cluster import routers
-from jaxserve.cluster.migration import KVLink, MigrationSettings, fill_downtimes, migration_metrics
+from jaxserve.cluster.kv_transfer import KVLink
+from jaxserve.cluster.migration import MigrationSettings, fill_downtimes, migration_metrics
 from jaxserve.cluster.migration_policy import Candidate, LlumnixPolicy
 from jaxserve.kv import KVConfig
 from jaxserve.sim.executor import SimExecutor

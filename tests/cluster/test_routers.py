@@ -19,7 +19,7 @@ from jaxserve.metrics import service_trace
 from jaxserve.sim import RooflineCostModel, get_hardware, get_model
 from jaxserve.sim.executor import SimExecutor
 
-from test_cluster import assert_each_request_served_once
+from cluster_testing import assert_each_request_served_once
 
 COST = RooflineCostModel(get_model("llama-2-7b"), get_hardware("a100-80gb"))
 
