@@ -26,6 +26,8 @@ GENERAL = (
     Key("hardware.mfu", None, "model FLOPs utilization; unset: the hardware table's cited efficiency", float),
     Key("hardware.mbu", None, "memory bandwidth utilization; unset: the hardware table's cited efficiency", float),
     Key("hardware.step_overhead_s", None, "fixed CPU time per step; unset: the cost model's 4 ms (vLLM's measured bubble)", float),
+    Key("hardware.frequency_mhz", None, "SM clock of the simulated GPUs, MHz (one the hardware supports: jaxserve.sim.hardware dvfs); unset: the top clock", int),
+    Key("hardware.power_cap_w", None, "per-GPU power cap, watts (nvidia-smi -pl): a step's clock drops until its busy power fits; unset: TDP", float),
 )
 
 SCHEDULER_NAME = Key("scheduler.name", "vllm", "the policy: jaxserve.scheduler.available() (static, orca, vllm, sarathi, vtc, ...)")
@@ -92,6 +94,15 @@ CLUSTER = (
     Key("cluster.migration.link", "infiniband-hdr", "link KV crosses: nvlink3 | pcie4 | infiniband-hdr | ethernet-100g | ethernet-25g (jaxserve/cluster/migration.py, with sources)"),
     Key("cluster.migration.max_stages", 8, "live: most copy stages before the last (pausing) one"),
     Key("cluster.migration.final_stage_blocks", 1, "live: the last stage starts once at most this many full blocks are left to copy"),
+    Key("cluster.pools.prefill", 0, "phase pools (DistServe, Splitwise): replicas 0..prefill-1 compute prompts and hand requests over to decode replicas"),
+    Key("cluster.pools.decode", 0, "phase pools: the next this-many replicas only decode handed-over requests; the rest of cluster.num_replicas are mixed (both phases; a handoff goes there when no decode replica has room)"),
+    Key("cluster.pools.prefill_overrides", "", "replica keys of every prefill replica: 'hardware.tp=2,scheduler.name=sarathi' (cluster.replicas overrides them per replica)"),
+    Key("cluster.pools.decode_overrides", "", "replica keys of every decode replica: 'hardware.name=a100-80gb,kv.num_blocks=4000'"),
+    Key("cluster.pools.link", "infiniband-hdr", "link the KV crosses from prefill to decode: nvlink3 | nvlink4 | pcie4 | infiniband-hdr | infiniband-ndr | ethernet-100g | ethernet-25g (jaxserve/cluster/kv_transfer.py, with sources)"),
+    Key("cluster.pools.link_gb_s", None, "the link's bandwidth in GB/s (one way, per GPU), instead of the named link's", float),
+    Key("cluster.pools.link_scope", "source", '"source" (a link per prefill replica) | "cluster" (one link every transfer queues on)'),
+    Key("cluster.pools.overlap", "none", '"none" (the KV is sent after the prefill step) | "layer" (layer by layer, under the prefill step)'),
+    Key("cluster.pools.decode_pick", "least_kv", 'which decode replica takes a handoff: "least_kv" (lowest KV usage) | "shortest_queue" (fewest requests)'),
 )
 
 RUN = (

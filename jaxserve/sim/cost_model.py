@@ -22,10 +22,14 @@ Per device and step (shared modelling facts, shared/PAPERS.md):
 * ``step_overhead_s`` (per step) and ``per_seq_overhead_s`` (per row) stand for CPU work the device
   waits on: scheduling, input preparation, sampling and output processing.
 
-Energy: every one of the tp·pp devices draws ``idle + (max − idle) · utilization`` watts for the
-whole step, where utilization = one device's busy time / duration, busy = max(compute, memory) of
-its own stage (so 1/pp of the pipeline's), and overhead and communication count as idle. Hardware
-without published power (TPUs, the CPU entry) gives ``energy_j = 0`` and ``models_energy`` False.
+Clock and energy (``jaxserve.sim.power``): ``frequency_mhz`` sets the SM clock (default the top
+one), which scales compute throughput and not memory bandwidth; ``power_cap_w`` lets a step's clock
+drop further until its busy power fits the cap. Every one of the tp·pp devices draws idle power for
+the whole step and, for its busy share (1/pp of busy = max(compute, memory)), dynamic power by phase:
+the memory system's share while memory streams, the SM domain's by its activity (full while
+computing, partly while stalled on memory) at the clock's V²f scale; overhead and communication count
+as idle. Compute-bound prefill thus draws near TDP and memory-bound decode far less, as measured.
+Hardware without published power (TPUs, the CPU entry) gives ``energy_j = 0`` and ``models_energy`` False.
 
 ``step`` is called ~10^5 times per simulated hour, so it reduces the plan's columns with a few
 numpy calls and scalar arithmetic on constants precomputed here; no Python loop over rows.
@@ -40,6 +44,7 @@ import numpy as np
 
 from jaxserve.plan import BatchPlan
 from jaxserve.sim.hardware import DTYPE_BYTES, HardwareSpec
+from jaxserve.sim.power import StepPower
 from jaxserve.sim.models import MLP_MATRICES, ModelSpec
 
 # vLLM RFC #6854 (Multi-Step Scheduling): between decode steps the GPU idles ~4 ms (5-13 ms measured)
@@ -90,6 +95,8 @@ class RooflineCostModel:
         link_efficiency: float | None = None,
         collective_latency_s: float | None = None,
         host_bandwidth: float | None = None,
+        frequency_mhz: int | None = None,
+        power_cap_w: float | None = None,
     ):
         for name, value in (("tp", tp), ("pp", pp)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -127,12 +134,19 @@ class RooflineCostModel:
         self.step_overhead_s, self.per_seq_overhead_s = float(step_overhead_s), float(per_seq_overhead_s)
         self.collective_latency_s = float(latency)
         self.host_bandwidth = host_bandwidth if host_bandwidth is not None else hardware.host_bandwidth
+        if hardware.has_power_model:
+            idle_w, dyn_w = hardware.power_idle_w, hardware.power_max_w - hardware.power_idle_w
+        else:
+            idle_w = dyn_w = 0.0
+        self._power = StepPower(hardware.name, idle_w, dyn_w, tp * pp, pp, hardware.dvfs, frequency_mhz, power_cap_w)
+        self.frequency_mhz, self.power_cap_w = self._power.frequency_mhz, self._power.power_cap_w
 
         w_bytes = DTYPE_BYTES[dtype]
         # Activations stay 16-bit under weight quantization (fp8/int8 GEMMs take 16-bit inputs and
         # outputs in vLLM's W8A16 paths); fp32 models run fp32 activations.
         self.act_bytes = 4 if dtype == "fp32" else 2
-        flops_rate = hardware.peak_flops(dtype) * self.mfu  # FLOP/s one device sustains
+        # FLOP/s one device sustains at the set SM clock (the ratio is exactly 1.0 at the top clock)
+        flops_rate = hardware.peak_flops(dtype) * self.mfu * self._power.clock_ratio
         byte_rate = hardware.memory_bandwidth * self.mbu  # bytes/s one device sustains
         h, L = model.hidden_size, model.num_layers
         self.kv_bytes_per_token_device = model.kv_bytes_per_token(kv_dtype, tp)
@@ -168,11 +182,6 @@ class RooflineCostModel:
             self._s_per_token_comm += (pp - 1) * h * self.act_bytes / link_rate
             self._comm_fixed += (pp - 1) * self.collective_latency_s
 
-        if hardware.has_power_model:
-            self._idle_w = hardware.power_idle_w
-            self._dyn_w = hardware.power_max_w - hardware.power_idle_w
-        else:
-            self._idle_w = self._dyn_w = 0.0
         self._devices = tp * pp
 
     # -- queries -------------------------------------------------------------------------------
@@ -192,7 +201,7 @@ class RooflineCostModel:
 
     def idle_power_w(self) -> float:
         """Watts all tp·pp devices draw while no step runs (0 when power is not modelled)."""
-        return self._idle_w * self._devices
+        return self._power.idle_w * self._devices
 
     def cost_usd_per_hour(self) -> float:
         """On-demand price of the tp·pp devices, US dollars per hour."""
@@ -200,7 +209,8 @@ class RooflineCostModel:
 
     def __repr__(self) -> str:
         return (f"RooflineCostModel({self.model.name}, {self.hardware.name}, tp={self.tp}, pp={self.pp}, "
-                f"dtype={self.dtype}, mfu={self.mfu}, mbu={self.mbu})")
+                f"dtype={self.dtype}, mfu={self.mfu}, mbu={self.mbu}, frequency_mhz={self.frequency_mhz}, "
+                f"power_cap_w={self.power_cap_w})")
 
     # -- the step --------------------------------------------------------------------------------
     def step(self, plan: BatchPlan) -> StepCost:
@@ -230,11 +240,10 @@ class RooflineCostModel:
         if plan.swap_out_blocks or plan.swap_in_blocks:
             comm += self._swap_s(plan)
 
+        compute, scale = self._power.clocked(compute, memory)  # a power cap may lower the clock
         busy = max(memory, compute)
         duration = self.step_overhead_s + rows * self.per_seq_overhead_s + busy + comm
-        # Each device is busy for its own stage only: busy / pp of the step.
-        utilization = busy / (self.pp * duration)
-        energy = (self._idle_w + self._dyn_w * utilization) * duration * self._devices
+        energy = self._power.energy(duration, busy, compute, memory, scale)  # each device busy busy / pp
         return StepCost(duration, energy, compute, memory, comm)
 
     def decode_run(self, num_rows: int, context_tokens: int, max_context: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -245,7 +254,9 @@ class RooflineCostModel:
 
         Element j equals ``step(plan_j).duration_s`` / ``.energy_j`` bit for bit: the same
         expressions in the same order, evaluated for all j at once (the simulator's fast path)."""
-        if k <= _SCALAR_RUN:  # a short run: scalar arithmetic beats two dozen numpy calls on tiny arrays
+        # A short run, or one whose clock a power cap picks step by step: scalar arithmetic (it beats
+        # two dozen numpy calls on tiny arrays).
+        if k <= _SCALAR_RUN or self._power.capped:
             costs = [self._decode_cost(num_rows, float(context_tokens + num_rows * j), max) for j in range(k)]
             return np.array([d for d, _ in costs], np.float64), np.array([e for _, e in costs], np.float64)
         computed = (context_tokens + num_rows * np.arange(k, dtype=np.int64)).astype(np.float64)
@@ -265,10 +276,10 @@ class RooflineCostModel:
             + tokens * self._s_per_token_act
         )
         comm = tokens * self._s_per_token_comm + samples * self._s_per_sample_comm + self._comm_fixed
+        compute, scale = self._power.clocked(compute, memory)
         busy = maximum(memory, compute)
         duration = self.step_overhead_s + num_rows * self.per_seq_overhead_s + busy + comm
-        utilization = busy / (self.pp * duration)
-        energy = (self._idle_w + self._dyn_w * utilization) * duration * self._devices
+        energy = self._power.energy(duration, busy, compute, memory, scale)
         return duration, energy
 
     def _swap_s(self, plan: BatchPlan) -> float:

@@ -16,6 +16,9 @@ Units: FLOP/s, bytes, bytes/s, watts, US dollars per device-hour. Conventions:
   cost models that need power report energy as not modelled.
 * ``efficiency`` holds the default achievable fractions of peak (``mfu``, ``mbu``, link) with the
   measurements they come from; cost models take overrides.
+* ``dvfs`` is the GPU's settable SM clock range (``nvidia-smi -q -d SUPPORTED_CLOCKS``) and lowest
+  power limit, for the clock and power-cap model of ``jaxserve.sim.power``; None where no clocks are
+  published (TPUs, the CPU entry). ``peak_flops`` is at the top clock.
 
 Idle powers are ``nvidia-smi`` readings of idle GPUs (P0, 0 % utilization, persistence mode on)
 printed in public deployment logs and issue reports; they vary by a few watts with temperature.
@@ -27,6 +30,7 @@ import dataclasses
 import types
 from collections.abc import Mapping
 
+from jaxserve.sim.power import Dvfs
 from jaxserve.sim.tables import lookup
 
 GiB = 1024**3
@@ -77,6 +81,7 @@ class HardwareSpec:
     efficiency: Efficiency
     sources: Mapping[str, str]  # field name -> citation
     nominal: bool = False  # True: numbers are nominal/measured stand-ins, not a vendor datasheet
+    dvfs: Dvfs | None = None  # settable SM clocks and min power limit; None: not published
 
     def __post_init__(self):
         object.__setattr__(self, "peak_flops_by_dtype", types.MappingProxyType(dict(self.peak_flops_by_dtype)))
@@ -86,6 +91,8 @@ class HardwareSpec:
                 raise ValueError(f"HardwareSpec {self.name!r}: unknown dtype {dtype!r}; known: {sorted(DTYPE_BYTES)}")
         if (self.power_idle_w is None) != (self.power_max_w is None):
             raise ValueError(f"HardwareSpec {self.name!r}: give both idle and max power, or neither")
+        if self.dvfs is not None and self.power_max_w is None:
+            raise ValueError(f"HardwareSpec {self.name!r}: a clock model (dvfs) needs idle and max power")
 
     def peak_flops(self, dtype: str) -> float:
         """Dense peak FLOP/s for ``dtype``; ``ValueError`` if the device has no such datapath."""
@@ -159,6 +166,26 @@ _AWS_G6 = (
     "AWS EC2 on-demand, us-east-1: g6.xlarge (1x L4, 4 vCPU) $0.8048/h; https://aws.amazon.com/ec2/instance-types/g6/"
 )
 
+# SM clocks: the top is nvidia-smi's "Max Clocks", the bottom the clock an idle board drops to (it
+# reads that in P0 with nothing running), the step the spacing of the SUPPORTED_CLOCKS list; the
+# lowest power limit is nvidia-smi's "Min Power Limit".
+_A100_CLOCKS = Dvfs(
+    min_mhz=210, max_mhz=1410, step_mhz=15, min_power_limit_w=100.0,
+    source="nvidia-smi -q on A100-SXM4-40GB/80GB (public logs): Max Clocks SM 1410 MHz, idle at 210 MHz, Min Power "
+    "Limit 100 W; SUPPORTED_CLOCKS lists 1410, 1395, 1380, ... MHz (15 MHz steps)",
+)
+_HOPPER_CLOCKS = Dvfs(
+    min_mhz=345, max_mhz=1980, step_mhz=15, min_power_limit_w=200.0,
+    source="nvidia-smi -q on H100 80GB HBM3 and H200 (public logs; awslabs/amazon-eks-ami PR #1985 for p5e): Max Clocks "
+    "SM 1980 MHz, idle at 345 MHz; H100 Min Power Limit 200 W (H200: ASSUMED the same); 15 MHz steps ASSUMED as on "
+    "A100 and L4",
+)
+_L4_CLOCKS = Dvfs(
+    min_mhz=210, max_mhz=2040, step_mhz=15, min_power_limit_w=40.0,
+    source="nvidia-smi -q -x on an L4 (public log): supported graphics clocks 2040, 2025, ... 210 MHz, min_power_limit "
+    "40 W, max 72 W",
+)
+
 # mfu: NanoFlow (arXiv:2408.12757) serves LLaMA-2-70B on 8xA100 at 68.5 % of the compute-bound optimum;
 # Megatron-LM (Narayanan et al., SC'21, arXiv:2104.04473) sustains 52 % of A100 peak. 0.6 sits between.
 # mbu: decode-time weight-streaming kernels on H100 reach 78-84 % of HBM peak in Nsight measurements
@@ -202,6 +229,7 @@ def _entries() -> dict[str, HardwareSpec]:
             power_max_w=400.0,
             price_per_hour_usd=32.7726 / 8,
             efficiency=_A100_EFF,
+            dvfs=_A100_CLOCKS,
             sources={
                 "compute/bandwidth/power_max/links": _A100_DATASHEET,
                 "memory_bytes": _NVIDIA_SMI_MEMORY,
@@ -220,6 +248,7 @@ def _entries() -> dict[str, HardwareSpec]:
             power_max_w=400.0,
             price_per_hour_usd=40.9657 / 8,
             efficiency=_A100_EFF,
+            dvfs=_A100_CLOCKS,
             sources={
                 "compute/bandwidth/power_max/links": _A100_DATASHEET,
                 "memory_bytes": _NVIDIA_SMI_MEMORY,
@@ -238,6 +267,7 @@ def _entries() -> dict[str, HardwareSpec]:
             power_max_w=700.0,
             price_per_hour_usd=55.04 / 8,
             efficiency=_HOPPER_EFF,
+            dvfs=_HOPPER_CLOCKS,
             sources={
                 "compute/bandwidth/power_max/links": _H100_DATASHEET,
                 "memory_bytes": _NVIDIA_SMI_MEMORY,
@@ -256,6 +286,7 @@ def _entries() -> dict[str, HardwareSpec]:
             power_max_w=700.0,
             price_per_hour_usd=63.296 / 8,
             efficiency=_HOPPER_EFF,
+            dvfs=_HOPPER_CLOCKS,
             sources={
                 "compute/bandwidth/power_max/links": _H200_DATASHEET,
                 "memory_bytes": _NVIDIA_SMI_MEMORY,
@@ -274,6 +305,7 @@ def _entries() -> dict[str, HardwareSpec]:
             power_max_w=72.0,
             price_per_hour_usd=0.8048,
             efficiency=_BORROWED_EFF,
+            dvfs=_L4_CLOCKS,
             sources={
                 "compute/bandwidth/power_max/links": _L4_DATASHEET,
                 "memory_bytes": _NVIDIA_SMI_MEMORY,

@@ -24,10 +24,12 @@ from jaxserve.sim.cost_model import RooflineCostModel
 from jaxserve.sim.executor import SimExecutor
 from jaxserve.sim.hardware import get_hardware
 from jaxserve.sim.models import get_model
+from jaxserve.sim.power import ClockError
 from jaxserve.sim.profiled_cost_model import ProfiledCostModel
 
 COST_MODELS = ("roofline", "profiled")
 _EFFICIENCIES = ("mfu", "mbu", "step_overhead_s")  # roofline-only hardware keys; unset: the cited values
+_CLOCK_KEYS = ("frequency_mhz", "power_cap_w")  # roofline-only too; unset: the top clock, no cap
 
 
 def _hardware(config):
@@ -53,8 +55,12 @@ def build_cost_model(config) -> RooflineCostModel | ProfiledCostModel:
         value = get(config, f"hardware.{key}", float, optional=True)
         if value is not None:  # unset keeps the cost model's cited value
             options[key] = value
+    for key in _CLOCK_KEYS:  # unset: the top clock, no cap
+        options[key] = get(config, f"hardware.{key}", int if key == "frequency_mhz" else float, optional=True)
     try:
         return RooflineCostModel(model, hardware, dtype=get(config, "model.dtype", str), **options)
+    except ClockError as e:
+        raise ConfigError(f"hardware.{e.argument}: {e}") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"hardware/model: {e}") from None
 
@@ -63,16 +69,16 @@ def build_profiled_cost_model(config) -> ProfiledCostModel:
     """``sim.cost_model="profiled"``: step times fitted to ``sim.profile``; the model and the machine
     are the profile's (``model.name`` and ``hardware.name`` are not used): memory, power and price come
     from the profiled machine's entry in jaxserve.sim.hardware, or are unknown when it has none.
-    ``hardware.mfu``/``mbu``/``step_overhead_s`` do not apply (the profile measured the step), so
-    setting one is an error."""
+    ``hardware.mfu``/``mbu``/``step_overhead_s``/``frequency_mhz``/``power_cap_w`` do not apply (the
+    profile measured the step at its clock), so setting one is an error."""
     path = get(config, "sim.profile", str, optional=True)
     if not path:
         raise ConfigError("sim.profile: sim.cost_model='profiled' needs a profile file (python -m jaxserve.profile)")
     for key in ("tp", "pp"):
         if get(config, f"hardware.{key}", int) != 1:
             raise ConfigError(f"hardware.{key}: a profile measures one device; profiled cost models need {key}=1")
-    for key in _EFFICIENCIES:
-        if get(config, f"hardware.{key}", float, optional=True) is not None:
+    for key in (*_EFFICIENCIES, *_CLOCK_KEYS):
+        if get(config, f"hardware.{key}", optional=True) is not None:
             raise ConfigError(f"hardware.{key}: does not apply to sim.cost_model='profiled' (the profile measured the step)")
     jitter = get(config, "sim.profile_jitter", bool)
     seed = get(config, "seed", int)
