@@ -11,6 +11,10 @@ single-replica keys, which describe every replica unless ``cluster.replicas`` ov
   seconds); an added replica is built from the base keys and takes the next index.
 * ``cluster.migration.*``: Llumnix's migration (mode off | live | recompute, the policy's
   thresholds, the link, the live stages).
+* ``cluster.pools.*``: phase pools (``handoff.py``): the first ``prefill`` replicas compute prompts,
+  the next ``decode`` ones only decode, the rest are mixed; each pool's replica keys
+  (``prefill_overrides`` / ``decode_overrides``, under ``cluster.replicas``' per-replica ones), the
+  link, its scope and overlap, and how a decode replica is picked.
 
 Every error is a ConfigError naming the key and the bad part.
 """
@@ -23,7 +27,8 @@ import typing
 from typing import Optional
 
 from jaxserve.cluster.cluster import EVENT_KINDS, Cluster, ClusterEvent, ReplicaSpec
-from jaxserve.cluster.kv_transfer import KVLink
+from jaxserve.cluster.handoff import DECODE_PICKS, LINK_SCOPES, PoolSettings, handoff_metrics
+from jaxserve.cluster.kv_transfer import OVERLAPS, KVLink
 from jaxserve.cluster.migration import MODES, MigrationSettings, fill_downtimes, migration_metrics
 from jaxserve.cluster.migration_policy import LlumnixPolicy
 from jaxserve.cluster.routers import registry as router_registry
@@ -40,7 +45,7 @@ def is_cluster(config) -> bool:
     """Whether the config asks for more than one replica or for cluster events."""
     return get(config, "cluster.num_replicas", int) != 1 or bool(get(config, "cluster.events", str)) \
         or get(config, "cluster.router", str) != "round_robin" or bool(get(config, "cluster.replicas", str)) \
-        or get(config, "cluster.migration.mode", str) != "off"
+        or get(config, "cluster.migration.mode", str) != "off" or any(pool_sizes(config))
 
 
 def _pairs(text: str, key: str) -> dict[str, str]:
@@ -86,11 +91,48 @@ def build_router(config):
         raise ConfigError(f"cluster.router_options: {e}") from None
 
 
+def pool_sizes(config) -> tuple[int, int]:
+    """``(prefill, decode)`` replica counts of the phase pools (0, 0: no pools)."""
+    sizes = get(config, "cluster.pools.prefill", int), get(config, "cluster.pools.decode", int)
+    for key, value in zip(("prefill", "decode"), sizes):
+        if value < 0:
+            raise ConfigError(f"cluster.pools.{key} must be >= 0, got {value}")
+    return sizes
+
+
+def roles(config) -> list[str]:
+    """Each starting replica's role: prefill, then decode, then mixed (``cluster.pools.*``)."""
+    n = get(config, "cluster.num_replicas", int)
+    prefill, decode = pool_sizes(config)
+    if prefill + decode > n:
+        raise ConfigError(f"cluster.pools: {prefill} prefill + {decode} decode replicas > cluster.num_replicas={n}")
+    out = ["prefill"] * prefill + ["decode"] * decode + ["mixed"] * (n - prefill - decode)
+    if set(out) in ({"prefill"}, {"decode"}):
+        raise ConfigError(f"cluster.pools: {out[0]} replicas alone cannot serve both phases (prefill={prefill}, "
+                          f"decode={decode}, cluster.num_replicas={n}): add decode or mixed replicas, or prefill or "
+                          "mixed ones")
+    return out
+
+
+def _replica_values(config, text: str, key: str) -> dict:
+    """``key=value,...`` of replica keys (``REPLICA_SECTIONS``), typed like the base config's."""
+    values = {}
+    for name, value in _pairs(text, key).items():
+        if name.split(".")[0] not in REPLICA_SECTIONS:
+            raise ConfigError(f"{key}: {name!r} is not a replica key (sections: {', '.join(REPLICA_SECTIONS)})")
+        kind = type(get(config, name)) if get(config, name) is not None else str
+        values[name] = _typed(value, kind, f"{key}.{name}")
+    return values
+
+
 def replica_configs(config) -> list:
-    """One config per starting replica: the base with that replica's ``cluster.replicas`` overrides."""
+    """One config per starting replica: the base with its pool's overrides
+    (``cluster.pools.<role>_overrides``), then its own ``cluster.replicas`` ones."""
     n = get(config, "cluster.num_replicas", int)
     if n < 1:
         raise ConfigError(f"cluster.num_replicas must be >= 1, got {n}")
+    pools = {role: _replica_values(config, get(config, f"cluster.pools.{role}_overrides", str),
+                                   f"cluster.pools.{role}_overrides") for role in ("prefill", "decode")}  # fmt: skip
     overrides: dict[int, dict] = {}
     for part in filter(None, (p.strip() for p in get(config, "cluster.replicas", str).split(";"))):
         index, colon, rest = part.partition(":")
@@ -99,22 +141,37 @@ def replica_configs(config) -> list:
         i = int(index)
         if i >= n:
             raise ConfigError(f"cluster.replicas: override for replica {i}, but cluster.num_replicas is {n} (replicas 0..{n - 1})")
-        values = {}
-        for key, text in _pairs(rest, f"cluster.replicas[{i}]").items():
-            if key.split(".")[0] not in REPLICA_SECTIONS:
-                raise ConfigError(f"cluster.replicas[{i}]: {key!r} is not a replica key (sections: {', '.join(REPLICA_SECTIONS)})")
-            kind = type(get(config, key)) if get(config, key) is not None else str
-            values[key] = _typed(text, kind, f"cluster.replicas[{i}].{key}")
-        overrides[i] = values
-    return [override(config, overrides.get(i, {})) for i in range(n)]
+        overrides[i] = _replica_values(config, rest, f"cluster.replicas[{i}]")
+    return [override(config, {**pools.get(role, {}), **overrides.get(i, {})}) for i, role in enumerate(roles(config))]
 
 
-def replica_spec(config, name: str) -> ReplicaSpec:
+def replica_spec(config, name: str, role: str = "mixed") -> ReplicaSpec:
     cost_model = build_cost_model(config)
     kv = build_kv(config, cost_model)
     bytes_per_block = kv.block_size * getattr(cost_model, "kv_bytes_per_token_device", 0.0)
+    model = getattr(cost_model, "model", None)
     return ReplicaSpec(build_scheduler(config), kv, SimExecutor(cost_model),
-                       RunLimits(max_context=max_context(config, cost_model)), name, bytes_per_block)  # fmt: skip
+                       RunLimits(max_context=max_context(config, cost_model)), name, bytes_per_block, role,
+                       getattr(model, "num_layers", 1))  # fmt: skip
+
+
+def build_pools(config) -> PoolSettings:
+    """``cluster.pools.*`` -> PoolSettings; a bad value is a ConfigError naming its key."""
+    try:
+        link = KVLink.named(get(config, "cluster.pools.link", str))
+    except ValueError as e:
+        raise ConfigError(f"cluster.pools.link: {e}") from None
+    gb_s = get(config, "cluster.pools.link_gb_s", float, optional=True)
+    if gb_s is not None:
+        if not gb_s > 0:
+            raise ConfigError(f"cluster.pools.link_gb_s must be > 0 GB/s, got {gb_s!r}")
+        link = dataclasses.replace(link, bandwidth=gb_s * 1e9, name=f"{link.name} at {gb_s:g} GB/s")
+    values = {}
+    for key, allowed in (("link_scope", LINK_SCOPES), ("overlap", OVERLAPS), ("decode_pick", DECODE_PICKS)):
+        values[key] = get(config, f"cluster.pools.{key}", str)
+        if values[key] not in allowed:
+            raise ConfigError(f"cluster.pools.{key} must be one of {', '.join(allowed)}, got {values[key]!r}")
+    return PoolSettings(link, **values)
 
 
 def build_migration(config) -> MigrationSettings:
@@ -182,6 +239,7 @@ class ClusterSim:
     max_sim_time_s: float
     slo: dict
     migration: MigrationSettings = MigrationSettings("off")
+    pools: PoolSettings = PoolSettings()
 
     @property
     def cost_model(self):
@@ -194,16 +252,21 @@ def build_cluster_sim(config) -> ClusterSim:
         raise ConfigError("cluster.*: a cluster runs in the simulator (backend='sim'); real-engine replicas are not "
                           "built from the CLI yet")
     configs = replica_configs(config)
-    specs = tuple(replica_spec(c, f"replica {i}") for i, c in enumerate(configs))
+    specs = tuple(replica_spec(c, f"{role} {i}" if role != "mixed" else f"replica {i}", role)
+                  for i, (c, role) in enumerate(zip(configs, roles(config))))  # fmt: skip
+    migration = build_migration(config)
+    if migration.mode != "off" and any(s.role != "mixed" for s in specs):
+        raise ConfigError("cluster.migration.mode and cluster.pools: migration between the replicas of phase pools is "
+                          "not supported; set cluster.migration.mode='off' or cluster.pools.prefill=decode=0")
     return ClusterSim(tuple(configs), specs, build_router(config), tuple(build_events(config, len(specs))),
                       tuple(build_workload(config)), max_sim_time_s(config), slo_targets(config),
-                      build_migration(config))  # fmt: skip
+                      migration, build_pools(config))  # fmt: skip
 
 
 def run_cluster_sim(run: ClusterSim, on_progress: Optional[ProgressHook] = None) -> Results:
     """Simulates ``run``: metrics (with ``per_replica``), per-request rows, the shared log."""
     cluster = Cluster(run.specs, run.router, max_sim_time_s=run.max_sim_time_s, migration=run.migration,
-                      step_errors="raise")  # a simulated step that raises is a bug, not a fault
+                      step_errors="raise", pools=run.pools)  # a simulated step that raises is a bug, not a fault
     log = cluster.run(list(run.requests), run.events, on_progress=on_progress).freeze()
     members = cluster.members
     prices = [m.spec.executor.cost_model.cost_usd_per_hour() for m in members]
@@ -218,8 +281,10 @@ def run_cluster_sim(run: ClusterSim, on_progress: Optional[ProgressHook] = None)
         metrics.setdefault("unavailable", {})["migration_downtime_s"] = (
             "no migration completed" if run.migration.mode != "off" else "cluster.migration.mode is 'off'")
     metrics["migration_mode"] = run.migration.mode
+    if cluster.handoff is not None:
+        metrics.update(handoff_metrics(cluster.handoff.records))
     metrics["per_replica"] = {
-        str(m.index): {"status": m.status, "num_steps": int((log.step_replica == m.index).sum()),
+        str(m.index): {"status": m.status, "role": m.role, "num_steps": int((log.step_replica == m.index).sum()),
                        "num_placed": sum(1 for _, _, i in cluster.placements if i == m.index),
                        "busy_s": float(log.step_duration_s[log.step_replica == m.index].sum())}
         for m in members

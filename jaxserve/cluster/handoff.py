@@ -32,6 +32,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import numpy as np
+
 from jaxserve.cluster.kv_transfer import OVERLAPS, KVLink, copy_blocks, device_bytes, transfer_end
 from jaxserve.scheduler import migration as moves
 
@@ -280,3 +282,27 @@ class Handoff:
 
     def is_waiting(self, request_id: str) -> bool:
         return any(h.record.request_id == request_id for h in self.waiting)
+
+
+def handoff_metrics(records: list[TransferRecord]) -> dict:
+    """``num_kv_transfers`` (done), their bytes (per device), and per transfer: ``kv_transfer_s``
+    (prefill end to the copy's end: what the request's second token waits, beyond a decode step),
+    ``kv_transfer_wait_s`` (prefill end until a decode replica took it) and ``kv_copy_s`` (the copy
+    alone); distributions are mean/p50/p99 (None without a transfer). Failed handoffs by count."""
+    done = [r for r in records if r.outcome == "done"]
+
+    def dist(values):
+        if not values:
+            return None
+        a = np.asarray(values, np.float64)
+        return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99))}
+
+    return {
+        "num_kv_transfers": len(done),
+        "num_kv_transfers_failed": sum(r.outcome.startswith("failed") for r in records),
+        "kv_transfer_bytes": float(sum(r.num_bytes for r in done)),
+        "kv_transfer_s": dist([r.end_s - r.ready_s for r in done]),
+        "kv_transfer_wait_s": dist([r.start_s - r.ready_s for r in done]),
+        "kv_copy_s": dist([r.copy_s for r in done]),
+        "kv_transfers_overlapped": sum(r.overlapped for r in done),
+    }

@@ -75,6 +75,20 @@ def test_a_cluster_config_builds_each_replica_with_its_overrides():
     ({"cluster.migration.mode": "live", "cluster.migration.interval_s": 0.0}, "cluster.migration.interval_s must be > 0"),
     ({"cluster.migration.mode": "live", "cluster.migration.max_stages": 0}, "cluster.migration.max_stages must be > 0"),
     ({"cluster.migration.mode": "live", "cluster.migration.destination_above": -1.0}, "destination_above .* must exceed source_below"),
+    ({"cluster.pools.prefill": 2, "cluster.pools.decode": 2}, r"2 prefill \+ 2 decode replicas > cluster.num_replicas=3"),
+    ({"cluster.pools.prefill": -1}, "cluster.pools.prefill must be >= 0, got -1"),
+    ({"cluster.pools.prefill": 3}, "cluster.pools: prefill replicas alone cannot serve both phases"),
+    ({"cluster.pools.decode": 3}, "cluster.pools: decode replicas alone cannot serve both phases"),
+    ({"cluster.pools.prefill": 1, "cluster.pools.link_gb_s": 0.0}, "cluster.pools.link_gb_s must be > 0 GB/s, got 0.0"),
+    ({"cluster.pools.prefill": 1, "cluster.pools.link": "nvlink9"}, "cluster.pools.link: unknown link 'nvlink9'"),
+    ({"cluster.pools.prefill": 1, "cluster.pools.overlap": "chunk"}, "cluster.pools.overlap must be one of none, layer"),
+    ({"cluster.pools.prefill": 1, "cluster.pools.link_scope": "rack"}, "cluster.pools.link_scope must be one of source"),
+    ({"cluster.pools.prefill": 1, "cluster.pools.decode_pick": "random"}, "cluster.pools.decode_pick must be one of"),
+    ({"cluster.pools.prefill": 1, "cluster.pools.prefill_overrides": "workload.qps=2"},
+     r"cluster.pools.prefill_overrides: 'workload.qps' is not a replica key"),
+    ({"cluster.pools.prefill": 1, "cluster.pools.decode_overrides": "hardware.tp=two"},
+     r"cluster.pools.decode_overrides.hardware.tp must be int, got 'two'"),
+    ({"cluster.pools.prefill": 1, "cluster.migration.mode": "live"}, "migration between the replicas of phase pools is not supported"),
 ])  # fmt: skip
 def test_bad_cluster_keys_name_the_key(values, needle):
     config = small(**values)
@@ -113,3 +127,23 @@ def test_a_migrating_cluster_reports_its_migrations():
     off = run_cluster_sim(build_cluster_sim(small(**{"kv.num_blocks": 120, "workload.qps": 60.0}))).metrics
     assert off["num_migrations"] == 0 and off["migration_downtime_s"] is None
     assert "off" in off["unavailable"]["migration_downtime_s"]
+
+
+def test_phase_pools_from_the_config_hand_requests_over_and_report_transfers():
+    config = small(**{"cluster.num_replicas": 4, "cluster.pools.prefill": 1, "cluster.pools.decode": 2,
+                      "cluster.pools.prefill_overrides": "hardware.tp=2", "cluster.pools.decode_overrides": "kv.num_blocks=500",
+                      "cluster.replicas": "2:kv.num_blocks=600", "cluster.pools.overlap": "layer",
+                      "cluster.pools.link_gb_s": 50.0})  # fmt: skip
+    assert is_cluster(config)
+    run = build_cluster_sim(config)
+    assert [s.role for s in run.specs] == ["prefill", "decode", "decode", "mixed"]
+    assert [s.executor.cost_model.tp for s in run.specs] == [2, 1, 1, 1]
+    assert [s.kv.num_blocks for s in run.specs][1:3] == [500, 600]  # a replica's own override wins
+    assert run.pools.link.bandwidth == 50e9 and run.pools.overlap == "layer"
+    assert run.specs[0].num_layers == 32
+    m = run_cluster_sim(run).metrics
+    assert m["num_finished"] == 120
+    placed_on_prefill = m["per_replica"]["0"]["num_placed"]
+    assert 0 < m["num_kv_transfers"] <= placed_on_prefill and m["kv_transfer_bytes"] > 0
+    assert m["kv_transfer_s"]["p50"] > 0 and m["per_replica"]["0"]["role"] == "prefill"
+    assert m["per_replica"]["1"]["num_placed"] + m["per_replica"]["2"]["num_placed"] > 0  # decode took handoffs only
