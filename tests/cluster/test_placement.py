@@ -60,6 +60,18 @@ def test_screen_leaves_out_configs_whose_weights_do_not_fit():
     assert {c.prefill.tp for c in screen.candidates} == {c.decode.tp for c in screen.candidates} == {2, 4, 8}
 
 
+def test_each_phase_needs_its_longest_request_in_kv():
+    # one A100-80GB holds ~61k KV tokens of Llama-2-13B, two (tp=2) ~155k; the short requests keep
+    # the mean context small, so only the longest request's fit decides
+    def tps(prompt, output):
+        lengths = pm.PhaseWorkload.from_lengths([prompt] + [100] * 100, [output] + [100] * 100)
+        screen = pl.screen_placements(cost_models(), 4, lengths, 60.0, 0.5, max_pp=1)
+        return {c.prefill.tp for c in screen.candidates}, {c.decode.tp for c in screen.candidates}
+
+    assert tps(70_000, 2) == ({2}, {2})  # the prompt alone is too long for one GPU
+    assert tps(50_000, 20_000) == ({1, 2}, {2})  # the prompt fits, prompt + output does not
+
+
 def test_screen_with_more_gpus_per_instance_estimates_more_per_instance(screen16):
     # a sanity check of direction: within a phase, more tensor parallelism serves more per instance
     rate = {c.prefill: r for c, r in zip(screen16.candidates, screen16.prefill_rate)}
@@ -116,6 +128,13 @@ def test_promising_confirms_the_largest_of_each_family(screen16):
     for i in pl.promising(screen16, 6):
         c = screen16.candidates[i]
         assert all(o.num_gpus <= c.num_gpus for o in screen16.candidates if o.family() == c.family())
+
+
+def test_promising_takes_the_largest_member_even_when_rounding_favours_a_smaller_one():
+    small, large = (pl.Placement(pl.PhaseConfig(1, 1, k), pl.PhaseConfig(1, 1, k)) for k in (1, 2))
+    rates = np.array([2.0000001, 4.0])  # per GPU: 1.00000005 and 1.0, equal but for rounding
+    screen = pl.Screen((small, large), rates, rates, rates, rates / [2, 4], 1.0, 1.0, (), 0.0, 0.0)
+    assert pl.promising(screen, 4) == (1,)
 
 
 def test_wall_time_budget_stops_confirming(screen16):
