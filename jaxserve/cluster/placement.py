@@ -158,8 +158,8 @@ def colocated_candidates(
 @dataclasses.dataclass(frozen=True)
 class Screen:
     """Every placement of the budget with its analytic estimates (index-aligned arrays, req/s).
-    ``goodput`` is the lower of the two pools' rates; ``skipped`` lists (tp, pp, why) configs left out
-    for both phases; ``tables_s`` and ``model_s`` are the wall seconds spent evaluating cost models
+    ``goodput`` is the lower of the two pools' rates; ``skipped`` lists (tp, pp, why) for configs the
+    cost model rejects (the model cannot be sharded so, or its weights do not fit); ``tables_s`` and ``model_s`` are the wall seconds spent evaluating cost models
     and in the vmapped phase model."""
 
     candidates: tuple[Placement, ...]
