@@ -1,8 +1,9 @@
 """Serving metrics computed from an event log (the simulator's or the engine's).
 
 Per request: TTFT, every inter-token gap (TBT), TPOT, E2E latency, normalized latency (E2E / output
-tokens, vLLM's metric), queueing delay, preemptions. Aggregates: mean/p50/p90/p99, throughput, SLO
-attainment, energy per token, cost per million tokens. Searches: capacity (Sarathi-Serve: the
+tokens, vLLM's metric), queueing delay, preemptions, energy (``request_energy_j``: its share of the
+steps that served it). Aggregates: mean/p50/p90/p99, throughput, SLO attainment, energy per token
+and per request, average power, cost per hour and per million tokens. Searches: capacity (Sarathi-Serve: the
 highest request rate whose P99 TBT meets an SLO) and goodput (DistServe: the highest rate at which
 at least 90 % of requests meet both TTFT and TPOT SLOs). Fairness: VTC's largest service gap between
 two clients over an interval in which both stayed backlogged.
@@ -156,6 +157,7 @@ def summarize(
     slo_tpot_s: Optional[float] = None,
     price_per_hour_usd: Optional[float] = None,
     unmodelled: Optional[Mapping[str, str]] = None,
+    idle_power_w: Optional[float | Mapping[int, float]] = None,
 ) -> dict:
     """The metrics.json dictionary (DESIGN.md keys plus counts, energy and cost where modelled).
 
@@ -163,7 +165,10 @@ def summarize(
     from nothing, and ``unavailable[key]`` says why; ``slo_attainment`` is ``None`` when no SLO is
     set. ``rejections`` counts rejected requests by reason (numbers and ids masked, so requests
     rejected for the same cause group together). ``unmodelled`` maps keys the executor cannot give
-    (energy, cost) to why: they are ``None`` with that reason."""
+    (energy, cost) to why: they are ``None`` with that reason; when ``energy_j`` is one of them, so
+    are the other energy keys. ``idle_power_w``: watts a replica draws while it runs no step (a
+    float for every replica that ran a step, or replica index -> watts), for ``energy_idle_j``,
+    ``energy_total_j`` and ``avg_power_w``; ``energy_j`` counts the steps only."""
     rm = request_metrics(log)
     admitted = ~rm.rejected
     start = float(log.arrival_s[admitted].min()) if admitted.any() else 0.0
@@ -233,11 +238,66 @@ def summarize(
     if price_per_hour_usd is not None:
         cost = price_per_hour_usd * makespan / 3600.0 / out_tokens * 1e6 if out_tokens else None
         metrics["cost_usd_per_mtok"] = scalar("cost_usd_per_mtok", cost, no_tokens)
-    for key, why in (unmodelled or {}).items():
+    metrics["cost_usd_per_hour"] = scalar("cost_usd_per_hour", price_per_hour_usd, "the machine has no known price")
+    unmodelled = dict(unmodelled or {})
+    if energy > 0 and "energy_j" not in unmodelled:
+        metrics["energy_per_request_j"] = dist("energy_per_request_j", request_energy_j(log)[rm.finished], none_finished)
+        idle = idle_energy_j(log, makespan, idle_power_w) if rm.finished.any() else None
+        why_idle = none_finished if idle_power_w is not None else "idle power not given"
+        metrics["energy_idle_j"] = scalar("energy_idle_j", idle, why_idle)
+        metrics["energy_total_j"] = scalar("energy_total_j", None if idle is None else energy + idle, why_idle)
+        metrics["avg_power_w"] = scalar("avg_power_w", None if idle is None else (energy + idle) / makespan, why_idle)
+    else:
+        why = unmodelled.get("energy_j", "no step recorded energy")
+        unmodelled.update({key: why for key in ENERGY_KEYS})
+    for key, why in unmodelled.items():
         metrics[key] = None
         unavailable[key] = why
     metrics["unavailable"] = unavailable
     return metrics
+
+
+ENERGY_KEYS = ("energy_per_request_j", "energy_idle_j", "energy_total_j", "avg_power_w")
+
+
+def request_energy_j(log: FrozenLog) -> np.ndarray:
+    """Each request's share of the steps' energy, joules (index = request index; they sum to the
+    steps' energy when some request got its first token). The log records which requests got a token
+    at each step, not every row's tokens, so the rule is: a step's energy is split evenly over the
+    tokens it processed; each decode token a request received (any token after its first) is charged
+    one token's worth of its step; the rest of every step (its prefill tokens, recomputations
+    included) is pooled and charged to the requests that got a first token, in proportion to their
+    prompt lengths. Steps that end at the same instant (replicas of a cluster) count as one."""
+    n = log.num_requests
+    out = np.zeros(n)
+    if not len(log.step_end_s):
+        return out
+    ends, group = np.unique(log.step_end_s, return_inverse=True)
+    energy = np.bincount(group, log.step_energy_j, len(ends))
+    tokens = np.bincount(group, log.step_tokens.astype(np.float64), len(ends))
+    per_token = np.divide(energy, tokens, out=np.zeros_like(energy), where=tokens > 0)
+    req, time = log.token_req, log.token_time_s
+    order = np.lexsort((time, req))
+    first = np.ones(len(req), bool)
+    first[order[1:]] = req[order][1:] != req[order][:-1]  # the earliest token of each request
+    charged = per_token[np.searchsorted(ends, time[~first])]
+    out += np.bincount(req[~first], charged, n)
+    weight = np.zeros(n)
+    weight[req[first]] = log.prompt_len[req[first]]
+    if weight.sum() > 0:
+        out += (float(energy.sum()) - float(charged.sum())) * weight / weight.sum()
+    return out
+
+
+def idle_energy_j(log: FrozenLog, makespan: float, idle_power_w: Optional[float | Mapping[int, float]]) -> Optional[float]:
+    """Joules replicas draw between steps over ``makespan``: idle watts times the part of it each ran
+    no step; ``idle_power_w`` as ``summarize`` takes it (None: None)."""
+    if idle_power_w is None:
+        return None
+    if not isinstance(idle_power_w, Mapping):
+        idle_power_w = {int(r): idle_power_w for r in np.unique(log.step_replica)}
+    busy = {r: float(log.step_duration_s[log.step_replica == r].sum()) for r in idle_power_w}
+    return float(sum(w * max(makespan - busy[r], 0.0) for r, w in idle_power_w.items()))
 
 
 def client_metrics(log: FrozenLog, rm, trace: "ServiceTrace") -> dict[str, dict]:

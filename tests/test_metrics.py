@@ -232,3 +232,52 @@ def test_finish_reasons_and_slo_attainment_only_with_an_slo():
     assert summarize(frozen)["slo_attainment"] is None
     assert summarize(frozen, slo_ttft_s=0.5)["slo_attainment"] == 0.0
     assert summarize(frozen, slo_ttft_s=2.0)["slo_attainment"] == 1.0
+
+
+# -- energy ------------------------------------------------------------------------------------------
+
+
+def test_request_energy_by_hand():
+    """hand_log: step 0 (10 J, a's 4-token prompt), step 1 (20 J: a's decode token, b's 2-token
+    prompt), step 2 (5 J: a decode, b decode). Decode tokens pay one token's worth of their step
+    (20/3, 5/2, 5/2); the rest, 10 + 40/3 J, goes by prompt length: a 4/6, b 2/6."""
+    from jaxserve.metrics import request_energy_j
+
+    energy = request_energy_j(hand_log())
+    pool = 10 + 40 / 3
+    np.testing.assert_allclose(energy, [20 / 3 + 2.5 + pool * 4 / 6, 2.5 + pool * 2 / 6])
+    assert energy.sum() == pytest.approx(35.0)  # every joule of the steps goes to some request
+
+
+def test_energy_summary_by_hand():
+    m = summarize(hand_log(), price_per_hour_usd=3.6, idle_power_w=4.0)
+    # one replica, makespan 2.5 s, busy 2.5 s: no idle time
+    assert m["energy_idle_j"] == 0.0 and m["energy_total_j"] == 35.0 and m["avg_power_w"] == pytest.approx(35 / 2.5)
+    assert m["cost_usd_per_hour"] == 3.6
+    a, b = 20 / 3 + 2.5 + (10 + 40 / 3) * 4 / 6, 2.5 + (10 + 40 / 3) * 2 / 6
+    assert m["energy_per_request_j"]["mean"] == pytest.approx((a + b) / 2)
+    assert m["energy_per_request_j"]["p99"] == pytest.approx(b + 0.99 * (a - b))  # numpy: linear between the two
+    # a second replica that never stepped idles the whole makespan
+    two = summarize(hand_log(), idle_power_w={0: 4.0, 1: 10.0})
+    assert two["energy_idle_j"] == pytest.approx(25.0) and two["avg_power_w"] == pytest.approx(60 / 2.5)
+    no_idle = summarize(hand_log())
+    assert no_idle["avg_power_w"] is None and no_idle["unavailable"]["avg_power_w"] == "idle power not given"
+    assert no_idle["cost_usd_per_hour"] is None and "cost_usd_per_hour" in no_idle["unavailable"]
+
+
+def test_unmodelled_energy_makes_every_energy_key_null_with_the_reason():
+    m = summarize(hand_log(), unmodelled={"energy_j": "no power", "energy_j_per_token": "no power"})
+    for key in ("energy_j", "energy_per_request_j", "energy_idle_j", "energy_total_j", "avg_power_w"):
+        assert m[key] is None and m["unavailable"][key] == "no power"
+
+
+def test_idle_gaps_between_steps_draw_idle_power():
+    log = EventLog()
+    r = jaxserve.Request("x", prompt_len=4, sampling=jaxserve.SamplingParams(2), arrival_time=0.0)
+    log.add_request(r, 0.0)
+    log.step(_plan([("x", 0, 4, True)], 0), 0.0, 1.0, 8.0, FakeState(0, 1), [])
+    log.step(_plan([("x", 4, 1, True)], 1), 3.0, 1.0, 6.0, FakeState(0, 0), done("x"))  # idle from 1 to 3
+    m = summarize(log.freeze(), idle_power_w=5.0)
+    assert m["energy_idle_j"] == pytest.approx(10.0) and m["energy_total_j"] == pytest.approx(24.0)
+    assert m["avg_power_w"] == pytest.approx(24.0 / 4.0)
+    assert m["energy_per_request_j"]["mean"] == pytest.approx(14.0)  # one request: every step's energy

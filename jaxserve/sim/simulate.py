@@ -167,8 +167,10 @@ def run_sim(run: SimRun, on_progress: Optional[ProgressHook] = None) -> Results:
     """Simulates ``run``: metrics, per-request rows and the event log."""
     log = run_replica(run.scheduler, run.kv, SimExecutor(run.cost_model), list(run.requests), limits=run.limits,
                       on_progress=on_progress).freeze()  # fmt: skip
-    metrics = summarize(log, **run.slo, price_per_hour_usd=run.cost_model.cost_usd_per_hour(),
-                        unmodelled=unmodelled_metrics(run.cost_model))
+    cost_model = run.cost_model
+    metrics = summarize(log, **run.slo, price_per_hour_usd=cost_model.cost_usd_per_hour(),
+                        unmodelled=unmodelled_metrics(cost_model),
+                        idle_power_w=cost_model.idle_power_w() if cost_model.models_energy else None)
     metrics["num_kv_blocks"] = run.kv.num_blocks
     return Results(metrics, request_metrics(log).rows(), log, run.kv, run.scheduler)
 
