@@ -2,7 +2,9 @@
 tokens of an unmigrated run, the source frees every block and the destination holds exactly the
 request's; a migration whose destination fills up mid-way aborts with the request still correct on
 the source; a replica whose step raises fails and its requests finish elsewhere with the same
-tokens. Each runs on in-process ModelRunners, and again on Ray actors when ray is installed."""
+tokens; phase pools (prefill on engine A, its KV copied into engine B's pages, decode on B) give the
+single-engine tokens, and a handoff into a full B waits, or fails cleanly when B can never hold it.
+Each runs on in-process ModelRunners, and again on Ray actors when ray is installed."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from engine_testing import RUNNER_KV, greedy, prompt, request
 from jaxserve.cluster import Cluster
 from jaxserve.cluster import routers
 from jaxserve.cluster.engines import engine_replica
+from jaxserve.cluster.handoff import PoolSettings
 from jaxserve.cluster.migration import MigrationSettings
 from jaxserve.engine.engine import Engine
 from jaxserve.kv.config import KVConfig
@@ -159,3 +162,76 @@ def test_round_robin_engines_serve_like_one_engine(executors, reference):
     cluster = Cluster([engine_replica(ex, make("vllm")) for ex in executors], routers.make("round_robin"), fast_forward=False)
     cluster.run(list(REQUESTS.values()))
     assert cluster.outputs == reference
+
+
+# -- phase pools: prefill on A, decode on B ---------------------------------------------------------
+def pools_of(executors, decode_kv=None, decode_seqs: int = 8) -> Cluster:
+    """Engine A (64 blocks) computes prompts, engine B (40 blocks, or ``decode_kv``) decodes."""
+    a, b = executors
+    prefill = dataclasses.replace(engine_replica(a, make("vllm"), "prefill"), role="prefill")
+    decode = dataclasses.replace(engine_replica(b, make("vllm", max_num_seqs=decode_seqs), "decode"), role="decode",
+                                 kv=decode_kv or b.kv)  # fmt: skip
+    return Cluster([prefill, decode], routers.make("round_robin"), fast_forward=False, pools=PoolSettings())
+
+
+def spy_handoffs(cluster) -> list:
+    """At each completed handoff: (whether A still holds the request's blocks, A's table of it, B's
+    table of it, B's running table of it, B's refcounts)."""
+    seen, complete = [], cluster.handoff._complete
+    tables = {}
+    start = cluster.handoff._copy
+
+    def copy(h, src, dst, now):
+        rid = h.record.request_id
+        tables[rid] = (src.replica.state.outgoing[rid], dst.replica.state.incoming[rid])
+        start(h, src, dst, now)
+
+    def done(h, now):
+        complete(h, now)
+        a, b = (m.replica.state for m in cluster.members)
+        rid = h.record.request_id
+        r = b.running.row_index(rid)
+        seen.append((rid in a.outgoing, *tables[rid], b.running.block_tables[r], dict(b.kv.device.refcounts.items())))
+
+    cluster.handoff._copy, cluster.handoff._complete = copy, done
+    return seen
+
+
+def test_prefill_on_one_engine_and_decode_on_another_gives_the_single_engine_tokens(executors, reference):
+    cluster = pools_of(executors)
+    decode = cluster.members[1].replica  # B's first 5 blocks are taken: the copies land on other ids than A's
+    decode.replace_state(moves.reserve_incoming(decode.scheduler, decode.state, "filler", 5))
+    seen = spy_handoffs(cluster)
+    log = cluster.run(list(REQUESTS.values())).freeze()
+    assert cluster.outputs == reference
+    records = cluster.handoff.records
+    assert [r.outcome for r in records] == ["done", "done"]
+    assert all(r.num_bytes > 0 and r.copy_s > 0 and r.end_s >= r.ready_s + r.copy_s for r in records)
+    assert len(seen) == 2
+    for still_on_a, src_table, dst_table, table_now, refs in seen:
+        assert not still_on_a, "A kept the blocks after the handoff"
+        assert table_now[: len(dst_table)] == dst_table  # B decodes on the blocks the KV was written to
+        assert all(refs[b] == 1 for b in table_now)
+        assert src_table != dst_table
+    assert set(log.step_prefill_tokens[log.step_replica == 1].tolist()) == {0}  # B never computed a prompt
+    assert [m.replica.state.kv.device.num_used for m in cluster.members] == [0, 5]  # B: the filler only
+
+
+def test_a_handoff_into_a_full_decode_engine_waits_and_stays_correct(executors, reference):
+    cluster = pools_of(executors, decode_seqs=1)  # B decodes one request at a time: the second waits
+    log = cluster.run(list(REQUESTS.values())).freeze()
+    assert cluster.outputs == reference
+    first, second = sorted(cluster.handoff.records, key=lambda r: r.start_s)
+    finished = dict(zip([i.request_id for i in log.requests], log.finish_s.tolist()))
+    assert second.start_s > second.ready_s and second.start_s >= finished[first.request_id] - 1e-12
+    assert [m.replica.state.kv.device.num_used for m in cluster.members] == [0, 0]
+
+
+def test_a_handoff_the_decode_engine_can_never_hold_fails_cleanly(executors, reference):
+    tiny = KVConfig(num_blocks=2, block_size=RUNNER_KV.block_size)  # the requests' prompts need 3 blocks
+    cluster = pools_of(executors, decode_kv=tiny)
+    log = cluster.run(list(REQUESTS.values())).freeze()
+    assert all(r.startswith("failed: no decode or mixed replica can hold its KV (3 blocks") for r in log.finish_reason)
+    assert not cluster.outputs
+    assert [m.replica.state.kv.device.num_used for m in cluster.members] == [0, 0]
+    assert not any(log.step_replica == 1)
