@@ -1,0 +1,42 @@
+"""Profiles for the energy controller measured in the simulator: lower clocks draw less power and
+answer later, an overloaded instance's TTFT explodes, and the controller takes the profiles as they are."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from jaxserve.cluster.energy_controller import ReconfigCosts, Slo, choose
+from jaxserve.cluster.energy_profile import pool_profile, profile_entry
+from jaxserve.config import override
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def config():
+    spec = importlib.util.spec_from_file_location("jaxserve_energy_profile_default", ROOT / "configs" / "default.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return override(module.get_config(), {"hardware.name": "h100-sxm", "model.name": "llama-3-8b"})
+
+
+def test_lower_clock_draws_less_and_answers_later_and_overload_shows_in_ttft():
+    loads = (1.0, 4.0, 1000.0)  # 1000 req/s of 24 requests: one burst, far past what one GPU serves
+    top = profile_entry(config(), 1, 1980, loads, prompt_len=512, output_len=32, num_requests=24)
+    low = profile_entry(config(), 1, 990, loads, prompt_len=512, output_len=32, num_requests=24)
+    assert [p.load_rps for p in top.points] == list(loads) == [p.load_rps for p in low.points]
+    assert top.idle_power_w == low.idle_power_w == 70.0  # one H100
+    for a, b in zip(top.points[:2], low.points[:2]):
+        assert b.power_w < a.power_w and b.ttft_s > a.ttft_s and a.power_w > top.idle_power_w
+    assert top.points[1].power_w > top.points[0].power_w  # more load, more power
+    assert top.points[2].ttft_s > 5 * top.points[1].ttft_s  # the burst queues
+
+
+def test_pool_profile_feeds_the_controller():
+    profile = pool_profile(config(), tps=(1,), frequencies=(990, 1980), loads=(1.0, 2.0), prompt_len=512,
+                           output_len=32, num_requests=16)
+    assert {(e.tp, e.frequency_mhz) for e in profile} == {(1, 990), (1, 1980)}
+    d = choose(1.0, profile, Slo(ttft_s=10.0, tbt_s=1.0), epoch_s=60.0, max_gpus=2, costs=ReconfigCosts(0.0, 0.0))
+    assert d.slo_met and d.config.frequency_mhz == 990  # loose SLOs: the cheaper clock
+    with pytest.raises(ValueError, match="output_len must be >= 2"):
+        profile_entry(config(), 1, 1980, (1.0,), prompt_len=512, output_len=1, num_requests=4)
