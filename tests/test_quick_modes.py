@@ -81,6 +81,22 @@ def llumnix_migration(out):
     assert "| paper | ours |" in (out / "summary.md").read_text()
 
 
+def distserve_goodput(out):
+    import csv
+
+    confirmed = list(csv.DictReader(open(out / "confirmed.csv")))
+    screened = list(csv.DictReader(open(out / "screen.csv")))
+    assert confirmed and len(screened) >= len(confirmed) and all(int(r["simulations"]) > 0 for r in confirmed)
+    rates = list(csv.DictReader(open(out / "rate.csv")))
+    assert len({r["deployment"] for r in rates}) == 2
+    for label in {r["deployment"] for r in rates}:  # attainment falls as the rate grows
+        mine = sorted((r for r in rates if r["deployment"] == label), key=lambda r: float(r["rate"]))
+        assert float(mine[0]["attainment"]) >= float(mine[-1]["attainment"])
+    assert any(float(r["kv_transfer_p50_s"]) > 0 for r in rates if r["kv_transfer_p50_s"])
+    text = (out / "summary.md").read_text()
+    assert "| paper (DistServe" in text and "placements screened" in text
+
+
 # script -> (arguments, "json": checks of the JSON line it prints last | files it writes under --out
 # and checks of that folder)
 QUICK_RUNS = {
@@ -96,6 +112,8 @@ QUICK_RUNS = {
     "experiments/llumnix_migration.py": (["--quick"], ("tail.csv", "downtime.csv", "priority.csv", "headline.csv",
                                                         "tail_latency.png", "ttft_cdf.png", "downtime.png",
                                                         "priority.png", "summary.md"), llumnix_migration),
+    "experiments/distserve_goodput.py": (["--quick"], ("screen.csv", "confirmed.csv", "rate.csv", "slo_scale.csv",
+                                                        "goodput.png", "summary.md"), distserve_goodput),
     "experiments/scheduler_demo.py": (["--num_requests", "60"], (), None),
     "benchmarks/simulator_speed.py": (["--duration_s", "60"], "json", None),
     "benchmarks/cluster_speed.py": (["--duration_s", "60"], "json", cluster_speed),
