@@ -24,6 +24,8 @@ search (well under a minute).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
+import multiprocessing
 import time
 
 import _common as C
@@ -93,6 +95,13 @@ def colocated_goodput(tp: int) -> dict:
                              0.1 * args.gpus, 6.0 * args.gpus, rel_tol=0.04)  # fmt: skip
     return {"tp": tp, "count": count, "gpus": tp * count, "goodput": search.rate,
             "goodput_per_gpu": search.rate / (tp * count), "simulations": len(search.tried), "deploy": deploy}  # fmt: skip
+
+
+def screen_all(workload):
+    """The analytic screen of every placement of the budget (run in a child process: it initializes
+    jax, which the parent must not have running when it forks its simulation workers)."""
+    args = CTX["args"]
+    return screen_placements(cost_models_from_config(config_at({}, 1.0)), args.gpus, workload, TTFT_S, TPOT_S, max_pp=1)
 
 
 def curve_point(item) -> dict:
@@ -174,11 +183,11 @@ def main():
         trace = C.load_lengths(base.workload.lengths.path, CONTEXT)
         lengths_text, prompts, outputs = trace.describe(), trace.dist.prompt_lens, trace.dist.output_lens
     CTX["args"] = args
-    base = config_at({}, 1.0)
 
     # 1. placement search: the analytic screen, then simulation of the promising placements
     workload = PhaseWorkload.from_lengths(prompts, outputs)
-    screen = screen_placements(cost_models_from_config(base), args.gpus, workload, TTFT_S, TPOT_S, max_pp=1)
+    with cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as child:
+        screen = child.submit(screen_all, workload).result()
     C.console.print(f"screened {len(screen.candidates)} placements in {screen.tables_s + screen.model_s:.2f} s")
     result = search_placement(screen, lambda p, r: attainment(simulate(disaggregated(p), r)[0]),
                               time_budget_s=args.time_budget_s, top_k=args.top_k, attainment=ATTAINMENT)  # fmt: skip
