@@ -32,7 +32,8 @@ from jaxserve.cluster.kv_transfer import OVERLAPS, KVLink
 from jaxserve.cluster.migration import MODES, MigrationSettings, fill_downtimes, migration_metrics
 from jaxserve.cluster.migration_policy import LlumnixPolicy
 from jaxserve.cluster.routers import registry as router_registry
-from jaxserve.config import ConfigError, Results, build_scheduler, build_workload, get, override, slo_targets
+from jaxserve.config import (ConfigError, Results, build_scheduler, build_workload, get, override, parse_value,
+                             slo_targets)
 from jaxserve.metrics import request_metrics, summarize
 from jaxserve.runtime import ProgressHook, RunLimits
 from jaxserve.sim.executor import SimExecutor
@@ -120,8 +121,10 @@ def _replica_values(config, text: str, key: str) -> dict:
     for name, value in _pairs(text, key).items():
         if name.split(".")[0] not in REPLICA_SECTIONS:
             raise ConfigError(f"{key}: {name!r} is not a replica key (sections: {', '.join(REPLICA_SECTIONS)})")
-        kind = type(get(config, name)) if get(config, name) is not None else str
-        values[name] = _typed(value, kind, f"{key}.{name}")
+        try:
+            values[name] = parse_value(config, name, value)  # typed as the CLI types --config.<name>
+        except ConfigError as e:
+            raise ConfigError(f"{key}: {e}") from None
     return values
 
 

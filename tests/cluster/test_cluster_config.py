@@ -58,7 +58,7 @@ def test_a_cluster_config_builds_each_replica_with_its_overrides():
     ({"cluster.replicas": "5:kv.num_blocks=10"}, r"override for replica 5, but cluster.num_replicas is 3 \(replicas 0..2\)"),
     ({"cluster.replicas": "x:kv.num_blocks=10"}, "expected '<replica>:key=value"),
     ({"cluster.replicas": "1:workload.qps=3"}, r"cluster.replicas\[1\]: 'workload.qps' is not a replica key"),
-    ({"cluster.replicas": "1:kv.num_blocks=many"}, r"cluster.replicas\[1\].kv.num_blocks must be int, got 'many'"),
+    ({"cluster.replicas": "1:kv.num_blocks=many"}, r"cluster.replicas\[1\]: kv.num_blocks must be an int, got 'many'"),
     ({"cluster.replicas": "1:kv.nblocks=3"}, "unknown config key 'kv.nblocks'"),
     ({"cluster.replicas": "1:hardware.name=tpu-v9"}, "hardware.name"),
     ({"cluster.router_options": "max_waiting=3"}, "router 'round_robin' has no option 'max_waiting'"),
@@ -87,7 +87,7 @@ def test_a_cluster_config_builds_each_replica_with_its_overrides():
     ({"cluster.pools.prefill": 1, "cluster.pools.prefill_overrides": "workload.qps=2"},
      r"cluster.pools.prefill_overrides: 'workload.qps' is not a replica key"),
     ({"cluster.pools.prefill": 1, "cluster.pools.decode_overrides": "hardware.tp=two"},
-     r"cluster.pools.decode_overrides.hardware.tp must be int, got 'two'"),
+     r"cluster.pools.decode_overrides: hardware.tp must be an int, got 'two'"),
     ({"cluster.pools.prefill": 1, "cluster.migration.mode": "live"}, "migration between the replicas of phase pools is not supported"),
 ])  # fmt: skip
 def test_bad_cluster_keys_name_the_key(values, needle):
@@ -131,7 +131,7 @@ def test_a_migrating_cluster_reports_its_migrations():
 
 def test_phase_pools_from_the_config_hand_requests_over_and_report_transfers():
     config = small(**{"cluster.num_replicas": 4, "cluster.pools.prefill": 1, "cluster.pools.decode": 2,
-                      "cluster.pools.prefill_overrides": "hardware.tp=2", "cluster.pools.decode_overrides": "kv.num_blocks=500",
+                      "cluster.pools.prefill_overrides": "hardware.tp=2", "cluster.pools.decode_overrides": "kv.num_blocks=500,hardware.power_cap_w=300",
                       "cluster.replicas": "2:kv.num_blocks=600", "cluster.pools.overlap": "layer",
                       "cluster.pools.link_gb_s": 50.0})  # fmt: skip
     assert is_cluster(config)
@@ -141,6 +141,7 @@ def test_phase_pools_from_the_config_hand_requests_over_and_report_transfers():
     assert [s.kv.num_blocks for s in run.specs][1:3] == [500, 600]  # a replica's own override wins
     assert run.pools.link.bandwidth == 50e9 and run.pools.overlap == "layer"
     assert run.specs[0].num_layers == 32
+    assert [c.hardware.power_cap_w for c in run.configs] == [None, 300.0, 300.0, None]  # an optional key, typed
     m = run_cluster_sim(run).metrics
     assert m["num_finished"] == 120
     placed_on_prefill = m["per_replica"]["0"]["num_placed"]
