@@ -26,7 +26,8 @@ from jaxserve.runtime.events import EventLog
 from jaxserve.runtime.executor import DecodeRun, Executor
 from jaxserve.runtime.limits import RunLimits
 from jaxserve.scheduler.fast_forward import (
-    advance_decodes, blocks_in_use_after, decode_run_limit, finishing_step, is_stable_decode, retire_finished,
+    advance_decodes, blocks_in_use_after, decode_run_limit, finishing_step, is_stable_decode, next_is_stable_decode,
+    retire_finished,
 )
 
 StepHook = Callable[[BatchPlan, StepOutput, object], None]
@@ -162,6 +163,13 @@ class Replica:
         steps taken: 0 if the scheduler planned nothing (the replica is then blocked until ``add``)."""
         self.settle()
         scheduler, before = self.scheduler, self.state
+        stable = next_is_stable_decode(scheduler, before) if self._fast_forward else False
+        if stable:
+            # A run from ``before``, told without scheduling (the policy's dry run); 0 when none
+            # can be (a row finishes now, or the executor has no closed form): then step as planned.
+            k = self._decode_run(before, min(horizon, self.limits.max_sim_time_s))
+            if k:
+                return k
         state, plan = scheduler.schedule(before, self.now)
         if plan.is_empty:
             # Nothing runs, but scheduling may have changed the state (a preemption): keep it,
@@ -169,7 +177,7 @@ class Replica:
             self.state = scheduler.update(state, plan, StepOutput.for_plan(plan, _NO_TOKENS), self.now)
             self._blocked = True
             return 0
-        if self._fast_forward and is_stable_decode(scheduler, before, plan):
+        if stable is None and is_stable_decode(scheduler, before, plan):
             # This step and the identical ones after it, in closed form from ``before`` (the
             # scheduled state is dropped: schedule is pure); 0 when none can be (a row finishes
             # now, or the executor has no closed form): then the step runs as planned.

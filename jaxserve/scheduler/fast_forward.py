@@ -11,9 +11,15 @@ queue orders: no arrival, no finish and shrinking free memory keep a blocked que
 scheduler class opts in by declaring ``fast_forward_safe = True`` itself (a subclass that overrides
 ``schedule`` is not eligible until it declares it too). Fair queueing (VTC) reorders its queue as
 service accrues, so it is always stepped one step at a time.
+
+A run starts where the next plan would be a stable decode. ``next_is_stable_decode`` answers that
+from the state alone when the class also declares ``decode_only(state)`` (a dry run of its
+``schedule``: StepBuilder.decodes_only / would_admit), so a run costs no ``schedule`` call.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 
@@ -34,11 +40,28 @@ def is_stable_decode(sched, state, plan: BatchPlan) -> bool:
         type(sched).__dict__.get("fast_forward_safe", False)  # declared by the class itself
         and not sched.order.accounts_service
         and plan.num_seqs == n > 0
+        and plan.request_ids == run.ids  # (not a 1-token prefill of as many new rows: vllm runs those alone)
         and not (plan.preempted or plan.swapped_out or plan.swapped_in or plan.copy_blocks)
         and plan.num_tokens == n
         and np.count_nonzero(plan.samples_token) == n  # (count_nonzero: cheaper than .all()/.any())
         and not np.count_nonzero(run.has_stop)
     )
+
+
+def next_is_stable_decode(sched, state) -> Optional[bool]:
+    """Whether ``sched.schedule(state)`` would plan a stable decode (``is_stable_decode``), answered
+    without scheduling; None when the class that declares ``fast_forward_safe`` does not also
+    declare ``decode_only`` (then only scheduling can tell)."""
+    cls = type(sched)
+    if not cls.__dict__.get("fast_forward_safe", False) or sched.order.accounts_service:
+        return False
+    probe = cls.__dict__.get("decode_only")
+    if probe is None:
+        return None
+    run = state.running
+    if not len(run) or np.count_nonzero(run.has_stop):
+        return False
+    return probe(sched, state)
 
 
 def decode_run_limit(state) -> int:

@@ -23,3 +23,9 @@ class OrcaScheduler(WholePromptScheduler):
         step.run_running(whole)
         step.admit_new(whole, reserve="full")
         return step.build()
+
+    def decode_only(self, state) -> bool:
+        """Whether ``schedule(state)`` would plan one decode of every running request and nothing
+        else (fast_forward.next_is_stable_decode)."""
+        step = StepBuilder(self, state, self.max_num_batched_tokens)
+        return step.decodes_only() and not step.would_admit(whole, reserve="full")

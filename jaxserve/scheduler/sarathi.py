@@ -36,3 +36,12 @@ class SarathiScheduler(BatchingScheduler):
         step.run_running(chunk)
         step.admit_waiting(chunk)
         return step.build()
+
+    def decode_only(self, state) -> bool:
+        """Whether ``schedule(state)`` would plan one decode of every running request and nothing
+        else (fast_forward.next_is_stable_decode): every row decodes without a preemption and
+        then neither the first swapped request nor (with none swapped) the queue head fits."""
+        step, chunk = StepBuilder(self, state, self.chunk_size), Chunked(self.chunk_align)
+        if not step.decodes_only():
+            return False
+        return not (step.would_swap_in(chunk) if state.num_swapped else step.would_admit(chunk))

@@ -24,3 +24,8 @@ class StaticScheduler(WholePromptScheduler):
         else:
             step.admit_new(whole, reserve="full")
         return step.build()
+
+    def decode_only(self, state) -> bool:
+        """Whether ``schedule(state)`` would plan one decode of every running request and nothing
+        else (fast_forward.next_is_stable_decode): a batch is running and decodes without a preemption."""
+        return bool(state.num_running) and StepBuilder(self, state, self.max_num_batched_tokens).decodes_only()

@@ -76,6 +76,7 @@ class StepBuilder:
         self.copy_blocks: list[tuple[int, int]] = []
         self.swap_out_blocks: list[tuple[int, int]] = []
         self.swap_in_blocks: list[tuple[int, int]] = []
+        self.held = 0  # blocks a dry run_running set aside (``decodes_only``), not yet allocated
 
     # -- helpers -------------------------------------------------------------------------------
     @property
@@ -218,29 +219,15 @@ class StepBuilder:
             raise ValueError(f"admit_new: reserve must be 'prompt' or 'full', got {reserve!r}")
         if self.preempted or self.swapped_out:
             return  # memory just ran out: admitting more would only thrash (as vLLM does)
-        order, bs = self.sched.order, self.bs
+        order = self.sched.order
         while self.has_room:
             seq = order.peek(self.waiting)
             if seq is None:
                 return
-            total = seq.num_tokens
-            hits = self.pool.match_prefix(seq.block_hashes)
-            num_computed = len(hits) * bs
-            # A fully cached sequence still computes its last token, which writes into the last
-            # hit block: take that block over when nobody else uses it, else copy it (CoW).
-            fully_cached = num_computed == total
-            copy = fully_cached and not self.pool.is_evictable(hits[-1])
-            if fully_cached:
-                num_computed -= 1
-            n = chunk(total - num_computed, self.budget)
-            if n <= 0:
+            fit = self._admission(seq, chunk, reserve)
+            if fit is None:
                 return
-            kept = hits[:-1] if copy else hits
-            target = total if reserve == "prompt" else seq.request.max_total_tokens
-            need = self._blocks_for(target) - len(kept)
-            available = self.pool.num_free - self.pool.num_evictable_in(kept)
-            if need + self._reserve() > available:
-                return
+            hits, kept, num_computed, n, need, copy, fully_cached = fit
             pool = self.pool.acquire(hits)
             pool, blocks = pool.allocate(need)
             if copy:
@@ -258,14 +245,39 @@ class StepBuilder:
             self.new_rows.append(row)
             self.budget -= n
 
+    def _admission(self, seq, chunk: ChunkFn, reserve: str):
+        """How ``admit_new`` would admit the waiting ``seq`` now: ``(hits, kept, num_computed, n,
+        need, copy, fully_cached)`` (prefix-cache hits, the hits it keeps, tokens already computed,
+        tokens to compute now, blocks to allocate, whether the last hit is copied, whether every
+        token was cached); None when it does not fit (budget, or free blocks less the watermark)."""
+        total = seq.num_tokens
+        hits = self.pool.match_prefix(seq.block_hashes)
+        num_computed = len(hits) * self.bs
+        # A fully cached sequence still computes its last token, which writes into the last
+        # hit block: take that block over when nobody else uses it, else copy it (CoW).
+        fully_cached = num_computed == total
+        copy = fully_cached and not self.pool.is_evictable(hits[-1])
+        if fully_cached:
+            num_computed -= 1
+        n = chunk(total - num_computed, self.budget)
+        if n <= 0:
+            return None
+        kept = hits[:-1] if copy else hits
+        target = total if reserve == "prompt" else seq.request.max_total_tokens
+        need = self._blocks_for(target) - len(kept)
+        available = self.pool.num_free - self.pool.num_evictable_in(kept)
+        if need + self._reserve() > available:
+            return None
+        return hits, kept, num_computed, n, need, copy, fully_cached
+
     def swap_in(self, chunk: ChunkFn) -> None:
         """Brings swapped-out requests back in arrival order while their blocks fit."""
         while self.has_room and self.swapped:
             seq = self.swapped.peek()
-            n = chunk(seq.num_tokens - seq.num_computed, self.budget)
-            need = self._blocks_for(seq.num_computed + n)
-            if n <= 0 or need + self._reserve() > self.pool.num_free:
+            fit = self._swap_fit(seq, chunk)
+            if fit is None:
                 return
+            n, need = fit
             self.pool, blocks = self.pool.allocate(need)
             self.swap_in_blocks.extend(zip(seq.host_blocks, blocks))
             self.host = self.host.free(seq.host_blocks)
@@ -276,6 +288,59 @@ class StepBuilder:
             self.new_rows.append(row)
             self.swapped_in.append(seq.request_id)
             self.budget -= n
+
+    def _swap_fit(self, seq, chunk: ChunkFn):
+        """``(tokens to compute now, blocks to allocate)`` to swap ``seq`` back in now, or None
+        when it does not fit (budget, or free blocks less the watermark)."""
+        n = chunk(seq.num_tokens - seq.num_computed, self.budget)
+        need = self._blocks_for(seq.num_computed + n)
+        if n <= 0 or need + self._reserve() > self.pool.num_free:
+            return None
+        return n, need
+
+    # -- dry runs: would a move do only decodes? (the fast path asks, instead of scheduling) ----
+    def decodes_only(self) -> bool:
+        """A dry ``run_running``: whether it would give every running row its next token and do
+        nothing else (each row has exactly one token pending, the budget covers them all and their
+        new blocks are free, so nobody is preempted). If so, the budget is charged as it would be
+        and the blocks set aside (``held``: allocated only if ``would_admit`` must look at the pool)."""
+        run, live = self.run, self.live
+        if not live or live > self.budget:
+            return False
+        nc = run.num_computed
+        if np.count_nonzero(run.num_tokens - nc - 1):  # a row with a prefill chunk pending
+            return False
+        need = (nc + self.bs) // self.bs - run.num_blocks  # blocks for nc + 1 tokens, as _run_decodes
+        total = int(np.add.reduce(need[need > 0]))
+        if total > self.pool.num_free:
+            return False
+        self.budget -= live
+        self.held = total
+        return True
+
+    def would_admit(self, chunk: ChunkFn, *, reserve: str = "prompt") -> bool:
+        """A dry ``admit_new``: whether it would admit the queue head now. Nothing is admitted;
+        blocks ``held`` by ``decodes_only`` are allocated first when the head must be checked (so
+        prefix hits and free blocks are those ``admit_new`` would see after ``run_running``)."""
+        if self.preempted or self.swapped_out or not self.has_room:
+            return False
+        seq = self.sched.order.peek(self.waiting)
+        if seq is None:
+            return False
+        self._take_held()
+        return self._admission(seq, chunk, reserve) is not None
+
+    def would_swap_in(self, chunk: ChunkFn) -> bool:
+        """A dry ``swap_in``: whether it would bring the first swapped-out request back now."""
+        if not (self.has_room and self.swapped):
+            return False
+        self._take_held()
+        return self._swap_fit(self.swapped.peek(), chunk) is not None
+
+    def _take_held(self) -> None:
+        if self.held:
+            self.pool, _ = self.pool.allocate(self.held)
+            self.held = 0
 
     # -- result --------------------------------------------------------------------------------
     def build(self):

@@ -33,3 +33,12 @@ class VLLMScheduler(WholePromptScheduler):
             if not step.preempted and not step.swapped_out:
                 step.swap_in(whole)
         return step.build()
+
+    def decode_only(self, state) -> bool:
+        """Whether ``schedule(state)`` would plan one decode of every running request and nothing
+        else (fast_forward.next_is_stable_decode): the queue head does not fit (or admission waits
+        for swapped requests), every row decodes without a preemption, none is swapped back in."""
+        step = StepBuilder(self, state, self.max_num_batched_tokens)
+        if not state.num_swapped and step.would_admit(whole):
+            return False
+        return step.decodes_only() and not step.would_swap_in(whole)
