@@ -115,9 +115,9 @@ class Handoff:
         started = False
         while self.waiting:
             h = self.waiting[0]
-            if self._fits_nowhere(h):
-                self._fail(h, f"no decode or mixed replica can hold its KV ({h.record.num_blocks} blocks, the largest "
-                              "pool has fewer)")
+            why = self._why_nowhere(h)
+            if why is not None:
+                self._fail(h, why)
             elif not self._start(h, now):
                 break
             self.waiting.pop(0)
@@ -162,17 +162,29 @@ class Handoff:
 
         return sorted(members, key=lambda m: (m.role != "decode", key(m), m.index))
 
-    def _fits_nowhere(self, h: _Handoff) -> bool:
-        """No replica that could take ``h`` has a pool large enough for it, even empty."""
-        sizes = [m.spec.kv.num_blocks for m in self.cluster.members if m.status == "up" and m.role != "prefill"]
-        return bool(sizes) and h.record.num_blocks > max(sizes)
+    def _why_nowhere(self, h: _Handoff) -> Optional[str]:
+        """Why no up decode or mixed replica could ever finish ``h``'s request (None: some could, or
+        none is up now — one may be added later). As a replica admits an arrival: its whole prompt +
+        max_new_tokens must fit the pool (else a preemption could never be recomputed there), the
+        context limit and the scheduler's own admission rule."""
+        request = self.cluster.members[h.record.source].requests[h.record.request_id]
+        why = []
+        for m in self.cluster.members:
+            if m.status == "up" and m.role != "prefill":
+                reason = _cannot_hold(m, request)
+                if reason is None:
+                    return None
+                why.append(reason)
+        return (f"no decode or mixed replica can hold it (prompt + max_new_tokens = {request.max_total_tokens} "
+                f"tokens; {'; '.join(why)})") if why else None
 
     def _start(self, h: _Handoff, now: float) -> bool:
         """Reserves a destination for ``h`` and starts its copy; False when none has room now."""
         record, rid = h.record, h.record.request_id
         src = self.cluster.members[record.source]
+        request = src.requests[rid]
         for dst in self._destinations(now):
-            if dst.spec.kv.block_size != src.spec.kv.block_size:
+            if dst.spec.kv.block_size != src.spec.kv.block_size or _cannot_hold(dst, request) is not None:
                 continue
             dst.replica.settle(now)
             try:
@@ -180,7 +192,7 @@ class Handoff:
             except moves.MigrationRefused:
                 continue
             try:
-                dst.spec.executor.register(src.requests[rid])
+                dst.spec.executor.register(request)
             except ValueError:
                 continue  # this engine cannot serve it (e.g. over its context): try another
             dst.replica.replace_state(state)
@@ -282,6 +294,20 @@ class Handoff:
 
     def is_waiting(self, request_id: str) -> bool:
         return any(h.record.request_id == request_id for h in self.waiting)
+
+
+def _cannot_hold(member, request) -> Optional[str]:
+    """Why ``member`` could never finish ``request`` (None: it could), as it would judge an arrival."""
+    limit = member.spec.limits.max_context
+    if request.max_total_tokens > member.spec.kv.capacity_tokens:
+        return f"replica {member.index}'s pool holds {member.spec.kv.capacity_tokens} tokens"
+    if limit is not None and request.max_total_tokens > limit:
+        return f"replica {member.index}'s context is {limit}"
+    try:
+        member.spec.scheduler.check_admissible(request)
+    except ValueError as e:
+        return f"replica {member.index}: {e}"
+    return None
 
 
 def handoff_metrics(records: list[TransferRecord]) -> dict:

@@ -4,10 +4,13 @@ handoffs, faults on either side, and the fast path changing nothing."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
+import hypothesis.strategies as st
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
 from cluster_testing import COST, Pinned, assert_each_request_served_once, workload
 from log_testing import assert_same_log
 
@@ -160,7 +163,8 @@ def test_a_request_no_decode_replica_can_hold_is_failed_with_the_reason():
     cluster, log = run([spec("prefill"), spec("decode", tiny)], requests)
     reasons = dict(zip([i.request_id for i in log.requests], log.finish_reason))
     assert reasons["ok"] == "length"
-    assert reasons["big"] == "failed: no decode or mixed replica can hold its KV (19 blocks, the largest pool has fewer)"
+    assert reasons["big"] == ("failed: no decode or mixed replica can hold it (prompt + max_new_tokens = 304 tokens; "
+                              "replica 1's pool holds 128 tokens)")
     assert [m.replica.state.kv.device.num_used for m in cluster.members] == [0, 0]
 
 
@@ -207,6 +211,56 @@ def test_a_failed_replica_on_either_side_loses_nothing(failing):
     outcomes = [r.outcome for r in cluster.handoff.records]
     assert any(o.startswith(f"aborted: {'source' if failing == 0 else 'destination'} replica failed") for o in outcomes)
     assert all(m.replica.state.kv.device.num_used == 0 for m in cluster.members if m.live)
+
+
+# -- random pools ---------------------------------------------------------------------------------------
+REACHED: collections.Counter = collections.Counter()
+
+
+@settings(max_examples=50, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), n=st.integers(5, 60), rate=st.floats(5.0, 80.0),
+       prefill=st.integers(1, 2), decode=st.integers(0, 2), mixed=st.integers(0, 1),
+       decode_blocks=st.integers(12, 200), overlap=st.sampled_from(["none", "layer"]),
+       scope=st.sampled_from(["source", "cluster"]), pick=st.sampled_from(["least_kv", "shortest_queue"]),
+       bandwidth=st.sampled_from([25e9, 2e8]), fail=st.one_of(st.none(), st.tuples(st.floats(0.0, 4.0), st.integers(0, 4))),
+       scheduler=st.sampled_from(["vllm", "sarathi"]))  # fmt: skip
+def test_random_phase_pools_lose_nothing_and_leak_nothing(seed, n, rate, prefill, decode, mixed, decode_blocks, overlap,
+                                                          scope, pick, bandwidth, fail, scheduler):
+    """Random pools, pool sizes, links and a failure: every request is served once or failed with a
+    reason, decode replicas take no arrivals, transfers are timed in order, and no block leaks."""
+    if decode + mixed == 0:
+        decode = 1
+    specs = ([spec("prefill", scheduler=scheduler)] * prefill + [spec("decode", KVConfig(decode_blocks, 16))] * decode
+             + [spec("mixed", KVConfig(decode_blocks, 16))] * mixed)  # fmt: skip
+    requests = workload(seed, n, rate)
+    events = [] if fail is None or fail[1] >= len(specs) else [ClusterEvent(fail[0], "fail", replica=fail[1])]
+    cluster = Cluster(specs, routers.make("shortest_queue"), step_errors="raise",
+                      pools=PoolSettings(KVLink(bandwidth, 1e-4), scope, overlap, pick))  # fmt: skip
+    log = cluster.run(requests, events).freeze()
+    assert_each_request_served_once(log, requests)
+    decode_replicas = {m.index for m in cluster.members if m.role == "decode"}
+    arrivals = {rid for rid in (r.request_id for r in requests)}
+    routed = [(rid, i) for t, rid, i in cluster.placements if rid in arrivals and i in decode_replicas]
+    moved = {(r.request_id, r.destination) for r in cluster.handoff.records if r.outcome == "done"}
+    assert all(p in moved for p in routed), "a decode replica got a request the router placed, not a handoff"
+    for r in cluster.handoff.records:
+        REACHED[r.outcome.split(":")[0]] += 1
+        if r.outcome == "done":
+            assert r.ready_s <= r.start_s <= r.end_s and r.num_bytes > 0
+            REACHED["waited"] += r.start_s > r.ready_s
+            REACHED["overlapped"] += r.overlapped
+            REACHED["to mixed"] += cluster.members[r.destination].role == "mixed"
+    REACHED["replica failed"] += bool(events) and any(o.outcome.startswith("aborted") for o in cluster.handoff.records)
+    for m in cluster.members:
+        if m.live:
+            state = m.replica.state
+            assert state.kv.device.num_used == 0 and not state.incoming and not state.outgoing, m.index
+
+
+def test_random_phase_pools_reached_every_path():
+    """Runs after the property test in this module: its examples must have reached each path."""
+    for path in ("done", "waited", "overlapped", "to mixed", "failed", "aborted", "replica failed"):
+        assert REACHED[path] > 0, f"no example reached {path!r}: {dict(REACHED)}"
 
 
 # -- bad input ----------------------------------------------------------------------------------------
