@@ -89,6 +89,8 @@ def test_a_cluster_config_builds_each_replica_with_its_overrides():
     ({"cluster.pools.prefill": 1, "cluster.pools.decode_overrides": "hardware.tp=two"},
      r"cluster.pools.decode_overrides: hardware.tp must be an int, got 'two'"),
     ({"cluster.pools.prefill": 1, "cluster.migration.mode": "live"}, "migration between the replicas of phase pools is not supported"),
+    ({"cluster.pools.prefill": 1, "slo.ttft_s": 0.0}, r"slo.ttft_s must be > 0 or unset \(None\), got 0.0"),
+    ({"cluster.pools.prefill": 1, "slo.tpot_s": -0.1}, r"slo.tpot_s must be > 0 or unset \(None\), got -0.1"),
 ])  # fmt: skip
 def test_bad_cluster_keys_name_the_key(values, needle):
     config = small(**values)
