@@ -122,32 +122,33 @@ class EventLog:
         self._step_kv_usage.append(state.kv.usage)
         self._step_replica.append(replica)
 
-    def decode_run(self, request_ids, start_s: float, durations, energies, state, kv_usage, replica: int = 0,
-                   finished=()) -> np.ndarray:
-        """Records k decode steps of the same requests at once (``len(durations)`` steps, the
-        same as k calls of ``step``), leaving ``state``; ``finished`` are the requests the last of
-        them finished (``FinishedRequest``s; they count as running until then). Returns the steps'
-        end times."""
-        k = len(durations)
-        ends = np.cumsum(np.concatenate([[start_s], durations]))[1:]  # sequential, like now += d
-        rows = np.fromiter(map(self.index.__getitem__, request_ids), np.int64, len(request_ids))
+    def decode_run(self, request_ids, ends, durations, energies, state, kv_usage, replica: int = 0,
+                   finished=()) -> None:
+        """Records k decode steps of the same requests at once (the same as k calls of ``step``):
+        their end times ``ends`` (floats, summed in order from the first step's start, as ``step``
+        sums), ``durations``, ``energies`` and ``kv_usage`` (float arrays [k]), leaving ``state``;
+        ``finished`` are the requests the last of them finished (``FinishedRequest``s; they count
+        as running until then)."""
+        k = len(ends)
+        n = len(request_ids)
+        rows = np.fromiter(map(self.index.__getitem__, request_ids), np.int64, n)
         self._token_req.extend([rows] * k)
-        self._step_end.extend(ends.tolist())
-        self._step_duration.extend(np.asarray(durations).tolist())
-        self._step_energy.extend(np.asarray(energies).tolist())
-        self._step_tokens.extend([len(rows)] * k)
+        self._step_end.extend(ends)
+        self._step_duration.extend(durations.tolist())
+        self._step_energy.extend(energies.tolist())
+        self._step_tokens.extend([n] * k)
         self._step_prefill_tokens.extend([0] * k)
-        self._step_seqs.extend([len(rows)] * k)
+        self._step_seqs.extend([n] * k)
         self._step_waiting.extend([state.num_waiting] * k)
-        self._step_running.extend([state.num_running + len(finished)] * (k - 1) + [state.num_running])
-        self._step_kv_usage.extend(np.asarray(kv_usage, np.float64).tolist())
-        end = self._step_end[-1]
+        running = state.num_running
+        self._step_running.extend([running + len(finished)] * (k - 1) + [running])
+        self._step_kv_usage.extend(kv_usage.tolist())
+        end = ends[-1]
         for f in finished:
             i = self.index[f.request_id]
             self.finished[i] = end
             self.finish_reasons[i] = f.finish_reason
         self._step_replica.extend([replica] * k)
-        return ends
 
     # -- reading ---------------------------------------------------------------------------------
     def _finish_reason(self, i: int) -> str:

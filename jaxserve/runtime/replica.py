@@ -13,6 +13,8 @@ and the engine's measured-time clock skips idle gaps the same way.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, Optional
@@ -26,8 +28,7 @@ from jaxserve.runtime.events import EventLog
 from jaxserve.runtime.executor import DecodeRun, Executor
 from jaxserve.runtime.limits import RunLimits
 from jaxserve.scheduler.fast_forward import (
-    advance_decodes, blocks_in_use_after, decode_run_limit, finishing_step, is_stable_decode, next_is_stable_decode,
-    retire_finished,
+    apply_decode_run, blocks_in_use_after, is_stable_decode, next_is_stable_decode, run_bounds,
 )
 
 StepHook = Callable[[BatchPlan, StepOutput, object], None]
@@ -211,23 +212,28 @@ class Replica:
         run is held pending instead (``settle``)."""
         # The run may end with the step at which requests finish (retired as update would), unless
         # a driver watches every step that starts or finishes a request (``on_step``).
-        finish = finishing_step(state) if self._on_step is None else 0
-        k = min(finish or decode_run_limit(state), self.limits.max_steps - self.num_steps)
+        k, finishes = run_bounds(state, finish=self._on_step is None)
+        if k > self.limits.max_steps - self.num_steps:
+            k, finishes = self.limits.max_steps - self.num_steps, False
         if k < 1:
             return 0
-        run = state.running
-        closed = self.executor.decode_run(len(run), int(run.num_computed.sum()), int(run.num_computed.max()), k)
+        computed = state.running.num_computed
+        closed = self.executor.decode_run(
+            len(computed), int(np.add.reduce(computed)), int(np.maximum.reduce(computed)), k
+        )  # fmt: skip
         if closed is None:
             return 0
         # End times summed in order, as the log sums them: a run cut at j and continued from there
         # has bitwise the same end times as the uncut run, so deferring changes nothing.
-        ends = np.cumsum(np.concatenate(([self.now], closed.durations_s)))[1:]
+        ends = list(itertools.accumulate(closed.durations_s.tolist(), initial=self.now))[1:]
         # step j is scheduled at end_{j-1} (end_0 = now): it runs only if nothing is due by then
-        k = min(k, 1 + int(np.searchsorted(ends, horizon, side="left")))
-        pending = PendingRun(state, self.now, ends[:k], closed, k == finish, self.num_steps)
+        cut = 1 + bisect.bisect_left(ends, horizon)
+        if cut < k:
+            k, finishes, ends = cut, False, ends[:cut]
+        pending = PendingRun(state, self.now, ends, closed, finishes, self.num_steps)
         if self.defer_runs and k > 1:
             self._pending = pending
-            self.now = float(ends[k - 1])
+            self.now = ends[-1]
             self.num_steps += k
             return k
         self._apply_run(pending, k)
@@ -236,18 +242,15 @@ class Replica:
     def _apply_run(self, run: "PendingRun", k: int) -> None:
         """Applies the first ``k`` steps of ``run`` (all of them, or a cut: then none finishes)."""
         state, closed = run.before, run.closed
-        new_state, used_after = advance_decodes(state, k, closed.token_id)
-        usage = used_after / state.kv.config.num_blocks
-        finished = ()
-        if run.finishes and k == len(run.ends):
-            new_state = retire_finished(new_state)
-            finished = new_state.finished
-            usage[-1] = new_state.kv.usage  # after the finished requests' blocks were freed
-        ends = self.log.decode_run(
-            state.running.ids, run.start, closed.durations_s[:k], closed.energies_j[:k], new_state, usage, self.index,
-            finished,
+        finishes = run.finishes and k == len(run.ends)
+        new_state, used_after = apply_decode_run(state, k, closed.token_id, finishes)
+        finished = new_state.finished
+        ends = run.ends if k == len(run.ends) else run.ends[:k]
+        self.log.decode_run(
+            state.running.ids, ends, closed.durations_s[:k], closed.energies_j[:k], new_state,
+            used_after / state.kv.config.num_blocks, self.index, finished,
         )  # fmt: skip
-        self.state, self.now = new_state, float(ends[-1])
+        self.state, self.now = new_state, ends[-1]
         self.num_steps = run.num_steps + k
         if finished and self._on_finished is not None:
             self._on_finished(finished)
@@ -292,14 +295,14 @@ class PendingRun(NamedTuple):
 
     before: object  # the scheduler state at its first step
     start: float  # its first step's start (s)
-    ends: np.ndarray  # float64 [k] its steps' end times, summed as the log sums them
+    ends: list[float]  # its k steps' end times, summed in order as the log sums them
     closed: DecodeRun
     finishes: bool  # its last step finishes requests
     num_steps: int  # the replica's step count before it
 
     def started_by(self, t: float) -> int:
         """How many of its steps start before ``t`` (step j starts when step j - 1 ends): at least 1."""
-        return min(len(self.ends), 1 + int(np.searchsorted(self.ends, t, side="left")))
+        return min(len(self.ends), 1 + bisect.bisect_left(self.ends, t))
 
 
 def run_replica(

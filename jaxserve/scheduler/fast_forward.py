@@ -27,8 +27,11 @@ from jaxserve.kv.state import KVState
 from jaxserve.persistent import evolve
 from jaxserve.plan import BatchPlan
 from jaxserve.scheduler.caching import prompt_blocks_to_offer
-from jaxserve.scheduler.running import _frozen
-from jaxserve.scheduler.update import _retire
+from jaxserve.scheduler.running import COL, _frozen
+from jaxserve.scheduler.update import _SAMPLED, _retire
+
+_COMPUTED, _BLOCKS, _OUTPUT, _MAX_NEW = COL["num_computed"], COL["num_blocks"], COL["num_output"], COL["max_new"]
+_SLOT, _LAST = COL["slot"], COL["last_token"]
 
 
 def is_stable_decode(sched, state, plan: BatchPlan) -> bool:
@@ -64,39 +67,64 @@ def next_is_stable_decode(sched, state) -> Optional[bool]:
     return probe(sched, state)
 
 
-def decode_run_limit(state) -> int:
-    """The most decode steps ``advance_decodes`` may take from ``state``: none may finish a request
-    (the finishing step is left to the normal path) or run out of free blocks."""
+def run_bounds(state, finish: bool = True) -> tuple[int, bool]:
+    """``(k, finishes)``: the longest run of decode steps ``apply_decode_run`` may take from
+    ``state``, and whether its last step finishes requests. With ``finish``, the run ends with the
+    step at which the first requests finish when every step up to it has its blocks; otherwise (or
+    when they do not) it is the most steps in which none finishes and none runs out of free blocks.
+    ``(0, False)`` when there is none."""
     run = state.running
     if not len(run):
-        return 0
-    k = int((run.max_new - run.num_output).min()) - 1
-    if k <= 0:
-        return 0
+        return 0, False
+    nums, bs = run.nums, state.kv.block_size
+    m = int(np.minimum.reduce(nums[:, _MAX_NEW] - nums[:, _OUTPUT]))  # steps to the first finish
+    first = _first_block_steps(nums, bs)
     free = state.kv.device.num_free
-    if _allocations(run, state.kv.block_size, k).sum() <= free:  # the usual case when memory is not tight
-        return k
-    lo, hi = 0, k - 1  # largest k with allocations(k) <= free (allocations grow with k)
+    if finish and _num_allocations(first, bs, m) <= free:
+        return m, True
+    k = m - 1
+    if k <= 0 or _num_allocations(first, bs, k) <= free:  # (the usual case when memory is not tight)
+        return max(k, 0), False
+    lo, hi = 0, k - 1  # the largest k with allocations(k) <= free (allocations grow with k)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if _allocations(run, state.kv.block_size, mid).sum() <= free:
+        if _num_allocations(first, bs, mid) <= free:
             lo = mid
         else:
             hi = mid - 1
-    return lo
+    return lo, False
+
+
+def decode_run_limit(state) -> int:
+    """The most decode steps ``advance_decodes`` may take from ``state``: none may finish a request
+    (the finishing step is left to the normal path) or run out of free blocks."""
+    return run_bounds(state, finish=False)[0]
 
 
 def finishing_step(state) -> int:
     """The decode step (counted from 1) of ``state``'s run at which its first requests finish,
     when every step up to it has its blocks (``advance_decodes`` may take it, then
     ``retire_finished``); else 0."""
-    run = state.running
-    if not len(run):
-        return 0
-    k = int((run.max_new - run.num_output).min())
-    if k < 1 or _allocations(run, state.kv.block_size, k).sum() > state.kv.device.num_free:
-        return 0
-    return k
+    k, finishes = run_bounds(state)
+    return k if finishes else 0
+
+
+def _first_block_steps(nums: np.ndarray, bs: int) -> np.ndarray:
+    """Per row (``RunningBatch.nums``), the decode step (from 1) whose token needs a new block: the
+    one that computes token ``num_blocks * bs`` (later ones every ``bs`` steps)."""
+    return nums[:, _BLOCKS] * bs - nums[:, _COMPUTED] + 1
+
+
+def _num_allocations(first: np.ndarray, bs: int, k: int) -> int:
+    """Blocks the rows allocate over k decode steps (``first``: ``_first_block_steps``)."""
+    return int(np.add.reduce(np.maximum((k - first) // bs + 1, 0)))
+
+
+def blocks_in_use_after(state, k: int) -> int:
+    """KV blocks in use after ``k`` decode steps of ``state``'s run (no step finishing requests):
+    what ``advance_decodes`` reports for its step k, without applying the steps."""
+    bs = state.kv.block_size
+    return state.kv.device.num_used + _num_allocations(_first_block_steps(state.running.nums, bs), bs, k)
 
 
 def retire_finished(state):
@@ -104,8 +132,14 @@ def retire_finished(state):
     retirement of the rows that reached ``max_new_tokens``, exactly as ``update`` does it: their
     blocks offered to the prefix cache when caching, slots released, blocks freed tail first in row
     order, rows dropped; ``state.finished`` lists them."""
-    run, kv = state.running, state.kv
-    pool, bs = kv.device, kv.block_size
+    kv = state.kv
+    run, pool, outputs, finished = _retire_done(state.running, kv.device, state.outputs, kv.block_size)
+    return evolve(state, kv=KVState(kv.config, pool, kv.host), running=run, outputs=outputs, finished=finished)
+
+
+def _retire_done(run, pool, outputs, bs: int):
+    """``(run, pool, outputs, finished)`` after retiring the rows of ``run`` that reached
+    ``max_new_tokens`` (see ``retire_finished``)."""
     caching = pool.enable_caching
     if caching:
         nums = run.nums.copy()
@@ -113,27 +147,13 @@ def retire_finished(state):
         run = evolve(run, nums=_frozen(nums))
     else:
         blocks, hashes = [], []
-    done = (run.num_output >= run.max_new).nonzero()[0].tolist()
-    ends = [(r, "length") for r in done]
-    finished, freed = _retire(run, state.outputs, ends, bs, caching, blocks, hashes)
-    outputs = state.outputs.release(run.slot[done].tolist())
+    nums = run.nums
+    done = (nums[:, _OUTPUT] >= nums[:, _MAX_NEW]).nonzero()[0].tolist()
+    finished, freed = _retire(run, outputs, [(r, "length") for r in done], bs, caching, blocks, hashes)
+    outputs = outputs.release(nums[done, _SLOT].tolist())
     if blocks:
         pool = pool.register(blocks, hashes)
-    pool = pool.free(freed)
-    return evolve(
-        state, kv=KVState(kv.config, pool, kv.host), running=run.drop(done), outputs=outputs, finished=finished
-    )
-
-
-def blocks_in_use_after(state, k: int) -> int:
-    """KV blocks in use after ``k`` decode steps of ``state``'s run (no step finishing requests):
-    what ``advance_decodes`` reports for its step k, without applying the steps."""
-    return state.kv.device.num_used + int(np.add.reduce(_allocations(state.running, state.kv.block_size, k)))
-
-
-def _allocations(run, block_size: int, k: int) -> np.ndarray:
-    """Blocks each row allocates over k decode steps."""
-    return np.maximum(-(-(run.num_computed + k) // block_size) - run.num_blocks, 0)
+    return run.drop(done), pool.free(freed), outputs, finished
 
 
 def advance_decodes(state, k: int, token_id: int):
@@ -141,17 +161,25 @@ def advance_decodes(state, k: int, token_id: int):
     (``decode_run_limit(state) >= k`` must hold, or ``finishing_step(state) == k``: then the last
     step's finished rows are still in the batch, for ``retire_finished``); also the number of
     blocks in use after each step, int64 [k]."""
+    return apply_decode_run(state, k, token_id)
+
+
+def apply_decode_run(state, k: int, token_id: int, finishes: bool = False):
+    """``advance_decodes``, and with ``finishes`` (``run_bounds`` said so for this k) then
+    ``retire_finished``, in one pass: ``(state, blocks in use after each step)``, the last count
+    after the finished requests' blocks were freed."""
     run, kv = state.running, state.kv
     bs = kv.block_size
-    c, b = run.num_computed, run.num_blocks
-    need = _allocations(run, bs, k)
+    nums = run.nums.copy()
+    first = _first_block_steps(nums, bs)
+    need = np.maximum((k - first) // bs + 1, 0)  # blocks each row allocates
     pool = kv.device
     used_after = np.full(k, pool.num_used, np.int64)
     tables = run.block_tables
     total = int(np.add.reduce(need))
     rows = need.nonzero()[0] if total else None
     if total and len(rows) == total:  # the usual short run: no row needs more than one block
-        steps = (b * bs - c + 1)[rows]  # the step that computes token b_r*bs, which needs the block
+        steps = first[rows]  # the step that computes token b_r*bs, which needs the block
         order = np.argsort(steps, kind="stable")  # the step-by-step order: by step, then by row
         pool, blocks = pool.allocate(total)
         new_tables = list(tables)
@@ -162,11 +190,10 @@ def advance_decodes(state, k: int, token_id: int):
     elif total:
         rows = np.repeat(np.arange(len(run)), need)
         # Row r's m-th new block is needed at the step that computes token b_r*bs + m*bs.
-        first = b * bs - c + 1
         m = np.arange(len(rows)) - np.repeat(np.cumsum(need) - need, need)
         steps = np.repeat(first, need) + m * bs
         order = np.lexsort((rows, steps))  # the step-by-step order: by step, then by row
-        pool, blocks = pool.allocate(int(need.sum()))
+        pool, blocks = pool.allocate(total)
         assigned = np.empty(len(rows), np.int64)
         assigned[order] = blocks
         new_tables = list(tables)
@@ -177,16 +204,16 @@ def advance_decodes(state, k: int, token_id: int):
             new_tables[r] = tables[r] + tuple(assigned[s : s + counts[r]])
         tables = tuple(new_tables)
         used_after += np.cumsum(np.bincount(steps - 1, minlength=k)[:k])
-    positions = run.num_output[:, None] + np.arange(k)
-    outputs = state.outputs.write(run.slot, positions, np.full(positions.shape, token_id, np.int32))
-    running = run.replace(
-        num_computed=c + k,
-        num_tokens=run.num_tokens + k,
-        num_output=run.num_output + k,
-        last_token=np.full(len(run), token_id, np.int64),
-        num_blocks=b + need,
-        block_tables=tables,
-    )
+    outputs = state.outputs.fill(nums[:, _SLOT], nums[:, _OUTPUT], k, token_id)
+    nums[:, _COMPUTED] += k
+    nums[:, _SAMPLED] += k  # num_tokens and num_output
+    nums[:, _LAST] = token_id
+    nums[:, _BLOCKS] += need
+    running = run.with_nums(nums, tables)
+    finished = ()
+    if finishes:
+        running, pool, outputs, finished = _retire_done(running, pool, outputs, bs)
+        used_after[-1] = pool.num_used  # after the finished requests' blocks were freed
     new_state = evolve(
         state,
         kv=KVState(kv.config, pool, kv.host),
@@ -194,7 +221,6 @@ def advance_decodes(state, k: int, token_id: int):
         outputs=outputs,
         step=state.step + k,
         inflight=None,
-        finished=(),
+        finished=finished,
     )
     return new_state, used_after
-

@@ -95,6 +95,12 @@ class RunningBatch:
             nums[:, _NUM_BLOCKS] = num_blocks
         return _make(self.ids, self.requests, block_tables, self.block_hashes, _frozen(nums))
 
+    def with_nums(self, nums: np.ndarray, block_tables=None) -> "RunningBatch":
+        """A copy with the numeric matrix ``nums`` (a new array, frozen here: the caller gives it
+        up) and, when given, new ``block_tables``."""
+        tables = self.block_tables if block_tables is None else block_tables
+        return _make(self.ids, self.requests, tables, self.block_hashes, _frozen(nums))
+
     def take(self, rows: np.ndarray) -> "RunningBatch":
         """The rows at integer indices ``rows`` (in that order)."""
         idx = rows.tolist()

@@ -74,6 +74,17 @@ class TokenBuffer(Versioned):
         edits.append((TOK, flat.ravel(), tokens.ravel()))
         return self._derive(edits, self._with(**changes))
 
+    def fill(self, slots: np.ndarray, starts: np.ndarray, k: int, token: int) -> TokenBuffer:
+        """Writes ``token`` at positions ``starts[i]`` to ``starts[i] + k - 1`` of ``slots[i]``
+        (distinct slots; int arrays): k steps that sample the same token for every row."""
+        if not len(slots) or k <= 0:
+            return self
+        data = self._read()
+        edits, changes = self._growth(data, 0, int(np.maximum.reduce(starts)) + k)
+        base = slots * changes.get("width", self.width) + starts
+        edits.append((TOK, base if k == 1 else (base[:, None] + np.arange(k)).ravel(), token))
+        return self._derive(edits, self._with(**changes))
+
     def release(self, slots: Sequence[int]) -> TokenBuffer:
         """Gives ``slots`` back (their ids are garbage from now on)."""
         if not len(slots):

@@ -36,6 +36,19 @@ def test_two_dimensional_write_appends_k_ids_per_slot():
     assert out.read(0, 4) == (1, 4, 4, 4) and out.read(1, 5) == (2, 3, 4, 4, 4)
 
 
+def test_fill_writes_one_token_k_times_per_slot_and_keeps_the_older_version():
+    buf, slots = TokenBuffer(num_slots=4, width=2).take([(1,), (2, 3), ()])
+    slots, starts = np.array(slots), np.array([1, 2, 0])
+    out = buf.fill(slots, starts, 3, 4)  # width 2 -> 5: grows
+    pos = starts[:, None] + np.arange(3)
+    ref = buf.write(slots, pos, np.full(pos.shape, 4))
+    for s, n in zip(slots.tolist(), (4, 5, 3)):
+        assert out.read(s, n) == ref.read(s, n)
+    assert out.read(0, 4) == (1, 4, 4, 4) and out.read(2, 3) == (4, 4, 4)
+    assert buf.read(1, 2) == (2, 3) and buf.fill(slots, starts, 0, 4) is buf
+    assert out.fill(slots[:1], np.array([4]), 1, 7).read(0, 5) == (1, 4, 4, 4, 7)
+
+
 @settings(max_examples=200, deadline=None, derandomize=True)
 @given(ops=st.lists(st.tuples(st.sampled_from(["take", "write", "release", "back"]), st.integers(0, 10**6)), max_size=40))
 def test_matches_a_reference_model_across_versions(ops):
