@@ -274,7 +274,11 @@ def run_cluster_sim(run: ClusterSim, on_progress: Optional[ProgressHook] = None)
     members = cluster.members
     prices = [m.spec.executor.cost_model.cost_usd_per_hour() for m in members]
     price = None if any(p is None for p in prices) else sum(prices)  # every replica for the whole run
-    metrics = summarize(log, **run.slo, price_per_hour_usd=price, unmodelled=unmodelled_metrics(run.cost_model))
+    cost_models = [m.spec.executor.cost_model for m in members]
+    idle = ({m.index: cm.idle_power_w() for m, cm in zip(members, cost_models)}
+            if all(cm.models_energy for cm in cost_models) else None)  # fmt: skip
+    metrics = summarize(log, **run.slo, price_per_hour_usd=price, unmodelled=unmodelled_metrics(run.cost_model),
+                        idle_power_w=idle)  # fmt: skip
     metrics["num_kv_blocks"] = sum(m.spec.kv.num_blocks for m in members)
     metrics["num_replicas"] = len(members)
     records = cluster.migrator.records if cluster.migrator is not None else []
