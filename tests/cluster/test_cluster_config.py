@@ -149,4 +149,5 @@ def test_phase_pools_from_the_config_hand_requests_over_and_report_transfers():
     placed_on_prefill = m["per_replica"]["0"]["num_placed"]
     assert 0 < m["num_kv_transfers"] <= placed_on_prefill and m["kv_transfer_bytes"] > 0
     assert m["kv_transfer_s"]["p50"] > 0 and m["per_replica"]["0"]["role"] == "prefill"
+    assert m["avg_power_w"] > 0 and 0 < m["energy_idle_j"] < m["energy_total_j"]  # idle replicas draw power too
     assert m["per_replica"]["1"]["num_placed"] + m["per_replica"]["2"]["num_placed"] > 0  # decode took handoffs only
