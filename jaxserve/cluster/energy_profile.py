@@ -3,40 +3,72 @@
 DynamoLLM profiles each (TP degree, GPU clock) offline: an instance serving one pool's requests at
 increasing loads, its p99 TTFT, p99 TBT and power. Here each point is a simulated run of one replica
 (``hardware.tp``, ``hardware.frequency_mhz`` over the base config) serving ``num_requests`` Poisson
-arrivals at the load, all of the pool's representative (prompt, output) lengths; power is the run's
+arrivals at the load, with the pool's lengths (``lengths``: ``workload.lengths.*`` overrides, e.g.
+``fixed_lengths(512, 32)`` or a length CSV of the pool's requests); power is the run's
 ``avg_power_w`` (steps plus idle gaps, over the makespan). A load past the instance's capacity shows
 as a queue that grows through the run, i.e. a p99 TTFT far above any SLO, so the controller rejects
 it by its SLOs; loads above the highest profiled one are not offered to the instance at all.
+
+``profile_until`` spends simulations where they matter: loads grow geometrically until one misses
+the SLOs, which is kept as the entry's last point (so the controller's interpolation sees latency
+leave the SLO there) and ends the entry.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from jaxserve.cluster.energy_controller import LoadPoint, ProfileEntry
+from jaxserve.cluster.energy_controller import LoadPoint, ProfileEntry, Slo
 from jaxserve.config import override
 from jaxserve.sim.simulate import build_cost_model, build_sim, run_sim
 
 
-def profile_entry(config, tp: int, frequency_mhz: int, loads: Sequence[float], prompt_len: int, output_len: int,
-                  num_requests: int) -> ProfileEntry:
-    """One (tp, clock) of ``config`` (its model, hardware, scheduler) at each of ``loads`` (req/s,
-    increasing). ``output_len`` must be >= 2 (a TBT needs two tokens)."""
+def fixed_lengths(prompt_len: int, output_len: int) -> dict:
+    """``workload.lengths`` overrides of one (prompt, output) pair; ``output_len`` must be >= 2 (a
+    TBT needs two tokens)."""
     if output_len < 2:
         raise ValueError(f"output_len must be >= 2 for a TBT to profile, got {output_len}")
-    base = override(config, {
-        "hardware.tp": tp, "hardware.frequency_mhz": frequency_mhz, "workload.kind": "poisson",
-        "workload.num_requests": num_requests, "workload.lengths.kind": "fixed",
-        "workload.lengths.prompt_len": prompt_len, "workload.lengths.output_len": output_len,
-    })  # fmt: skip
+    return {"workload.lengths.kind": "fixed", "workload.lengths.prompt_len": prompt_len,
+            "workload.lengths.output_len": output_len}  # fmt: skip
+
+
+def _base(config, tp: int, frequency_mhz: int, num_requests: int, lengths: Mapping[str, Any]):
+    return override(config, {"hardware.tp": tp, "hardware.frequency_mhz": frequency_mhz, "workload.kind": "poisson",
+                             "workload.num_requests": num_requests, "workload.duration_s": None, **lengths})  # fmt: skip
+
+
+def _point(base, load: float) -> LoadPoint:
+    m = run_sim(build_sim(override(base, {"workload.qps": float(load)}))).metrics
+    return LoadPoint(float(load), m["ttft_s"]["p99"], m["tbt_s"]["p99"], m["avg_power_w"])
+
+
+def profile_entry(config, tp: int, frequency_mhz: int, loads: Sequence[float], *, num_requests: int,
+                  lengths: Mapping[str, Any]) -> ProfileEntry:
+    """One (tp, clock) of ``config`` (its model, hardware, scheduler) at each of ``loads`` (req/s,
+    increasing), ``num_requests`` requests each with ``lengths`` (``workload.lengths.*`` overrides)."""
+    base = _base(config, tp, frequency_mhz, num_requests, lengths)
+    points = tuple(_point(base, load) for load in loads)
+    return ProfileEntry(tp, frequency_mhz, build_cost_model(base).idle_power_w(), points)
+
+
+def profile_until(config, tp: int, frequency_mhz: int, *, slo: Slo, start_rps: float, factor: float,
+                  max_points: int, num_requests: int, lengths: Mapping[str, Any]) -> ProfileEntry:
+    """``profile_entry`` at ``start_rps``, ``start_rps * factor``, ... (at most ``max_points``), ending
+    with the first load whose p99 TTFT or TBT misses ``slo`` (kept as the last point)."""
+    if not start_rps > 0 or not factor > 1 or max_points < 1:
+        raise ValueError(f"need start_rps > 0, factor > 1, max_points >= 1; got {start_rps}, {factor}, {max_points}")
+    base = _base(config, tp, frequency_mhz, num_requests, lengths)
     points = []
-    for load in loads:
-        m = run_sim(build_sim(override(base, {"workload.qps": float(load)}))).metrics
-        points.append(LoadPoint(float(load), m["ttft_s"]["p99"], m["tbt_s"]["p99"], m["avg_power_w"]))
+    for k in range(max_points):
+        points.append(_point(base, start_rps * factor**k))
+        if points[-1].ttft_s > slo.ttft_s or points[-1].tbt_s > slo.tbt_s:
+            break
     return ProfileEntry(tp, frequency_mhz, build_cost_model(base).idle_power_w(), tuple(points))
 
 
-def pool_profile(config, tps: Sequence[int], frequencies: Sequence[int], loads: Sequence[float], prompt_len: int,
-                 output_len: int, num_requests: int) -> tuple[ProfileEntry, ...]:
+def pool_profile(config, tps: Sequence[int], frequencies: Sequence[int], loads: Sequence[float], *,
+                 num_requests: int, lengths: Mapping[str, Any]) -> tuple[ProfileEntry, ...]:
     """``profile_entry`` for every (tp, clock)."""
-    return tuple(profile_entry(config, tp, f, loads, prompt_len, output_len, num_requests) for tp in tps for f in frequencies)
+    return tuple(profile_entry(config, tp, f, loads, num_requests=num_requests, lengths=lengths)
+                 for tp in tps for f in frequencies)  # fmt: skip

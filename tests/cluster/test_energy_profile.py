@@ -7,7 +7,7 @@ import pathlib
 import pytest
 
 from jaxserve.cluster.energy_controller import ReconfigCosts, Slo, choose
-from jaxserve.cluster.energy_profile import pool_profile, profile_entry
+from jaxserve.cluster.energy_profile import fixed_lengths, pool_profile, profile_entry, profile_until
 from jaxserve.config import override
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -22,8 +22,8 @@ def config():
 
 def test_lower_clock_draws_less_and_answers_later_and_overload_shows_in_ttft():
     loads = (1.0, 4.0, 1000.0)  # 1000 req/s of 24 requests: one burst, far past what one GPU serves
-    top = profile_entry(config(), 1, 1980, loads, prompt_len=512, output_len=32, num_requests=24)
-    low = profile_entry(config(), 1, 990, loads, prompt_len=512, output_len=32, num_requests=24)
+    top = profile_entry(config(), 1, 1980, loads, num_requests=24, lengths=fixed_lengths(512, 32))
+    low = profile_entry(config(), 1, 990, loads, num_requests=24, lengths=fixed_lengths(512, 32))
     assert [p.load_rps for p in top.points] == list(loads) == [p.load_rps for p in low.points]
     assert top.idle_power_w == low.idle_power_w == 70.0  # one H100
     for a, b in zip(top.points[:2], low.points[:2]):
@@ -33,10 +33,37 @@ def test_lower_clock_draws_less_and_answers_later_and_overload_shows_in_ttft():
 
 
 def test_pool_profile_feeds_the_controller():
-    profile = pool_profile(config(), tps=(1,), frequencies=(990, 1980), loads=(1.0, 2.0), prompt_len=512,
-                           output_len=32, num_requests=16)
+    profile = pool_profile(config(), tps=(1,), frequencies=(990, 1980), loads=(1.0, 2.0), num_requests=16,
+                           lengths=fixed_lengths(512, 32))
     assert {(e.tp, e.frequency_mhz) for e in profile} == {(1, 990), (1, 1980)}
     d = choose(1.0, profile, Slo(ttft_s=10.0, tbt_s=1.0), epoch_s=60.0, max_gpus=2, costs=ReconfigCosts(0.0, 0.0))
     assert d.slo_met and d.config.frequency_mhz == 990  # loose SLOs: the cheaper clock
     with pytest.raises(ValueError, match="output_len must be >= 2"):
-        profile_entry(config(), 1, 1980, (1.0,), prompt_len=512, output_len=1, num_requests=4)
+        fixed_lengths(512, 1)
+
+
+def test_profile_until_stops_at_the_first_load_that_misses_the_slo():
+    slo = Slo(ttft_s=0.05, tbt_s=1.0)  # an 8B model on one H100 passes it up to ~16 req/s of these
+    entry = profile_until(config(), 1, 1980, slo=slo, start_rps=1.0, factor=4.0, max_points=8, num_requests=24,
+                          lengths=fixed_lengths(512, 32))
+    loads = [p.load_rps for p in entry.points]
+    assert loads == [4.0**k for k in range(len(loads))] and 2 <= len(loads) < 8
+    *fine, last = entry.points
+    assert all(p.ttft_s <= slo.ttft_s and p.tbt_s <= slo.tbt_s for p in fine)
+    assert last.ttft_s > slo.ttft_s or last.tbt_s > slo.tbt_s
+    # without a miss it runs max_points loads
+    loose = profile_until(config(), 1, 1980, slo=Slo(1e6, 1e6), start_rps=1.0, factor=2.0, max_points=3,
+                          num_requests=8, lengths=fixed_lengths(256, 8))
+    assert [p.load_rps for p in loose.points] == [1.0, 2.0, 4.0]
+    with pytest.raises(ValueError, match="factor > 1"):
+        profile_until(config(), 1, 1980, slo=slo, start_rps=1.0, factor=1.0, max_points=3, num_requests=8,
+                      lengths=fixed_lengths(256, 8))
+
+
+def test_trace_lengths_profile_the_pools_mix(tmp_path):
+    path = tmp_path / "pool.csv"
+    path.write_text("num_prefill_tokens,num_decode_tokens\n" + "".join(f"{p},{o}\n" for p, o in ((256, 8), (2048, 64))))
+    lengths = {"workload.lengths.kind": "trace", "workload.lengths.path": str(path)}
+    mixed = profile_entry(config(), 1, 1980, (2.0,), num_requests=32, lengths=lengths)
+    short = profile_entry(config(), 1, 1980, (2.0,), num_requests=32, lengths=fixed_lengths(256, 8))
+    assert mixed.points[0].ttft_s > short.points[0].ttft_s  # the 2048-token prompts show in the p99
