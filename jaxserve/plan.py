@@ -161,6 +161,9 @@ class BatchPlan:
             raise ValueError("BatchPlan: a preempted or swapped-out request is scheduled")
 
 
+_REPEATED: dict[tuple[int, int], np.ndarray] = {}  # (token id, rows) -> frozen array, for SampledTokens.repeated
+
+
 class SampledTokens(Mapping):
     """The tokens sampled in one plan's step as an array: entry ``j`` belongs to the plan's ``j``-th
     row that samples (plan row order). A read-only ``request id -> token`` mapping for anyone, and
@@ -187,6 +190,20 @@ class SampledTokens(Mapping):
             raise ValueError(f"StepOutput.for_plan: token ids must be in [0, {MAX_TOKEN_ID}], got {arr[:8].tolist()}...")
         arr.flags.writeable = False
         self.array, self.step, self._plan, self._map = arr, plan.step, plan, None
+
+    @classmethod
+    def repeated(cls, plan: "BatchPlan", token_id: int) -> "SampledTokens":
+        """Every sampling row of ``plan`` sampled ``token_id`` (a simulator's placeholder): one
+        check of that id, and the array shared by every plan with as many sampling rows."""
+        if not isinstance(token_id, int) or isinstance(token_id, bool) or not 0 <= token_id <= MAX_TOKEN_ID:
+            raise ValueError(f"SampledTokens.repeated: token id must be an int in [0, {MAX_TOKEN_ID}], got {token_id!r}")
+        n = int(np.count_nonzero(plan.samples_token))
+        arr = _REPEATED.get((token_id, n))
+        if arr is None:
+            arr = _REPEATED[token_id, n] = _frozen(np.full(n, token_id, np.int64))
+        new = object.__new__(cls)
+        new.array, new.step, new._plan, new._map = arr, plan.step, plan, None
+        return new
 
     def _mapping(self) -> dict:
         if self._map is None:
@@ -219,6 +236,11 @@ class StepOutput:
         """The output of ``plan`` from an array ``tokens`` with one id per sampling row, in plan row
         order (what executors have at hand): cheaper to build and to apply than a dict."""
         return cls(SampledTokens(plan, tokens), duration_s, energy_j)
+
+    @classmethod
+    def repeated(cls, plan: BatchPlan, token_id: int, duration_s: float = 0.0, energy_j: float = 0.0) -> "StepOutput":
+        """The output of ``plan`` when every sampling row sampled ``token_id`` (``SampledTokens.repeated``)."""
+        return cls(SampledTokens.repeated(plan, token_id), duration_s, energy_j)
 
     def __post_init__(self):
         if not isinstance(self.token_ids, Mapping):

@@ -313,3 +313,16 @@ def test_for_plan_copies_its_input():
     o = StepOutput.for_plan(make_plan(GOOD_ROWS), tokens)
     tokens[0] = 99
     assert o.token_ids["decode"] == 5
+
+
+def test_repeated_equals_for_plan_with_that_token_everywhere():
+    p = make_plan(GOOD_ROWS)
+    o = StepOutput.repeated(p, 7, duration_s=0.5, energy_j=2.0)
+    ref = StepOutput.for_plan(p, np.array([7, 7]), duration_s=0.5, energy_j=2.0)
+    assert dict(o.token_ids) == dict(ref.token_ids) and (o.duration_s, o.energy_j) == (0.5, 2.0)
+    np.testing.assert_array_equal(o.token_ids.array, ref.token_ids.array)
+    assert o.token_ids.array.dtype == np.int64 and not o.token_ids.array.flags.writeable
+    assert o.token_ids.step == p.step
+    for bad in (-1, 2**31, 1.0, True):
+        with pytest.raises(ValueError, match="token id must be an int"):
+            StepOutput.repeated(p, bad)

@@ -39,7 +39,6 @@ _INDEX = {name: k for k, name in enumerate(NUM_COLUMNS)}
 _NUM_COMPUTED, _NUM_BLOCKS = _INDEX["num_computed"], _INDEX["num_blocks"]
 _RANK, _SEQ_NO = _INDEX["rank"], _INDEX["seq_no"]
 COL = _INDEX  # column name -> index into ``nums``, for code that edits a copy of ``nums`` directly
-assert COL["num_output"] == COL["num_tokens"] + 1  # a sampled token bumps both with one slice
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:

@@ -11,12 +11,11 @@ from jaxserve.persistent import evolve, pick
 from jaxserve.plan import BatchPlan, SampledTokens, StepOutput
 from jaxserve.request import MAX_TOKEN_ID, any_bad_token_id
 from jaxserve.scheduler.caching import generated_blocks_to_offer, prompt_blocks_to_offer
-from jaxserve.scheduler.running import COL, _frozen
+from jaxserve.scheduler.running import COL
 from jaxserve.scheduler.seq import FinishedRequest
 
-_SAMPLED = slice(COL["num_tokens"], COL["num_output"] + 1)  # both grow by one per sampled token
 _LAST, _OUTPUT, _MAX_NEW = COL["last_token"], COL["num_output"], COL["max_new"]
-_NUM_TOKENS = COL["num_tokens"]
+_NUM_TOKENS, _SLOT, _HAS_STOP = COL["num_tokens"], COL["slot"], COL["has_stop"]
 
 
 def _sampled_tokens(out: StepOutput, ids: tuple[str, ...]) -> np.ndarray:
@@ -57,9 +56,9 @@ def apply_step_output(sched, state, plan: BatchPlan, out: StepOutput):
     run = state.running
     pool = state.kv.device
     bs = plan.block_size
-    samples = plan.samples_token[inflight.entries]
+    # (entries is every plan row, in order, unless rows were aborted since schedule(): no gather)
+    samples = plan.samples_token if len(inflight.entries) == plan.num_seqs else plan.samples_token[inflight.entries]
     rows = inflight.rows[samples]
-    row_list = rows.tolist()
     everyone = len(rows) == len(run)  # then rows are 0..n-1 in order: whole columns, no gathers
     sampled = out.token_ids
     if type(sampled) is SampledTokens and sampled.step == plan.step:  # validated already
@@ -67,18 +66,22 @@ def apply_step_output(sched, state, plan: BatchPlan, out: StepOutput):
         if len(token_arr) != len(rows):  # rows were aborted since schedule(): keep the others'
             token_arr = token_arr[_sampling_rank(plan)[inflight.entries[samples]]]
     else:
-        token_arr = _sampled_tokens(out, run.ids if everyone else pick(run.ids, row_list))
+        token_arr = _sampled_tokens(out, run.ids if everyone else pick(run.ids, rows.tolist()))
 
-    # Write the tokens into the rows' slots, then bump the counters in one copy of the numeric columns.
-    at = slice(None) if everyone else rows
-    outputs = state.outputs.write(run.slot[at], run.num_output[at], token_arr)
+    # Write the tokens into the rows' slots, then bump the counters in one copy of the numeric
+    # columns (one strided column at a time: cheaper than a two-column slice).
     nums = run.nums.copy()
-    if everyone:  # one strided column at a time is cheaper than a two-column slice
-        nums[:, _NUM_TOKENS] += 1
-        nums[:, _OUTPUT] += 1
+    slot, num_tokens, num_output, last = nums[:, _SLOT], nums[:, _NUM_TOKENS], nums[:, _OUTPUT], nums[:, _LAST]
+    if everyone:
+        outputs = state.outputs.write(slot, num_output, token_arr)
+        num_tokens += 1
+        num_output += 1
+        last[:] = token_arr
     else:
-        nums[rows, _SAMPLED] += 1
-    nums[at, _LAST] = token_arr
+        outputs = state.outputs.write(slot[rows], num_output[rows], token_arr)
+        num_tokens[rows] += 1
+        num_output[rows] += 1
+        last[rows] = token_arr
     # Blocks to offer to the prefix cache, registered in one call (in this order, which decides
     # which block keeps a hash computed twice): newly computed prompt blocks, then finished
     # requests' generated blocks.
@@ -87,31 +90,33 @@ def apply_step_output(sched, state, plan: BatchPlan, out: StepOutput):
         blocks, hashes = prompt_blocks_to_offer(run, inflight.rows, bs, nums)
     else:
         blocks, hashes = [], []
-    run = evolve(run, nums=_frozen(nums))
+    run = run.with_nums(nums)
 
-    done = nums[at, _OUTPUT] >= nums[at, _MAX_NEW]
-    reasons = {}  # plan row -> "stop" where a stop token ended the request (it wins over length, as in vLLM)
-    has_stop = run.has_stop[rows]
-    if np.count_nonzero(has_stop):  # (count_nonzero: several times cheaper than .any())
-        for i in has_stop.nonzero()[0].tolist():
-            if token_arr.item(i) in run.requests[row_list[i]].sampling.stop_token_ids:
-                reasons[i] = "stop"
-                done[i] = True
+    # Rows that did not sample cannot be done (a running row has num_output < max_new), so whole
+    # columns find the finished ones, in row order = plan order.
+    done = (num_output >= nums[:, _MAX_NEW]).nonzero()[0].tolist()
+    if np.count_nonzero(nums[:, _HAS_STOP]):  # a stop token wins over length, as in vLLM
+        stop_rows = [r for r, t in zip(rows.tolist(), token_arr.tolist())
+                     if nums.item(r, _HAS_STOP) and t in run.requests[r].sampling.stop_token_ids]
+        reason = dict.fromkeys(stop_rows, "stop")
+        ends = [(r, reason.get(r, "length")) for r in sorted(set(done).union(stop_rows))]
+    else:
+        ends = [(r, "length") for r in done]
     finished = ()
-    if np.count_nonzero(done):
-        ends = [(row_list[i], reasons.get(i, "length")) for i in done.nonzero()[0].tolist()]
+    if ends:
         finished, freed = _retire(run, outputs, ends, bs, caching, blocks, hashes)
-        outputs = outputs.release(run.slot[[r for r, _ in ends]].tolist())
+        gone = [r for r, _ in ends]
+        outputs = outputs.release(slot[gone].tolist())
         if blocks:
             pool = pool.register(blocks, hashes)
         pool = pool.free(freed)  # every table tail-first, in plan order: as freeing them one by one
-        run = run.drop(sorted(r for r, _ in ends))
+        run = run.drop(gone)
     elif blocks:
         pool = pool.register(blocks, hashes)
     waiting = state.waiting
     if sched.order.accounts_service:
         requests = state.running.requests
-        waiting = sched.order.on_generated(waiting, [requests[r].client_id for r in row_list])
+        waiting = sched.order.on_generated(waiting, [requests[r].client_id for r in rows.tolist()])
     return evolve(
         state,
         kv=KVState(state.kv.config, pool, state.kv.host),

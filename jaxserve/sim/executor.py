@@ -34,8 +34,7 @@ class SimExecutor(Executor):
 
     def execute(self, plan: BatchPlan) -> StepOutput:
         cost = self.cost_model.step(plan)
-        tokens = np.full(np.count_nonzero(plan.samples_token), SIM_TOKEN_ID, np.int64)
-        return StepOutput.for_plan(plan, tokens, duration_s=cost.duration_s, energy_j=cost.energy_j)
+        return StepOutput.repeated(plan, SIM_TOKEN_ID, cost.duration_s, cost.energy_j)
 
     def decode_run(self, num_rows: int, context_tokens: int, max_context: int, k: int) -> Optional[DecodeRun]:
         run = self.cost_model.decode_run(num_rows, context_tokens, max_context, k)
