@@ -1,7 +1,7 @@
 """Causal ring attention for the prefill of long sequences sharded over the ``"sp"`` mesh axis.
 
 Queries stay put; K/V blocks travel round the ring (``lax.ppermute`` to the next device, issued
-before the step's compute so a backend can overlap the two), and each device folds the blocks it
+before the step's folds so a backend can overlap the two), and each device folds the blocks it
 receives into a float32 online softmax (:mod:`~jaxserve.parallel.online_softmax`). The sequence is in
 the zig-zag layout (:mod:`~jaxserve.parallel.zigzag`), and each step folds exactly the chunk pairs
 its plan names, so every device does the same work at every step.
@@ -71,52 +71,45 @@ def ring_attention_shard(
     c = T2 // 2
     if T2 % 2 or (c > kv_block and c % kv_block):
         raise ValueError(f"local sequence length {T2} must be 2c with c <= kv_block={kv_block} or a multiple of it")
-    kb = min(c, kv_block)
     sm_scale = D**-0.5 if sm_scale is None else sm_scale
-    lengths = lengths.astype(jnp.int32)
-    qg = group_queries(q, Hkv)
-    q_half = (qg[..., :c, :], qg[..., c:, :])
-    kv = jnp.stack([k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)])  # [2, B, Hkv, 2c, D]
+    fold_keys = functools.partial(
+        _fold_keys, lengths=lengths.astype(jnp.int32), kv_block=min(c, kv_block), sm_scale=sm_scale, sliding_window=sliding_window
+    )
+    # Both halves side by side on a leading axis, so a step can pick its same-half pair by index.
+    qh = group_queries(q, Hkv).reshape(B, Hkv, Hq // Hkv, 2, c, D).transpose(3, 0, 1, 2, 4, 5)
+    kv = jnp.stack([k, v]).reshape(2, B, 2, c, Hkv, D).transpose(0, 1, 4, 2, 3, 5)  # [2, B, Hkv, 2 halves, c, D]
     chunks = jnp.asarray(zigzag.chunk_ids(n), jnp.int32)
     kinds = jnp.asarray(zigzag.step_kinds(n), jnp.int32)
-    fold_keys = functools.partial(_fold_keys, lengths=lengths, kv_block=kb, sm_scale=sm_scale, sliding_window=sliding_window)
+    same_half = jnp.asarray([zigzag.SAME_HALF[kind] for kind in sorted(zigzag.SAME_HALF)], jnp.int32)
 
-    def positions(device, half):
-        return chunks[device, half] * c + jnp.arange(c, dtype=jnp.int32)
+    def fold_pair(state, pair, kv, src):
+        """Folds key half ``pair[1]`` of ``src``'s K/V into the state of query half ``pair[0]``."""
+        qhalf, khalf = pair
+        rows = jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, qhalf, keepdims=False), state)
+        q_pos = chunks[d, qhalf] * c + jnp.arange(c, dtype=jnp.int32)
+        k_pos = chunks[src, khalf] * c + jnp.arange(c, dtype=jnp.int32)
+        q = lax.dynamic_index_in_dim(qh, qhalf, keepdims=False)
+        rows = fold_keys(rows, q, q_pos, lax.dynamic_index_in_dim(kv, khalf, axis=3, keepdims=False), k_pos)
+        return jax.tree.map(lambda x, r: lax.dynamic_update_index_in_dim(x, r, qhalf, 0), state, rows)
 
-    def run(kind, src):
-        def branch(state, kv):
-            state = list(state)
-            for qh, kh in zigzag.STEP_PAIRS[kind]:
-                keys = kv[:, :, :, kh * c : (kh + 1) * c]
-                state[qh] = fold_keys(state[qh], q_half[qh], positions(d, qh), keys, positions(src, kh))
-            return tuple(state)
-
-        return branch
-
-    def step(s, state, kv):
+    def step(s, carry):
+        """Ring step ``s``: fold the block held now while the next one is in flight."""
+        state, kv = carry
+        # n sends where n - 1 would do: the last goes unused but overlaps the last step's folds, and
+        # one loop body compiles in half the time of a peeled last step.
+        incoming = lax.ppermute(kv, axis_name, [(j, (j + 1) % n) for j in range(n)]) if n > 1 else kv
         src = (d - s) % n
-        return lax.switch(kinds[s, d], [run(kind, src) for kind in zigzag.STEP_KINDS], state, kv)
+        h = same_half[kinds[s, d]]
+        state = fold_pair(state, zigzag.CROSS_PAIR, kv, src)
+        return fold_pair(state, (h, h), kv, src), incoming
 
     # pcast: the carry's initial value is the same on every device, its updates are not.
-    state = tuple(
-        jax.tree.map(lambda x: lax.pcast(x, (axis_name,), to="varying"), init_state((B, Hkv, Hq // Hkv, c), D))
-        for _ in range(2)
-    )
-    if n == 1:
-        state = step(0, state, kv)
-    else:
-        ring = [(j, (j + 1) % n) for j in range(n)]
-
-        def body(s, carry):
-            state, kv = carry
-            incoming = lax.ppermute(kv, axis_name, ring)  # next step's block, in flight during this fold
-            return step(s, state, kv), incoming
-
-        state, kv = lax.fori_loop(0, n - 1, body, (state, kv))
-        state = step(n - 1, state, kv)  # the last block goes nowhere
-    out = jnp.concatenate([normalize(st.l, st.acc) for st in state], axis=3)
-    return ungroup_queries(out).astype(q.dtype)
+    state = init_state((2, B, Hkv, Hq // Hkv, c), D)
+    state = jax.tree.map(lambda x: lax.pcast(x, (axis_name,), to="varying"), state)
+    state = fold_pair(state, zigzag.LOCAL_EXTRA_PAIR, kv, d)
+    state, _ = lax.fori_loop(0, n, step, (state, kv))
+    out = normalize(state.l, state.acc)  # [2 halves, B, Hkv, G, c, D]
+    return ungroup_queries(out.transpose(1, 2, 3, 0, 4, 5).reshape(B, Hkv, Hq // Hkv, 2 * c, D)).astype(q.dtype)
 
 
 def ring_attention_zigzag(
@@ -138,9 +131,11 @@ def ring_attention(q, k, v, lengths=None, *, mesh: Mesh, sm_scale=None, sliding_
     ``q [B, T, Hq, D]``, ``k, v [B, T, Hkv, D]`` (float32 or bfloat16), ``lengths`` int ``[B]``
     (default ``T``); the contract of ``reference.causal_attention``. Returns ``[B, T, Hq, D]``.
     """
-    B, T = q.shape[:2]
-    if k.shape[:2] != (B, T) or v.shape != k.shape:
-        raise ValueError(f"k and v must be [B={B}, T={T}, Hkv, D] alike, got {k.shape} and {v.shape}")
+    B, T, Hq, D = q.shape
+    if k.shape[:2] != (B, T) or k.shape[3] != D or v.shape != k.shape:
+        raise ValueError(f"k and v must be [B={B}, T={T}, Hkv, D={D}] alike, got {k.shape} and {v.shape}")
+    if Hq % k.shape[2]:
+        raise ValueError(f"num_q_heads {Hq} is not a multiple of num_kv_heads {k.shape[2]}")
     n = mesh.shape[SP_AXIS]
     pad = 2 * n * zigzag.chunk_size(T, n, kv_block) - T
     lengths = jnp.full((B,), T, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)

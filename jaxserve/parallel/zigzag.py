@@ -5,14 +5,16 @@ chunk ``d`` (its *half 0*) and chunk ``2n-1-d`` (its *half 1*), so every device 
 one late chunk. K/V go round the ring: at step ``s`` device ``d`` holds the K/V of device
 ``src = (d - s) mod n``. Causally (a query chunk sees key chunks ``<=`` itself):
 
-* step 0 (``LOCAL``, own K/V): half 0 sees half 0, half 1 sees both halves -> 3 chunk pairs;
-* ``src < d`` (``KV_FIRST_HALF``): both query halves see only the source's half 0 -> 2 pairs;
-* ``src > d`` (``Q_SECOND_HALF``): only query half 1 sees anything, both source halves -> 2 pairs.
+* query half 1 always sees key half 0 (chunk ``2n-1-d`` is later than every first-half chunk);
+* step 0 (``LOCAL``, own K/V) adds the same-half pairs (0, 0) and (1, 1) -> 3 chunk pairs;
+* ``src < d`` (``KV_FIRST_HALF``) adds (0, 0): the source's early chunk precedes ours -> 2 pairs;
+* ``src > d`` (``Q_SECOND_HALF``) adds (1, 1): the source's late chunk precedes ours -> 2 pairs.
 
 So every device computes the same number of chunk pairs at every step (the load balance a
 contiguous layout lacks: there device ``n-1`` works at every step while device 0 idles after the
-first). :data:`STEP_PAIRS` is the plan ``ring_attention`` executes; its tests check it against
-:func:`causal_pairs`.
+first). :data:`STEP_PAIRS` is the plan ``ring_attention`` executes (:data:`CROSS_PAIR` and the
+:data:`SAME_HALF` pair of each step's kind, plus :data:`LOCAL_EXTRA_PAIR`); its tests check it
+against :func:`causal_pairs`.
 """
 
 from __future__ import annotations
@@ -22,12 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 
 LOCAL, KV_FIRST_HALF, Q_SECOND_HALF = 0, 1, 2
-STEP_KINDS = (LOCAL, KV_FIRST_HALF, Q_SECOND_HALF)
-# (query half, key half) pairs each kind of step folds, in order.
+CROSS_PAIR = (1, 0)  # (query half, key half) every step folds
+SAME_HALF = {LOCAL: 0, KV_FIRST_HALF: 0, Q_SECOND_HALF: 1}  # h: the (h, h) pair each kind adds to it
+LOCAL_EXTRA_PAIR = (1, 1)  # and step 0 alone also folds its late chunk against itself
 STEP_PAIRS = {
-    LOCAL: ((0, 0), (1, 0), (1, 1)),
-    KV_FIRST_HALF: ((0, 0), (1, 0)),
-    Q_SECOND_HALF: ((1, 0), (1, 1)),
+    kind: (CROSS_PAIR, (h, h), *((LOCAL_EXTRA_PAIR,) if kind == LOCAL else ())) for kind, h in SAME_HALF.items()
 }
 
 
