@@ -66,7 +66,8 @@ def test_partials_merged_on_one_device_match():
 
     @jax.jit
     def merged(q, k, v, shard_lens):
-        state = functools.reduce(merge, [decode_partial(q, k[d], v[d], shard_lens[d]) for d in range(NUM_DEVICES)])
+        parts = jax.vmap(decode_partial, in_axes=(None, 0, 0, 0))(q, k, v, shard_lens)
+        state = functools.reduce(merge, [jax.tree.map(lambda x: x[d], parts) for d in range(NUM_DEVICES)])
         return normalize(state.l, state.acc).reshape(q.shape)
 
     out = merged(q, k, v, SHARD_LENS)
