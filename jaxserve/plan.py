@@ -11,7 +11,6 @@ Executors apply, in this order, before running the step: ``swap_out_blocks`` (de
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -30,6 +29,20 @@ class ScheduledRequest(NamedTuple):
     block_ids: tuple[int, ...]  # the whole block table after this step's allocation
     token_ids: tuple[int, ...]  # ids of the num_new_tokens tokens
     samples_token: bool  # whether this step samples a token for the request
+
+
+class _cached:
+    """``functools.cached_property`` without its lock (Python 3.11 takes one on every first read;
+    a plan is read where it was built): computed once, then an instance attribute."""
+
+    def __init__(self, fn):
+        self.fn, self.name, self.__doc__ = fn, fn.__name__, fn.__doc__
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.fn(obj)
+        return value
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
@@ -67,8 +80,22 @@ class BatchPlan:
                 raise ValueError(f"BatchPlan.{name} has {len(getattr(self, name))} rows, expected {n}")
         if len(self.block_tables) != n:
             raise ValueError(f"BatchPlan.block_tables has {len(self.block_tables)} rows, expected {n}")
-        for name in ("num_computed_tokens", "num_new_tokens", "samples_token", "token_ids"):
+        for name in _ARRAYS:
             _frozen(getattr(self, name))
+
+    @classmethod
+    def built(cls, **fields) -> "BatchPlan":
+        """A plan from a builder that made its fields consistent (``StepBuilder``): the same value
+        as ``BatchPlan(**fields)`` without re-checking row counts. Besides the fields, a builder may
+        give derived values it knows already (``is_decode``, ``num_decode_tokens``); arrays are
+        frozen here as the constructor freezes them."""
+        new = object.__new__(cls)
+        d = new.__dict__
+        d.update(_OP_DEFAULTS)
+        d.update(fields)
+        for name in _ARRAYS:
+            d[name].flags.writeable = False
+        return new
 
     @classmethod
     def empty(cls, block_size: int, step: int = 0, **ops) -> "BatchPlan":
@@ -80,7 +107,7 @@ class BatchPlan:
     def num_seqs(self) -> int:
         return len(self.request_ids)
 
-    @functools.cached_property
+    @_cached
     def num_tokens(self) -> int:
         """Total new tokens in the step (the GEMM batch size)."""
         return int(np.add.reduce(self.num_new_tokens))  # (ufunc reduce: cheaper than .sum() on small arrays)
@@ -89,12 +116,12 @@ class BatchPlan:
     def is_empty(self) -> bool:
         return not self.request_ids
 
-    @functools.cached_property
+    @_cached
     def is_decode(self) -> np.ndarray:
         """Rows that compute exactly one token and sample (decodes), bool [num_seqs]."""
         return _frozen((self.num_new_tokens == 1) & self.samples_token)
 
-    @functools.cached_property
+    @_cached
     def num_decode_tokens(self) -> int:
         if self.num_tokens == len(self.num_new_tokens):  # every row computes one token: decodes are the sampling rows
             return int(np.count_nonzero(self.samples_token))
@@ -105,19 +132,19 @@ class BatchPlan:
         return self.num_tokens - self.num_decode_tokens
 
     # -- ragged layout -------------------------------------------------------------------------
-    @functools.cached_property
+    @_cached
     def cu_q_lens(self) -> np.ndarray:
         """int32 [num_seqs + 1]: prefix sums of ``num_new_tokens``."""
         cu = np.zeros(self.num_seqs + 1, np.int32)
         np.add.accumulate(self.num_new_tokens, out=cu[1:])
         return _frozen(cu)
 
-    @functools.cached_property
+    @_cached
     def kv_lens(self) -> np.ndarray:
         """int32 [num_seqs]: tokens in KV after the step (computed + new)."""
         return _frozen((self.num_computed_tokens + self.num_new_tokens).astype(np.int32))
 
-    @functools.cached_property
+    @_cached
     def page_indices(self) -> np.ndarray:
         """int32 [num_seqs, max_pages]: block tables padded with 0 (pages past a row's kv_len unused)."""
         width = max((len(t) for t in self.block_tables), default=0)
@@ -126,7 +153,7 @@ class BatchPlan:
             out[i, : len(table)] = table
         return _frozen(out)
 
-    @functools.cached_property
+    @_cached
     def entries(self) -> tuple[ScheduledRequest, ...]:
         cu = self.cu_q_lens.tolist()
         toks = self.token_ids.tolist()
@@ -162,6 +189,10 @@ class BatchPlan:
 
 
 _REPEATED: dict[tuple[int, int], np.ndarray] = {}  # (token id, rows) -> frozen array, for SampledTokens.repeated
+
+
+_ARRAYS = ("num_computed_tokens", "num_new_tokens", "samples_token", "token_ids")
+_OP_DEFAULTS = {f.name: f.default for f in dataclasses.fields(BatchPlan) if f.default is not dataclasses.MISSING}
 
 
 class SampledTokens(Mapping):

@@ -31,7 +31,7 @@ from jaxserve.kv.state import KVState
 from jaxserve.plan import BatchPlan
 from jaxserve.request import PLACEHOLDER_TOKEN_ID
 from jaxserve.scheduler.caching import offer_generated_blocks
-from jaxserve.scheduler.running import RunningBatch, row_from_seq
+from jaxserve.scheduler.running import RunningBatch, _frozen, row_from_seq
 from jaxserve.scheduler.seq import seq_tokens
 
 ChunkFn = Callable[[int, int], int]
@@ -391,26 +391,33 @@ class StepBuilder:
         tables = run.block_tables if everyone else pick(run.block_tables, row_list)
         samples = nc + n == run.num_tokens[at]
         newest = samples & (n == 1)  # decodes: the input is the newest known token
-        if np.count_nonzero(newest) == len(newest):
+        num_decodes = np.count_nonzero(newest)
+        if num_decodes == len(newest):
             token_ids = run.last_token[at].astype(np.int32)
         else:
-            cu = np.zeros(len(rows) + 1, np.int64)
-            np.add.accumulate(n, out=cu[1:])
-            token_ids = np.empty(int(cu[-1]), np.int32)
-            token_ids.fill(PLACEHOLDER_TOKEN_ID)
-            token_ids[cu[:-1][newest]] = run.last_token[rows[newest]]
+            # Each decode row's newest token, with the other rows' segments spliced in (a step has
+            # few of those: the prefill chunks).
+            newest_ids = run.last_token[at].astype(np.int32)
+            pieces, done = [], 0
             for i in (~newest).nonzero()[0].tolist():
                 r = row_list[i]
-                start, stop = int(nc[i]), int(nc[i] + n[i])
+                start, stop = nc.item(i), nc.item(i) + n.item(i)
                 req = run.requests[r]
-                if stop <= req.prompt_len:  # prompt only (a length-only prompt keeps the fill value)
-                    if req.has_real_tokens:
-                        token_ids[cu[i] : cu[i + 1]] = req.prompt_array[start:stop]
-                    continue
-                num_output = int(run.num_output[r])
-                generated = self.outputs.read(int(run.slot[r]), num_output)
-                token_ids[cu[i] : cu[i + 1]] = seq_tokens(req, generated, num_output, start, stop)
-        return BatchPlan(
+                if stop > req.prompt_len:  # a recompute reaches the generated tokens
+                    num_output = run.num_output.item(r)
+                    generated = self.outputs.read(run.slot.item(r), num_output)
+                    segment = np.array(seq_tokens(req, generated, num_output, start, stop), np.int32)
+                elif req.has_real_tokens:
+                    segment = req.prompt_array[start:stop]
+                else:  # a length-only prompt: placeholder ids
+                    segment = np.full(stop - start, PLACEHOLDER_TOKEN_ID, np.int32)
+                pieces += (newest_ids[done:i], segment)
+                done = i + 1
+            pieces.append(newest_ids[done:])
+            token_ids = np.concatenate(pieces)
+        # Built as BatchPlan(...) would be, with what the plan would derive (its decode rows are
+        # ``newest``) known here already.
+        return BatchPlan.built(
             request_ids=ids,
             num_computed_tokens=nc,
             num_new_tokens=n,
@@ -425,4 +432,6 @@ class StepBuilder:
             copy_blocks=tuple(self.copy_blocks),
             swap_out_blocks=tuple(self.swap_out_blocks),
             swap_in_blocks=tuple(self.swap_in_blocks),
+            is_decode=_frozen(newest),
+            num_decode_tokens=int(num_decodes),
         )
