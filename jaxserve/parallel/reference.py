@@ -5,15 +5,12 @@ than fast. Head order is the engine's: q head ``h`` reads KV head ``h // (Hq // 
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
+from jax import lax
 
+from pallas_kernels.paged_attention.reference import masked_softmax_matmul
 
-def _softmax_matmul(s, mask, v):
-    """``softmax(s) @ v`` over the keys ``mask`` allows (float32); a row that may see none gives 0."""
-    s = jnp.where(mask, s, -jnp.inf)
-    p = jax.nn.softmax(jnp.where(mask.any(-1, keepdims=True), s, 0.0), axis=-1) * mask
-    return jnp.einsum("bhgqk,bhkd->bhgqd", p, v)
+_PV = "bhgqk,bhkd->bhgqd"  # probabilities [B, Hkv, G, Tq, Tk] times values [B, Hkv, Tk, D]
 
 
 def _grouped(q, k, v):
@@ -43,8 +40,8 @@ def causal_attention(q, k, v, lengths=None, *, sm_scale=None, sliding_window=Non
     mask &= pos[None, :, None] < lengths[:, None, None]
     if sliding_window is not None:
         mask &= (pos[None, :] > pos[:, None] - sliding_window)[None]
-    s = jnp.einsum("bhgqd,bhkd->bhgqk", qg, kt) * sm_scale
-    out = _softmax_matmul(s, mask[:, None, None], vt)
+    s = jnp.einsum("bhgqd,bhkd->bhgqk", qg, kt, precision=lax.Precision.HIGHEST) * sm_scale
+    out = masked_softmax_matmul(s, mask[:, None, None], vt, _PV)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, Hq, D).astype(q.dtype)
 
 
@@ -59,6 +56,6 @@ def decode_attention(q, k, v, kv_lens, *, sm_scale=None):
     sm_scale = D**-0.5 if sm_scale is None else sm_scale
     qg, kt, vt = _grouped(q[:, None], k, v)
     mask = jnp.arange(k.shape[1])[None, :] < jnp.asarray(kv_lens)[:, None]  # [B, L]
-    s = jnp.einsum("bhgqd,bhkd->bhgqk", qg, kt) * sm_scale
-    out = _softmax_matmul(s, mask[:, None, None, None], vt)
+    s = jnp.einsum("bhgqd,bhkd->bhgqk", qg, kt, precision=lax.Precision.HIGHEST) * sm_scale
+    out = masked_softmax_matmul(s, mask[:, None, None, None], vt, _PV)
     return out.reshape(B, Hq, D).astype(q.dtype)
