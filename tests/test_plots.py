@@ -45,3 +45,16 @@ def test_rolling_quantiles():
     np.testing.assert_array_equal(p50, np.arange(1.0, 9.0))
     assert p99 == pytest.approx(np.arange(1.0, 9.0) + 0.98)
     assert len(_rolling_quantiles(x, y, 20)[0]) == 0
+
+
+def test_rolling_quantiles_at_evenly_spaced_windows_when_there_are_many():
+    rng = np.random.default_rng(1)
+    x, y = rng.uniform(0, 100, 5000), rng.uniform(0, 1, 5000)
+    every = _rolling_quantiles(x, y, 50, points=10**6)
+    cx, p50, p99 = _rolling_quantiles(x, y, 50, points=100)
+    assert len(cx) == 100 and len(every[0]) == 5000 - 49
+    picked = np.searchsorted(every[0], cx)  # the same windows' values as when every window is drawn
+    np.testing.assert_array_equal(every[0][picked], cx)
+    np.testing.assert_array_equal(every[1][picked], p50)
+    np.testing.assert_array_equal(every[2][picked], p99)
+    assert cx[0] == every[0][0] and cx[-1] == every[0][-1]
