@@ -237,7 +237,7 @@ class BlockPool(Versioned):
             bad = revive[~data[CACHED][revive]]
         if len(bad):
             raise ValueError(f"acquire: block {_first_in(lst, bad)} is neither allocated nor cached")
-        edits = [(RC, arr, old + inc)]
+        edits = [(RC, arr, old + inc, old)]
         changes = {"num_used": self.num_used + len(revive)}
         if len(revive):
             self._unlink(data, revive.tolist(), edits, changes)
@@ -280,21 +280,23 @@ class BlockPool(Versioned):
             if np.count_nonzero(old) < len(old):
                 raise ValueError(f"free: block {_first_in(lst, arr[old == 0])} is not allocated")
             new = old - 1
-            zero = arr[old == 1]
         else:
             new = old - dec
             if new.min() < 0:
                 raise ValueError(f"free: block {_first_in(lst, arr[new < 0])} is not allocated")
-            zero = arr[new == 0]
-        edits = [(RC, arr, new)]
-        is_cached = data[CACHED][zero]
-        num_cached = np.count_nonzero(is_cached)
-        if num_cached == len(zero):  # (with caching on, all but a table's partial last block)
-            stack_up, lru_up = zero[:0], zero
-        elif not num_cached:
+        zero = arr if not np.count_nonzero(new) else arr[new == 0]  # (usually every block: no sharing)
+        edits = [(RC, arr, new, old)]
+        if not self.enable_caching:  # (then no block is ever cached)
             stack_up, lru_up = zero, zero[:0]
         else:
-            stack_up, lru_up = zero[~is_cached], zero[is_cached]
+            is_cached = data[CACHED][zero]
+            num_cached = np.count_nonzero(is_cached)
+            if num_cached == len(zero):  # (all but a table's partial last block)
+                stack_up, lru_up = zero[:0], zero
+            elif not num_cached:
+                stack_up, lru_up = zero, zero[:0]
+            else:
+                stack_up, lru_up = zero[~is_cached], zero[is_cached]
         top = self.num_stacked
         changes = {"num_used": self.num_used - len(zero), "num_stacked": top + len(stack_up)}
         if len(stack_up):

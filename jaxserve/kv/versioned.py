@@ -37,21 +37,26 @@ WHOLE = object()  # as an edit's keys: replace the container data[slot] itself b
 # axis), and values what to write there. For a dict, keys is a sequence of distinct keys and
 # values either a list (insert the keys, which must be absent) or MISSING (delete the keys, which
 # must be present); each kind undoes the other, so an undo never has to look a key up twice. With
-# keys WHOLE, values (any container) replaces data[slot]: how a table grows.
+# keys WHOLE, values (any container) replaces data[slot]: how a table grows. An array edit may carry
+# a fourth element, the cells' current values, when its maker read them already (kept for the undo).
 Edit = tuple
 
 
 def apply_edits(data: list, edits: list[Edit]) -> list[Edit]:
     """Applies ``edits`` to ``data`` in order, in place; returns the edits that undo them."""
     undo = []
-    for slot, keys, values in edits:
+    for edit in edits:
+        slot, keys, values = edit[0], edit[1], edit[2]
         c = data[slot]
         if keys is WHOLE:
             old, data[slot] = c, values
         elif type(c) is np.ndarray:
-            old = c[keys]
-            if type(keys) is not np.ndarray and type(old) is np.ndarray:
-                old = old.copy()  # basic indexing gives a view: keep the values, not the cells
+            if len(edit) == 4:
+                old = edit[3]
+            else:
+                old = c[keys]
+                if type(keys) is not np.ndarray and type(old) is np.ndarray:
+                    old = old.copy()  # basic indexing gives a view: keep the values, not the cells
             c[keys] = values
         elif values is MISSING:
             old = list(map(c.pop, keys))
