@@ -50,7 +50,10 @@ def random_edits(rng, content, n):
         if kind == "fancy":
             idx = rng.sample(range(n), rng.randint(1, n))
             vals = [rng.randint(-5, 5) for _ in idx]
-            edits.append((0, np.array(idx), np.array(vals)))
+            edit = (0, np.array(idx), np.array(vals))
+            if rng.random() < 0.5:  # with the cells' current values, as a maker that read them passes
+                edit += (np.array([arr[i] for i in idx]),)
+            edits.append(edit)
             for i, v in zip(idx, vals):
                 arr[i] = v
         elif kind == "slice":
