@@ -121,6 +121,8 @@ RUN = (
     Key("engine.warmup", False, "compile every reachable step shape before serving; False: each on first use (step times exclude compiles either way)"),
     Key("engine.compile_cache", "~/.cache/jaxserve/xla", "jax's persistent compilation cache directory (a rerun loads instead of compiling); \"\": off"),
     Key("engine.max_compiled_shapes", 0, "most step shapes kept compiled (each maps ~260 memory sections); 0: from the host's vm.max_map_count"),
+    Key("parallel.tp", 1, "engine: tensor-parallel devices (Megatron: heads, MLP width, vocabulary and KV heads split; must divide the device count and the model's heads); engine.kv_cache_gb is per device"),
+    Key("parallel.sp", 1, "engine: devices a step's token rows are split over for the projections and MLP (attention and the KV cache replicated over them); parallel.sp x parallel.tp must divide the device count"),
 )
 
 

@@ -15,6 +15,7 @@ import math
 import os
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 
 from jaxserve import scheduler as schedulers
@@ -27,6 +28,7 @@ from jaxserve.model import checkpoint
 from jaxserve.model.config import ModelConfig
 from jaxserve.model.loader import load_model
 from jaxserve.model.tokenizer import Tokenizer
+from jaxserve.parallel.tensor_parallel import check_mesh_sizes, check_tensor_parallel, mesh_for
 from jaxserve.request import Request, SamplingParams
 
 
@@ -53,7 +55,10 @@ class LLM:
     compilation cache directory, "" off: a second process loads its step functions instead of
     compiling them); ``max_compiled_shapes`` (default: from the host's memory-map limit); ``seed``
     (for requests without one);
-    ``stop_at_eos`` (add the model's EOS ids to every request's stop tokens).
+    ``stop_at_eos`` (add the model's EOS ids to every request's stop tokens); ``tp`` and ``sp``
+    (tensor-parallel devices and devices the step's rows are split over, the config's
+    ``parallel.tp``/``parallel.sp``: ``jaxserve.parallel.tensor_parallel``; ``kv_cache_gb`` is then
+    per device).
     """
 
     def __init__(
@@ -75,10 +80,14 @@ class LLM:
         max_compiled_shapes: int | None = None,
         seed: int = 0,
         stop_at_eos: bool = True,
+        tp: int = 1,
+        sp: int = 1,
     ):
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
         self.model_dir = model_dir
+        check_mesh_sizes(tp, sp, jax.device_count())
+        check_tensor_parallel(ModelConfig.from_dir(model_dir), tp)
         self.cfg, params = _load(model_dir, dtype, params_cache)
         self.tokenizer = Tokenizer.from_dir(model_dir)
         options = dict(scheduler_options or {})
@@ -86,12 +95,12 @@ class LLM:
         self.max_model_len = int(max_model_len or min(self.cfg.max_position_embeddings, 4096))
         max_num_seqs = int(getattr(self.scheduler, "max_num_seqs", options.get("max_num_seqs", 256)))
         if num_blocks is None:
-            num_blocks = kv_blocks_for(self.cfg, block_size, kv_cache_gb, self.max_model_len, max_num_seqs)
+            num_blocks = kv_blocks_for(self.cfg, block_size, kv_cache_gb, self.max_model_len, max_num_seqs, tp)
         self.kv = KVConfig(num_blocks=num_blocks, block_size=block_size, num_host_blocks=num_host_blocks)
         enable_persistent_cache(compile_cache)
         self.runner = ModelRunner(
             self.cfg, params, self.kv, max_model_len=self.max_model_len, block_rows=block_rows, attention=attention,
-            seed=seed, max_compiled_shapes=max_compiled_shapes,
+            seed=seed, max_compiled_shapes=max_compiled_shapes, mesh=mesh_for(tp, sp),
         )  # fmt: skip
         self.engine = Engine(self.runner, self.scheduler, self.kv)
         self.stop_at_eos = stop_at_eos

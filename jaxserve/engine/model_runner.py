@@ -23,10 +23,11 @@ import numpy as np
 from jaxserve.engine.compilation import default_max_compiled_shapes
 from jaxserve.engine.packing import HostBatch, PackSpec, RequestSampling, pack, warmup_batches
 from jaxserve.kv.config import KVConfig
-from jaxserve.model.attention import ATTENTION_IMPLS, default_attention_impl
+from jaxserve.model.attention import ATTENTION_IMPLS, default_attention_impl, paged_attention
 from jaxserve.model.config import ModelConfig
 from jaxserve.model.llama import bind
 from jaxserve.model.sampling import sample
+from jaxserve.parallel.tensor_parallel import Placement, on_mesh, single_device
 from jaxserve.plan import BatchPlan, StepOutput
 from jaxserve.request import Request
 from jaxserve.runtime.executor import Executor
@@ -42,23 +43,28 @@ def _step_fn(
     sampling,
     *,
     cfg,
+    shards,
+    split_rows,
+    wrap_attention,
+    gather,
     impl,
     chunk_pages,
     all_logits,
     on_trace,
 ):
     on_trace()  # runs once per compilation: counts them
-    model = bind(cfg, params)
+    model = bind(cfg, params, shards=shards)
     attend = functools.partial(
-        ATTENTION_IMPLS[impl],
+        paged_attention,
+        impl=impl,
         sm_scale=cfg.head_dim**-0.5,
         sliding_window=cfg.sliding_window,
         chunk_pages=chunk_pages,
     )
-    hidden, caches = model(token_ids, caches, attn, attend)
-    logits = model.logits(hidden[logits_rows])
+    hidden, caches = model(split_rows(token_ids), caches, attn, wrap_attention(attend))
+    logits = gather(model.logits(hidden[logits_rows]))  # the whole vocabulary: sampling sorts it
     tokens = sample(logits, *sampling)
-    return tokens, caches, (model.logits(hidden) if all_logits else None)
+    return tokens, caches, (gather(model.logits(hidden)) if all_logits else None)
 
 
 def _copy_pages(caches, src, dst):
@@ -98,7 +104,9 @@ class ModelRunner(Executor):
     ``buckets_per_octave`` (decode rows, prefill blocks) trades compilations for padding
     (``packing.bucket``); ``max_compiled_shapes`` (default: from the process's memory-map limit)
     bounds the step shapes kept compiled: a new shape past it drops every compiled step and starts
-    over (with jax's persistent cache on, a dropped shape's next compilation is a file read)."""
+    over (with jax's persistent cache on, a dropped shape's next compilation is a file read).
+    ``mesh``: a ``jax.sharding.Mesh`` with a ``"tp"`` axis to run tensor-parallel on
+    (``jaxserve.parallel.tensor_parallel``); None: everything on the first device."""
 
     def __init__(
         self,
@@ -113,6 +121,7 @@ class ModelRunner(Executor):
         seed: int = 0,
         buckets_per_octave: tuple[int, int] = (2, 4),
         max_compiled_shapes: int | None = None,
+        mesh: jax.sharding.Mesh | None = None,
     ):
         self.cfg = cfg
         self.kv = kv
@@ -141,21 +150,17 @@ class ModelRunner(Executor):
         )
         self.geometry: StepGeometry = self.spec.geometry(impl, self.chunk_pages)
         dtype = jnp.dtype(cfg.dtype)
-        # Parameters and caches committed to one device from the start: a step's outputs are
-        # committed, and a jit cache keyed on uncommitted inputs would compile every shape twice.
-        device = jax.devices()[0]
-        self.params = jax.device_put(params, device)
-        shape = (cfg.num_kv_heads, kv.num_blocks, kv.block_size, cfg.head_dim)
-        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=jax.sharding.SingleDeviceSharding(device))
+        self.mesh = mesh
+        place: Placement = single_device(cfg, params, jax.devices()[0]) if mesh is None else on_mesh(cfg, params, mesh)
+        self.params = place.params
+        # Under tensor parallelism the cache may hold more KV heads than the checkpoint (replicas
+        # when fewer than tp); read_kv/write_kv payloads keep the checkpoint's heads.
+        self._kv_head_of, self._kv_copy_of = place.kv_head_of, place.kv_copy_of
+        shape = (place.cfg.num_kv_heads, kv.num_blocks, kv.block_size, cfg.head_dim)
+        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=place.kv)
         self.caches = tuple((zeros(), zeros()) for _ in range(cfg.num_layers))
-        host_shape = (
-            cfg.num_layers,
-            2,
-            cfg.num_kv_heads,
-            kv.num_host_blocks,
-            kv.block_size,
-            cfg.head_dim,
-        )
+        self._cache_shardings = tuple((place.kv, place.kv) for _ in range(cfg.num_layers))
+        host_shape = (cfg.num_layers, 2, place.cfg.num_kv_heads, kv.num_host_blocks, kv.block_size, cfg.head_dim)
         self.host_pages = np.zeros(host_shape, dtype) if kv.num_host_blocks else None
         cap = default_max_compiled_shapes() if max_compiled_shapes is None else max_compiled_shapes
         if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
@@ -167,12 +172,18 @@ class ModelRunner(Executor):
         self._compiled: set[tuple[tuple[int, int], bool]] = set()  # (shape, all_logits) compiled now
         self._sampling: dict[str, RequestSampling] = {}
         self._kv_copy_ready: set[int] = set()  # block-count buckets whose KV gather/scatter is compiled
-        jit = functools.partial(jax.jit, donate_argnums=(1,))
+        jit = functools.partial(
+            jax.jit, donate_argnums=(1,), out_shardings=(place.replicated, self._cache_shardings, place.replicated)
+        )
         self._steps = {
             flag: jit(
                 functools.partial(
                     _step_fn,
-                    cfg=cfg,
+                    cfg=place.cfg,
+                    shards=place.shards,
+                    split_rows=place.split_rows,
+                    wrap_attention=place.wrap_attention,
+                    gather=place.gather,
                     impl=impl,
                     chunk_pages=chunk_pages,
                     all_logits=flag,
@@ -181,8 +192,8 @@ class ModelRunner(Executor):
             )
             for flag in (False, True)
         }
-        self._copy = jax.jit(_copy_pages, donate_argnums=(0,))
-        self._scatter = jax.jit(_scatter_pages, donate_argnums=(0,))
+        self._copy = jax.jit(_copy_pages, donate_argnums=(0,), out_shardings=self._cache_shardings)
+        self._scatter = jax.jit(_scatter_pages, donate_argnums=(0,), out_shardings=self._cache_shardings)
         self._gather = jax.jit(_gather_pages)
 
     def _count_trace(self):
@@ -329,7 +340,8 @@ class ModelRunner(Executor):
         self._check_pages(blocks)
         src = np.zeros(bucket(max(len(blocks), 1)), np.int32)
         src[: len(blocks)] = blocks
-        return np.asarray(self._gather(self.caches, src))[:, :, :, : len(blocks)]
+        pages = np.asarray(self._gather(self.caches, src))[:, :, :, : len(blocks)]
+        return pages if self._kv_copy_of is None else pages[:, :, self._kv_copy_of]
 
     def write_kv(self, blocks, payload) -> None:
         """Writes ``payload`` (another runner's ``read_kv`` of as many blocks) into pages ``blocks``."""
@@ -348,7 +360,9 @@ class ModelRunner(Executor):
         n = bucket(len(blocks))
         dst = np.full(n, self.spec.num_pages, np.int32)
         dst[: len(blocks)] = blocks
-        pages = np.zeros(want[:3] + (n,) + want[4:], self.host_dtype)
+        if self._kv_head_of is not None:
+            payload = payload[:, :, self._kv_head_of]
+        pages = np.zeros(payload.shape[:3] + (n,) + want[4:], self.host_dtype)
         pages[:, :, :, : len(blocks)] = payload
         self.caches = self._scatter(self.caches, pages, dst)
 
@@ -358,7 +372,8 @@ class ModelRunner(Executor):
         n = bucket(max(int(num_blocks), 1))
         if n in self._kv_copy_ready:
             return
-        pages = np.zeros((self.cfg.num_layers, 2, self.cfg.num_kv_heads, n, self.kv.block_size, self.cfg.head_dim), self.host_dtype)
+        heads = self.caches[0][0].shape[0]  # the cache's (replicated under tensor parallelism)
+        pages = np.zeros((self.cfg.num_layers, 2, heads, n, self.kv.block_size, self.cfg.head_dim), self.host_dtype)
         jax.block_until_ready(self._gather(self.caches, np.zeros(n, np.int32)))
         self.caches = self._scatter(self.caches, pages, np.full(n, self.spec.num_pages, np.int32))
         jax.block_until_ready(self.caches)

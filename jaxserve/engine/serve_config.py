@@ -15,6 +15,7 @@ import dataclasses
 import math
 import os
 
+import jax
 import numpy as np
 
 from jaxserve.config import ConfigError, Results, build_scheduler, build_workload, get, positive_or_none, slo_targets
@@ -24,8 +25,9 @@ from jaxserve.engine.kv_sizing import kv_blocks_for
 from jaxserve.engine.model_runner import ModelRunner, step_limits
 from jaxserve.kv.config import KVConfig
 from jaxserve.metrics import request_metrics, summarize
-from jaxserve.model.config import CheckpointError
+from jaxserve.model.config import CheckpointError, ModelConfig
 from jaxserve.model.loader import load_model
+from jaxserve.parallel.tensor_parallel import check_mesh_sizes, check_tensor_parallel, mesh_for
 from jaxserve.request import Request
 from jaxserve.runtime import ProgressHook
 from jaxserve.runtime.limits import RunLimits
@@ -68,6 +70,8 @@ class EngineSettings:
     token_seed: int  # workload.seed: the random prompt ids of length-only requests
     max_time_s: float  # sim.max_time_s: stop after this many measured seconds (inf: never)
     slo: dict  # summarize's slo_ttft_s / slo_tpot_s
+    tp: int  # parallel.tp: tensor-parallel devices
+    sp: int  # parallel.sp: devices the step's rows are split over
 
 
 def engine_settings(config) -> EngineSettings:
@@ -87,6 +91,11 @@ def engine_settings(config) -> EngineSettings:
     if not kv_cache_gb > 0:
         raise ConfigError(f"engine.kv_cache_gb must be > 0, got {kv_cache_gb}")
     max_time_s = positive_or_none(config, "sim.max_time_s")
+    tp, sp = get(config, "parallel.tp", int), get(config, "parallel.sp", int)
+    try:
+        check_mesh_sizes(tp, sp, jax.device_count(), keys=("parallel.tp", "parallel.sp"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     max_shapes = get(config, "engine.max_compiled_shapes", int)
     if max_shapes < 0:
         raise ConfigError(f"engine.max_compiled_shapes must be >= 0 (0: from the host's memory-map limit), got {max_shapes}")
@@ -107,6 +116,8 @@ def engine_settings(config) -> EngineSettings:
         token_seed=get(config, "workload.seed", int),
         max_time_s=math.inf if max_time_s is None else max_time_s,
         slo=slo_targets(config),
+        tp=tp,
+        sp=sp,
     )
 
 
@@ -116,18 +127,26 @@ def build_runner(settings: EngineSettings, max_num_seqs: int) -> tuple[ModelRunn
     compilation cache (``engine.compile_cache``) first."""
     enable_persistent_cache(settings.compile_cache)
     try:
+        checkpoint_cfg = ModelConfig.from_dir(settings.model_path)
+    except CheckpointError as e:
+        raise ConfigError(f"model.path: {e}") from None
+    try:  # before loading the weights: the heads or MLP width may not split over parallel.tp
+        check_tensor_parallel(checkpoint_cfg, settings.tp, key="parallel.tp")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    try:
         cfg, params = load_model(settings.model_path, settings.dtype)
     except CheckpointError as e:
         raise ConfigError(f"model.path: {e}") from None
     max_len = settings.max_context or min(cfg.max_position_embeddings, 4096)
     num_blocks = settings.num_blocks
     if num_blocks <= 0:
-        num_blocks = kv_blocks_for(cfg, settings.block_size, settings.kv_cache_gb, max_len, max_num_seqs)
+        num_blocks = kv_blocks_for(cfg, settings.block_size, settings.kv_cache_gb, max_len, max_num_seqs, settings.tp)
     try:
         kv = KVConfig(num_blocks, settings.block_size, settings.num_host_blocks)
         runner = ModelRunner(
             cfg, params, kv, max_model_len=max_len, block_rows=settings.block_rows, attention=settings.attention,
-            seed=settings.seed, max_compiled_shapes=settings.max_compiled_shapes,
+            seed=settings.seed, max_compiled_shapes=settings.max_compiled_shapes, mesh=mesh_for(settings.tp, settings.sp),
         )  # fmt: skip
     except ValueError as e:
         raise ConfigError(f"engine/kv: {e}") from None

@@ -192,6 +192,15 @@ def attend_ragged(
 ATTENTION_IMPLS = {"grouped": attend_grouped, "ragged": attend_ragged}
 
 
+def paged_attention(q, k, v, cache, batch: AttentionBatch, *, impl: str, **options):
+    """One layer's attention step (the model's ``AttendFn``): writes this step's ``k, v [T, Hkv,
+    D]`` into ``cache``, then attends ``q [T, Hq, D]`` over it with ``ATTENTION_IMPLS[impl]``
+    (``options``: its keyword arguments). Returns ``(out [T, Hq, D], cache)``; every head is
+    independent, which is what lets tensor parallelism run it per device on its own heads."""
+    cache = write_kv(cache, k, v, batch)
+    return ATTENTION_IMPLS[impl](q, cache, batch, **options), cache
+
+
 def default_attention_impl() -> str:
     """``ragged`` (Pallas kernels) on GPU/TPU, ``grouped`` (chunked jnp) on CPU."""
     return (

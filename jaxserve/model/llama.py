@@ -14,16 +14,18 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from jaxserve.model.attention import AttentionBatch, write_kv
+from jaxserve.model.attention import AttentionBatch
 from jaxserve.model.config import ModelConfig
 from jaxserve.model.rope import apply_rope, inv_freq, rope_tables
 
 Cache = tuple[
     jax.Array, jax.Array
 ]  # (k_pages, v_pages), each [num_kv_heads, num_pages, page_size, head_dim]
+# (q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], cache, batch) -> (out [T, Hq, D], cache with k, v
+# written): ``attention.paged_attention``, or that wrapped in a shard_map by tensor parallelism.
 AttendFn = Callable[
-    [jax.Array, Cache, AttentionBatch], jax.Array
-]  # q [T, Hq, D] -> [T, Hq, D]
+    [jax.Array, jax.Array, jax.Array, Cache, AttentionBatch], tuple[jax.Array, Cache]
+]
 
 
 class RMSNorm(nnx.Module):
@@ -58,51 +60,69 @@ def fused_widths(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Output widths of the pieces each fused projection stacks, in the order of its weight's rows.
     Fusing q|k|v and gate|up makes two weight reads per layer out of five: a decode step is a chain
     of GEMVs, and on CPU each costs a fixed dispatch on top of its bytes (fusing saved ~12 % of a
-    batch-1 step in a paired test)."""
+    batch-1 step in a paired test).
+
+    With ``shards`` > 1 (tensor parallelism) the rows are shard-major: shard ``i``'s slice of every
+    piece (its q heads, k heads, v heads; its gate and up columns), then shard ``i + 1``'s, so a
+    weight split into ``shards`` equal row blocks gives each device whole pieces of its own
+    (``jaxserve.parallel.tensor_parallel.shard_major``); ``shards`` = 1 is the plain order."""
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     return {"qkv_proj": (q, kv, kv), "gate_up_proj": (cfg.intermediate_size, cfg.intermediate_size)}
 
 
+def split_shards(y: jax.Array, shards: int, widths: tuple[int, ...]) -> list[jax.Array]:
+    """Splits a fused projection's output ``y [T, shards * sum(widths)]`` (shard-major, see
+    ``fused_widths``; ``widths`` per shard) into its pieces ``[T, shards * w]`` in plain order. The
+    reshape keeps the shard axis leading, so under tensor parallelism no device needs another's
+    columns."""
+    T = y.shape[0]
+    cuts = [sum(widths[: i + 1]) for i in range(len(widths) - 1)]
+    if shards == 1:  # the one-device step keeps its plain 2-D slices (its HLO is unchanged)
+        return jnp.split(y, cuts, axis=-1)
+    return [p.reshape(T, shards * w) for p, w in zip(jnp.split(y.reshape(T, shards, -1), cuts, axis=-1), widths)]
+
+
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, shards: int = 1):
         h, d = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.shards = shards
         self.qkv_proj = Linear(h, sum(fused_widths(cfg)["qkv_proj"]), cfg.qkv_bias, dtype, rngs)
         self.o_proj = Linear(cfg.num_heads * d, h, cfg.o_bias, dtype, rngs)
 
     def __call__(
         self, x, cos, sin, cache: Cache, batch: AttentionBatch, attend: AttendFn
     ):
-        T, d = x.shape[0], self.head_dim
-        q, k, v = jnp.split(
+        T, d, s = x.shape[0], self.head_dim, self.shards
+        q, k, v = split_shards(
             self.qkv_proj(x),
-            [self.num_heads * d, (self.num_heads + self.num_kv_heads) * d],
-            axis=-1,
+            s,
+            (self.num_heads // s * d, self.num_kv_heads // s * d, self.num_kv_heads // s * d),
         )
         q = apply_rope(q.reshape(T, self.num_heads, d), cos, sin)
         k = apply_rope(k.reshape(T, self.num_kv_heads, d), cos, sin)
-        cache = write_kv(cache, k, v.reshape(T, self.num_kv_heads, d), batch)
-        out = attend(q, cache, batch)
+        out, cache = attend(q, k, v.reshape(T, self.num_kv_heads, d), cache, batch)
         return self.o_proj(out.reshape(T, self.num_heads * d)), cache
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, shards: int = 1):
         h, i = cfg.hidden_size, cfg.intermediate_size
+        self.shards, self.width = shards, i // shards  # MLP columns per shard
         self.gate_up_proj = Linear(h, 2 * i, False, dtype, rngs)
         self.down_proj = Linear(i, h, False, dtype, rngs)
 
     def __call__(self, x):
-        gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+        gate, up = split_shards(self.gate_up_proj(x), self.shards, (self.width, self.width))
         return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, shards: int = 1):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.attn = Attention(cfg, dtype, rngs)
+        self.attn = Attention(cfg, dtype, rngs, shards)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MLP(cfg, dtype, rngs)
+        self.mlp = MLP(cfg, dtype, rngs, shards)
 
     def __call__(self, x, cos, sin, cache, batch, attend):
         attn_out, cache = self.attn(self.input_norm(x), cos, sin, cache, batch, attend)
@@ -112,16 +132,17 @@ class DecoderLayer(nnx.Module):
 
 class LlamaForCausalLM(nnx.Module):
     """``__call__(token_ids [T], caches, batch, attend) -> (hidden [T, H], caches)``;
-    ``logits(hidden [N, H]) -> [N, vocab]`` in float32."""
+    ``logits(hidden [N, H]) -> [N, vocab]`` in float32. ``shards``: the row order of the fused
+    weights (``fused_widths``); the shapes do not depend on it."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype=None, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype=None, rngs: nnx.Rngs, shards: int = 1):
         dtype = jnp.dtype(dtype or cfg.dtype)
         self.cfg = cfg
         self.embed = nnx.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs
         )
         self.layers = nnx.List(
-            [DecoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_layers)]
+            [DecoderLayer(cfg, dtype, rngs, shards) for _ in range(cfg.num_layers)]
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = (
@@ -153,14 +174,15 @@ class LlamaForCausalLM(nnx.Module):
         return self.lm_head(hidden).astype(jnp.float32)
 
 
-def abstract_model(cfg: ModelConfig, dtype=None) -> LlamaForCausalLM:
+def abstract_model(cfg: ModelConfig, dtype=None, shards: int = 1) -> LlamaForCausalLM:
     """The model with shape-only parameters (no memory, no random init), to be filled by a loader."""
-    return nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0), shards=shards))
 
 
-def bind(cfg: ModelConfig, params: dict, dtype=None) -> LlamaForCausalLM:
-    """The module holding ``params`` (a nested dict as ``params_of`` returns); cheap inside ``jit``."""
-    graphdef, state = nnx.split(abstract_model(cfg, dtype))
+def bind(cfg: ModelConfig, params: dict, dtype=None, shards: int = 1) -> LlamaForCausalLM:
+    """The module holding ``params`` (a nested dict as ``params_of`` returns, fused rows in
+    ``shards``-major order); cheap inside ``jit``."""
+    graphdef, state = nnx.split(abstract_model(cfg, dtype, shards))
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 
