@@ -97,6 +97,29 @@ def distserve_goodput(out):
     assert "| paper (DistServe" in text and "placements screened" in text
 
 
+def splitwise_designs(out):
+    import csv
+
+    designs = list(csv.DictReader(open(out / "designs.csv")))
+    assert {r["budget"] for r in designs} == {"iso-cost", "iso-power"}
+    for budget, measure in (("iso-cost", "usd_per_hour"), ("iso-power", "kw")):
+        mine = {r["design"]: r for r in designs if r["budget"] == budget}
+        base = mine["Baseline-A100"]  # the budget is its cost / power: no design exceeds it
+        assert float(base["throughput_req_s"]) > 0 and float(base["throughput_vs_A100"]) == 1.0
+        assert all(float(r[measure]) <= float(base[measure]) * (1 + 1e-6) for r in mine.values())
+        assert {"Splitwise-AA", "Splitwise-HA"} <= set(mine)
+    runs = list(csv.DictReader(open(out / "runs.csv")))
+    passed = [r for r in runs if r["passed"] == "True"]
+    assert passed and len(passed) < len(runs)  # the searches found both sides of every throughput
+    factors = {"ttft": (2, 3, 6), "tbt": (1.25, 1.5, 5), "e2e": (1.25, 1.5, 5)}  # Splitwise's SLOs
+    for r in passed:
+        assert r["num_finished"] == r["num_requests"]
+        assert all(float(r[f"{m}_{p}_slowdown"]) <= f for m, fs in factors.items() for p, f in zip(("p50", "p90", "p99"), fs))
+    assert any(float(r["kv_transfer_p50_s"]) > 0 for r in runs if r["design"].startswith("Splitwise") and r["kv_transfer_p50_s"])
+    text = (out / "summary.md").read_text()
+    assert "| paper (Splitwise abstract)" in text and "## Iso-power" in text
+
+
 # script -> (arguments, "json": checks of the JSON line it prints last | files it writes under --out
 # and checks of that folder)
 QUICK_RUNS = {
@@ -114,6 +137,8 @@ QUICK_RUNS = {
                                                         "priority.png", "summary.md"), llumnix_migration),
     "experiments/distserve_goodput.py": (["--quick"], ("screen.csv", "confirmed.csv", "rate.csv", "slo_scale.csv",
                                                         "goodput.png", "summary.md"), distserve_goodput),
+    "experiments/splitwise_designs.py": (["--quick"], ("designs.csv", "runs.csv", "designs.png", "summary.md"),
+                                         splitwise_designs),
     "experiments/scheduler_demo.py": (["--num_requests", "60"], (), None),
     "benchmarks/simulator_speed.py": (["--duration_s", "60"], "json", None),
     "benchmarks/cluster_speed.py": (["--duration_s", "60"], "json", cluster_speed),
