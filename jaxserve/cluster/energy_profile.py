@@ -11,11 +11,15 @@ it by its SLOs; loads above the highest profiled one are not offered to the inst
 
 ``profile_until`` spends simulations where they matter: loads grow geometrically until one misses
 the SLOs, which is kept as the entry's last point (so the controller's interpolation sees latency
-leave the SLO there) and ends the entry.
+leave the SLO there) and ends the entry, or until the most the pool will ever offer one instance.
+Its points are runs of a set duration, not a set count: a fixed count of requests arriving fast
+ends before the batch fills (a long-output pool's requests last tens of seconds), and such a
+point would report the warm-up instead of the load.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -53,16 +57,23 @@ def profile_entry(config, tp: int, frequency_mhz: int, loads: Sequence[float], *
 
 
 def profile_until(config, tp: int, frequency_mhz: int, *, slo: Slo, start_rps: float, factor: float,
-                  max_points: int, num_requests: int, lengths: Mapping[str, Any]) -> ProfileEntry:
-    """``profile_entry`` at ``start_rps``, ``start_rps * factor``, ... (at most ``max_points``), ending
-    with the first load whose p99 TTFT or TBT misses ``slo`` (kept as the last point)."""
-    if not start_rps > 0 or not factor > 1 or max_points < 1:
-        raise ValueError(f"need start_rps > 0, factor > 1, max_points >= 1; got {start_rps}, {factor}, {max_points}")
-    base = _base(config, tp, frequency_mhz, num_requests, lengths)
+                  max_points: int, duration_s: float, min_requests: int, lengths: Mapping[str, Any],
+                  max_rps: float = math.inf) -> ProfileEntry:
+    """One (tp, clock) at ``start_rps``, ``start_rps * factor``, ... (at most ``max_points`` loads),
+    each point ``duration_s`` seconds of Poisson arrivals (at least ``min_requests``), so a point near
+    capacity shows the queue a run that long builds. Ends with the first load whose p99 TTFT or TBT
+    misses ``slo`` (kept as the last point), or the first at or above ``max_rps`` (the most the
+    instance will be offered)."""
+    if not start_rps > 0 or not factor > 1 or max_points < 1 or not duration_s > 0 or min_requests < 1:
+        raise ValueError("need start_rps > 0, factor > 1, max_points >= 1, duration_s > 0, min_requests >= 1; got "
+                         f"{start_rps}, {factor}, {max_points}, {duration_s}, {min_requests}")
+    base = _base(config, tp, frequency_mhz, min_requests, lengths)
     points = []
     for k in range(max_points):
-        points.append(_point(base, start_rps * factor**k))
-        if points[-1].ttft_s > slo.ttft_s or points[-1].tbt_s > slo.tbt_s:
+        load = start_rps * factor**k
+        n = max(min_requests, math.ceil(load * duration_s))
+        points.append(_point(override(base, {"workload.num_requests": n}), load))
+        if points[-1].ttft_s > slo.ttft_s or points[-1].tbt_s > slo.tbt_s or load >= max_rps:
             break
     return ProfileEntry(tp, frequency_mhz, build_cost_model(base).idle_power_w(), tuple(points))
 

@@ -44,20 +44,31 @@ def test_pool_profile_feeds_the_controller():
 
 def test_profile_until_stops_at_the_first_load_that_misses_the_slo():
     slo = Slo(ttft_s=0.05, tbt_s=1.0)  # an 8B model on one H100 passes it up to ~16 req/s of these
-    entry = profile_until(config(), 1, 1980, slo=slo, start_rps=1.0, factor=4.0, max_points=8, num_requests=24,
-                          lengths=fixed_lengths(512, 32))
+    entry = profile_until(config(), 1, 1980, slo=slo, start_rps=1.0, factor=4.0, max_points=8, duration_s=6.0,
+                          min_requests=24, lengths=fixed_lengths(512, 32))
     loads = [p.load_rps for p in entry.points]
     assert loads == [4.0**k for k in range(len(loads))] and 2 <= len(loads) < 8
     *fine, last = entry.points
     assert all(p.ttft_s <= slo.ttft_s and p.tbt_s <= slo.tbt_s for p in fine)
     assert last.ttft_s > slo.ttft_s or last.tbt_s > slo.tbt_s
-    # without a miss it runs max_points loads
-    loose = profile_until(config(), 1, 1980, slo=Slo(1e6, 1e6), start_rps=1.0, factor=2.0, max_points=3,
-                          num_requests=8, lengths=fixed_lengths(256, 8))
-    assert [p.load_rps for p in loose.points] == [1.0, 2.0, 4.0]
+    # without a miss it runs max_points loads, or stops at the first at or above max_rps
+    loose = dict(slo=Slo(1e6, 1e6), start_rps=1.0, factor=2.0, duration_s=2.0, min_requests=8,
+                 lengths=fixed_lengths(256, 8))
+    assert [p.load_rps for p in profile_until(config(), 1, 1980, max_points=3, **loose).points] == [1.0, 2.0, 4.0]
+    assert [p.load_rps for p in profile_until(config(), 1, 1980, max_points=9, max_rps=3.0, **loose).points] == [1.0, 2.0, 4.0]
     with pytest.raises(ValueError, match="factor > 1"):
-        profile_until(config(), 1, 1980, slo=slo, start_rps=1.0, factor=1.0, max_points=3, num_requests=8,
-                      lengths=fixed_lengths(256, 8))
+        profile_until(config(), 1, 1980, max_points=3, **{**loose, "factor": 1.0})
+
+
+def test_profile_points_last_a_duration_so_a_long_output_pool_reaches_its_queue():
+    """A count of requests arriving fast ends before the batch fills; a duration does not."""
+    lengths, slo = fixed_lengths(1024, 256), Slo(1e6, 1e6)
+    config70 = override(config(), {"model.name": "llama-3-70b", "hardware.tp": 4})
+    short = profile_until(config70, 4, 1980, slo=slo, start_rps=8.0, factor=2.0, max_points=1, duration_s=1.0,
+                          min_requests=8, lengths=lengths)
+    long = profile_until(config70, 4, 1980, slo=slo, start_rps=8.0, factor=2.0, max_points=1, duration_s=60.0,
+                         min_requests=8, lengths=lengths)
+    assert long.points[0].ttft_s > 2 * short.points[0].ttft_s
 
 
 def test_trace_lengths_profile_the_pools_mix(tmp_path):
