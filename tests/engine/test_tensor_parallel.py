@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import re
 
 import jax
 import numpy as np
@@ -24,6 +25,7 @@ from jaxserve import scheduler as schedulers
 from jaxserve.config import ConfigError, override
 from jaxserve.engine.engine import Engine
 from jaxserve.engine.model_runner import ModelRunner
+from jaxserve.engine.packing import warmup_batches
 from jaxserve.engine.serve_config import build_runner, engine_settings
 from jaxserve.plan import BatchPlan
 from jaxserve.parallel.tensor_parallel import engine_mesh
@@ -126,6 +128,22 @@ def test_sharded_logits_equal_single_device_logits(runs, arch, tp, sp):
 @pytest.mark.parametrize("arch, tp, sp", [c for c in SWEEP if c not in CASES])
 def test_sharded_logits_sweep(runs, arch, tp, sp):
     check_against_single_device(runs, arch, tp, sp)
+
+
+def test_the_step_communicates_as_megatron_does(runs):
+    """The compiled tp = 8 step (a cache hit: the same shape ran in ``prefill``) has one all-reduce
+    after each row-parallel projection and the vocab-parallel embedding lookup, and gathers only
+    the ``[rows, vocab]`` logits, never a weight (without ``gather_logits``' vocab constraint XLA
+    gathered the whole LM head)."""
+    runner = runs("llama", 8)[0]
+    batch = warmup_batches(runner.spec.shape(0, 2), runner.spec)[0]
+    args = (runner.params, runner.caches, batch.token_ids, batch.attn, batch.logits_rows, tuple(batch.sampling))
+    hlo = runner._steps[True].lower(*args).compile().as_text()
+    ops = re.findall(r"= (\S+) (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)\(", hlo)
+    assert sorted(op for _, op in ops) == ["all-gather"] * 2 + ["all-reduce"] * (2 * runner.cfg.num_layers + 1), ops
+    rows = len(batch.token_ids)
+    gathered = sorted(shape.split("{")[0] for shape, op in ops if op == "all-gather")
+    assert gathered == sorted([f"f32[{rows},96]", f"f32[{len(batch.logits_rows)},96]"]), gathered
 
 
 @pytest.mark.slow
