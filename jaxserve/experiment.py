@@ -184,7 +184,8 @@ def _title(config, built) -> str:
         import jax
 
         model = os.path.basename(os.path.normpath(get(config, "model.path") or "?"))
-        return f"{sched} | {model} on {jax.default_backend()} (engine) | {workload}"
+        engines = f"{len(built.specs)} engines, {get(config, 'cluster.router')}" if hasattr(built, "specs") else "engine"
+        return f"{sched} | {model} on {jax.default_backend()} ({engines}) | {workload}"
     cost_model = built.cost_model
     machine = cost_model.machine
     if hasattr(built, "specs"):  # a cluster: its size and router
@@ -243,15 +244,19 @@ def run(config, console: Console) -> dict:
     output_dir = get(config, "output_dir", str)
     wall = time.perf_counter()
     # Read and build everything first: a config error then stops before the progress bar starts.
-    if backend == "engine":
+    from jaxserve.cluster.config import build_cluster_sim, is_cluster, run_cluster_sim
+
+    cluster = is_cluster(config)  # cluster.* keys: a cluster of simulated replicas or of real engines
+    if backend == "engine" and not cluster:
         from jaxserve.engine.serve_config import build_engine, serve_engine
 
         built, verb, unit = build_engine(config), "serving", "s served"
+    elif backend == "engine":
+        built, verb, unit = build_cluster_sim(config), "serving", "s served"
+        simulate_run = run_cluster_sim
     else:
-        from jaxserve.cluster.config import build_cluster_sim, is_cluster, run_cluster_sim
         from jaxserve.sim.simulate import build_sim, run_sim
 
-        cluster = is_cluster(config)
         built, verb, unit = (build_cluster_sim if cluster else build_sim)(config), "simulating", "s simulated"
         simulate_run = run_cluster_sim if cluster else run_sim
     title = _title(config, built)
@@ -261,7 +266,7 @@ def run(config, console: Console) -> dict:
         def on_progress(p):
             progress.update(task, completed=p.num_done, detail=f"{p.now:.1f} {unit}, {p.num_steps} steps")
 
-        if backend == "engine":
+        if backend == "engine" and not cluster:
             compile_task = None
 
             def on_warmup(done, total, shape):

@@ -38,7 +38,7 @@ def test_sarathi_config_runs_and_writes_outputs(tmp_path):
 
 SMALL = ["--config.workload.kind=poisson", "--config.workload.qps=20", "--config.workload.num_requests=20",
          "--config.workload.lengths.kind=fixed"]  # fmt: skip
-TOP_LEVEL = "(top-level keys: backend, cluster, engine, hardware, kv, model, output_dir, scheduler, seed, sim, slo, workload)"
+TOP_LEVEL = "(top-level keys: backend, cluster, engine, hardware, kv, model, output_dir, parallel, scheduler, seed, sim, slo, workload)"
 
 
 @pytest.mark.parametrize(

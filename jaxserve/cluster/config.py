@@ -16,6 +16,10 @@ single-replica keys, which describe every replica unless ``cluster.replicas`` ov
   (``prefill_overrides`` / ``decode_overrides``, under ``cluster.replicas``' per-replica ones), the
   link, its scope and overlap, and how a decode replica is picked.
 
+With ``backend="engine"`` every replica is a real engine (``model.path`` loaded once per replica,
+its KV pool and runner built as the single-engine backend builds them), driven by the same cluster
+code on the engines' measured-time clock; length-only workloads get random prompt ids.
+
 Every error is a ConfigError naming the key and the bad part.
 """
 
@@ -158,6 +162,20 @@ def replica_spec(config, name: str, role: str = "mixed") -> ReplicaSpec:
                        getattr(model, "num_layers", 1))  # fmt: skip
 
 
+def engine_replica_spec(config, name: str, role: str = "mixed") -> ReplicaSpec:
+    """A real-engine replica from ``config`` (the engine backend's keys; its model loaded)."""
+    from jaxserve.engine.model_runner import step_limits
+    from jaxserve.engine.serve_config import build_runner, engine_settings
+
+    scheduler = build_scheduler(config)
+    runner, kv = build_runner(engine_settings(config), step_limits(scheduler)[0])
+    return ReplicaSpec(scheduler, kv, runner, RunLimits(max_context=runner.max_model_len), name, 0.0, role,
+                       runner.cfg.num_layers)  # fmt: skip
+
+
+SPEC_BUILDERS = {"sim": replica_spec, "engine": engine_replica_spec}
+
+
 def build_pools(config) -> PoolSettings:
     """``cluster.pools.*`` -> PoolSettings; a bad value is a ConfigError naming its key."""
     try:
@@ -200,7 +218,7 @@ def build_migration(config) -> MigrationSettings:
     return MigrationSettings(mode, policy, link=link, **values)
 
 
-def build_events(config, num_replicas: int) -> list[ClusterEvent]:
+def build_events(config, num_replicas: int, build_spec=replica_spec) -> list[ClusterEvent]:
     text = get(config, "cluster.events", str)
     parsed = []
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -220,7 +238,7 @@ def build_events(config, num_replicas: int) -> list[ClusterEvent]:
     events, count = [], num_replicas
     for t, kind, index in sorted(parsed, key=lambda e: e[0]):
         if kind == "add":
-            events.append(ClusterEvent(t, "add", spec=replica_spec(config, f"replica {count}")))
+            events.append(ClusterEvent(t, "add", spec=build_spec(config, f"replica {count}")))
             count += 1
         elif index >= count:
             raise ConfigError(f"cluster.events: {kind}:{index}@{t:g} names replica {index}, but only replicas "
@@ -232,7 +250,8 @@ def build_events(config, num_replicas: int) -> list[ClusterEvent]:
 
 @dataclasses.dataclass(frozen=True)
 class ClusterSim:
-    """Everything a simulated cluster run needs, built from a config by ``build_cluster_sim``."""
+    """Everything a cluster run needs (simulated replicas, or real engines with
+    ``backend="engine"``), built from a config by ``build_cluster_sim``."""
 
     configs: tuple
     specs: tuple[ReplicaSpec, ...]
@@ -246,39 +265,54 @@ class ClusterSim:
 
     @property
     def cost_model(self):
-        """Replica 0's cost model (titles)."""
-        return self.specs[0].executor.cost_model
+        """Replica 0's cost model (titles; None for real engines)."""
+        return getattr(self.specs[0].executor, "cost_model", None)
+
+    @property
+    def is_engine(self) -> bool:
+        return self.cost_model is None
 
 
 def build_cluster_sim(config) -> ClusterSim:
-    if get(config, "backend", str) != "sim":
-        raise ConfigError("cluster.*: a cluster runs in the simulator (backend='sim'); real-engine replicas are not "
-                          "built from the CLI yet")
+    backend = get(config, "backend", str)
+    if backend not in SPEC_BUILDERS:
+        raise ConfigError(f"backend must be one of {', '.join(SPEC_BUILDERS)}, got {backend!r}")
+    build_spec = SPEC_BUILDERS[backend]
     configs = replica_configs(config)
-    specs = tuple(replica_spec(c, f"{role} {i}" if role != "mixed" else f"replica {i}", role)
+    specs = tuple(build_spec(c, f"{role} {i}" if role != "mixed" else f"replica {i}", role)
                   for i, (c, role) in enumerate(zip(configs, roles(config))))  # fmt: skip
+    requests = tuple(build_workload(config))
+    if backend == "engine":
+        from jaxserve.engine.serve_config import with_token_ids
+
+        requests = tuple(with_token_ids(list(requests), specs[0].executor.cfg.vocab_size, get(config, "workload.seed", int)))
     migration = build_migration(config)
     if migration.mode != "off" and any(s.role != "mixed" for s in specs):
         raise ConfigError("cluster.migration.mode and cluster.pools: migration between the replicas of phase pools is "
                           "not supported; set cluster.migration.mode='off' or cluster.pools.prefill=decode=0")
-    return ClusterSim(tuple(configs), specs, build_router(config), tuple(build_events(config, len(specs))),
-                      tuple(build_workload(config)), max_sim_time_s(config), slo_targets(config),
-                      migration, build_pools(config))  # fmt: skip
+    return ClusterSim(tuple(configs), specs, build_router(config), tuple(build_events(config, len(specs), build_spec)),
+                      requests, max_sim_time_s(config), slo_targets(config), migration, build_pools(config))  # fmt: skip
 
 
 def run_cluster_sim(run: ClusterSim, on_progress: Optional[ProgressHook] = None) -> Results:
     """Simulates ``run``: metrics (with ``per_replica``), per-request rows, the shared log."""
+    # A simulated step that raises is a bug; a real engine's is a fault (the replica fails, its requests go on).
     cluster = Cluster(run.specs, run.router, max_sim_time_s=run.max_sim_time_s, migration=run.migration,
-                      step_errors="raise", pools=run.pools)  # a simulated step that raises is a bug, not a fault
+                      step_errors="fail" if run.is_engine else "raise", pools=run.pools)  # fmt: skip
     log = cluster.run(list(run.requests), run.events, on_progress=on_progress).freeze()
     members = cluster.members
-    prices = [m.spec.executor.cost_model.cost_usd_per_hour() for m in members]
-    price = None if any(p is None for p in prices) else sum(prices)  # every replica for the whole run
-    cost_models = [m.spec.executor.cost_model for m in members]
-    idle = ({m.index: cm.idle_power_w() for m, cm in zip(members, cost_models)}
-            if all(cm.models_energy for cm in cost_models) else None)  # fmt: skip
-    metrics = summarize(log, **run.slo, price_per_hour_usd=price, unmodelled=unmodelled_metrics(run.cost_model),
-                        idle_power_w=idle)  # fmt: skip
+    if run.is_engine:
+        from jaxserve.engine.serve_config import ENGINE_UNMODELLED
+
+        metrics = summarize(log, **run.slo, unmodelled=ENGINE_UNMODELLED)
+    else:
+        cost_models = [m.spec.executor.cost_model for m in members]
+        prices = [cm.cost_usd_per_hour() for cm in cost_models]
+        price = None if any(p is None for p in prices) else sum(prices)  # every replica for the whole run
+        idle = ({m.index: cm.idle_power_w() for m, cm in zip(members, cost_models)}
+                if all(cm.models_energy for cm in cost_models) else None)  # fmt: skip
+        metrics = summarize(log, **run.slo, price_per_hour_usd=price, unmodelled=unmodelled_metrics(run.cost_model),
+                            idle_power_w=idle)  # fmt: skip
     metrics["num_kv_blocks"] = sum(m.spec.kv.num_blocks for m in members)
     metrics["num_replicas"] = len(members)
     records = cluster.migrator.records if cluster.migrator is not None else []

@@ -69,7 +69,7 @@ def test_a_cluster_config_builds_each_replica_with_its_overrides():
     ({"cluster.events": "add:1@3"}, "cluster.events: expected"),
     ({"cluster.events": "fail:7@3"}, r"fail:7@3 names replica 7, but only replicas 0..2 exist by then"),
     ({"cluster.events": "add@1,fail:3@2"}, None),  # the added replica is 3: fine
-    ({"backend": "engine"}, "a cluster runs in the simulator"),
+    ({"backend": "engine"}, "model.path: backend=.engine. needs a local Hugging Face model directory"),
     ({"cluster.migration.mode": "teleport"}, "cluster.migration.mode must be one of off, live, recompute, got 'teleport'"),
     ({"cluster.migration.mode": "live", "cluster.migration.link": "carrier-pigeon"}, "cluster.migration.link: unknown link 'carrier-pigeon'; known: ethernet-100g"),
     ({"cluster.migration.mode": "live", "cluster.migration.interval_s": 0.0}, "cluster.migration.interval_s must be > 0"),

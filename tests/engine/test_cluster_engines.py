@@ -235,3 +235,37 @@ def test_a_handoff_the_decode_engine_can_never_hold_fails_cleanly(executors, ref
     assert not cluster.outputs
     assert [m.replica.state.kv.device.num_used for m in cluster.members] == [0, 0]
     assert not any(log.step_replica == 1)
+
+
+# -- engine clusters from a config (the CLI's path) ---------------------------------------------------
+def test_a_config_with_cluster_keys_and_backend_engine_runs_real_engines(llama, tmp_path):
+    """``backend="engine"`` with ``cluster.*`` builds one real engine per replica (here a prefill and
+    a decode engine, the KV handed over between them), serves a length-only workload with random
+    prompt ids, and reports the cluster's metrics; the CLI's ``jaxserve.experiment`` takes this path."""
+    import importlib.util
+    import pathlib
+
+    from jaxserve.cluster.config import build_cluster_sim, is_cluster, run_cluster_sim
+    from jaxserve.config import override
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("jaxserve_engine_cluster_defaults", root / "configs" / "default.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = override(module.get_config(), {
+        "backend": "engine", "model.path": llama[0], "engine.compile_cache": "", "kv.block_size": 4, "kv.num_blocks": 48,
+        "workload.kind": "poisson", "workload.qps": 50.0, "workload.num_requests": 6, "workload.lengths.kind": "uniform",
+        "workload.lengths.low": 3, "workload.lengths.high": 12, "cluster.num_replicas": 2, "cluster.pools.prefill": 1,
+        "cluster.pools.decode": 1, "cluster.pools.decode_overrides": "kv.num_blocks=40",
+    })  # fmt: skip
+    assert is_cluster(config)
+    run = build_cluster_sim(config)
+    assert run.is_engine and [s.role for s in run.specs] == ["prefill", "decode"]
+    assert [s.kv.num_blocks for s in run.specs] == [48, 40] and all(r.has_real_tokens for r in run.requests)
+    results = run_cluster_sim(run)
+    m = results.metrics
+    assert m["num_finished"] == 6 and m["num_failed"] == 0
+    one_token = sum(r.sampling.max_new_tokens == 1 for r in run.requests)
+    assert m["num_kv_transfers"] == 6 - one_token > 0 and m["kv_copy_s"]["p50"] > 0
+    assert m["per_replica"]["1"]["role"] == "decode" and m["per_replica"]["1"]["num_steps"] > 0
+    assert m["energy_j"] is None and "power" in m["unavailable"]["energy_j"]
