@@ -4,8 +4,12 @@ DynamoLLM profiles each (TP degree, GPU clock) offline: an instance serving one 
 increasing loads, its p99 TTFT, p99 TBT and power. Here each point is a simulated run of one replica
 (``hardware.tp``, ``hardware.frequency_mhz`` over the base config) serving ``num_requests`` Poisson
 arrivals at the load, with the pool's lengths (``lengths``: ``workload.lengths.*`` overrides, e.g.
-``fixed_lengths(512, 32)`` or a length CSV of the pool's requests); power is the run's
-``avg_power_w`` (steps plus idle gaps, over the makespan). A load past the instance's capacity shows
+``fixed_lengths(512, 32)`` or a length CSV of the pool's requests). Power is what the instance
+draws serving that load in steady state (``window_energy_j``): the steps' energy plus idle power for
+the rest of the arrival window (``num_requests / load`` seconds), over the window, or over the busy
+time when that is longer (an overloaded instance is busy throughout). Work that drains after the
+window counts in full, as in steady state it overlaps the next window; the makespan would instead
+dilute it with the drain's idle tail. A load past the instance's capacity shows
 as a queue that grows through the run, i.e. a p99 TTFT far above any SLO, so the controller rejects
 it by its SLOs; loads above the highest profiled one are not offered to the instance at all.
 
@@ -24,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jaxserve.cluster.energy_controller import LoadPoint, ProfileEntry, Slo
-from jaxserve.config import override
+from jaxserve.config import get, override
 from jaxserve.sim.simulate import build_cost_model, build_sim, run_sim
 
 
@@ -42,9 +46,19 @@ def _base(config, tp: int, frequency_mhz: int, num_requests: int, lengths: Mappi
                              "workload.num_requests": num_requests, "workload.duration_s": None, **lengths})  # fmt: skip
 
 
-def _point(base, load: float) -> LoadPoint:
-    m = run_sim(build_sim(override(base, {"workload.qps": float(load)}))).metrics
-    return LoadPoint(float(load), m["ttft_s"]["p99"], m["tbt_s"]["p99"], m["avg_power_w"])
+def window_energy_j(steps_energy_j: float, busy_s: Sequence[float], window_s: float, idle_w: float) -> float:
+    """Joules of instances serving one window's arrivals in steady state: their steps' energy (all of
+    it, the drain after the window included) plus ``idle_w`` (watts per instance) for each instance's
+    idle part of the window (``busy_s``: each one's total step time)."""
+    return steps_energy_j + idle_w * sum(max(window_s - b, 0.0) for b in busy_s)
+
+
+def _point(base, load: float, idle_w: float) -> LoadPoint:
+    res = run_sim(build_sim(override(base, {"workload.qps": float(load)})))
+    m, busy = res.metrics, float(res.log.step_duration_s.sum())
+    window = get(base, "workload.num_requests", int) / load
+    power = window_energy_j(m["energy_j"], [busy], window, idle_w) / max(window, busy)
+    return LoadPoint(float(load), m["ttft_s"]["p99"], m["tbt_s"]["p99"], power)
 
 
 def profile_entry(config, tp: int, frequency_mhz: int, loads: Sequence[float], *, num_requests: int,
@@ -52,8 +66,8 @@ def profile_entry(config, tp: int, frequency_mhz: int, loads: Sequence[float], *
     """One (tp, clock) of ``config`` (its model, hardware, scheduler) at each of ``loads`` (req/s,
     increasing), ``num_requests`` requests each with ``lengths`` (``workload.lengths.*`` overrides)."""
     base = _base(config, tp, frequency_mhz, num_requests, lengths)
-    points = tuple(_point(base, load) for load in loads)
-    return ProfileEntry(tp, frequency_mhz, build_cost_model(base).idle_power_w(), points)
+    idle_w = build_cost_model(base).idle_power_w()
+    return ProfileEntry(tp, frequency_mhz, idle_w, tuple(_point(base, load, idle_w) for load in loads))
 
 
 def profile_until(config, tp: int, frequency_mhz: int, *, slo: Slo, start_rps: float, factor: float,
@@ -68,14 +82,15 @@ def profile_until(config, tp: int, frequency_mhz: int, *, slo: Slo, start_rps: f
         raise ValueError("need start_rps > 0, factor > 1, max_points >= 1, duration_s > 0, min_requests >= 1; got "
                          f"{start_rps}, {factor}, {max_points}, {duration_s}, {min_requests}")
     base = _base(config, tp, frequency_mhz, min_requests, lengths)
+    idle_w = build_cost_model(base).idle_power_w()
     points = []
     for k in range(max_points):
         load = start_rps * factor**k
         n = max(min_requests, math.ceil(load * duration_s))
-        points.append(_point(override(base, {"workload.num_requests": n}), load))
+        points.append(_point(override(base, {"workload.num_requests": n}), load, idle_w))
         if points[-1].ttft_s > slo.ttft_s or points[-1].tbt_s > slo.tbt_s or load >= max_rps:
             break
-    return ProfileEntry(tp, frequency_mhz, build_cost_model(base).idle_power_w(), tuple(points))
+    return ProfileEntry(tp, frequency_mhz, idle_w, tuple(points))
 
 
 def pool_profile(config, tps: Sequence[int], frequencies: Sequence[int], loads: Sequence[float], *,

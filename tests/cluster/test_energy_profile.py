@@ -7,8 +7,9 @@ import pathlib
 import pytest
 
 from jaxserve.cluster.energy_controller import ReconfigCosts, Slo, choose
-from jaxserve.cluster.energy_profile import fixed_lengths, pool_profile, profile_entry, profile_until
+from jaxserve.cluster.energy_profile import fixed_lengths, pool_profile, profile_entry, profile_until, window_energy_j
 from jaxserve.config import override
+from jaxserve.sim.simulate import build_sim, run_sim
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -78,3 +79,18 @@ def test_trace_lengths_profile_the_pools_mix(tmp_path):
     mixed = profile_entry(config(), 1, 1980, (2.0,), num_requests=32, lengths=lengths)
     short = profile_entry(config(), 1, 1980, (2.0,), num_requests=32, lengths=fixed_lengths(256, 8))
     assert mixed.points[0].ttft_s > short.points[0].ttft_s  # the 2048-token prompts show in the p99
+
+
+def test_power_is_the_steady_state_draw_over_the_arrival_window():
+    assert window_energy_j(100.0, [2.0, 5.0], 4.0, 10.0) == 120.0  # idle for 2 s on the first, none on the second
+    base = override(config(), {"hardware.tp": 1, "workload.kind": "poisson", "workload.num_requests": 12,
+                               "workload.duration_s": None, "workload.qps": 0.5, **fixed_lengths(512, 32)})
+    res = run_sim(build_sim(base))
+    busy, window = float(res.log.step_duration_s.sum()), 12 / 0.5
+    (point,) = profile_entry(config(), 1, 1980, (0.5,), num_requests=12, lengths=fixed_lengths(512, 32)).points
+    assert point.power_w == pytest.approx((res.metrics["energy_j"] + 70.0 * (window - busy)) / window)
+    # the drain after the last arrival is not idle time diluting the draw
+    assert point.power_w > res.metrics["avg_power_w"]
+    # overloaded: busy longer than the window, so the draw is over the busy time, within one H100's TDP
+    (burst,) = profile_entry(config(), 1, 1980, (1000.0,), num_requests=24, lengths=fixed_lengths(512, 32)).points
+    assert 70.0 < burst.power_w <= 700.0
