@@ -187,7 +187,21 @@ class BlockPool(Versioned):
             raise OutOfBlocksError(f"asked for {n} blocks, {self.num_free} free")
         if n == 0:
             return self, ()
-        data = self._read()
+        edits, changes = [], {}
+        out = self._take(self._read(), n, edits, changes)
+        edits.append((RC, out, 1))
+        return self._derive(edits, self._with(**changes)), tuple(out.tolist())
+
+    def peek(self, n: int) -> tuple[int, ...]:
+        """The blocks ``allocate(n)`` would return, in that order, without taking them (n <= num_free)."""
+        if not 0 <= n <= self.num_free:
+            raise OutOfBlocksError(f"peek: asked for {n} blocks, {self.num_free} free")
+        return tuple(self._take(self._read(), n, [], {}).tolist()) if n else ()
+
+    def _take(self, data: list, n: int, edits: list, changes: dict) -> np.ndarray:
+        """The ``n`` blocks an allocation takes, in order: stacked (the top first), then fresh, then
+        the least recently freed evictable ones; adds the edits and field changes that take them
+        (all but their refcounts)."""
         parts = []
         top = self.num_stacked
         k = min(n, top)
@@ -196,13 +210,10 @@ class BlockPool(Versioned):
         take = min(n - k, self.num_blocks - self.next_fresh)
         if take:
             parts.append(np.arange(self.next_fresh, self.next_fresh + take, dtype=np.int64))
-        edits = []
-        changes = {"num_stacked": top - k, "next_fresh": self.next_fresh + take, "num_used": self.num_used + n}
+        changes.update(num_stacked=top - k, next_fresh=self.next_fresh + take, num_used=self.num_used + n)
         if n - k - take:
             parts.append(self._evict(data, n - k - take, edits, changes))
-        out = np.concatenate(parts) if len(parts) > 1 else parts[0].copy()  # never a view of a table
-        edits.append((RC, out, 1))
-        return self._derive(edits, self._with(**changes)), tuple(out.tolist())
+        return np.concatenate(parts) if len(parts) > 1 else parts[0].copy()  # never a view of a table
 
     def _evict(self, data: list, m: int, edits: list, changes: dict) -> np.ndarray:
         """The ``m`` least recently freed evictable blocks; adds the edits that unlink them and

@@ -88,6 +88,13 @@ class EventLog:
              replica: int = 0) -> None:
         """Records a step that replica ``replica`` ran: ``plan`` from ``start_s`` for ``duration_s``,
         leaving ``state``; ``finished`` are the requests it finished (``FinishedRequest``s)."""
+        self.record(plan, start_s, duration_s, energy_j, state.num_waiting, state.num_running, state.kv.usage,
+                    finished, replica)  # fmt: skip
+
+    def record(self, plan: BatchPlan, start_s: float, duration_s: float, energy_j: float, num_waiting: int,
+               num_running: int, kv_usage: float, finished, replica: int = 0) -> None:
+        """``step`` with the queue and KV state after the step given as numbers (a closed-form run
+        has no state after each of its steps)."""
         end = start_s + duration_s
         index = self.index
         for rid in plan.preempted + plan.swapped_out:
@@ -117,9 +124,9 @@ class EventLog:
         self._step_tokens.append(plan.num_tokens)
         self._step_prefill_tokens.append(plan.num_prefill_tokens)
         self._step_seqs.append(plan.num_seqs)
-        self._step_waiting.append(state.num_waiting)
-        self._step_running.append(state.num_running)
-        self._step_kv_usage.append(state.kv.usage)
+        self._step_waiting.append(num_waiting)
+        self._step_running.append(num_running)
+        self._step_kv_usage.append(kv_usage)
         self._step_replica.append(replica)
 
     def decode_run(self, request_ids, ends, durations, energies, state, kv_usage, replica: int = 0,

@@ -54,6 +54,12 @@ class Executor(Protocol):
         and the step's duration and energy."""
         ...
 
+    def step_cost(self, plan: BatchPlan) -> Optional[tuple[float, float, int]]:
+        """``(duration_s, energy_j, token)`` of ``plan`` told without running it, every sampling row
+        sampling ``token`` (a simulator: the same as ``execute``); ``None`` when the executor must
+        run the step (a real model). Closed-form runs of known steps use it."""
+        return None
+
     def decode_run(self, num_rows: int, context_tokens: int, max_context: int, k: int) -> Optional[DecodeRun]:
         """The next ``k`` decode steps of the same ``num_rows`` rows, whose contexts sum to
         ``context_tokens`` (the longest ``max_context``) at the first step, without running them; or

@@ -30,6 +30,7 @@ from jaxserve.runtime.limits import RunLimits
 from jaxserve.scheduler.fast_forward import (
     apply_decode_run, blocks_in_use_after, is_stable_decode, next_is_stable_decode, run_bounds,
 )
+from jaxserve.scheduler.prefill_runs import PrefillRun, apply_prefill_run, prefill_run, prefill_run_plan
 
 StepHook = Callable[[BatchPlan, StepOutput, object], None]
 _NO_TOKENS = np.zeros(0, np.int64)
@@ -171,6 +172,12 @@ class Replica:
             k = self._decode_run(before, min(horizon, self.limits.max_sim_time_s))
             if k:
                 return k
+        elif self._fast_forward and self._on_step is None:
+            run = prefill_run(scheduler, before)  # the steps that finish a chunked prefill, if any
+            if run is not None:
+                k = self._prefill_run(before, run, min(horizon, self.limits.max_sim_time_s))
+                if k:
+                    return k
         state, plan = scheduler.schedule(before, self.now)
         if plan.is_empty:
             # Nothing runs, but scheduling may have changed the state (a preemption): keep it,
@@ -254,6 +261,48 @@ class Replica:
         self.num_steps = run.num_steps + k
         if finished and self._on_finished is not None:
             self._on_finished(finished)
+
+    def _prefill_run(self, state, run: PrefillRun, horizon: float) -> int:
+        """Applies, from ``state``, the steps of ``run`` that start before ``horizon`` (the first
+        always) within the step limit, each costed by the executor without running it, and logs
+        them one by one; ``on_plan`` sees their plans (they start no request). Returns how many
+        (0: the executor must run steps, the caller steps normally)."""
+        peeked = state.kv.device.peek(run.num_blocks)
+        tables, used = list(state.running.block_tables), 0
+        plans, costs, ends, token = [], [], [], None
+        for j in range(min(len(run.chunks), self.limits.max_steps - self.num_steps)):
+            if j and ends[-1] >= horizon:  # step j starts when step j - 1 ends
+                break
+            for r in run.blocks[j]:
+                tables[r] += (peeked[used],)
+                used += 1
+            plan = prefill_run_plan(state, run, j, tuple(tables), token)
+            cost = self.executor.step_cost(plan)
+            if cost is None or (token is not None and cost[2] != token):
+                return 0  # no closed form (or a different token per step: the run assumes one)
+            duration, energy, token = cost
+            plans.append(plan)
+            costs.append((duration, energy))
+            ends.append((ends[-1] if ends else self.now) + duration)  # summed in order, as the log sums
+        k = len(plans)
+        if not k:
+            return 0
+        new_state, used_after = apply_prefill_run(state, run, k, token)
+        finished, num_blocks = new_state.finished, state.kv.config.num_blocks
+        waiting, running = state.num_waiting, state.num_running
+        start = self.now
+        for j, (plan, (duration, energy), used_blocks) in enumerate(zip(plans, costs, used_after.tolist())):
+            last = j == k - 1
+            self.log.record(plan, start, duration, energy, waiting, running - len(finished) * last,
+                            used_blocks / num_blocks, finished if last else (), self.index)  # fmt: skip
+            if self._on_plan is not None:
+                self._on_plan(plan)
+            start = ends[j]
+        self.state, self.now = new_state, ends[-1]
+        self.num_steps += k
+        if finished and self._on_finished is not None:
+            self._on_finished(finished)
+        return k
 
     # -- deferred runs (a cluster's replicas) ------------------------------------------------------
     def steps_started_by(self, t: float) -> int:

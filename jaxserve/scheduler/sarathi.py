@@ -37,6 +37,19 @@ class SarathiScheduler(BatchingScheduler):
         step.admit_waiting(chunk)
         return step.build()
 
+    def prefill_run_budget(self, state):
+        """``(token budget, chunking, whether a step may leave budget over)`` of the steps after
+        ``state`` while one request prefills (scheduler/prefill_runs.py): they run_running alone
+        when they use the whole budget, and also when they leave some if nobody waiting could be
+        admitted then (the queue is empty, or its head fits not even with the whole budget and the
+        blocks free now: blocks only shrink in such a run). None with requests swapped out."""
+        if state.num_swapped:
+            return None
+        chunk = Chunked(self.chunk_align)
+        if not state.num_waiting:
+            return self.chunk_size, chunk, True
+        return self.chunk_size, chunk, not StepBuilder(self, state, self.chunk_size).would_admit(chunk)
+
     def decode_only(self, state) -> bool:
         """Whether ``schedule(state)`` would plan one decode of every running request and nothing
         else (fast_forward.next_is_stable_decode): every row decodes without a preemption and

@@ -401,16 +401,7 @@ class StepBuilder:
             pieces, done = [], 0
             for i in (~newest).nonzero()[0].tolist():
                 r = row_list[i]
-                start, stop = nc.item(i), nc.item(i) + n.item(i)
-                req = run.requests[r]
-                if stop > req.prompt_len:  # a recompute reaches the generated tokens
-                    num_output = run.num_output.item(r)
-                    generated = self.outputs.read(run.slot.item(r), num_output)
-                    segment = np.array(seq_tokens(req, generated, num_output, start, stop), np.int32)
-                elif req.has_real_tokens:
-                    segment = req.prompt_array[start:stop]
-                else:  # a length-only prompt: placeholder ids
-                    segment = np.full(stop - start, PLACEHOLDER_TOKEN_ID, np.int32)
+                segment = segment_ids(run, r, self.outputs, nc.item(i), nc.item(i) + n.item(i))
                 pieces += (newest_ids[done:i], segment)
                 done = i + 1
             pieces.append(newest_ids[done:])
@@ -435,3 +426,17 @@ class StepBuilder:
             is_decode=_frozen(newest),
             num_decode_tokens=int(num_decodes),
         )
+
+
+def segment_ids(run: RunningBatch, r: int, outputs, start: int, stop: int) -> np.ndarray:
+    """int32 ids of tokens ``[start, stop)`` of running row ``r`` (its generated ids in TokenBuffer
+    ``outputs``): prompt ids (placeholders for a length-only prompt), then generated ids, which
+    only a recompute after a preemption reaches."""
+    req = run.requests[r]
+    if stop > req.prompt_len:
+        num_output = run.num_output.item(r)
+        generated = outputs.read(run.slot.item(r), num_output)
+        return np.array(seq_tokens(req, generated, num_output, start, stop), np.int32)
+    if req.has_real_tokens:
+        return req.prompt_array[start:stop]
+    return np.full(stop - start, PLACEHOLDER_TOKEN_ID, np.int32)

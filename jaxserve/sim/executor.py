@@ -36,6 +36,10 @@ class SimExecutor(Executor):
         cost = self.cost_model.step(plan)
         return StepOutput.repeated(plan, SIM_TOKEN_ID, cost.duration_s, cost.energy_j)
 
+    def step_cost(self, plan: BatchPlan) -> tuple[float, float, int]:
+        cost = self.cost_model.step(plan)
+        return cost.duration_s, cost.energy_j, SIM_TOKEN_ID
+
     def decode_run(self, num_rows: int, context_tokens: int, max_context: int, k: int) -> Optional[DecodeRun]:
         run = self.cost_model.decode_run(num_rows, context_tokens, max_context, k)
         return None if run is None else DecodeRun(run[0], run[1], SIM_TOKEN_ID)

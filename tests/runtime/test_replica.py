@@ -137,3 +137,33 @@ def test_a_deferred_run_settled_at_any_time_equals_a_run_cut_there():
         assert deferred.state.running.num_computed.tolist() == cut.state.running.num_computed.tolist()
         assert deferred.state.running.block_tables == cut.state.running.block_tables
         assert_same_log(deferred.log.freeze(), cut.log.freeze())
+
+
+@pytest.mark.parametrize("opts, kv", [
+    ({"chunk_size": 256}, KVConfig(400, 16)),
+    ({"chunk_size": 96, "chunk_align": 32}, KVConfig(400, 16)),
+    ({"chunk_size": 128, "preemption_mode": "swap"}, KVConfig(90, 16, num_host_blocks=60)),
+    ({"chunk_size": 200, "max_num_seqs": 4}, KVConfig(120, 8)),
+])  # fmt: skip
+def test_prefill_runs_leave_the_log_and_plans_as_stepping_does(opts, kv, monkeypatch):
+    """Sarathi with its prefill runs (scheduler/prefill_runs.py) logs exactly what stepping logs,
+    and ``on_plan`` sees the plans of the steps a run takes (they start nobody)."""
+    import jaxserve.runtime.replica as replica_module
+
+    runs = []
+    real = replica_module.prefill_run
+    monkeypatch.setattr(replica_module, "prefill_run", lambda *a, **k: runs.append(real(*a, **k)) or runs[-1])
+    cost = RooflineCostModel(get_model("llama-2-7b"), get_hardware("a100-80gb"))
+    requests = [r for r in workload(3, 80, rate=40.0) if r.max_total_tokens <= kv.capacity_tokens]
+    logs, plans = [], []
+    for fast_forward in (False, True):
+        seen = []
+        replica = Replica(jaxserve.scheduler.make("sarathi", **opts), kv, SimExecutor(cost), fast_forward=fast_forward,
+                          on_plan=lambda plan, seen=seen: seen.append((plan.request_ids, plan.num_new_tokens.tolist())))
+        drive([replica], requests, lambda r: 0)
+        logs.append(replica.log.freeze())
+        plans.append(seen)
+    assert_same_log(*logs)
+    assert any(r is not None for r in runs)
+    fast = set(map(repr, plans[1]))  # the fast path's plans are the stepped plans that are not decode runs'
+    assert fast <= set(map(repr, plans[0])) and len(plans[1]) > sum(r is not None for r in runs)
