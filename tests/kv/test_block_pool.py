@@ -157,6 +157,18 @@ def test_reuse_order_stacked_then_fresh_then_lru():
     p.check()
 
 
+def test_peek_names_what_allocate_takes_and_changes_nothing():
+    p = BlockPool(6, enable_caching=True)
+    p, _ = p.allocate(5)
+    p = p.register([0, 1, 2], [100, 101, 102]).free([2, 1, 0]).free([4])  # stacked 4, fresh 5, LRU 2, 1, 0
+    for n in range(6):
+        assert p.peek(n) == p.allocate(n)[1]  # stacked, then fresh, then least recently freed
+    assert p.peek(3) == (4, 5, 2) and p.num_free == 5 and p.match_prefix([100, 101, 102]) == (0, 1, 2)
+    p.check()
+    with pytest.raises(OutOfBlocksError):
+        p.peek(6)
+
+
 def test_tail_first_free_evicts_tail_first():
     p = BlockPool(4, enable_caching=True)
     p, table = p.allocate(4)
