@@ -52,6 +52,7 @@ class EventLog:
         self.retries: dict[int, int] = {}  # request index -> times re-dispatched after a replica failed
         self.failed: dict[int, str] = {}  # request index -> why it could not be served (a cluster gave up)
         self.lost_tokens = 0  # tokens whose KV a failed replica took with it (recomputed elsewhere)
+        self._rows_cache = None  # (request ids, their indices as a list, as an array): see _rows
 
     # -- writing ---------------------------------------------------------------------------------
     def add_request(self, request, now: float) -> int:
@@ -101,7 +102,7 @@ class EventLog:
             i = index[rid]
             self.preemptions[i] = self.preemptions.get(i, 0) + 1
             self._requeued_at[i] = start_s
-        rows = list(map(index.__getitem__, plan.request_ids))
+        rows, row_array = self._rows(plan.request_ids)
         first, requeued = self.first_scheduled, self._requeued_at
         if requeued:  # preempted rows scheduled again (a row scheduled for the first time is not one)
             for i in [i for i in rows if i in requeued and i in first]:
@@ -110,7 +111,7 @@ class EventLog:
             first[i] = start_s
         samples = plan.samples_token
         if np.count_nonzero(samples) == len(rows):
-            self._token_req.append(np.array(rows, np.int64))
+            self._token_req.append(row_array)
         else:
             sampled = list(itertools.compress(rows, samples.tolist()))
             self._token_req.append(np.array(sampled, np.int64))
@@ -138,7 +139,7 @@ class EventLog:
         as running until then)."""
         k = len(ends)
         n = len(request_ids)
-        rows = np.fromiter(map(self.index.__getitem__, request_ids), np.int64, n)
+        rows = self._rows(request_ids)[1]
         self._token_req.extend([rows] * k)
         self._step_end.extend(ends)
         self._step_duration.extend(durations.tolist())
@@ -156,6 +157,18 @@ class EventLog:
             self.finished[i] = end
             self.finish_reasons[i] = f.finish_reason
         self._step_replica.extend([replica] * k)
+
+    def _rows(self, request_ids: tuple) -> tuple[list[int], np.ndarray]:
+        """The requests' indices, as a list and as an int64 array (kept for the last ids asked for:
+        a running batch keeps its ids tuple from step to step until it changes)."""
+        cached = self._rows_cache
+        if cached is not None and cached[0] is request_ids:
+            return cached[1], cached[2]
+        rows = list(map(self.index.__getitem__, request_ids))
+        array = np.array(rows, np.int64)
+        array.flags.writeable = False  # shared by every step that records it
+        self._rows_cache = (request_ids, rows, array)
+        return rows, array
 
     # -- reading ---------------------------------------------------------------------------------
     def _finish_reason(self, i: int) -> str:

@@ -31,7 +31,7 @@ from jaxserve.scheduler.running import COL, _frozen
 from jaxserve.scheduler.update import _retire
 
 _COMPUTED, _BLOCKS, _OUTPUT, _MAX_NEW = COL["num_computed"], COL["num_blocks"], COL["num_output"], COL["max_new"]
-_SLOT, _LAST, _TOKENS = COL["slot"], COL["last_token"], COL["num_tokens"]
+_SLOT, _LAST, _TOKENS, _STOP = COL["slot"], COL["last_token"], COL["num_tokens"], COL["has_stop"]
 
 
 def is_stable_decode(sched, state, plan: BatchPlan) -> bool:
@@ -61,8 +61,9 @@ def next_is_stable_decode(sched, state) -> Optional[bool]:
     probe = cls.__dict__.get("decode_only")
     if probe is None:
         return None
-    run = state.running
-    if not len(run) or np.count_nonzero(run.has_stop):
+    nums = state.running.nums
+    # Every row must have exactly its next token pending (no prefill chunk), none a stop token.
+    if not len(nums) or np.count_nonzero(nums[:, _TOKENS] - nums[:, _COMPUTED] - 1) or np.count_nonzero(nums[:, _STOP]):
         return False
     return probe(sched, state)
 
