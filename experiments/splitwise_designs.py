@@ -13,15 +13,17 @@ Splitwise's mixed pool, whose machines its cluster scheduler repurposes between 
 
 Workload: a window of the Azure 2023 conversation trace (Splitwise's; the code trace is not in
 ../shared/traces), requests longer than Llama-2's 4096-token context dropped, rescaled in rate
-(``workload.qps``); without ../shared the shipped first 10 minutes. SLOs as Splitwise sets them: P50 /
-P90 / P99 of TTFT, TBT and E2E each within a slowdown factor of the same percentile unloaded on one
-Baseline-A100 machine (one run at ``--unloaded-rate``). A design's throughput is the highest rate
-meeting all nine (``metrics.search_max_rate``). Provisioning: the $/hour (iso-cost) and the rated power
+(``workload.qps``; a run at rate r serves r x ``--duration-s`` requests); without ../shared the shipped
+first 10 minutes. SLOs as Splitwise sets them: the P50 / P90 / P99 of each request's TTFT, TBT and E2E
+slowdown against its own latency unloaded on one Baseline-A100 machine (one run of the window at
+``--unloaded-rate``) within Splitwise's factors. A design's throughput is the highest rate meeting all
+nine (``metrics.search_max_rate``). Provisioning: the $/hour (iso-cost) and the rated power
 (iso-power) of ``--machines`` Baseline-A100 machines; per design every maximal (prompt, token) machine
 count within the budget is searched and the best kept.
 
 Writes ``outputs/experiments/splitwise_designs/``: designs.csv (per design and budget), runs.csv (every
-simulation), designs.png, summary.md. ``--quick``: 3 machines, 150 requests, coarse bisection.
+simulation), trace_window.csv, designs.png, summary.md. ``--quick``: 3 machines, 15 s of arrivals per run,
+coarse bisection. ``--router``: arrivals' router (default Splitwise's JSQ, ``shortest_queue``).
 """
 
 from __future__ import annotations
@@ -353,8 +355,8 @@ def plot(rows: list[dict], budgets, path):
         bars = axes[0].bar(pos, get("throughput_req_s"), width, label=budget)
         for bar, n in zip(bars, names):
             if n in mine:
-                axes[0].annotate(f"${mine[n]['usd_per_hour']:.0f}/h\n{mine[n]['kw']:.1f} kW", (bar.get_x() + width / 2, bar.get_height()),
-                                 ha="center", va="bottom", fontsize=6)  # fmt: skip
+                axes[0].annotate(f" ${mine[n]['usd_per_hour']:.0f}/h, {mine[n]['kw']:.1f} kW", (bar.get_x() + width / 2, bar.get_height()),
+                                 ha="center", va="bottom", rotation=90, fontsize=6)  # fmt: skip
         axes[1].bar(pos, get("req_s_per_usd_hour"), width, label=budget)
         axes[2].bar(pos, get("req_s_per_kw"), width, label=budget)
     for ax, ylabel in zip(axes, ("throughput within SLOs (req/s)", "req/s per $/hour", "req/s per kW (rated)")):
@@ -362,6 +364,7 @@ def plot(rows: list[dict], budgets, path):
         ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
+    axes[0].margins(y=0.3)  # room for the labels above the bars
     axes[0].set_title("throughput (labels: $/hour, rated kW)")
     axes[1].set_title("throughput per cost")
     axes[2].set_title("throughput per power")
@@ -386,7 +389,8 @@ def main():
     parser.add_argument("--mixed", type=int, default=1, help="mixed machines (of the token type) in every split design")
     parser.add_argument("--duration-s", type=float, default=60.0, help="seconds of arrivals per run (rate x this many requests)")
     parser.add_argument("--start-s", type=float, default=0.0, help="the trace window starts at this second of the trace")
-    parser.add_argument("--cap-fraction", type=float, default=CAP_FRACTION, help="Splitwise-HHcap: token machines' power as a fraction of rated (Splitwise: 0.7)")
+    parser.add_argument("--cap-fraction", type=float, default=CAP_FRACTION,
+                        help="Splitwise-HHcap: token machines' power as a fraction of rated (Splitwise: 0.7)")
     parser.add_argument("--unloaded-rate", type=float, default=0.001, help="req/s of the unloaded Baseline-A100 run the SLOs scale")
     parser.add_argument("--rel-tol", type=float, default=0.04, help="bisection stops when the bracket is this close")
     parser.add_argument("--router", default="shortest_queue", help="cluster.router: Splitwise's JSQ (shortest_queue) or another")
@@ -446,14 +450,15 @@ def main():
 
 def write(out, args, rows, budgets, window_text, source, capped, stats, wall):
     u = {name: distribution(v) for name, v in CTX["unloaded"].items()}
-    slo_lines = "\n".join(f"| {name.upper()} | " + " | ".join(f"{f:g}x (unloaded {u[name][p] * 1e3:.0f} ms)" for p, f in zip(PERCENTILES, SLO_FACTORS[name])) + " |"
+    slo_lines = "\n".join(f"| {name.upper()} | " + " | ".join(f"{f:g}x (unloaded {u[name][p] * 1e3:.0f} ms)"
+                                                         for p, f in zip(PERCENTILES, SLO_FACTORS[name])) + " |"
                           for name in METRIC_KEYS)  # fmt: skip
     head = "\n".join(f"| {paper} | {rule} | {ours} |" for paper, rule, ours in headlines(rows))
     budget_text = ", ".join(f"{k} {v[1]:,.0f} {'$/h' if v[0] == 'usd_per_hour' else 'W'}" for k, v in budgets.items())
     a100, h100 = Machine("", "a100-80gb", DGX_A100_W), Machine("", "h100-sxm", DGX_H100_W)
-    jsq_note = ("\n* Known issue: with phase pools, `shortest_queue` sees a prompt machine in the middle of a prefill step as "
-                "empty (the step's requests are handed off when it starts), so it piles arrivals on the lowest-index prompt "
-                "machine while others idle; TTFT tails of the split designs suffer. `--router least_kv` avoids it."
+    jsq_note = ("\n* Known issue: with phase pools, `shortest_queue` sees a prompt machine in the middle of a prefill step\n"
+                "  as empty (the step's requests are handed off when it starts), so it piles arrivals on the lowest-index\n"
+                "  prompt machine while others idle; TTFT tails of the split designs suffer. `--router least_kv` avoids it."
                 if args.router == "shortest_queue" else "")  # fmt: skip
     text = f"""# Splitwise: phase-split cluster designs at iso-cost and iso-power (simulated)
 
@@ -505,8 +510,8 @@ the most at the lowest failing rate.
 
 Why ours differs:
 * Prices: SplitwiseSim's notebooks price a GPU-hour at $2.21 (A100) and $4.76 (H100), 2.15x; jaxserve's AWS prices
-  differ by {h100.usd_per_hour / a100.usd_per_hour:.2f}x, so here H100 machines are cheap and at iso-cost the H100 designs win; cheaper A100 token
-  machines (HA) buy less. Power: rated DGX power, 1.57x (SplitwiseSim's notebooks: 24.8 vs 44, 1.77x).
+  differ by {h100.usd_per_hour / a100.usd_per_hour:.2f}x, so here H100 machines are cheap and at iso-cost the H100 designs win;
+  cheaper A100 token machines (HA) buy less. Power: rated DGX power, 1.57x (SplitwiseSim's notebooks: 24.8 vs 44, 1.77x).
 * Step times are a roofline (60 % MFU, 80 % of HBM bandwidth, 4 ms per step), not Splitwise's profiles, and each
   instance runs vLLM's prefill-first scheduler, whose prompt steps stall every decode on a mixed machine: the
   baselines are bound by the TBT P50 SLO (1.25x), which splitting removes; the split designs then meet TTFT tails.
