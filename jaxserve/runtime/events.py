@@ -131,12 +131,13 @@ class EventLog:
         self._step_replica.append(replica)
 
     def decode_run(self, request_ids, ends, durations, energies, state, kv_usage, replica: int = 0,
-                   finished=()) -> None:
+                   finished=(), waiting=None) -> None:
         """Records k decode steps of the same requests at once (the same as k calls of ``step``):
         their end times ``ends`` (floats, summed in order from the first step's start, as ``step``
         sums), ``durations``, ``energies`` and ``kv_usage`` (float arrays [k]), leaving ``state``;
         ``finished`` are the requests the last of them finished (``FinishedRequest``s; they count
-        as running until then)."""
+        as running until then). ``waiting``: the queue after each step when requests joined it
+        during the run (a list [k]); else the state's."""
         k = len(ends)
         n = len(request_ids)
         rows = self._rows(request_ids)[1]
@@ -147,7 +148,7 @@ class EventLog:
         self._step_tokens.extend([n] * k)
         self._step_prefill_tokens.extend([0] * k)
         self._step_seqs.extend([n] * k)
-        self._step_waiting.extend([state.num_waiting] * k)
+        self._step_waiting.extend([state.num_waiting] * k if waiting is None else waiting)
         running = state.num_running
         self._step_running.extend([running + len(finished)] * (k - 1) + [running])
         self._step_kv_usage.extend(kv_usage.tolist())

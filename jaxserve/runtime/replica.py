@@ -98,6 +98,10 @@ class Replica:
         # A cluster defers closed-form runs: held pending, cut (``settle``) only if the replica is
         # read or changed before the run ends — not at every arrival anywhere in the cluster.
         self.defer_runs = False
+        # A driver that adds every arrival as soon as the replica's clock passes it (run_replica)
+        # may let a decode run go on through arrivals that cannot change it: the queue's head is
+        # blocked and stays so, and an arrival queues behind it (``add`` then joins it to the run).
+        self.runs_span_arrivals = False
         self._pending: Optional[PendingRun] = None
 
     # -- what a driver asks -----------------------------------------------------------------------
@@ -123,7 +127,9 @@ class Replica:
         and its clock jumps to it). Returns False if it was rejected: over ``limits.max_context``,
         refused by ``admit`` or by the scheduler; the log keeps the reason."""
         if self._pending is not None:
-            raise RuntimeError("add() with a run pending: settle() it at the arrival's time first")
+            if not self._pending.spans_arrivals:
+                raise RuntimeError("add() with a run pending: settle() it at the arrival's time first")
+            return self._add_during_run(request, self._pending)
         self.now = max(self.now, request.arrival_time)
         self._blocked = False
         log, rid = self.log, request.request_id
@@ -140,6 +146,37 @@ class Replica:
         except ValueError as e:
             log.reject(rid, str(e))
             return False
+        return True
+
+    def _add_during_run(self, request: Request, run: "PendingRun") -> bool:
+        """``add`` while a run that spans arrivals is pending: the request joins the state the run
+        started from, at the end of the step it arrives in, as stepping would add it then, when it
+        cannot change the run (it is rejected, or it queues behind the blocked head); otherwise the
+        run is cut at its arrival first."""
+        t = request.arrival_time
+        if self._admit is not None or t > run.ends[-1]:
+            self.settle(t)
+            return self.add(request)
+        state, log, rid, reason = self.state, self.log, request.request_id, None
+        max_context = self.limits.max_context
+        if max_context is not None and request.max_total_tokens > max_context:
+            reason = f"prompt + max_new_tokens = {request.max_total_tokens} > context {max_context}"
+        else:
+            try:
+                state = self.scheduler.add_request(state, request, run.ends[bisect.bisect_left(run.ends, t)])
+            except ValueError as e:
+                reason = str(e)
+            order = self.scheduler.order
+            if reason is None and order.peek(state.waiting).request_id != order.peek(self.state.waiting).request_id:
+                self.settle(t)  # it would be served first: the run ends with the step it arrives in
+                return self.add(request)
+        if rid not in log.index:
+            log.add_request(request, t)
+        if reason is not None:
+            log.reject(rid, reason)
+            return False
+        self.state = state
+        self._pending = run._replace(before=state, arrivals=run.arrivals + (t,))
         return True
 
     def replace_state(self, state) -> None:
@@ -220,6 +257,9 @@ class Replica:
         # The run may end with the step at which requests finish (retired as update would), unless
         # a driver watches every step that starts or finishes a request (``on_step``).
         k, finishes = run_bounds(state, finish=self._on_step is None)
+        spans = self.runs_span_arrivals and not self.defer_runs and state.num_waiting > 0
+        if spans:  # (the queue's head is blocked: the policy's dry run said so) arrivals cannot cut it
+            horizon = self.limits.max_sim_time_s
         if k > self.limits.max_steps - self.num_steps:
             k, finishes = self.limits.max_steps - self.num_steps, False
         if k < 1:
@@ -237,8 +277,8 @@ class Replica:
         cut = 1 + bisect.bisect_left(ends, horizon)
         if cut < k:
             k, finishes, ends = cut, False, ends[:cut]
-        pending = PendingRun(state, self.now, ends, closed, finishes, self.num_steps)
-        if self.defer_runs and k > 1:
+        pending = PendingRun(state, self.now, ends, closed, finishes, self.num_steps, spans)
+        if (self.defer_runs or spans) and k > 1:
             self._pending = pending
             self.now = ends[-1]
             self.num_steps += k
@@ -253,9 +293,13 @@ class Replica:
         new_state, used_after = apply_decode_run(state, k, closed.token_id, finishes)
         finished = new_state.finished
         ends = run.ends if k == len(run.ends) else run.ends[:k]
+        waiting = None  # (the state's queue after every step)
+        if run.arrivals:  # requests that joined during the run count from the step after they arrived
+            base = state.num_waiting - len(run.arrivals)
+            waiting = [base + bisect.bisect_right(run.arrivals, start) for start in [run.start] + ends[:-1]]
         self.log.decode_run(
             state.running.ids, ends, closed.durations_s[:k], closed.energies_j[:k], new_state,
-            used_after / state.kv.config.num_blocks, self.index, finished,
+            used_after / state.kv.config.num_blocks, self.index, finished, waiting,
         )  # fmt: skip
         self.state, self.now = new_state, ends[-1]
         self.num_steps = run.num_steps + k
@@ -331,6 +375,14 @@ class Replica:
         self._apply_run(run, run.started_by(t))
 
     @property
+    def pending_last_start(self) -> Optional[float]:
+        """When the last step of a pending run that spans arrivals starts; None without one."""
+        run = self._pending
+        if run is None or not run.spans_arrivals:
+            return None
+        return run.ends[-2] if len(run.ends) > 1 else run.start
+
+    @property
     def has_pending_run(self) -> bool:
         return self._pending is not None
 
@@ -348,6 +400,8 @@ class PendingRun(NamedTuple):
     closed: DecodeRun
     finishes: bool  # its last step finishes requests
     num_steps: int  # the replica's step count before it
+    spans_arrivals: bool = False  # requests may join it as they arrive (Replica.runs_span_arrivals)
+    arrivals: tuple[float, ...] = ()  # the arrival times of those that joined (``before`` has them)
 
     def started_by(self, t: float) -> int:
         """How many of its steps start before ``t`` (step j starts when step j - 1 ends): at least 1."""
@@ -376,6 +430,7 @@ def run_replica(
     every ``progress_every`` steps and once at the end with a ``Progress``.
     """
     replica = Replica(scheduler, kv, executor, limits=limits, admit=admit, on_step=on_step, fast_forward=fast_forward)
+    replica.runs_span_arrivals = True  # arrivals are added as soon as the clock passes them (below)
     order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_time, i))
     arrivals = [requests[i] for i in order]
     nxt = 0
@@ -399,8 +454,17 @@ def run_replica(
         replica.step(arrivals[nxt].arrival_time if nxt < len(arrivals) else math.inf)
         if on_progress is not None and before // progress_every != replica.num_steps // progress_every:
             on_progress(_progress(replica, len(arrivals)))
-        if replica.now >= limits.max_sim_time_s:
-            break
+        if replica.now >= limits.max_sim_time_s or replica.num_steps >= limits.max_steps:
+            # The last steps: stepping would have added what arrived before the last one started
+            # (a run spanning arrivals is joined by them now; one that cuts it gives more steps).
+            last = replica.pending_last_start
+            while last is not None and nxt < len(arrivals) and arrivals[nxt].arrival_time <= last:
+                replica.add(arrivals[nxt])
+                nxt += 1
+                last = replica.pending_last_start
+            if replica.now >= limits.max_sim_time_s:
+                break
+    replica.settle()
     if on_progress is not None:
         on_progress(_progress(replica, len(arrivals)))
     return replica.log

@@ -167,3 +167,37 @@ def test_prefill_runs_leave_the_log_and_plans_as_stepping_does(opts, kv, monkeyp
     assert any(r is not None for r in runs)
     fast = set(map(repr, plans[1]))  # the fast path's plans are the stepped plans that are not decode runs'
     assert fast <= set(map(repr, plans[0])) and len(plans[1]) > sum(r is not None for r in runs)
+
+
+@pytest.mark.parametrize("order", ["fcfs", "priority"])
+def test_decode_runs_span_arrivals_that_cannot_change_them(order, monkeypatch):
+    """Overloaded vllm (its queue head blocked for blocks): run_replica's decode runs go on through
+    arrivals that queue behind the head or are rejected, and end at an arrival that would be served
+    first (a priority order); the log is exactly the stepped one, time and step limits included."""
+    from jaxserve.runtime import RunLimits
+    from jaxserve.scheduler.queues import KeyedOrder, priority_key
+
+    joined = []
+    real = Replica._add_during_run
+    monkeypatch.setattr(Replica, "_add_during_run", lambda self, r, run: joined.append(real(self, r, run)) or joined[-1])
+    rng = np.random.default_rng(5)
+    requests = [jaxserve.Request(f"r{i}", prompt_len=int(rng.integers(20, 300)),
+                                 sampling=jaxserve.SamplingParams(int(rng.integers(50, 400))),
+                                 arrival_time=0.02 * i, priority=int(rng.integers(0, 3)) if order == "priority" else 0)
+                for i in range(150)]  # fmt: skip
+    cost = RooflineCostModel(get_model("llama-2-7b"), get_hardware("a100-80gb"))
+    opts = {"order": KeyedOrder(priority_key)} if order == "priority" else {}
+    for limits in (RunLimits(max_context=600), RunLimits(max_context=600, max_sim_time_s=2.0),
+                   RunLimits(max_context=600, max_steps=777)):
+        logs = [run_replica(jaxserve.scheduler.make("vllm", **opts), KVConfig(80, 16), SimExecutor(cost), requests,
+                            limits=limits, fast_forward=ff).freeze() for ff in (False, True)]  # fmt: skip
+        assert_same_log(*logs)
+    assert True in joined and False in joined  # joined runs, and was rejected (too long) during one
+    assert len(set(logs[1].step_waiting.tolist())) > 5
+    # Arrivals exactly at step boundaries join before the step that starts then, as in stepping.
+    ties = [jaxserve.Request(f"t{i}", prompt_len=30, sampling=jaxserve.SamplingParams(60), arrival_time=float(t))
+            for i, t in enumerate(logs[0].step_end_s[100:400:7])]  # fmt: skip
+    logs = [run_replica(jaxserve.scheduler.make("vllm", **opts), KVConfig(80, 16), SimExecutor(cost),
+                        requests + ties, limits=RunLimits(max_context=600), fast_forward=ff).freeze()
+            for ff in (False, True)]  # fmt: skip
+    assert_same_log(*logs)
