@@ -120,6 +120,31 @@ def splitwise_designs(out):
     assert "| paper (Splitwise abstract)" in text and "## Iso-power" in text
 
 
+def dynamollm_energy(out):
+    import csv
+
+    rows = list(csv.DictReader(open(out / "epochs.csv")))
+    systems = ("baseline", "dynamollm", "oracle")
+    assert {r["system"] for r in rows} == set(systems)
+    keys = {s: {(r["epoch"], r["pool"]) for r in rows if r["system"] == s} for s in systems}
+    assert keys["baseline"] == keys["dynamollm"] == keys["oracle"] and len(keys["baseline"]) == 6 * 4
+    served = {s: sum(int(r["num_requests"]) for r in rows if r["system"] == s) for s in systems}
+    assert served["baseline"] == served["dynamollm"] == served["oracle"] > 0  # every system serves the same day
+    assert all(int(r["num_rejected"] or 0) == 0 for r in rows)
+    base = {(r["epoch"], r["pool"]): r for r in rows if r["system"] == "baseline"}
+    for pool in {p for _, p in base}:  # static: one config all day, at the top clock, no reconfiguration
+        configs = {(r["instances"], r["tp"], r["frequency_mhz"]) for (_, p), r in base.items() if p == pool}
+        assert len(configs) == 1 and next(iter(configs))[2] == "1980"
+    for r in rows:
+        if r["system"] != "baseline":  # within the GPUs the baseline gives the pool
+            assert int(r["gpus"]) <= int(base[(r["epoch"], r["pool"])]["gpus"])
+        else:
+            assert float(r["transition_kwh"]) == 0.0
+        assert float(r["energy_kwh"]) > 0 and float(r["cost_usd"]) > 0
+    text = (out / "summary.md").read_text()
+    assert "| paper (DynamoLLM, HPCA'25) |" in text and "forecast = true load" in text
+
+
 # script -> (arguments, "json": checks of the JSON line it prints last | files it writes under --out
 # and checks of that folder)
 QUICK_RUNS = {
@@ -139,6 +164,8 @@ QUICK_RUNS = {
                                                         "goodput.png", "summary.md"), distserve_goodput),
     "experiments/splitwise_designs.py": (["--quick"], ("designs.csv", "runs.csv", "designs.png", "summary.md"),
                                          splitwise_designs),
+    "experiments/dynamollm_energy.py": (["--quick"], ("pools.csv", "profiles.csv", "epochs.csv", "day.csv", "totals.csv",
+                                                      "headline.csv", "dynamollm_day.png", "summary.md"), dynamollm_energy),
     "experiments/scheduler_demo.py": (["--num_requests", "60"], (), None),
     "benchmarks/simulator_speed.py": (["--duration_s", "60"], "json", None),
     "benchmarks/cluster_speed.py": (["--duration_s", "60"], "json", cluster_speed),
