@@ -288,6 +288,9 @@ class Replica:
 
     def _apply_run(self, run: "PendingRun", k: int) -> None:
         """Applies the first ``k`` steps of ``run`` (all of them, or a cut: then none finishes)."""
+        if run.prefill is not None:
+            self._apply_prefill_steps(run, k)
+            return
         state, closed = run.before, run.closed
         finishes = run.finishes and k == len(run.ends)
         new_state, used_after = apply_decode_run(state, k, closed.token_id, finishes)
@@ -307,10 +310,10 @@ class Replica:
             self._on_finished(finished)
 
     def _prefill_run(self, state, run: PrefillRun, horizon: float) -> int:
-        """Applies, from ``state``, the steps of ``run`` that start before ``horizon`` (the first
-        always) within the step limit, each costed by the executor without running it, and logs
-        them one by one; ``on_plan`` sees their plans (they start no request). Returns how many
-        (0: the executor must run steps, the caller steps normally)."""
+        """Takes, from ``state``, the steps of ``run`` that start before ``horizon`` (the first
+        always) within the step limit, each costed by the executor without running it. Returns how
+        many (0: the executor must run steps, the caller steps normally). With ``defer_runs`` they
+        are held pending (``settle``), as decode runs are."""
         peeked = state.kv.device.peek(run.num_blocks)
         tables, used = list(state.running.block_tables), 0
         plans, costs, ends, token = [], [], [], None
@@ -331,22 +334,35 @@ class Replica:
         k = len(plans)
         if not k:
             return 0
-        new_state, used_after = apply_prefill_run(state, run, k, token)
+        pending = PendingRun(state, self.now, ends, None, run.finishes and k == len(run.chunks), self.num_steps,
+                             prefill=PrefillSteps(run, tuple(plans), tuple(costs), token))  # fmt: skip
+        if self.defer_runs and k > 1:
+            self._pending = pending
+            self.now = ends[-1]
+            self.num_steps += k
+            return k
+        self._apply_run(pending, k)
+        return k
+
+    def _apply_prefill_steps(self, run: "PendingRun", k: int) -> None:
+        """Applies the first ``k`` steps of the pending prefill run ``run`` and logs them one by
+        one; ``on_plan`` sees their plans (they start no request)."""
+        state, steps = run.before, run.prefill
+        new_state, used_after = apply_prefill_run(state, steps.run, k, steps.token)
         finished, num_blocks = new_state.finished, state.kv.config.num_blocks
         waiting, running = state.num_waiting, state.num_running
-        start = self.now
-        for j, (plan, (duration, energy), used_blocks) in enumerate(zip(plans, costs, used_after.tolist())):
+        start = run.start
+        for j, (plan, (duration, energy), used_blocks) in enumerate(zip(steps.plans, steps.costs, used_after.tolist())):
             last = j == k - 1
             self.log.record(plan, start, duration, energy, waiting, running - len(finished) * last,
                             used_blocks / num_blocks, finished if last else (), self.index)  # fmt: skip
             if self._on_plan is not None:
                 self._on_plan(plan)
-            start = ends[j]
-        self.state, self.now = new_state, ends[-1]
-        self.num_steps += k
+            start = run.ends[j]
+        self.state, self.now = new_state, run.ends[k - 1]
+        self.num_steps = run.num_steps + k
         if finished and self._on_finished is not None:
             self._on_finished(finished)
-        return k
 
     # -- deferred runs (a cluster's replicas) ------------------------------------------------------
     def steps_started_by(self, t: float) -> int:
@@ -363,6 +379,8 @@ class Replica:
         j = self.steps_started_by(t)
         if j >= len(run.ends):
             return None
+        if run.prefill is not None:
+            return run.before, run.before.kv.device.num_used + sum(map(len, run.prefill.run.blocks[:j]))
         return run.before, blocks_in_use_after(run.before, j)
 
     def settle(self, t: float = math.inf) -> None:
@@ -391,17 +409,29 @@ class Replica:
         return 0 if self._pending is None else len(self._pending.ends)
 
 
+class PrefillSteps(NamedTuple):
+    """A prefill run's steps as the replica took them: their plans, (duration, energy) and the
+    token every sampling row sampled."""
+
+    run: PrefillRun
+    plans: tuple[BatchPlan, ...]
+    costs: tuple[tuple[float, float], ...]
+    token: int
+
+
 class PendingRun(NamedTuple):
-    """A closed-form decode run computed but not yet applied (``Replica.defer_runs``)."""
+    """A closed-form run computed but not yet applied (``Replica.defer_runs``): a decode run, or
+    with ``prefill`` the steps that finish a chunked prefill."""
 
     before: object  # the scheduler state at its first step
     start: float  # its first step's start (s)
     ends: list[float]  # its k steps' end times, summed in order as the log sums them
-    closed: DecodeRun
+    closed: Optional[DecodeRun]  # a decode run's durations, energies and token
     finishes: bool  # its last step finishes requests
     num_steps: int  # the replica's step count before it
     spans_arrivals: bool = False  # requests may join it as they arrive (Replica.runs_span_arrivals)
     arrivals: tuple[float, ...] = ()  # the arrival times of those that joined (``before`` has them)
+    prefill: Optional[PrefillSteps] = None
 
     def started_by(self, t: float) -> int:
         """How many of its steps start before ``t`` (step j starts when step j - 1 ends): at least 1."""

@@ -201,3 +201,36 @@ def test_decode_runs_span_arrivals_that_cannot_change_them(order, monkeypatch):
                         requests + ties, limits=RunLimits(max_context=600), fast_forward=ff).freeze()
             for ff in (False, True)]  # fmt: skip
     assert_same_log(*logs)
+
+
+def test_a_deferred_prefill_run_settled_at_any_time_equals_a_run_cut_there():
+    """As decode runs: a pending prefill run settled at t is the run cut at horizon t (state,
+    clock, log, plans shown to on_plan), and its pending view counts the blocks its started steps took."""
+    cost = RooflineCostModel(get_model("llama-2-7b"), get_hardware("a100-80gb"))
+    kv = KVConfig(300, 4)
+    requests = [jaxserve.Request(f"r{i}", prompt_len=(60, 900)[i], sampling=jaxserve.SamplingParams(100))
+                for i in range(2)]  # fmt: skip
+
+    def started(defer: bool, horizon: float):
+        plans = []
+        replica = Replica(jaxserve.scheduler.make("sarathi", chunk_size=128), kv, SimExecutor(cost),
+                          on_plan=lambda p: plans.append(p.num_new_tokens.tolist()))  # fmt: skip
+        replica.defer_runs = defer
+        replica.add(requests[0])
+        replica.step()  # its prefill
+        replica.add(requests[1])
+        replica.step()  # the long prompt's first chunk, with r0's decode
+        replica.step(horizon)  # the steps that finish it: pending, or cut at the horizon
+        return replica, plans
+
+    for t in (0.0, 0.02, 0.05, 0.09, 1.0):
+        (deferred, deferred_plans), (cut, cut_plans) = started(True, float("inf")), started(False, t)
+        assert deferred.has_pending_run and deferred.pending_run_length == 7  # 900 - 127 = 6 * 127 + 11 tokens left
+        if deferred.steps_started_by(t) < deferred.pending_run_length:
+            assert deferred.pending_view(t)[1] == cut.state.kv.device.num_used
+        deferred.settle(t)
+        assert (deferred.now, deferred.num_steps) == (cut.now, cut.num_steps)
+        assert deferred.state.running.nums.tolist() == cut.state.running.nums.tolist()
+        assert deferred.state.running.block_tables == cut.state.running.block_tables
+        assert deferred_plans == cut_plans
+        assert_same_log(deferred.log.freeze(), cut.log.freeze())
