@@ -170,41 +170,8 @@ def apply_decode_run(state, k: int, token_id: int, finishes: bool = False):
     ``retire_finished``, in one pass: ``(state, blocks in use after each step)``, the last count
     after the finished requests' blocks were freed."""
     run, kv = state.running, state.kv
-    bs = kv.block_size
     nums = run.nums.copy()
-    first = _first_block_steps(nums, bs)
-    need = np.maximum((k - first) // bs + 1, 0)  # blocks each row allocates
-    pool = kv.device
-    used_after = np.full(k, pool.num_used, np.int64)
-    tables = run.block_tables
-    total = int(np.add.reduce(need))
-    rows = need.nonzero()[0] if total else None
-    if total and len(rows) == total:  # the usual short run: no row needs more than one block
-        steps = first[rows]  # the step that computes token b_r*bs, which needs the block
-        order = np.argsort(steps, kind="stable")  # the step-by-step order: by step, then by row
-        pool, blocks = pool.allocate(total)
-        new_tables = list(tables)
-        for r, block in zip(rows[order].tolist(), blocks):
-            new_tables[r] = tables[r] + (block,)
-        tables = tuple(new_tables)
-        used_after += np.add.accumulate(np.bincount(steps - 1, minlength=k)[:k])
-    elif total:
-        rows = np.repeat(np.arange(len(run)), need)
-        # Row r's m-th new block is needed at the step that computes token b_r*bs + m*bs.
-        m = np.arange(len(rows)) - np.repeat(np.cumsum(need) - need, need)
-        steps = np.repeat(first, need) + m * bs
-        order = np.lexsort((rows, steps))  # the step-by-step order: by step, then by row
-        pool, blocks = pool.allocate(total)
-        assigned = np.empty(len(rows), np.int64)
-        assigned[order] = blocks
-        new_tables = list(tables)
-        starts = (np.cumsum(need) - need).tolist()
-        counts, assigned = need.tolist(), assigned.tolist()  # Python ints: the loop below reads them per row
-        for r in need.nonzero()[0].tolist():
-            s = starts[r]
-            new_tables[r] = tables[r] + tuple(assigned[s : s + counts[r]])
-        tables = tuple(new_tables)
-        used_after += np.cumsum(np.bincount(steps - 1, minlength=k)[:k])
+    pool, tables, need, used_after = _allocate_decode_blocks(kv.device, run.block_tables, nums, kv.block_size, k)
     outputs = state.outputs.fill(nums[:, _SLOT], nums[:, _OUTPUT], k, token_id)
     for column in (_COMPUTED, _TOKENS, _OUTPUT):  # (one strided column at a time: cheaper than a 2-D slice)
         view = nums[:, column]
@@ -215,7 +182,7 @@ def apply_decode_run(state, k: int, token_id: int, finishes: bool = False):
     running = run.with_nums(nums, tables)
     finished = ()
     if finishes:
-        running, pool, outputs, finished = _retire_done(running, pool, outputs, bs)
+        running, pool, outputs, finished = _retire_done(running, pool, outputs, kv.block_size)
         used_after[-1] = pool.num_used  # after the finished requests' blocks were freed
     new_state = evolve(
         state,
@@ -227,3 +194,49 @@ def apply_decode_run(state, k: int, token_id: int, finishes: bool = False):
         finished=finished,
     )
     return new_state, used_after
+
+
+def _allocate_decode_blocks(pool, tables: tuple, nums: np.ndarray, bs: int, k: int):
+    """The blocks k decode steps of the rows (``RunningBatch.nums``) allocate, in the step-by-step
+    order (by step, then by row): ``(pool, tables, blocks per row, blocks in use after each step)``."""
+    if k == 1:  # (the commonest run) the rows whose tables are full take one block each, in row order
+        need = nums[:, _BLOCKS] * bs == nums[:, _COMPUTED]
+        rows = need.nonzero()[0].tolist()
+        if rows:
+            pool, blocks = pool.allocate(len(rows))
+            tables = list(tables)
+            for r, block in zip(rows, blocks):
+                tables[r] = tables[r] + (block,)
+            tables = tuple(tables)
+        return pool, tables, need, np.array([pool.num_used], np.int64)
+    first = _first_block_steps(nums, bs)
+    need = np.maximum((k - first) // bs + 1, 0)  # blocks each row allocates
+    used_after = np.full(k, pool.num_used, np.int64)
+    total = int(np.add.reduce(need))
+    if not total:
+        return pool, tables, need, used_after
+    rows = need.nonzero()[0]
+    new_tables = list(tables)
+    if len(rows) == total:  # the usual short run: no row needs more than one block
+        steps = first[rows]  # the step that computes token b_r*bs, which needs the block
+        order = np.argsort(steps, kind="stable")  # the step-by-step order: by step, then by row
+        pool, blocks = pool.allocate(total)
+        for r, block in zip(rows[order].tolist(), blocks):
+            new_tables[r] = tables[r] + (block,)
+        used_after += np.add.accumulate(np.bincount(steps - 1, minlength=k)[:k])
+        return pool, tuple(new_tables), need, used_after
+    rows = np.repeat(np.arange(len(nums)), need)
+    # Row r's m-th new block is needed at the step that computes token b_r*bs + m*bs.
+    m = np.arange(len(rows)) - np.repeat(np.cumsum(need) - need, need)
+    steps = np.repeat(first, need) + m * bs
+    order = np.lexsort((rows, steps))  # the step-by-step order: by step, then by row
+    pool, blocks = pool.allocate(total)
+    assigned = np.empty(len(rows), np.int64)
+    assigned[order] = blocks
+    starts = (np.cumsum(need) - need).tolist()
+    counts, assigned = need.tolist(), assigned.tolist()  # Python ints: the loop below reads them per row
+    for r in need.nonzero()[0].tolist():
+        s = starts[r]
+        new_tables[r] = tables[r] + tuple(assigned[s : s + counts[r]])
+    used_after += np.cumsum(np.bincount(steps - 1, minlength=k)[:k])
+    return pool, tuple(new_tables), need, used_after
