@@ -87,6 +87,9 @@ class Member:
         self.spec = spec
         self.role = spec.role
         self.last_plan = None  # the last plan it ran step by step (a prefill replica's handoffs read it)
+        # (end of its step in flight, requests that step prefilled and handed off): until that end
+        # they are still its work, which a router must see (they left its state at the step's start).
+        self.handed_off = (0.0, 0)
         self._on_finished = on_finished  # (request as placed here, FinishedRequest)
         self._view = self._view_state = self._view_key = None
         self.status = "up"  # up | draining | removing | removed | failed
@@ -158,14 +161,15 @@ class Member:
                 replica.settle(now)  # the run's last (finishing) step has started: apply it
                 step = 0
         state = replica.state  # the state the pending run started from, if any
-        key = (self.status, self.queued_tokens, self.num_high_priority, step)
+        in_flight = self.handed_off[1] if self.handed_off[0] > now else 0
+        key = (self.status, self.queued_tokens, self.num_high_priority, step, in_flight)
         if self._view is not None and self._view_state is state and self._view_key == key:
             return self._view
         self._view_state, self._view_key = state, key
-        self._view = self._make_view(state, replica.pending_view(now)[1] if step else None)
+        self._view = self._make_view(state, replica.pending_view(now)[1] if step else None, in_flight)
         return self._view
 
-    def _make_view(self, state, used_blocks=None) -> ReplicaView:
+    def _make_view(self, state, used_blocks=None, in_flight: int = 0) -> ReplicaView:
         pool = state.kv.device
         cached = no_cache
         if pool.enable_caching:
@@ -176,7 +180,7 @@ class Member:
 
         return ReplicaView(
             index=self.index, accepting=self.takes_arrivals, num_waiting=state.num_waiting + state.num_swapped,
-            num_running=state.num_running, queued_tokens=self.queued_tokens,
+            num_running=state.num_running + in_flight, queued_tokens=self.queued_tokens,
             used_blocks=pool.num_used if used_blocks is None else used_blocks,
             num_blocks=self.spec.kv.num_blocks, block_size=self.spec.kv.block_size,
             num_high_priority=self.num_high_priority, cached_prefix_blocks=cached,

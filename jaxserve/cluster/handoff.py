@@ -143,6 +143,7 @@ class Handoff:
             fraction = new_tokens.get(rid, 0) / moving.num_computed if moving.num_computed else 0.0
             self.waiting.append(_Handoff(record, moving, step_start_s, min(fraction, 1.0)))
         member.replica.replace_state(state)
+        member.handed_off = (member.replica.now, len(ready))
 
     # -- one handoff ---------------------------------------------------------------------------------
     def _destinations(self, now: float) -> list:

@@ -168,6 +168,19 @@ def test_a_request_no_decode_replica_can_hold_is_failed_with_the_reason():
     assert [m.replica.state.kv.device.num_used for m in cluster.members] == [0, 0]
 
 
+def test_a_router_sees_a_prefill_replica_busy_until_its_step_ends():
+    # The prefill replica's long step hands its request off at the step's start (the cluster runs a
+    # step atomically); until the step ends, the request is still its work: join-shortest-queue must
+    # send the next arrival to the idle prefill replica, not pile it behind the long prompt.
+    requests = [request("long", 3000, 4), request("short", 16, 4, t=0.01)]
+    cluster = Cluster([spec("prefill"), spec("prefill"), spec("decode")], routers.make("shortest_queue"),
+                      step_errors="raise", pools=PoolSettings(link=LINK))  # fmt: skip
+    log = cluster.run(requests).freeze()
+    placed = {rid: i for _, rid, i in cluster.placements if i != 2}
+    assert placed == {"long": 0, "short": 1}
+    assert token_times(log, "short")[0] < token_times(log, "long")[0]  # it did not wait for the long prefill
+
+
 # -- whole runs --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("scheduler", ["vllm", "sarathi"])
 @pytest.mark.parametrize("pick", ["least_kv", "shortest_queue"])
