@@ -456,10 +456,6 @@ def write(out, args, rows, budgets, window_text, source, capped, stats, wall):
     head = "\n".join(f"| {paper} | {rule} | {ours} |" for paper, rule, ours in headlines(rows))
     budget_text = ", ".join(f"{k} {v[1]:,.0f} {'$/h' if v[0] == 'usd_per_hour' else 'W'}" for k, v in budgets.items())
     a100, h100 = Machine("", "a100-80gb", DGX_A100_W), Machine("", "h100-sxm", DGX_H100_W)
-    jsq_note = ("\n* Known issue: with phase pools, `shortest_queue` sees a prompt machine in the middle of a prefill step\n"
-                "  as empty (the step's requests are handed off when it starts), so it piles arrivals on the lowest-index\n"
-                "  prompt machine while others idle; TTFT tails of the split designs suffer. `--router least_kv` avoids it."
-                if args.router == "shortest_queue" else "")  # fmt: skip
     text = f"""# Splitwise: phase-split cluster designs at iso-cost and iso-power (simulated)
 
 Command: `{C.command_line()}` ({wall:.0f} s wall, {stats['cpu_s']:.0f} s CPU, {args.jobs} process(es); {stats['candidates']}
@@ -476,7 +472,7 @@ deployments searched, {stats['runs']} simulations).
   prompt and mixed machines; a handoff goes to the token machine with the shortest queue, or to a mixed machine when
   no token machine has room: our stand-in for Splitwise's mixed pool, which repurposes prompt or token machines at
   run time (ours is fixed). KV sent layer by layer (`cluster.pools.overlap=layer`) over InfiniBand HDR (A100 end)
-  or NDR (H100 to H100).{jsq_note}
+  or NDR (H100 to H100).
 * Workload: {window_text}.{'' if source == CONV_TRACE else ' (../shared/traces absent: the shipped sample.)'} A run at rate r
   serves the window's first r x {args.duration_s:g} requests, rescaled to r (`workload.qps`). The Azure 2023 code trace
   Splitwise also uses is not in ../shared/traces, so only the conversation trace is run.
