@@ -277,10 +277,13 @@ class Replica:
         cut = 1 + bisect.bisect_left(ends, horizon)
         if cut < k:
             k, finishes, ends = cut, False, ends[:cut]
-        pending = PendingRun(state, self.now, ends, closed, finishes, self.num_steps, spans)
-        if (self.defer_runs or spans) and k > 1:
+        return self._take_run(PendingRun(state, self.now, ends, closed, finishes, self.num_steps, spans), k)
+
+    def _take_run(self, pending: "PendingRun", k: int) -> int:
+        """Holds the ``k``-step run ``pending`` (deferred, or joined by arrivals) or applies it; ``k``."""
+        if (self.defer_runs or pending.spans_arrivals) and k > 1:
             self._pending = pending
-            self.now = ends[-1]
+            self.now = pending.ends[-1]
             self.num_steps += k
             return k
         self._apply_run(pending, k)
@@ -336,13 +339,7 @@ class Replica:
             return 0
         pending = PendingRun(state, self.now, ends, None, run.finishes and k == len(run.chunks), self.num_steps,
                              prefill=PrefillSteps(run, tuple(plans), tuple(costs), token))  # fmt: skip
-        if self.defer_runs and k > 1:
-            self._pending = pending
-            self.now = ends[-1]
-            self.num_steps += k
-            return k
-        self._apply_run(pending, k)
-        return k
+        return self._take_run(pending, k)
 
     def _apply_prefill_steps(self, run: "PendingRun", k: int) -> None:
         """Applies the first ``k`` steps of the pending prefill run ``run`` and logs them one by

@@ -179,21 +179,36 @@ def apply_decode_run(state, k: int, token_id: int, finishes: bool = False):
     view = nums[:, _BLOCKS]
     view += need
     nums[:, _LAST] = token_id
-    running = run.with_nums(nums, tables)
+    return close_run(state, k, run.with_nums(nums, tables), pool, outputs, used_after, finishes)
+
+
+def close_run(state, k: int, running, pool, outputs, used_after: np.ndarray, finishes: bool):
+    """The state after a closed-form run of ``k`` steps from ``state`` that left ``running``,
+    ``pool`` and ``outputs``, retired as ``update`` retires when its last step ``finishes``
+    requests; and ``used_after`` (blocks in use after each step), its last entry then counted after
+    their blocks were freed."""
     finished = ()
     if finishes:
-        running, pool, outputs, finished = _retire_done(running, pool, outputs, kv.block_size)
-        used_after[-1] = pool.num_used  # after the finished requests' blocks were freed
+        running, pool, outputs, finished = _retire_done(running, pool, outputs, state.kv.block_size)
+        used_after[-1] = pool.num_used
+    kv = state.kv
     new_state = evolve(
-        state,
-        kv=KVState(kv.config, pool, kv.host),
-        running=running,
-        outputs=outputs,
-        step=state.step + k,
-        inflight=None,
-        finished=finished,
-    )
+        state, kv=KVState(kv.config, pool, kv.host), running=running, outputs=outputs, step=state.step + k,
+        inflight=None, finished=finished,
+    )  # fmt: skip
     return new_state, used_after
+
+
+def append_blocks(pool, tables: tuple, rows) -> tuple:
+    """``(pool, tables)`` after allocating one block for each of ``rows`` (a row may repeat), in
+    that order, each appended to its row's table."""
+    if not rows:
+        return pool, tables
+    pool, blocks = pool.allocate(len(rows))
+    grown = list(tables)
+    for r, block in zip(rows, blocks):
+        grown[r] = grown[r] + (block,)
+    return pool, tuple(grown)
 
 
 def _allocate_decode_blocks(pool, tables: tuple, nums: np.ndarray, bs: int, k: int):
@@ -201,13 +216,7 @@ def _allocate_decode_blocks(pool, tables: tuple, nums: np.ndarray, bs: int, k: i
     order (by step, then by row): ``(pool, tables, blocks per row, blocks in use after each step)``."""
     if k == 1:  # (the commonest run) the rows whose tables are full take one block each, in row order
         need = nums[:, _BLOCKS] * bs == nums[:, _COMPUTED]
-        rows = need.nonzero()[0].tolist()
-        if rows:
-            pool, blocks = pool.allocate(len(rows))
-            tables = list(tables)
-            for r, block in zip(rows, blocks):
-                tables[r] = tables[r] + (block,)
-            tables = tuple(tables)
+        pool, tables = append_blocks(pool, tables, need.nonzero()[0].tolist())
         return pool, tables, need, np.array([pool.num_used], np.int64)
     first = _first_block_steps(nums, bs)
     need = np.maximum((k - first) // bs + 1, 0)  # blocks each row allocates
@@ -216,15 +225,13 @@ def _allocate_decode_blocks(pool, tables: tuple, nums: np.ndarray, bs: int, k: i
     if not total:
         return pool, tables, need, used_after
     rows = need.nonzero()[0]
-    new_tables = list(tables)
     if len(rows) == total:  # the usual short run: no row needs more than one block
         steps = first[rows]  # the step that computes token b_r*bs, which needs the block
         order = np.argsort(steps, kind="stable")  # the step-by-step order: by step, then by row
-        pool, blocks = pool.allocate(total)
-        for r, block in zip(rows[order].tolist(), blocks):
-            new_tables[r] = tables[r] + (block,)
+        pool, tables = append_blocks(pool, tables, rows[order].tolist())
         used_after += np.add.accumulate(np.bincount(steps - 1, minlength=k)[:k])
-        return pool, tuple(new_tables), need, used_after
+        return pool, tables, need, used_after
+    new_tables = list(tables)
     rows = np.repeat(np.arange(len(nums)), need)
     # Row r's m-th new block is needed at the step that computes token b_r*bs + m*bs.
     m = np.arange(len(rows)) - np.repeat(np.cumsum(need) - need, need)

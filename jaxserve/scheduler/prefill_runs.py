@@ -22,10 +22,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from jaxserve.kv.state import KVState
-from jaxserve.persistent import evolve
 from jaxserve.plan import BatchPlan
-from jaxserve.scheduler.fast_forward import _first_block_steps, _retire_done
+from jaxserve.scheduler.fast_forward import _first_block_steps, append_blocks, close_run
 from jaxserve.scheduler.running import COL
 from jaxserve.scheduler.step import segment_ids
 
@@ -146,16 +144,11 @@ def apply_prefill_run(state, pr: PrefillRun, k: int, token_id: int):
     that samples), retired as ``update`` retires when they are all of it and it finishes
     requests; and the blocks in use after each step, int64 [k]."""
     run, kv = state.running, state.kv
-    p, bs = pr.row, kv.block_size
+    p = pr.row
     nums = run.nums.copy()
     takers = [r for step in pr.blocks[:k] for r in step]
-    pool, tables = kv.device, run.block_tables
+    pool, tables = append_blocks(kv.device, run.block_tables, takers)
     if takers:
-        pool, got = pool.allocate(len(takers))
-        grown = list(tables)
-        for r, b in zip(takers, got):
-            grown[r] = grown[r] + (b,)
-        tables = tuple(grown)
         view = nums[:, _BLOCKS]
         view += np.bincount(np.array(takers, np.int64), minlength=len(run))
     used_after = kv.device.num_used + np.cumsum([len(step) for step in pr.blocks[:k]], dtype=np.int64)
@@ -177,18 +170,4 @@ def apply_prefill_run(state, pr: PrefillRun, k: int, token_id: int):
     view[decodes] = token_id
     if completes:
         view[p] = token_id
-    running = run.with_nums(nums, tables)
-    finished = ()
-    if pr.finishes and k == len(pr.chunks):
-        running, pool, outputs, finished = _retire_done(running, pool, outputs, bs)
-        used_after[-1] = pool.num_used  # after the finished requests' blocks were freed
-    new_state = evolve(
-        state,
-        kv=KVState(kv.config, pool, kv.host),
-        running=running,
-        outputs=outputs,
-        step=state.step + k,
-        inflight=None,
-        finished=finished,
-    )
-    return new_state, used_after
+    return close_run(state, k, run.with_nums(nums, tables), pool, outputs, used_after, pr.finishes and k == len(pr.chunks))
