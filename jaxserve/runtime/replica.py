@@ -59,9 +59,11 @@ class Replica:
     cannot serve); ``on_step(plan, out, state)`` sees every executed step. A driver that only needs
     to know which requests start and finish uses ``on_plan(plan)`` (every plan run one by one: closed-
     form runs start no request) and ``on_finished(finished)`` (every step, runs included) instead,
-    which leaves runs free to end with a finishing step. With ``fast_forward``,
-    runs of identical decode steps before ``step``'s horizon are applied in closed form when the
-    executor offers one (``Executor.decode_run``); the log and state equal the step-by-step ones.
+    which leaves runs free to end with a finishing step. With ``fast_forward``, runs of steps known
+    from the state (identical decode steps, or those that finish a chunked prefill: see
+    docs/architecture.md, "Fast path") before ``step``'s horizon are applied in closed form when
+    the executor offers one (``Executor.decode_run``, ``step_cost``); the log and state equal the
+    step-by-step ones.
     Replicas of a cluster share one ``log`` (each step tagged with ``index``); a request already in
     it (retried after a fault elsewhere, or registered when it reached the router) keeps its entry.
     """
@@ -195,10 +197,10 @@ class Replica:
 
     def step(self, horizon: float = math.inf) -> int:
         """Schedules, executes and applies one step at ``now``. With the fast path, when that step
-        is a stable decode, it and the identical decode steps after it that start before
-        ``horizon`` (the next event the driver knows of) are applied in closed form instead (they
-        start no request, only the last may finish some, and then only without ``on_step``, which
-        does not see them). Returns the number of
+        is a stable decode (or continues the one chunked prefill, the rest decoding), it and the
+        steps like it after it that start before ``horizon`` (the next event the driver knows of)
+        are applied in closed form instead (they start no request, only the last may finish some,
+        and then only without ``on_step``, which does not see them). Returns the number of
         steps taken: 0 if the scheduler planned nothing (the replica is then blocked until ``add``)."""
         self.settle()
         scheduler, before = self.scheduler, self.state
