@@ -245,10 +245,13 @@ class Cluster:
 
     # -- events ------------------------------------------------------------------------------------
     def _add(self, spec: ReplicaSpec) -> Member:
-        member = Member(len(self.members), spec, self.log, self.fast_forward, self._finished)
-        # Decode runs are deferred (cut only when this replica is read or changed) unless the
-        # router reads what a run changes besides blocks in use: served tokens, or prefix caches.
-        member.replica.defer_runs = (self.fast_forward and not self.router.accounts_service
+        # A prefill replica steps one step at a time: any step may finish prompts to hand off (and
+        # it never decodes, so closed-form decode runs would not apply anyway).
+        fast = self.fast_forward and spec.role != "prefill"
+        member = Member(len(self.members), spec, self.log, fast, self._finished)
+        # Runs are deferred (cut only when this replica is read or changed) unless the router
+        # reads what a run changes besides blocks in use: served tokens, or prefix caches.
+        member.replica.defer_runs = (fast and not self.router.accounts_service
                                      and not getattr(spec.scheduler, "enable_prefix_caching", False))  # fmt: skip
         member.replica.wait_until(self.now)
         self.members.append(member)

@@ -155,6 +155,8 @@ class Handoff:
 
         def key(m):
             pending = m.replica.pending_view(now)
+            if pending is None and m.replica.has_pending_run:  # its run's last step has started: apply it
+                m.replica.settle(now)
             state = m.replica.state if pending is None else pending[0]
             if least_kv:
                 used = state.kv.device.num_used if pending is None else pending[1]

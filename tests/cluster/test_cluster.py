@@ -46,6 +46,20 @@ def test_the_fast_path_changes_nothing(router):
     assert_each_request_served_once(logs[1], requests)
 
 
+@pytest.mark.parametrize("router", ["round_robin", "fair"])
+def test_the_fast_path_changes_nothing_with_chunked_prefills(router):
+    """Long prompts make Sarathi replicas take closed-form prefill runs: they must stop where the
+    cluster places arrivals on them, as deferred decode runs are cut."""
+    requests = [jaxserve.Request(r.request_id, prompt_len=r.prompt_len * 6, sampling=r.sampling, arrival_time=r.arrival_time)
+                for r in workload(4, 150, rate=15.0)]  # fmt: skip
+    logs = [run_cluster([spec("sarathi", kv=KVConfig(2000, 16)), spec("sarathi", kv=KVConfig(2000, 16))],
+                        routers.make(router), requests, fast_forward=ff).freeze() for ff in (False, True)]  # fmt: skip
+    assert_same_log(*logs)
+    chunk = jaxserve.scheduler.make("sarathi").chunk_size
+    assert sum(r.prompt_len > 2 * chunk for r in requests) > 10  # many prompts span several chunks
+    assert_each_request_served_once(logs[1], requests)
+
+
 def test_round_robin_replicas_serve_their_share_as_if_alone():
     requests = workload(2, 120, rate=30.0)
     log = run_cluster([spec("vllm"), spec("sarathi", "h100-sxm")], routers.make("round_robin"), requests).freeze()

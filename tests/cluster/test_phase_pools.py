@@ -203,14 +203,19 @@ def test_every_request_is_served_once_through_handoffs(scheduler, pick):
     assert [m.replica.state.kv.device.num_used for m in cluster.members] == [0, 0, 0, 0]
 
 
-def test_the_fast_path_changes_nothing_with_pools():
-    requests = workload(4, 200, rate=15.0)
-    logs = []
+@pytest.mark.parametrize("scheduler, overlap, scale", [("vllm", "none", 1), ("sarathi", "layer", 6)])
+def test_the_fast_path_changes_nothing_with_pools(scheduler, overlap, scale):
+    # scale 6: long prompts, chunked by Sarathi; decode replicas in deferred runs are ranked as of now
+    requests = [jaxserve.Request(r.request_id, prompt_len=r.prompt_len * scale, sampling=r.sampling,
+                                 arrival_time=r.arrival_time) for r in workload(4, 200, rate=15.0)]  # fmt: skip
+    runs = []
     for fast in (False, True):
-        cluster = Cluster([spec("prefill"), spec("decode"), spec("decode")], routers.make("round_robin"),
-                          fast_forward=fast, step_errors="raise", pools=PoolSettings(link=LINK))  # fmt: skip
-        logs.append(cluster.run(requests).freeze())
-    assert_same_log(*logs)
+        specs = [spec("prefill", scheduler=scheduler), spec("decode", KVConfig(2000, 16)), spec("decode", KVConfig(2000, 16))]
+        cluster = Cluster(specs, routers.make("round_robin"), fast_forward=fast, step_errors="raise",
+                          pools=PoolSettings(link=LINK, overlap=overlap))  # fmt: skip
+        runs.append((cluster.run(requests).freeze(), [dataclasses.astuple(r) for r in cluster.handoff.records]))
+    assert_same_log(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1] and len(runs[0][1]) > 100
 
 
 @pytest.mark.parametrize("failing", [0, 2])
