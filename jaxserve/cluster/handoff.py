@@ -34,7 +34,7 @@ from typing import Optional
 
 import numpy as np
 
-from jaxserve.cluster.kv_transfer import OVERLAPS, KVLink, copy_blocks, device_bytes, transfer_end
+from jaxserve.cluster.kv_transfer import OVERLAPS, KVLink, copy_blocks, transfer_end
 from jaxserve.scheduler import migration as moves
 
 ROLES = ("mixed", "prefill", "decode")
@@ -294,9 +294,6 @@ class Handoff:
         self._release_source(src, record.request_id)
         src._forget(record.request_id)
         record.outcome = f"failed: {why}"
-
-    def is_waiting(self, request_id: str) -> bool:
-        return any(h.record.request_id == request_id for h in self.waiting)
 
 
 def _cannot_hold(member, request) -> Optional[str]:
