@@ -1,0 +1,154 @@
+"""The real-time engine loop on a fake executor: requests from many threads join the running batch,
+stream their tokens in order, end exactly once; aborts free blocks; a request refused late or whose
+step raises ends with an error while the others go on; queue limit, draining and stopping."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from loop_testing import Collector, CountingExecutor, expected, request
+
+from jaxserve import scheduler as schedulers
+from jaxserve.kv.config import KVConfig
+from jaxserve.serve.engine_loop import Draining, EngineLoop, QueueFull
+
+KV = KVConfig(num_blocks=64, block_size=4)
+
+
+def make_loop(executor=None, scheduler="sarathi", **kw):
+    options = {"max_num_seqs": 4, "chunk_size": 8} if scheduler == "sarathi" else {"max_num_seqs": 4}
+    return EngineLoop(schedulers.make(scheduler, **options), KV, executor or CountingExecutor(), max_context=128, **kw)
+
+
+@pytest.mark.parametrize("scheduler", ["sarathi", "vllm", "orca"])
+def test_requests_from_many_threads_join_the_batch_and_stream_in_order(scheduler):
+    loop = make_loop(scheduler=scheduler).start()
+    prompts = {f"r{i}": [(3 * i + j) % 40 for j in range(5 + 3 * i)] for i in range(8)}
+    sinks = {rid: Collector() for rid in prompts}
+    first = Collector()
+    loop.submit(request("first", [7] * 9, 100), first)  # running while the others arrive
+    while not first.tokens:
+        time.sleep(0.001)
+
+    def client(rid, delay):
+        time.sleep(delay)
+        loop.submit(request(rid, prompts[rid], 12), sinks[rid])
+
+    threads = [threading.Thread(target=client, args=(rid, 0.002 * i)) for i, rid in enumerate(prompts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for rid, sink in {**sinks, "first": first}.items():
+        sink.wait()
+        assert sink.tokens == expected(prompts.get(rid, [7] * 9), 100 if rid == "first" else 12)
+        assert sink.last.finish_reason == "length" and sink.last.error is None
+        assert all(not o.finished for o in sink.outputs[:-1])
+    loop.stop()
+    frozen = loop.log.freeze()
+    assert frozen.step_seqs.max() >= 2  # requests arriving while "first" ran joined its batch
+    assert loop.snapshot.kv_blocks_used == 0 and loop.snapshot.num_unfinished == 0
+    assert not loop.executor.registered  # every request released from the executor
+    # Arrivals are stamped on the loop's clock; the log's times are that clock's.
+    assert (frozen.first_scheduled_s >= frozen.arrival_s).all() and (frozen.finish_s <= loop.now()).all()
+
+
+def test_stop_tokens_end_a_request_with_stop():
+    loop = make_loop().start()
+    sink = Collector()
+    loop.submit(request("s", [10, 11], 20, stop_token_ids=(15,)), sink)
+    assert sink.wait().tokens == [12, 13, 14, 15] and sink.last.finish_reason == "stop"
+    loop.stop()
+
+
+def test_abort_mid_stream_frees_blocks_and_the_others_finish():
+    loop = make_loop(CountingExecutor(step_s=0.005)).start()
+    long, short = Collector(), Collector()
+    loop.submit(request("long", [1] * 20, 100), long)
+    loop.submit(request("short", [2] * 6, 30), short)
+    while len(long.tokens) < 5:
+        time.sleep(0.002)
+    assert loop.snapshot.kv_blocks_used > 0
+    loop.abort("long")
+    long.wait()
+    assert long.last.finish_reason == "abort" and 5 <= len(long.tokens) < 100
+    assert short.wait().tokens == expected([2] * 6, 30)
+    loop.abort("long")  # aborting an ended request is a no-op
+    loop.abort("never-submitted")
+    loop.stop()
+    assert loop.snapshot.kv_blocks_used == 0 and not loop.executor.registered
+
+
+def test_late_refusals_and_failing_steps_end_only_their_request():
+    loop = make_loop(CountingExecutor(poison=45)).start()
+    ok, too_long, bad_id, poisoned = Collector(), Collector(), Collector(), Collector()
+    loop.submit(request("ok", [1, 2, 3], 40), ok)
+    while not ok.tokens:
+        time.sleep(0.002)
+    loop.submit(request("too-long", [1] * 100, 40), too_long)  # 140 > max_context 128
+    loop.submit(request("bad-id", [1, 77], 4), bad_id)  # refused by the executor's register
+    loop.submit(request("poisoned", [45, 3], 4), poisoned)  # its first step raises
+    for sink, match in ((too_long, "context 128"), (bad_id, "outside the vocabulary"), (poisoned, "FloatingPointError")):
+        sink.wait()
+        assert sink.last.finish_reason == "error" and match in sink.last.error and sink.tokens == []
+    assert ok.wait().tokens == expected([1, 2, 3], 40) and ok.last.finish_reason == "length"
+    # The loop still serves.
+    again = Collector()
+    loop.submit(request("again", [5], 3), again)
+    assert again.wait().tokens == [6, 7, 8]
+    loop.stop()
+    assert loop.snapshot.kv_blocks_used == 0 and not loop.executor.registered
+
+
+def test_a_failing_step_of_old_requests_ends_them_and_the_loop_goes_on():
+    executor = CountingExecutor()
+    loop = make_loop(executor).start()
+    a = Collector()
+    loop.submit(request("a", [40], 30), a)  # generates 41, 42, ... and meets the poison 45 at its 5th step
+    executor.poison = 45
+    a.wait()
+    assert a.last.finish_reason == "error" and a.tokens == [41, 42, 43, 44, 45]
+    b = Collector()
+    loop.submit(request("b", [1], 3), b)
+    assert b.wait().tokens == [2, 3, 4]
+    loop.stop()
+
+
+def test_a_sink_that_raises_aborts_its_request_only():
+    loop = make_loop().start()
+    good = Collector()
+
+    def broken(out):
+        raise RuntimeError("client went away")
+
+    loop.submit(request("broken", [1, 2], 50), broken)
+    loop.submit(request("good", [3, 4], 10), good)
+    assert good.wait().tokens == expected([3, 4], 10)
+    assert loop.drain(10.0)
+    loop.stop()
+    assert loop.snapshot.kv_blocks_used == 0
+
+
+def test_queue_limit_duplicates_draining_and_stop():
+    loop = make_loop(max_queue=2)  # not started: submitted requests stay queued
+    loop.submit(request("q0", [1], 2), Collector())
+    loop.submit(request("q1", [1], 2), Collector())
+    with pytest.raises(QueueFull, match="max_queue=2"):
+        loop.submit(request("q2", [1], 2), Collector())
+    loop.start()
+    assert loop.drain(10.0)
+    with pytest.raises(Draining):
+        loop.submit(request("late", [1], 2), Collector())
+    loop.stop()
+    # A stop whose grace runs out aborts what is left.
+    loop = make_loop(CountingExecutor(step_s=0.01)).start()
+    dup, slow = Collector(), Collector()
+    loop.submit(request("slow", [1], 100), slow)
+    loop.submit(request("slow", [1], 5), dup)
+    assert dup.wait().last.finish_reason == "error" and "already being served" in dup.last.error
+    loop.stop(grace_s=0.05)
+    assert slow.wait().last.finish_reason == "abort" and not loop.running
+    with pytest.raises(ValueError, match="max_queue"):
+        make_loop(max_queue=-1)
