@@ -19,8 +19,15 @@ Per device and step (shared modelling facts, shared/PAPERS.md):
   activation sends. That equals the unsplit compute time: pp buys memory, not latency, and the
   throughput gain of overlapping micro-batches across steps is not modelled.
 * KV swaps in the plan move over the host link and are added to ``comm_s``.
-* ``step_overhead_s`` (per step) and ``per_seq_overhead_s`` (per row) stand for CPU work the device
-  waits on: scheduling, input preparation, sampling and output processing.
+* ``step_overhead_s`` (per step) and ``per_seq_overhead_s`` (per row) are the step's *host* time: CPU
+  work the device waits on (scheduling, input preparation, sampling and output processing).
+  Synchronous scheduling (the default) runs it in series, ``duration = host + device``; with
+  ``async_scheduling`` the host builds step N+1 while the device runs step N (NanoFlow §4.2, vLLM's
+  async scheduler), ``duration = max(host, device)``. The host time of a busy period's first step
+  is then not charged: the runtime knows when the device idles, a cost model does not.
+* ``parts(plan)`` gives the same terms by operation class (``StepParts``: dense GEMMs, attention,
+  collectives, host), from which the overlap-aware cost model (``overlap_cost_model``) builds its
+  nano-batched steps; ``step`` is combined from them, so the two cannot drift apart.
 
 Clock and energy (``jaxserve.sim.power``): ``frequency_mhz`` sets the SM clock (default the top
 one), which scales compute throughput and not memory bandwidth; ``power_cap_w`` lets a step's clock
@@ -71,13 +78,34 @@ class StepCost(NamedTuple):
     comm_s: float
 
 
+class StepParts(NamedTuple):
+    """One device's roofline terms of a step by operation class (NanoFlow's, shared/PAPERS.md §9),
+    seconds, summed over layers (and pipeline stages): the dense GEMMs' FLOP time (LM head included)
+    and their weight and activation traffic; attention's FLOP time and its KV traffic (prefix and new
+    tokens read, new ones written); copy-on-write block copies; the collectives' per-token/per-row
+    time and their fixed latencies; KV swaps over the host link; the host's time. Floats, or float64
+    arrays (a decode run's steps) where the KV terms vary."""
+
+    gemm_compute_s: float
+    attn_compute_s: float
+    weights_s: float
+    act_s: float
+    kv_s: float
+    copy_s: float
+    comm_s: float
+    comm_fixed_s: float
+    swap_s: float
+    host_s: float
+
+
 class RooflineCostModel:
     """Roofline step costs of ``model`` on ``tp·pp`` devices of ``hardware``; see the module docstring.
 
     ``dtype`` sets weight storage and the compute peak used ("bf16", "fp16", "fp8", "int8", "fp32");
     ``kv_dtype`` the KV cache (default ``dtype``). ``mfu``/``mbu``/``link_efficiency``/
     ``collective_latency_s`` default to the hardware's ``efficiency``. ``host_bandwidth`` (bytes/s)
-    overrides the hardware's PCIe figure for swaps.
+    overrides the hardware's PCIe figure for swaps. ``async_scheduling`` hides the host time under
+    the device's (module docstring).
     """
 
     def __init__(
@@ -97,6 +125,7 @@ class RooflineCostModel:
         host_bandwidth: float | None = None,
         frequency_mhz: int | None = None,
         power_cap_w: float | None = None,
+        async_scheduling: bool = False,
     ):
         for name, value in (("tp", tp), ("pp", pp)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -133,6 +162,9 @@ class RooflineCostModel:
         self.mfu, self.mbu, self.link_efficiency = float(mfu), float(mbu), float(link)
         self.step_overhead_s, self.per_seq_overhead_s = float(step_overhead_s), float(per_seq_overhead_s)
         self.collective_latency_s = float(latency)
+        if not isinstance(async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be a bool, got {async_scheduling!r}")
+        self.async_scheduling = async_scheduling
         self.host_bandwidth = host_bandwidth if host_bandwidth is not None else hardware.host_bandwidth
         if hardware.has_power_model:
             idle_w, dyn_w = hardware.power_idle_w, hardware.power_max_w - hardware.power_idle_w
@@ -210,41 +242,74 @@ class RooflineCostModel:
     def __repr__(self) -> str:
         return (f"RooflineCostModel({self.model.name}, {self.hardware.name}, tp={self.tp}, pp={self.pp}, "
                 f"dtype={self.dtype}, mfu={self.mfu}, mbu={self.mbu}, frequency_mhz={self.frequency_mhz}, "
-                f"power_cap_w={self.power_cap_w})")
+                f"power_cap_w={self.power_cap_w}, async_scheduling={self.async_scheduling})")
 
     # -- the step --------------------------------------------------------------------------------
     def step(self, plan: BatchPlan) -> StepCost:
         """Cost of executing ``plan``. An empty plan costs nothing (idle time between steps is the
         simulator's to charge, at ``idle_power_w``)."""
+        if not len(plan.num_new_tokens):
+            return StepCost(0.0, 0.0, 0.0, 0.0, 0.0)
+        return StepCost(*self.combine(self.parts(plan), max))
+
+    def parts(self, plan: BatchPlan) -> StepParts:
+        """``plan``'s terms by operation class (``StepParts``); all zero for an empty plan."""
         n = plan.num_new_tokens
         if not len(n):
-            return StepCost(0.0, 0.0, 0.0, 0.0, 0.0)
+            return StepParts(*(0.0,) * len(StepParts._fields))
         c = plan.num_computed_tokens
         tokens = float(plan.num_tokens)  # (cached on the plan; the same integer sum)
         computed = float(np.add.reduce(c))
         # Σ n·(c + (n+1)/2): query-key pairs, causal within each chunk.
         pairs = float(np.dot(n, c)) + 0.5 * (float(np.dot(n, n)) + tokens)
         samples = int(np.count_nonzero(plan.samples_token))
-        rows = len(n)
-
-        compute = tokens * self._s_per_token_gemm + samples * self._s_per_sample_gemm + pairs * self._s_per_attn_pair
-        memory = (
-            self._s_weights
-            + (self._s_lm_head if samples else 0.0)
-            + (computed + 2.0 * tokens) * self._s_per_kv_token  # read prefix + new, write new
-            + tokens * self._s_per_token_act
-        )
-        comm = tokens * self._s_per_token_comm + samples * self._s_per_sample_comm + self._comm_fixed
+        copy = 0.0
         if plan.copy_blocks:
-            memory += 2.0 * len(plan.copy_blocks) * plan.block_size * self.kv_bytes_per_token_device / self._byte_rate
-        if plan.swap_out_blocks or plan.swap_in_blocks:
-            comm += self._swap_s(plan)
+            copy = 2.0 * len(plan.copy_blocks) * plan.block_size * self.kv_bytes_per_token_device / self._byte_rate
+        swap = self._swap_s(plan) if plan.swap_out_blocks or plan.swap_in_blocks else 0.0
+        return self._parts(tokens, computed, pairs, samples, len(n), copy, swap)
 
+    def _parts(self, tokens: float, computed, pairs, samples: int, rows: int, copy: float, swap: float) -> StepParts:
+        """The terms from a plan's totals; ``computed`` and ``pairs`` may be float64 arrays (a run)."""
+        return StepParts(
+            gemm_compute_s=tokens * self._s_per_token_gemm + samples * self._s_per_sample_gemm,
+            attn_compute_s=pairs * self._s_per_attn_pair,
+            weights_s=self._s_weights + (self._s_lm_head if samples else 0.0),
+            act_s=tokens * self._s_per_token_act,
+            kv_s=(computed + 2.0 * tokens) * self._s_per_kv_token,  # read prefix + new, write new
+            copy_s=copy,
+            comm_s=tokens * self._s_per_token_comm + samples * self._s_per_sample_comm,
+            comm_fixed_s=self._comm_fixed,
+            swap_s=swap,
+            host_s=self.step_overhead_s + rows * self.per_seq_overhead_s,
+        )
+
+    def combine(self, p: StepParts, maximum) -> tuple:
+        """``(duration, energy, compute, memory, comm)`` of the unsplit step (compute and HBM
+        traffic overlapped as the roofline assumes, collectives in series, then the host: in series,
+        or hidden under the device with async scheduling). ``maximum`` is ``max`` for floats,
+        ``np.maximum`` for a run's arrays: the same operations either way, so equal bit for bit."""
+        compute = p.gemm_compute_s + p.attn_compute_s
+        memory = p.weights_s + p.kv_s + p.act_s
+        if p.copy_s:
+            memory += p.copy_s
+        comm = p.comm_s + p.comm_fixed_s
+        if p.swap_s:
+            comm += p.swap_s
         compute, scale = self._power.clocked(compute, memory)  # a power cap may lower the clock
-        busy = max(memory, compute)
-        duration = self.step_overhead_s + rows * self.per_seq_overhead_s + busy + comm
+        busy = maximum(memory, compute)
+        if self.async_scheduling:
+            duration = maximum(p.host_s, busy + comm)
+        else:
+            duration = p.host_s + busy + comm
         energy = self._power.energy(duration, busy, compute, memory, scale)  # each device busy busy / pp
-        return StepCost(duration, energy, compute, memory, comm)
+        return duration, energy, compute, memory, comm
+
+    def decode_parts(self, num_rows: int, computed) -> StepParts:
+        """``parts`` of a decode step of ``num_rows`` rows whose contexts sum to ``computed`` (a
+        float, or a float64 array of a run's steps), equal to ``parts`` of its plan bit for bit."""
+        pairs = computed + 0.5 * (float(num_rows) + float(num_rows))  # Σ n·c + (Σ n² + Σ n)/2 with n = 1
+        return self._parts(float(num_rows), computed, pairs, num_rows, num_rows, 0.0, 0.0)
 
     def decode_run(self, num_rows: int, context_tokens: int, max_context: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Durations and energies of ``k`` consecutive decode steps of the same ``num_rows`` rows
@@ -257,29 +322,11 @@ class RooflineCostModel:
         # A short run, or one whose clock a power cap picks step by step: scalar arithmetic (it beats
         # two dozen numpy calls on tiny arrays).
         if k <= _SCALAR_RUN or self._power.capped:
-            costs = [self._decode_cost(num_rows, float(context_tokens + num_rows * j), max) for j in range(k)]
-            return np.array([d for d, _ in costs], np.float64), np.array([e for _, e in costs], np.float64)
+            costs = [self.combine(self.decode_parts(num_rows, float(context_tokens + num_rows * j)), max)
+                     for j in range(k)]  # fmt: skip
+            return np.array([c[0] for c in costs], np.float64), np.array([c[1] for c in costs], np.float64)
         computed = (context_tokens + num_rows * np.arange(k, dtype=np.int64)).astype(np.float64)
-        return self._decode_cost(num_rows, computed, np.maximum)
-
-    def _decode_cost(self, num_rows: int, computed, maximum):
-        """The decode-step cost expressions for ``computed`` (a float, or a float64 array of the
-        run's steps), in ``step``'s order: the same operations either way, so equal bit for bit."""
-        tokens = float(num_rows)
-        pairs = computed + 0.5 * (float(num_rows) + tokens)  # Σ n·c + (Σ n² + Σ n)/2 with n = 1
-        samples = num_rows
-        compute = tokens * self._s_per_token_gemm + samples * self._s_per_sample_gemm + pairs * self._s_per_attn_pair
-        memory = (
-            self._s_weights
-            + (self._s_lm_head if samples else 0.0)
-            + (computed + 2.0 * tokens) * self._s_per_kv_token
-            + tokens * self._s_per_token_act
-        )
-        comm = tokens * self._s_per_token_comm + samples * self._s_per_sample_comm + self._comm_fixed
-        compute, scale = self._power.clocked(compute, memory)
-        busy = maximum(memory, compute)
-        duration = self.step_overhead_s + num_rows * self.per_seq_overhead_s + busy + comm
-        energy = self._power.energy(duration, busy, compute, memory, scale)
+        duration, energy, *_ = self.combine(self.decode_parts(num_rows, computed), np.maximum)
         return duration, energy
 
     def _swap_s(self, plan: BatchPlan) -> float:
