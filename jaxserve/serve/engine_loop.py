@@ -41,8 +41,8 @@ _UNLIMITED_STEPS = 2**62
 class RequestOutput(NamedTuple):
     """What a request's sink receives: the tokens sampled for it since its last output (in order),
     and once, with the last output, why it ended: ``"stop"`` / ``"length"`` (the scheduler's),
-    ``"abort"`` (``EngineLoop.abort`` or a stop past its grace) or ``"error"`` (``error`` says
-    why: refused by the engine, or its step failed)."""
+    ``"abort"`` (``EngineLoop.abort`` or a stop past its grace), ``"rejected"`` (the replica refused
+    it: bad input found late; ``error`` says why) or ``"error"`` (its step failed; ``error``)."""
 
     request_id: str
     token_ids: tuple[int, ...]
@@ -300,14 +300,14 @@ class EngineLoop:
     def _add(self, request: Request, sink: Sink) -> None:
         rid = request.request_id
         if rid in self._streams:
-            self._emit(sink, RequestOutput(rid, (), "error", f"request id {rid!r} is already being served"))
+            self._emit(sink, RequestOutput(rid, (), "rejected", f"request id {rid!r} is already being served"))
             self._count_ended()
             return
         self._streams[rid] = _Stream(request, sink, request.arrival_time)
         if not self.replica.add(request):
             log_ = self.replica.log
             reason = log_.rejected.get(log_.index[rid], "rejected")
-            self._end(rid, "error", reason)
+            self._end(rid, "rejected", reason)
 
     def _abort(self, request_id: str) -> None:
         if request_id in self._streams:

@@ -90,9 +90,12 @@ def test_late_refusals_and_failing_steps_end_only_their_request():
     loop.submit(request("too-long", [1] * 100, 40), too_long)  # 140 > max_context 128
     loop.submit(request("bad-id", [1, 77], 4), bad_id)  # refused by the executor's register
     loop.submit(request("poisoned", [45, 3], 4), poisoned)  # its first step raises
-    for sink, match in ((too_long, "context 128"), (bad_id, "outside the vocabulary"), (poisoned, "FloatingPointError")):
+    for sink, reason, match in (
+        (too_long, "rejected", "context 128"), (bad_id, "rejected", "outside the vocabulary"),
+        (poisoned, "error", "FloatingPointError"),
+    ):  # fmt: skip
         sink.wait()
-        assert sink.last.finish_reason == "error" and match in sink.last.error and sink.tokens == []
+        assert sink.last.finish_reason == reason and match in sink.last.error and sink.tokens == []
     assert ok.wait().tokens == expected([1, 2, 3], 40) and ok.last.finish_reason == "length"
     # The loop still serves.
     again = Collector()
@@ -147,7 +150,7 @@ def test_queue_limit_duplicates_draining_and_stop():
     dup, slow = Collector(), Collector()
     loop.submit(request("slow", [1], 100), slow)
     loop.submit(request("slow", [1], 5), dup)
-    assert dup.wait().last.finish_reason == "error" and "already being served" in dup.last.error
+    assert dup.wait().last.finish_reason == "rejected" and "already being served" in dup.last.error
     loop.stop(grace_s=0.05)
     assert slow.wait().last.finish_reason == "abort" and not loop.running
     with pytest.raises(ValueError, match="max_queue"):
