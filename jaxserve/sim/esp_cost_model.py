@@ -135,26 +135,32 @@ class EspCostModel:
     # -- prefill ---------------------------------------------------------------------------------
     def prefill_time_s(self, num_requests: int, tokens: float, pairs: float, k: int) -> float:
         """Seconds to prefill ``num_requests`` whole prompts of ``tokens`` tokens in all and
-        ``pairs`` causal query-key pairs (Σ l(l+1)/2) over ``k`` instances, each sampling its first token."""
+        ``pairs`` causal query-key pairs (Σ l(l+1)/2) over ``k`` instances, each sampling its first token.
+        The three counts may be numpy arrays (one batch per element; the batching DP costs many at once)."""
         if not 1 <= k <= self.num_instances:
             raise ValueError(f"k must be in 1..{self.num_instances}, got {k}")
         t = self.terms
         share, rows = tokens / k, num_requests / k
         attn = t.compute_per_pair * pairs / k
         hop = self.hop_s_per_token * share
-        ring = (k - 1) * max(attn / k, hop) + attn / k  # hop j overlaps the attention over block j
+        ring = (k - 1) * np.maximum(attn / k, hop) + attn / k  # hop j overlaps the attention over block j
         compute = t.compute_per_token * share + t.compute_per_sample * rows + ring
         memory = t.memory_weights + t.memory_lm_head + t.memory_per_kv_token * (tokens + share) + t.memory_per_token * share
         comm = (t.comm_per_token * share + t.comm_per_sample * rows + t.comm_fixed
                 + self.num_layers * (k - 1) * self.latency_s)  # fmt: skip
-        return t.step_overhead + t.per_seq_overhead * rows + max(memory, compute) + comm
+        return t.step_overhead + t.per_seq_overhead * rows + np.maximum(memory, compute) + comm
+
+    @property
+    def model(self):
+        """The instances' ``ModelSpec``."""
+        return self.base.model
 
     def prefill(self, prompt_lens, k: int) -> float:
         """``prefill_time_s`` of the prompts ``prompt_lens`` (token counts) over ``k`` instances."""
         lens = np.asarray(prompt_lens, np.float64)
         if not len(lens) or lens.min() < 1:
             raise ValueError("prompt_lens must be one or more lengths >= 1")
-        return self.prefill_time_s(len(lens), float(lens.sum()), float((lens * (lens + 1) / 2).sum()), k)
+        return float(self.prefill_time_s(len(lens), float(lens.sum()), float((lens * (lens + 1) / 2).sum()), k))
 
     # -- decode ----------------------------------------------------------------------------------
     def decode_time_s(self, masters, kv_tokens, exchanges) -> float:
