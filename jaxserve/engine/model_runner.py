@@ -151,12 +151,12 @@ class ModelRunner(Executor):
         self.geometry: StepGeometry = self.spec.geometry(impl, self.chunk_pages)
         dtype = jnp.dtype(cfg.dtype)
         self.mesh = mesh
-        place: Placement = single_device(cfg, params, jax.devices()[0]) if mesh is None else on_mesh(cfg, params, mesh)
+        place = self._place(cfg, params, mesh)
         self.params = place.params
         # Under tensor parallelism the cache may hold more KV heads than the checkpoint (replicas
         # when fewer than tp); read_kv/write_kv payloads keep the checkpoint's heads.
         self._kv_head_of, self._kv_copy_of = place.kv_head_of, place.kv_copy_of
-        shape = (place.cfg.num_kv_heads, kv.num_blocks, kv.block_size, cfg.head_dim)
+        shape = self._cache_shape(place)
         zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=place.kv)
         self.caches = tuple((zeros(), zeros()) for _ in range(cfg.num_layers))
         self._cache_shardings = tuple((place.kv, place.kv) for _ in range(cfg.num_layers))
@@ -198,6 +198,23 @@ class ModelRunner(Executor):
 
     def _count_trace(self):
         self.num_compilations += 1
+
+    # -- what a subclass with another KV layout overrides (engine/esp_runner.py) ----------------
+    def _place(self, cfg: ModelConfig, params: dict, mesh) -> Placement:
+        """The model on its devices: the first device, or ``mesh`` (tensor parallel)."""
+        return single_device(cfg, params, jax.devices()[0]) if mesh is None else on_mesh(cfg, params, mesh)
+
+    def _cache_shape(self, place: Placement) -> tuple[int, ...]:
+        """One layer's K (or V) pages: ``[Hkv, num_pages, page_size, D]``."""
+        return (place.cfg.num_kv_heads, self.kv.num_blocks, self.kv.block_size, self.cfg.head_dim)
+
+    def _pack(self, plan: BatchPlan) -> HostBatch:
+        """The plan as the step's host arrays (``packing.pack``)."""
+        return pack(plan, self.spec, self._sampling)
+
+    def _warmup_batches(self, shape: tuple[int, int]) -> tuple[HostBatch, ...]:
+        """Padding-only batches of ``shape`` that run every path of the step (``packing.warmup_batches``)."""
+        return warmup_batches(shape, self.spec)
 
     # -- requests ------------------------------------------------------------------------------
     def register(self, request: Request) -> None:
@@ -244,7 +261,7 @@ class ModelRunner(Executor):
         self._apply_memory_ops(plan)
         if plan.num_seqs == 0:
             return StepOutput({}, duration_s=time.perf_counter() - start), {}
-        batch = pack(plan, self.spec, self._sampling)
+        batch = self._pack(plan)
         compile_s = self._compile(batch.shape_key, all_logits)
         tokens, self.caches, logits = self._run(batch, all_logits)
         tokens = np.asarray(tokens)
@@ -264,7 +281,7 @@ class ModelRunner(Executor):
         start = time.perf_counter()
         if len(self._compiled) >= self.max_compiled_shapes:
             self._evict_compiled()
-        for batch in warmup_batches(shape, self.spec):
+        for batch in self._warmup_batches(shape):
             tokens, self.caches, _ = self._run(batch, all_logits)
         tokens.block_until_ready()  # the caches were donated: keep the returned ones
         self._compiled.add((shape, all_logits))

@@ -68,8 +68,13 @@ def write_kv(
     batch: AttentionBatch,
 ):
     """Scatters this step's ``k, v [T, num_kv_heads, head_dim]`` into the layer's pages."""
+    return write_rows(cache, k, v, batch.slot_page, batch.slot_offset)
+
+
+def write_rows(cache: tuple[jax.Array, jax.Array], k: jax.Array, v: jax.Array, page: jax.Array, offset: jax.Array):
+    """Row ``t`` of ``k, v [T, Hkv, D]`` to slot ``offset[t]`` of page ``page[t]`` of
+    ``cache = (k_pages, v_pages)`` (``[Hkv, num_pages, page_size, D]``); out-of-range pages drop."""
     k_pages, v_pages = cache
-    page, offset = batch.slot_page, batch.slot_offset
     k_pages = k_pages.at[:, page, offset].set(
         jnp.swapaxes(k, 0, 1).astype(k_pages.dtype), mode="drop"
     )
