@@ -94,9 +94,10 @@ if TINY:
     NUM_PROMPTS, PROMPT_LEN, MAX_NEW_TOKENS = 4, 12, 8
     SIM_LOADS, SIM_REQUESTS = (2.0, 8.0), 60
 else:
-    # ~190M parameters; 16 query and 8 KV heads, an MLP of 4096 and a 32000-token vocabulary split
-    # evenly over 1, 2, 4 or 8 devices (a Colab TPU v2-8 has 8).
-    SHAPE = dict(num_layers=8, hidden_size=1024, num_heads=16, num_kv_heads=8, head_dim=64,
+    # ~180M parameters: 8 query / 4 KV heads of 128 dimensions (Llama 2/3's head size, and the
+    # TPU's 128-wide vector lanes), an MLP of 4096 and a 32000-token vocabulary, which split evenly
+    # over 1, 2, 4 or 8 devices.
+    SHAPE = dict(num_layers=8, hidden_size=1024, num_heads=8, num_kv_heads=4, head_dim=128,
                  intermediate_size=4096, vocab_size=32000, max_position_embeddings=2048)
     NUM_PROMPTS, PROMPT_LEN, MAX_NEW_TOKENS = 16, 128, 128
     SIM_LOADS, SIM_REQUESTS = (2.0, 4.0, 6.0, 8.0, 10.0), 1000"""
@@ -205,9 +206,9 @@ SIM_MD = """\
 ## 7. A simulator comparison: vLLM against Sarathi-Serve
 
 The simulator replays the Azure 2023 conversation trace (shipped with the package) at several
-arrival rates on a simulated A100-80GB serving Llama-3-8B. vLLM runs whole prompts in a step and
-stalls the decodes beside them; Sarathi-Serve's chunked prefills keep the time between tokens flat
-at the cost of some time to first token."""
+arrival rates on a simulated A100-80GB serving Llama-3-8B (the configs' defaults). vLLM runs whole
+prompts in a step and stalls the decodes beside them; Sarathi-Serve's chunked prefills keep the
+time between tokens flat at the cost of some time to first token."""
 
 SIM = """\
 from configs import sarathi, vllm
@@ -245,16 +246,21 @@ for ax, (key, label) in zip(fig.subplots(1, 3), panels):
     ax.set(xlabel="arrival rate (req/s)", ylabel=label)
     ax.grid(alpha=0.3)
     ax.legend()
-fig.suptitle("Llama-3-8B on a simulated A100-80GB, Azure conversation trace")
+fig.suptitle(f"{config.model.name} on a simulated {config.hardware.name}, Azure 2023 conversation trace")
 fig.tight_layout()
 png = io.BytesIO()
 fig.savefig(png, format="png", dpi=90)  # shown as a PNG: no matplotlib backend needed
 display(Image(png.getvalue()))
 
+
+
+def fmt(v) -> str:
+    return (f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}") if isinstance(v, float) else str(v)
+
+
 columns = list(rows[0])
 table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-for r in rows:
-    table.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+table += ["| " + " | ".join(fmt(v) for v in r.values()) + " |" for r in rows]
 display(Markdown("\\n".join(table)))"""
 
 NEXT_MD = """\

@@ -16,13 +16,12 @@ import re
 import sys
 from pathlib import Path
 
-import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
-from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402  (nbclient's dependency)
-from jupyter_client.manager import KernelManager  # noqa: E402
+# Plain imports, no importorskip: the test extra declares nbclient, nbformat and ipykernel, and a
+# skip would hide a CI install that lost them (the "the notebook test runs in CI").
+import nbclient
+import nbformat
+from jupyter_client.kernelspec import KernelSpecManager  # nbclient's dependency
+from jupyter_client.manager import KernelManager
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "jaxserve_colab_demo.ipynb"
