@@ -58,6 +58,7 @@ class EspPages:
         self._owners: dict[int, set[str]] = {}  # logical block -> live requests whose tables hold it
         self._tables: dict[str, tuple[int, ...]] = {}
         self._requests: dict[str, _Placement] = {}
+        self.num_scale_ups = 0  # pages placed on a device outside the request's decode plan
 
     # -- requests -----------------------------------------------------------------------------
     def register(self, request_id: str, prompt_len: int, max_total_tokens: int) -> None:
@@ -86,6 +87,10 @@ class EspPages:
     def free_pages(self) -> list[int]:
         """Free pages per device."""
         return [len(f) for f in self._free]
+
+    def decode_devices(self, request_id: str) -> tuple[int, ...]:
+        """The devices of the request's decode plan, scale-ups included, in plan order."""
+        return tuple(d for d, _ in self._placement(request_id).shards)
 
     def shards_of(self, request_id: str) -> list[tuple[int, int, int]]:
         """``(device, first token, end token)`` runs of the request's KV in table order (its shards)."""
@@ -164,6 +169,7 @@ class EspPages:
         device = next_device(p.shards, p.placed, free)
         if device not in (d for d, _ in p.shards):  # scale-up: the device joins the decode set
             p.shards = p.shards + ((device, 1),)
+            self.num_scale_ups += 1
         p.placed[device] += 1
         return self.bind(block, device)
 

@@ -121,6 +121,7 @@ class EspRunner(ModelRunner):
         self._gather_at = jax.jit(_gather_at)
         self._scatter_at = jax.jit(_scatter_at, donate_argnums=(0,), out_shardings=self._cache_shardings)
         self._copy_at = jax.jit(_copy_at, donate_argnums=(0,), out_shardings=self._cache_shardings)
+        self.last_rows = []  # the last step's RowPages, one per plan row
 
     @property
     def local_pages(self) -> int:
@@ -151,7 +152,7 @@ class EspRunner(ModelRunner):
     # -- the step ------------------------------------------------------------------------------
     def _pack(self, plan: BatchPlan) -> HostBatch:
         host = super()._pack(plan)
-        rows = self.pages.prepare(plan)
+        rows = self.last_rows = self.pages.prepare(plan)  # kept for inspection
         return esp_batch(
             plan, host, rows, num_devices=self.num_devices, local_pages=self.local_pages, entries=self.spec.pages_per_seq
         )
