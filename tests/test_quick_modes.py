@@ -145,6 +145,21 @@ def dynamollm_energy(out):
     assert "| paper (DynamoLLM, HPCA'25) |" in text and "forecast = true load" in text
 
 
+def nanoflow_throughput(out):
+    import csv
+
+    rows = list(csv.DictReader(open(out / "throughput.csv")))
+    systems = ("vLLM", "Sarathi-Serve", "NanoFlow batch", "NanoFlow", "NanoFlow + async")
+    assert {r["system"] for r in rows} == set(systems) and len(rows) == 5 * len({r["workload"] for r in rows})
+    assert all(int(r["num_finished"]) == int(r["num_requests"]) > 0 for r in rows)
+    assert all(0 < float(r["of_optimal"]) < 0.6 for r in rows)  # the GEMMs' mfu caps every system
+    for w in {r["workload"] for r in rows}:  # the same batches: overlap and async only ever shorten a step
+        tok = {r["system"]: float(r["tok_s_gpu"]) for r in rows if r["workload"] == w}
+        assert tok["NanoFlow + async"] >= tok["NanoFlow"] >= tok["NanoFlow batch"]
+    assert all(int(r["candidates"]) > 100 for r in csv.DictReader(open(out / "schedules.csv")))
+    assert "| paper (NanoFlow, arXiv:2408.12757) | ours |" in (out / "summary.md").read_text()
+
+
 # script -> (arguments, "json": checks of the JSON line it prints last | files it writes under --out
 # and checks of that folder)
 QUICK_RUNS = {
@@ -166,6 +181,8 @@ QUICK_RUNS = {
                                          splitwise_designs),
     "experiments/dynamollm_energy.py": (["--quick"], ("pools.csv", "profiles.csv", "epochs.csv", "day.csv", "totals.csv",
                                                       "headline.csv", "dynamollm_day.png", "summary.md"), dynamollm_energy),
+    "experiments/nanoflow_throughput.py": (["--quick"], ("throughput.csv", "schedules.csv", "throughput.png", "summary.md"),
+                                           nanoflow_throughput),
     "experiments/scheduler_demo.py": (["--num_requests", "60"], (), None),
     "benchmarks/simulator_speed.py": (["--duration_s", "60"], "json", None),
     "benchmarks/cluster_speed.py": (["--duration_s", "60"], "json", cluster_speed),
@@ -174,7 +191,7 @@ QUICK_RUNS = {
     "benchmarks/engine_cpu.py": (["--quick"], "json", engine_cpu),
     "benchmarks/engine_startup.py": (["--quick"], "json", engine_startup),
 }
-NEEDS_TRACES = {"experiments/vllm_normalized_latency.py", "experiments/sarathi_capacity.py",
+NEEDS_TRACES = {"experiments/vllm_normalized_latency.py", "experiments/sarathi_capacity.py", "experiments/nanoflow_throughput.py",
                 "experiments/sim_vs_engine.py", "benchmarks/simulator_speed.py", "benchmarks/cluster_speed.py"}  # fmt: skip
 
 

@@ -125,6 +125,18 @@ class OverlapCostModel(RooflineCostModel):
             raise ValueError(f"tp={self.tp} has collectives to overlap: schedule.network_share must be > 0")
         self.schedule, self.interference = schedule, interference
 
+    @classmethod
+    def like(cls, roofline: RooflineCostModel, schedule: NanoSchedule, *, async_scheduling: bool | None = None,
+             interference: Interference = NANOFLOW_A100) -> "OverlapCostModel":
+        """The device, model and efficiencies of ``roofline`` with steps nano-batched by ``schedule``
+        (and its host scheduling unless ``async_scheduling`` is given)."""
+        r = roofline
+        return cls(r.model, r.hardware, schedule=schedule, interference=interference, tp=r.tp, pp=r.pp, dtype=r.dtype,
+                   mfu=r.mfu, mbu=r.mbu, step_overhead_s=r.step_overhead_s, per_seq_overhead_s=r.per_seq_overhead_s,
+                   kv_dtype=r.kv_dtype, link_efficiency=r.link_efficiency, collective_latency_s=r.collective_latency_s,
+                   host_bandwidth=r.host_bandwidth, frequency_mhz=r.frequency_mhz, power_cap_w=r.power_cap_w,
+                   async_scheduling=r.async_scheduling if async_scheduling is None else async_scheduling)  # fmt: skip
+
     def __repr__(self) -> str:
         return f"OverlapCostModel({super().__repr__().partition('(')[2][:-1]}, schedule={self.schedule})"
 

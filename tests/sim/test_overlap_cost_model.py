@@ -169,3 +169,10 @@ def test_nanoflow_curves_are_the_default():
     model = OverlapCostModel(LLAMA70, A100, tp=8, schedule=NanoSchedule(2, 0.3, 0.1))
     assert model.interference is NANOFLOW_A100
     assert repr(model).startswith("OverlapCostModel(llama-2-70b, a100-80gb, tp=8") and "num_nano=2" in repr(model)
+
+
+def test_like_copies_the_roofline_device():
+    roofline = RooflineCostModel(LLAMA70, A100, tp=8, mfu=0.5, step_overhead_s=0.01, frequency_mhz=1200)
+    nano = OverlapCostModel.like(roofline, NanoSchedule(2, 0.2, 0.1), async_scheduling=True)
+    assert (nano.tp, nano.mfu, nano.step_overhead_s, nano.frequency_mhz, nano.async_scheduling) == (8, 0.5, 0.01, 1200, True)
+    assert OverlapCostModel.like(roofline, NanoSchedule()).step(PLANS[2]) == roofline.step(PLANS[2])
