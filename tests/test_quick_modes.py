@@ -145,6 +145,19 @@ def dynamollm_energy(out):
     assert "| paper (DynamoLLM, HPCA'25) |" in text and "forecast = true load" in text
 
 
+def loongserve_long_context(out):
+    import csv
+
+    runs = list(csv.DictReader(open(out / "runs.csv")))
+    assert {r["workload"] for r in runs} == {"mooncake", "mixed", "sharegpt"}
+    assert {r["kind"] for r in runs} == {"loongserve", "chunked prefill", "disaggregation"}
+    assert all(int(r["num_finished"]) + int(r["num_rejected"]) == int(r["num_requests"]) > 0 for r in runs)
+    assert all(int(r["num_rejected"]) == 0 for r in runs if r["kind"] == "loongserve")  # the node holds every prompt
+    heads = list(csv.DictReader(open(out / "headline.csv")))
+    assert len(heads) == 6 and all(float(h["gain"]) > 0 for h in heads)
+    assert "3.85x" in (out / "summary.md").read_text()
+
+
 def nanoflow_throughput(out):
     import csv
 
@@ -181,6 +194,8 @@ QUICK_RUNS = {
                                          splitwise_designs),
     "experiments/dynamollm_energy.py": (["--quick"], ("pools.csv", "profiles.csv", "epochs.csv", "day.csv", "totals.csv",
                                                       "headline.csv", "dynamollm_day.png", "summary.md"), dynamollm_energy),
+    "experiments/loongserve_long_context.py": (["--quick"], ("runs.csv", "headline.csv", "loongserve.png", "summary.md"),
+                                               loongserve_long_context),
     "experiments/nanoflow_throughput.py": (["--quick"], ("throughput.csv", "schedules.csv", "throughput.png", "summary.md"),
                                            nanoflow_throughput),
     "experiments/scheduler_demo.py": (["--num_requests", "60"], (), None),
@@ -192,6 +207,7 @@ QUICK_RUNS = {
     "benchmarks/engine_startup.py": (["--quick"], "json", engine_startup),
 }
 NEEDS_TRACES = {"experiments/vllm_normalized_latency.py", "experiments/sarathi_capacity.py", "experiments/nanoflow_throughput.py",
+                "experiments/loongserve_long_context.py",
                 "experiments/sim_vs_engine.py", "benchmarks/simulator_speed.py", "benchmarks/cluster_speed.py"}  # fmt: skip
 
 

@@ -9,9 +9,9 @@
   while the prefill time it saves, weighted by the prompts' Σ 1/l (input-normalized latency), beats
   the pause it forces on the decoding requests with KV there, weighted by Σ 1/generated tokens
   (output-normalized): the artifact's ``prefill_speedup < decode_slowdown`` test.
-* **Scaling plan**: proactive scale-down (``place_kv``): a prefill batch writes its KV only to the
-  fewest of its instances that hold it (the freest first), which decode it afterwards with no
-  migration; the others are free at once. Scale-up (``scale_up_target``): a decoding request whose
+* **Scaling plan**: proactive scale-down (``place_kv``): a prefill batch writes each request's KV
+  only to the fewest of its instances that hold it (the freest first, so many requests spread over
+  the block), which decode it afterwards with no migration; instances left empty are free at once. Scale-up (``scale_up_target``): a decoding request whose
   master instance is full takes the freest other instance as its new master (multi-master decode
   over its shards). ``preemption_victim``: the newest arrival, when no instance has room.
 
@@ -94,23 +94,23 @@ def allocate_prefill_instances(used: Sequence[int], capacity: int, prompt_lens: 
 
 def place_kv(prompt_lens: Sequence[int], instances: Sequence[int], free_tokens: Sequence[int]) -> tuple[Shards, ...]:
     """Proactive scale-down: each prompt's KV shards on ``instances`` (with ``free_tokens`` free
-    each), filling the freest first so the batch lands on as few instances as hold it.
-    ``ValueError`` if it does not fit."""
-    order = sorted(range(len(instances)), key=lambda j: (-free_tokens[j], j))
-    room = [int(free_tokens[j]) for j in order]
-    out, slot = [], 0
+    each), request by request on the freest instance at that point, spilling onto the next freest
+    only when it is full: every request lands on as few instances as hold it, and a batch of many
+    requests spreads its decoding over the block. ``ValueError`` if it does not fit."""
+    room = {int(i): int(f) for i, f in zip(instances, free_tokens)}
+    if sum(prompt_lens) > sum(room.values()):
+        raise ValueError(f"prompts of {sum(prompt_lens)} tokens do not fit {sum(room.values())} free KV tokens")
+    out = []
     for n in prompt_lens:
         left, shards = int(n), []
-        while left:
-            if slot == len(order):
-                raise ValueError(f"prompts of {sum(prompt_lens)} tokens do not fit {sum(free_tokens)} free KV tokens")
-            take = min(left, room[slot])
+        for inst in sorted(room, key=lambda i: (-room[i], i)):
+            take = min(left, room[inst])
             if take:
-                shards.append((int(instances[order[slot]]), take))
-                room[slot] -= take
+                shards.append((inst, take))
+                room[inst] -= take
                 left -= take
-            if room[slot] == 0:
-                slot += 1
+            if not left:
+                break
         out.append(tuple(shards))
     return tuple(out)
 

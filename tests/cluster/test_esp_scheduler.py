@@ -115,7 +115,7 @@ def test_allocation_scales_prefill_up_over_cheap_pauses():
 
 def test_place_kv_scales_down_to_the_fewest_instances():
     shards = policy.place_kv([3000, 500], [4, 5, 6], [2000, 10000, 8000])
-    assert shards == (((5, 3000),), ((5, 500),))  # the freest instance holds both; 4 and 6 are freed
+    assert shards == (((5, 3000),), ((6, 500),))  # each on the freest at its turn; 4 is freed
     shards = policy.place_kv([15000], [4, 5, 6], [2000, 10000, 8000])
     assert shards == (((5, 10000), (6, 5000)),)
     with pytest.raises(ValueError, match="do not fit"):
