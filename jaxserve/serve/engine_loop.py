@@ -235,6 +235,11 @@ class EngineLoop:
         frees its blocks; a no-op for an unknown or ended request."""
         self._inbox.put(("abort", request_id, None))
 
+    def stop_admitting(self) -> None:
+        """From now on ``submit`` raises ``Draining`` (in-flight requests go on)."""
+        with self._lock:
+            self._draining = True
+
     def drain(self, timeout_s: Optional[float] = None) -> bool:
         """Stops admitting and waits until every submitted request has ended (or ``timeout_s``
         passed); True if all ended."""
