@@ -94,7 +94,7 @@ if TINY:
     NUM_PROMPTS, PROMPT_LEN, MAX_NEW_TOKENS = 4, 12, 8
     SIM_LOADS, SIM_REQUESTS = (2.0, 8.0), 60
 else:
-    # ~180M parameters: 8 query / 4 KV heads of 128 dimensions (Llama 2/3's head size, and the
+    # ~190M parameters: 8 query / 4 KV heads of 128 dimensions (Llama 2/3's head size, and the
     # TPU's 128-wide vector lanes), an MLP of 4096 and a 32000-token vocabulary, which split evenly
     # over 1, 2, 4 or 8 devices.
     SHAPE = dict(num_layers=8, hidden_size=1024, num_heads=8, num_kv_heads=4, head_dim=128,
