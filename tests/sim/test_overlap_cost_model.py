@@ -3,8 +3,8 @@ hand, the unsplit step equal to the roofline, decode runs equal to stepping."""
 
 import numpy as np
 import pytest
+from sim_plans import make_plan
 
-import jaxserve
 from jaxserve.sim.cost_model import RooflineCostModel, StepParts
 from jaxserve.sim.hardware import get_hardware
 from jaxserve.sim.interference import GEMV_A100, NANOFLOW_A100, NETWORK_A100, InterferenceCurve
@@ -12,17 +12,7 @@ from jaxserve.sim.models import get_model
 from jaxserve.sim.nano_search import steady_state_plan
 from jaxserve.sim.overlap_cost_model import NanoSchedule, OverlapCostModel, overlapped_busy, sequential_ops_s
 
-BS = 16
 LLAMA70, A100 = get_model("llama-2-70b"), get_hardware("a100-80gb")
-
-
-def make_plan(computed, new, samples=None):
-    computed, new = np.asarray(computed, np.int64), np.asarray(new, np.int64)
-    samples = np.ones(len(new), bool) if samples is None else np.asarray(samples, bool)
-    tables = tuple(tuple(range(-(-int(c + n) // BS))) for c, n in zip(computed.tolist(), new.tolist()))
-    return jaxserve.BatchPlan(request_ids=tuple(f"r{i}" for i in range(len(new))), num_computed_tokens=computed,
-                              num_new_tokens=new, samples_token=samples, block_tables=tables,
-                              token_ids=np.zeros(int(new.sum()), np.int32), block_size=BS)  # fmt: skip
 
 
 def parts(**kw):

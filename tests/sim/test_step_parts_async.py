@@ -1,23 +1,11 @@
 """RooflineCostModel.parts (a step's terms by operation class) and asynchronous host scheduling."""
 
-import numpy as np
 import pytest
+from sim_plans import make_plan
 
-import jaxserve
 from jaxserve.sim.cost_model import RooflineCostModel
 from jaxserve.sim.hardware import get_hardware
 from jaxserve.sim.models import get_model
-
-BS = 16
-
-
-def make_plan(computed, new, samples=None, **ops):
-    computed, new = np.asarray(computed, np.int64), np.asarray(new, np.int64)
-    samples = np.ones(len(new), bool) if samples is None else np.asarray(samples, bool)
-    tables = tuple(tuple(range(-(-int(c + n) // BS))) for c, n in zip(computed.tolist(), new.tolist()))
-    return jaxserve.BatchPlan(request_ids=tuple(f"r{i}" for i in range(len(new))), num_computed_tokens=computed,
-                              num_new_tokens=new, samples_token=samples, block_tables=tables,
-                              token_ids=np.zeros(int(new.sum()), np.int32), block_size=BS, **ops)  # fmt: skip
 
 
 def model(**kw):
