@@ -21,6 +21,8 @@ import jax.numpy as jnp
 from jaxserve import scheduler as schedulers
 from jaxserve.engine.compilation import DEFAULT_CACHE_DIR, enable_persistent_cache
 from jaxserve.engine.engine import Engine
+from jaxserve.engine.esp_policy import EspPolicy
+from jaxserve.engine.esp_runner import EspRunner
 from jaxserve.engine.kv_sizing import kv_blocks_for
 from jaxserve.engine.model_runner import ModelRunner, step_limits
 from jaxserve.kv.config import KVConfig
@@ -28,6 +30,7 @@ from jaxserve.model import checkpoint
 from jaxserve.model.config import ModelConfig
 from jaxserve.model.loader import load_model
 from jaxserve.model.tokenizer import Tokenizer
+from jaxserve.parallel.mesh import sequence_mesh
 from jaxserve.parallel.tensor_parallel import check_mesh_sizes, check_tensor_parallel, mesh_for
 from jaxserve.request import Request, SamplingParams
 
@@ -58,7 +61,9 @@ class LLM:
     ``stop_at_eos`` (add the model's EOS ids to every request's stop tokens); ``tp`` and ``sp``
     (tensor-parallel devices and devices the step's rows are split over, the config's
     ``parallel.tp``/``parallel.sp``: ``jaxserve.parallel.tensor_parallel``; ``kv_cache_gb`` is then
-    per device).
+    per device); ``esp`` (LoongServe's elastic sequence parallelism over ``sp`` devices, each
+    with its own KV pool of ``num_blocks / sp`` pages: ``engine.esp_runner``; needs ``tp = 1``) and
+    ``esp_policy`` (``engine.esp_policy.EspPolicy``: prefill degree and decode placement).
     """
 
     def __init__(
@@ -82,11 +87,15 @@ class LLM:
         stop_at_eos: bool = True,
         tp: int = 1,
         sp: int = 1,
+        esp: bool = False,
+        esp_policy: EspPolicy | None = None,
     ):
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
         self.model_dir = model_dir
         check_mesh_sizes(tp, sp, jax.device_count())
+        if esp and tp != 1:
+            raise ValueError(f"esp=True runs on sp devices with tp=1, got tp={tp}")
         check_tensor_parallel(ModelConfig.from_dir(model_dir), tp)
         self.cfg, params = _load(model_dir, dtype, params_cache)
         self.tokenizer = Tokenizer.from_dir(model_dir)
@@ -96,12 +105,19 @@ class LLM:
         max_num_seqs = int(getattr(self.scheduler, "max_num_seqs", options.get("max_num_seqs", 256)))
         if num_blocks is None:
             num_blocks = kv_blocks_for(self.cfg, block_size, kv_cache_gb, self.max_model_len, max_num_seqs, tp)
+            num_blocks *= sp if esp else 1  # a pool per ESP device
+        if esp and num_blocks % sp:
+            raise ValueError(f"num_blocks={num_blocks} must split evenly over sp={sp} ESP devices")
         self.kv = KVConfig(num_blocks=num_blocks, block_size=block_size, num_host_blocks=num_host_blocks)
         enable_persistent_cache(compile_cache)
-        self.runner = ModelRunner(
-            self.cfg, params, self.kv, max_model_len=self.max_model_len, block_rows=block_rows, attention=attention,
-            seed=seed, max_compiled_shapes=max_compiled_shapes, mesh=mesh_for(tp, sp),
+        options = dict(
+            max_model_len=self.max_model_len, block_rows=block_rows, attention=attention, seed=seed,
+            max_compiled_shapes=max_compiled_shapes,
         )  # fmt: skip
+        if esp:
+            self.runner = EspRunner(self.cfg, params, self.kv, mesh=sequence_mesh(size=sp), policy=esp_policy, **options)
+        else:
+            self.runner = ModelRunner(self.cfg, params, self.kv, mesh=mesh_for(tp, sp), **options)
         self.engine = Engine(self.runner, self.scheduler, self.kv)
         self.stop_at_eos = stop_at_eos
         self._next_id = 0

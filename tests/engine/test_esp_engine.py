@@ -5,8 +5,9 @@ decoded on fewer, when a decode scales up onto another device because its device
 and in a batch mixing one-device and multi-device requests; an abort frees the request's pages on
 every device. Prompt lengths (37, 41, 33) are divisible by none of the degrees.
 
-Two ESP runners serve all scenarios (each new step shape compiles once per runner): a roomy one
-(16 pages per device) and a tight one (2 pages per device).
+Two ESP runners serve all scenarios (each new step shape compiles once per runner, a few seconds on
+the CI machine): a roomy one (16 pages per device) and a tight one (2 pages per device). k = 2 and 4
+are ``slow``; k = 8 is the default run's.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def sampled(n: int, seed: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, temperature=0.9, top_k=40, top_p=0.95, seed=seed)
 
 
-@pytest.mark.parametrize("k", [2, 4, 8])
+@pytest.mark.parametrize("k", [pytest.param(2, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow), 8])
 def test_long_prefill_over_k_devices_then_decode_on_fewer(runner, roomy, k):
     rid = f"long-{k}"
     roomy.degrees[rid] = k
@@ -143,3 +144,21 @@ def test_an_abort_frees_the_pages_on_every_device(tight):
     state = sched.abort(state, "abort-me", 2.0)
     tight.release("abort-me")
     assert tight.pages.free_pages() == [2] * N and not tight.pages.binding
+
+
+def test_llm_front_door(llama, runner):
+    """``jaxserve.LLM(sp=8, esp=True)`` generates the one-device runner's tokens (a 40-token prompt
+    prefilled over 3 devices next to a short one); ``esp`` with ``tp > 1`` is refused by name."""
+    import jaxserve
+
+    prompts = [prompt(41, 40), prompt(42, 6)]
+    llm = jaxserve.LLM(
+        llama[0], sp=N, esp=True, esp_policy=EspPolicy(prefill_tokens_per_device=16), block_size=4,
+        num_blocks=ROOMY.num_blocks, max_model_len=64, compile_cache="", stop_at_eos=False,
+    )  # fmt: skip
+    assert isinstance(llm.runner, EspRunner) and llm.runner.pages_per_device == 16
+    outs = llm.generate(prompts, greedy(4))
+    want = run_steps(runner, schedulers.make("vllm"), SCHED_KV, [request(f"r{i}", p, greedy(4)) for i, p in enumerate(prompts)])
+    assert [o.token_ids for o in outs] == [want.tokens["r0"], want.tokens["r1"]]
+    with pytest.raises(ValueError, match="esp=True runs on sp devices with tp=1"):
+        jaxserve.LLM(llama[0], sp=4, tp=2, esp=True)
