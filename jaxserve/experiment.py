@@ -190,6 +190,8 @@ def _title(config, built) -> str:
     machine = cost_model.machine
     if hasattr(built, "specs"):  # a cluster: its size and router
         machine = f"{len(built.specs)} x {machine}, {get(config, 'cluster.router')}"
+    if hasattr(cost_model, "num_instances"):  # a LoongServe node: its own scheduler, not scheduler.name
+        sched, machine = "loongserve (elastic SP)", f"{cost_model.num_instances} x {machine} instances"
     if get(config, "sim.cost_model") == "profiled":  # the profile's model and machine, not model.name's
         return f"{sched} | {cost_model.model.name} on {machine} (profiled) | {workload}"
     return f"{sched} | {cost_model.model.name} on {machine} | {workload}"
@@ -255,10 +257,14 @@ def run(config, console: Console) -> dict:
         built, verb, unit = build_cluster_sim(config), "serving", "s served"
         simulate_run = run_cluster_sim
     else:
+        from jaxserve.cluster.esp_config import build_loongserve_sim, is_loongserve, run_loongserve_sim
         from jaxserve.sim.simulate import build_sim, run_sim
 
-        built, verb, unit = (build_cluster_sim if cluster else build_sim)(config), "simulating", "s simulated"
-        simulate_run = run_cluster_sim if cluster else run_sim
+        if is_loongserve(config):  # one node of elastic instances (LoongServe) instead of replicas
+            build, simulate_run = build_loongserve_sim, run_loongserve_sim
+        else:
+            build, simulate_run = (build_cluster_sim, run_cluster_sim) if cluster else (build_sim, run_sim)
+        built, verb, unit = build(config), "simulating", "s simulated"
     title = _title(config, built)
     with _progress(console) as progress:
         task = progress.add_task(verb, total=len(built.requests), what="requests", detail="")

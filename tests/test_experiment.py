@@ -36,6 +36,16 @@ def test_sarathi_config_runs_and_writes_outputs(tmp_path):
     assert "ttft_s" in proc.stdout  # the summary table
 
 
+@pytest.mark.skipif(not TRACES.exists(), reason="needs ../shared/traces")
+def test_loongserve_config_runs_its_node_not_a_replica(tmp_path):
+    proc = run_cli("--config=configs/loongserve.py", "--config.workload.duration_s=20", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["num_instances"] == 8 and metrics["num_finished"] == metrics["num_requests"] > 0
+    assert "loongserve" in metrics  # the scaling plan's counters: only the node writes them
+    assert "loongserve (elastic SP)" in proc.stdout
+
+
 SMALL = ["--config.workload.kind=poisson", "--config.workload.qps=20", "--config.workload.num_requests=20",
          "--config.workload.lengths.kind=fixed"]  # fmt: skip
 TOP_LEVEL = "(top-level keys: backend, cluster, engine, hardware, kv, model, output_dir, parallel, scheduler, seed, sim, slo, workload)"
