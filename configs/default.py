@@ -127,16 +127,16 @@ RUN = (
 
 
 # LoongServe (jaxserve/cluster/esp_*.py): one node of elastic instances instead of replicas.
-LOONGSERVE = (
-    Key("loongserve.enabled", False, "serve on one node of elastic instances with LoongServe's elastic sequence parallelism (the model/hardware/kv keys describe one instance) instead of replicas"),
-    Key("loongserve.num_instances", 8, "instances on the node (each hardware.tp GPUs), linked by the hardware's interconnect"),
-    Key("loongserve.max_prefill_requests", 64, "most pending prompts one scheduling round admits (bounds the batching DP, O(n^2 x instances^2))"),
+ESP = (
+    Key("cluster.esp.enabled", False, "serve on one node of elastic instances with LoongServe's elastic sequence parallelism (the model/hardware/kv keys describe one instance) instead of replicas"),
+    Key("cluster.esp.num_instances", 8, "instances on the node (each hardware.tp GPUs), linked by the hardware's interconnect"),
+    Key("cluster.esp.max_prefill_requests", 64, "most pending prompts one scheduling round admits (bounds the batching DP, O(n^2 x instances^2))"),
 )
 
 
 def keys() -> tuple[Key, ...]:
     """Every declared key, in the order --config_help lists them."""
-    return GENERAL + (SCHEDULER_NAME, *scheduler_keys(SCHEDULER_HELP)) + RESOURCES + WORKLOAD + CLUSTER + LOONGSERVE + RUN
+    return GENERAL + (SCHEDULER_NAME, *scheduler_keys(SCHEDULER_HELP)) + RESOURCES + WORKLOAD + CLUSTER + ESP + RUN
 
 
 def get_config() -> ConfigDict:

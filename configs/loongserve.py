@@ -25,6 +25,6 @@ def get_config():
     c.workload.trace_path = "mooncake_fast25/synthetic_trace.jsonl"
     c.workload.trace_format = "mooncake"
     c.workload.duration_s = 120.0
-    c.loongserve.enabled = True
-    c.loongserve.num_instances = 8
+    c.cluster.esp.enabled = True
+    c.cluster.esp.num_instances = 8
     return c

@@ -6,7 +6,7 @@ chunked prefill and against prefill/decode disaggregation on long-context worklo
 Model: Llama-2-7B's shape with LWM-1M-Text's 1M-token context (``configs/loongserve.py``).
 Systems, all on the same 8 GPUs, all from ``configs/loongserve.py`` plus checked overrides:
 
-* **LoongServe**: one node of 8 elastic single-GPU instances (``loongserve.enabled``).
+* **LoongServe**: one node of 8 elastic single-GPU instances (``cluster.esp.enabled``).
 * **Chunked prefill** (Sarathi-Serve / vLLM's chunked prefill, chunk 512) on fixed layouts: one
   TP-8 replica, and four TP-2 replicas behind a shortest-queue router.
 * **Disaggregation** (DistServe-style phase pools, KV over NVLink3): a TP-4 prefill replica and
@@ -45,7 +45,7 @@ LONG_SHARE, LONG_MIN = 0.2, 16384  # the mixed workload: 20 % Mooncake requests 
 SATURATING_QPS = 1000.0  # arrivals within ~num_requests/1000 s: a backlog from the start
 PAPER = {"chunked prefill": 3.85, "disaggregation": 5.81}  # LoongServe's max-throughput gains (PAPERS.md §6)
 
-OFF = {"loongserve.enabled": False}
+OFF = {"cluster.esp.enabled": False}
 # DistServe's prefill instances run whole prompts: a token budget that holds the longest (Mooncake's 191k)
 WHOLE = {"scheduler.name": "vllm", "scheduler.max_num_batched_tokens": 1 << 18}
 SYSTEMS = {  # system -> kind, overrides of configs/loongserve.py
@@ -188,9 +188,9 @@ EXPLANATION = """\
   batches (the artifact greedily fills idle instances inside a round), decode is one lockstep
   group, preemption recomputes instead of offloading, and ring communication and the multi-master
   exchange use roofline link numbers, not measured NCCL/rnccl behaviour.
-* Where ESP wins here is where fixed layouts fail: layouts with small instances cannot hold the
-  longest prompts (rejected) or queue them behind short ones, and disaggregation idles half its
-  GPUs on whichever phase the workload does not need."""
+* ESP's structural advantages show only where fixed layouts are stuck: no layout here rejects a
+  prompt (TP-2 already holds Mooncake's 191k tokens), so the one case it wins in the full run is
+  disaggregation on Mooncake, whose decode pool idles while the prefill pool is the bottleneck."""
 
 
 def main():

@@ -1,8 +1,8 @@
-"""A LoongServe node from a config (``loongserve.enabled``): ``build_loongserve_sim`` reads the keys,
+"""A LoongServe node from a config (``cluster.esp.enabled``): ``build_loongserve_sim`` reads the keys,
 ``run_loongserve_sim`` serves the workload on the node and summarizes it like any run.
 
 The model / hardware / kv keys describe ONE instance (``hardware.tp`` GPUs; its KV pool is what
-``build_kv`` sizes for it, counted in tokens); ``loongserve.num_instances`` of them form the node.
+``build_kv`` sizes for it, counted in tokens); ``cluster.esp.num_instances`` of them form the node.
 Bad values are a ``ConfigError`` naming the key.
 """
 
@@ -36,7 +36,7 @@ class LoongServeSim:
 
 
 def is_loongserve(config) -> bool:
-    return get(config, "loongserve.enabled", bool)
+    return get(config, "cluster.esp.enabled", bool)
 
 
 def _positive_int(config, key: str) -> int:
@@ -48,19 +48,19 @@ def _positive_int(config, key: str) -> int:
 
 def build_loongserve_sim(config, requests=None) -> LoongServeSim:
     """Reads ``config``; ``requests``, when given, are served instead of its workload."""
-    num_instances = _positive_int(config, "loongserve.num_instances")
-    max_prefill = _positive_int(config, "loongserve.max_prefill_requests")
+    num_instances = _positive_int(config, "cluster.esp.num_instances")
+    max_prefill = _positive_int(config, "cluster.esp.max_prefill_requests")
     if get(config, "sim.cost_model", str) != "roofline":
-        raise ConfigError("loongserve.enabled: the ESP cost model builds on sim.cost_model='roofline'")
+        raise ConfigError("cluster.esp.enabled: the ESP cost model builds on sim.cost_model='roofline'")
     if get(config, "hardware.pp", int) != 1:
-        raise ConfigError("loongserve.enabled: an instance is tensor-parallel only; set hardware.pp=1")
+        raise ConfigError("cluster.esp.enabled: an instance is tensor-parallel only; set hardware.pp=1")
     if is_cluster(config):
-        raise ConfigError("loongserve.enabled: the node replaces the cluster; leave the cluster.* keys at their defaults")
+        raise ConfigError("cluster.esp.enabled: the node replaces the cluster; leave the other cluster.* keys at their defaults")
     base = build_cost_model(config)
     try:
         cost = EspCostModel(base, num_instances)
     except ValueError as e:
-        raise ConfigError(f"loongserve.num_instances: {e}") from None
+        raise ConfigError(f"cluster.esp.num_instances: {e}") from None
     kv = build_kv(config, base)
     settings = EspSettings(capacity_tokens=kv.capacity_tokens, max_prefill_requests=max_prefill,
                            max_context=max_context(config, base), max_sim_time_s=max_sim_time_s(config))  # fmt: skip

@@ -41,8 +41,8 @@ def test_the_config_runs_a_node_of_eight_instances():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("loongserve.num_instances", 0, "loongserve.num_instances must be >= 1"),
-    ("loongserve.max_prefill_requests", 0, "loongserve.max_prefill_requests must be >= 1"),
+    ("cluster.esp.num_instances", 0, "cluster.esp.num_instances must be >= 1"),
+    ("cluster.esp.max_prefill_requests", 0, "cluster.esp.max_prefill_requests must be >= 1"),
     ("hardware.pp", 2, "hardware.pp=1"),
     ("cluster.num_replicas", 2, "cluster.*"),
     ("sim.cost_model", "profiled", "sim.cost_model='roofline'"),

@@ -9,7 +9,7 @@ import itertools
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from jaxserve.cluster import esp_policy as policy
@@ -154,7 +154,9 @@ def check_invariants(node, log, requests, capacity):
 def test_invariants_on_random_workloads():
     reached = collections.Counter()
 
-    @settings(max_examples=60, deadline=None)
+    @settings(max_examples=40, deadline=None)
+    @example(specs=[(10000, 30, 0.0)], capacity=10010, max_prefill=64)  # outgrows its one instance: scale-up
+    @example(specs=[(30000, 5, 0.0), (300, 5, 0.0), (200, 5, 0.0)], capacity=60000, max_prefill=64)  # DP: 2 batches
     @given(specs=st.lists(st.tuples(st.integers(1, 30000), st.integers(1, 60), st.floats(0, 5)), min_size=1, max_size=25),
            capacity=st.sampled_from([8000, 20000, 60000]), max_prefill=st.sampled_from([2, 64]))
     def check(specs, capacity, max_prefill):
