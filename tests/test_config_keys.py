@@ -277,6 +277,10 @@ def test_every_declared_key_is_read_by_some_code_path(files, tmp_path):
     from jaxserve.cluster.config import build_cluster_sim
 
     reads |= reads_of(small(**{"cluster.num_replicas": 2, "cluster.router": "fair"}), build_cluster_sim)
+    # A LoongServe node (cluster.esp.*): its keys, read when it is built.
+    from jaxserve.cluster.esp_config import build_loongserve_sim
+
+    reads |= reads_of(small(**{"cluster.esp.enabled": True}), build_loongserve_sim)
     assert declared - reads == set(), "declared but read by nothing"
     assert reads - declared == set(), "read but not declared"
 
