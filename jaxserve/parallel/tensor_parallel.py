@@ -79,9 +79,11 @@ def engine_mesh(tp: int = 1, sp: int = 1, devices: Sequence[jax.Device] | None =
     return Mesh(np.array(devices[: sp * tp]).reshape(sp, tp), (SP_AXIS, TP_AXIS))
 
 
-def mesh_for(tp: int, sp: int) -> Mesh | None:
-    """``engine_mesh(tp, sp)``, or None for ``tp = sp = 1``: the runner's plain one-device path."""
-    return None if tp == sp == 1 else engine_mesh(tp, sp)
+def mesh_for(tp: int, sp: int, devices: Sequence[jax.Device] | None = None) -> Mesh | None:
+    """``engine_mesh(tp, sp, devices)``, or None for ``tp = sp = 1`` with no ``devices``: the
+    runner's plain one-device path. ``devices``: this runner's own devices (engine replicas of a
+    cluster each pass their slice, so their meshes do not all land on the first ``tp * sp``)."""
+    return None if tp == sp == 1 and devices is None else engine_mesh(tp, sp, devices)
 
 
 @dataclasses.dataclass(frozen=True)

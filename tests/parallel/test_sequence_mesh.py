@@ -19,3 +19,12 @@ def test_mesh_has_one_sequence_axis_over_the_devices():
 def test_a_size_outside_the_devices_is_refused(size):
     with pytest.raises(ValueError, match=r"sequence-parallel size must be in \[1, 8\]"):
         sequence_mesh(jax.devices("cpu")[:8], size)
+
+
+def test_mesh_for_goes_on_the_devices_given():
+    from jaxserve.parallel.tensor_parallel import mesh_for
+
+    cpus = jax.devices("cpu")[:8]
+    assert mesh_for(1, 1) is None
+    assert list(mesh_for(2, 2, cpus[4:8]).devices.flat) == cpus[4:8]
+    assert list(mesh_for(1, 1, cpus[5:6]).devices.flat) == [cpus[5]]
