@@ -277,16 +277,28 @@ def request_energy_j(log: FrozenLog) -> np.ndarray:
     tokens = np.bincount(group, log.step_tokens.astype(np.float64), len(ends))
     per_token = np.divide(energy, tokens, out=np.zeros_like(energy), where=tokens > 0)
     req, time = log.token_req, log.token_time_s
-    order = np.lexsort((time, req))
-    first = np.ones(len(req), bool)
-    first[order[1:]] = req[order][1:] != req[order][:-1]  # the earliest token of each request
-    charged = per_token[np.searchsorted(ends, time[~first])]
-    out += np.bincount(req[~first], charged, n)
+    first = np.zeros(len(req), bool)
+    if len(req):  # the earliest token of each request: the head of its group in request order
+        by_request = log.request_tokens()[0]
+        heads = np.flatnonzero(np.concatenate(([True], by_request[1:] != by_request[:-1])))
+        first[log.request_token_order()[heads]] = True
+    later = ~first
+    charged = per_token[_step_of_tokens(ends, time)[later]]
+    out += np.bincount(req[later], charged, n)
     weight = np.zeros(n)
     weight[req[first]] = log.prompt_len[req[first]]
     if weight.sum() > 0:
         out += (float(energy.sum()) - float(charged.sum())) * weight / weight.sum()
     return out
+
+
+def _step_of_tokens(ends: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """For each token time (each equal to one of the sorted, distinct ``ends``), its index in ``ends``:
+    one search per distinct time when the tokens are in time order (a log's are), else per token."""
+    if len(times) < 2 or not np.all(times[1:] >= times[:-1]):
+        return np.searchsorted(ends, times)
+    heads = np.flatnonzero(np.concatenate(([True], times[1:] != times[:-1])))
+    return np.repeat(np.searchsorted(ends, times[heads]), np.diff(np.append(heads, len(times))))
 
 
 def idle_energy_j(log: FrozenLog, makespan: float, idle_power_w: Optional[float | Mapping[int, float]]) -> Optional[float]:

@@ -52,7 +52,7 @@ class EventLog:
         self.retries: dict[int, int] = {}  # request index -> times re-dispatched after a replica failed
         self.failed: dict[int, str] = {}  # request index -> why it could not be served (a cluster gave up)
         self.lost_tokens = 0  # tokens whose KV a failed replica took with it (recomputed elsewhere)
-        self._rows_cache = None  # (request ids, their indices as a list, as an array): see _rows
+        self._rows_cache: dict = {}  # replica -> (request ids, their indices as a list, as an array): see _rows
 
     # -- writing ---------------------------------------------------------------------------------
     def add_request(self, request, now: float) -> int:
@@ -102,7 +102,7 @@ class EventLog:
             i = index[rid]
             self.preemptions[i] = self.preemptions.get(i, 0) + 1
             self._requeued_at[i] = start_s
-        rows, row_array = self._rows(plan.request_ids)
+        rows, row_array = self._rows(plan.request_ids, replica)
         first, requeued = self.first_scheduled, self._requeued_at
         if requeued:  # preempted rows scheduled again (a row scheduled for the first time is not one)
             for i in [i for i in rows if i in requeued and i in first]:
@@ -140,7 +140,7 @@ class EventLog:
         during the run (a list [k]); else the state's."""
         k = len(ends)
         n = len(request_ids)
-        rows = self._rows(request_ids)[1]
+        rows = self._rows(request_ids, replica)[1]
         self._token_req.extend([rows] * k)
         self._step_end.extend(ends)
         self._step_duration.extend(durations.tolist())
@@ -159,16 +159,17 @@ class EventLog:
             self.finish_reasons[i] = f.finish_reason
         self._step_replica.extend([replica] * k)
 
-    def _rows(self, request_ids: tuple) -> tuple[list[int], np.ndarray]:
-        """The requests' indices, as a list and as an int64 array (kept for the last ids asked for:
-        a running batch keeps its ids tuple from step to step until it changes)."""
-        cached = self._rows_cache
+    def _rows(self, request_ids: tuple, replica: int = 0) -> tuple[list[int], np.ndarray]:
+        """The requests' indices, as a list and as an int64 array (kept for the last ids each
+        replica asked for: a running batch keeps its ids tuple from step to step until it changes,
+        and a cluster's replicas take turns)."""
+        cached = self._rows_cache.get(replica)
         if cached is not None and cached[0] is request_ids:
             return cached[1], cached[2]
         rows = list(map(self.index.__getitem__, request_ids))
         array = np.array(rows, np.int64)
         array.flags.writeable = False  # shared by every step that records it
-        self._rows_cache = (request_ids, rows, array)
+        self._rows_cache[replica] = (request_ids, rows, array)
         return rows, array
 
     # -- reading ---------------------------------------------------------------------------------
@@ -267,7 +268,28 @@ class FrozenLog:
         return len(self.requests)
 
     def request_tokens(self) -> tuple[np.ndarray, np.ndarray]:
-        """(request index, token time) pairs sorted by request then time."""
-        order = np.lexsort((self.token_time_s, self.token_req))
-        return self.token_req[order], self.token_time_s[order]
+        """(request index, token time) pairs sorted by request then time (read-only arrays, computed
+        once per log)."""
+        cached = self.__dict__.get("_request_tokens")
+        if cached is None:
+            order = self.request_token_order()
+            cached = (self.token_req[order], self.token_time_s[order])
+            for array in cached:
+                array.flags.writeable = False
+            object.__setattr__(self, "_request_tokens", cached)  # frozen: a private cache
+        return cached
+
+    def request_token_order(self) -> np.ndarray:
+        """The permutation of the tokens that sorts them by request, then time (then log order);
+        computed once per log (metrics read it twice)."""
+        order = self.__dict__.get("_request_token_order")
+        if order is None:
+            times = self.token_time_s
+            if len(times) < 2 or np.all(times[1:] >= times[:-1]):  # time order (freeze's): sort by request alone
+                order = np.argsort(self.token_req, kind="stable")
+            else:
+                order = np.lexsort((times, self.token_req))
+            order.flags.writeable = False
+            object.__setattr__(self, "_request_token_order", order)  # frozen: a private cache
+        return order
 
