@@ -99,7 +99,7 @@ class Member:
         self.num_high_priority = 0
         self.replica = Replica(spec.scheduler, spec.kv, spec.executor, limits=spec.limits, log=log,
                                index=index, on_plan=self._started, on_finished=self._finished, fast_forward=fast_forward,
-                               admit=getattr(spec.executor, "register", None))  # fmt: skip
+                               admit=_register_hook(spec.executor))  # fmt: skip
 
     @property
     def accepting(self) -> bool:
@@ -139,9 +139,11 @@ class Member:
             self.queued_tokens -= tokens
 
     def place(self, request: Request, now: float) -> bool:
-        self.replica.settle(now)
-        self.replica.wait_until(now)
-        if not self.replica.add(request):
+        replica = self.replica
+        if replica.pending_last_start is None:  # (no run that arrivals may join: cut it at ``now``)
+            replica.settle(now)
+            replica.wait_until(now)
+        if not replica.add(request, now):  # (else it joins the run, or cuts it at ``now`` itself)
             return False
         self.requests[request.request_id] = request
         self.not_started[request.request_id] = request.prompt_len
@@ -186,6 +188,15 @@ class Member:
             num_high_priority=self.num_high_priority, cached_prefix_blocks=cached,
             draining=self.status in ("draining", "removing"),
         )  # fmt: skip
+
+
+def _register_hook(executor):
+    """``executor.register`` unless it is the protocol's no-op (a simulator's): a replica with no
+    hook lets arrivals join a pending run without cutting it."""
+    hook = getattr(executor, "register", None)
+    if hook is not None and getattr(type(executor), "register", None) is Executor.register:
+        return None
+    return hook
 
 
 def release(executor, request_id: str) -> None:
@@ -253,6 +264,11 @@ class Cluster:
         # reads what a run changes besides blocks in use: served tokens, or prefix caches.
         member.replica.defer_runs = (fast and not self.router.accounts_service
                                      and not getattr(spec.scheduler, "enable_prefix_caching", False))  # fmt: skip
+        # A deferred decode run may also go on through arrivals placed on the replica (they join it
+        # when they queue behind a blocked head), as on a lone replica, unless something besides
+        # placements would have to cut it at its own times: migrations and handoffs.
+        member.replica.runs_span_arrivals = (member.replica.defer_runs and self.migrator is None
+                                             and self.handoff is None)  # fmt: skip
         member.replica.wait_until(self.now)
         self.members.append(member)
         self._next.append(math.inf)

@@ -100,9 +100,11 @@ class Replica:
         # A cluster defers closed-form runs: held pending, cut (``settle``) only if the replica is
         # read or changed before the run ends — not at every arrival anywhere in the cluster.
         self.defer_runs = False
-        # A driver that adds every arrival as soon as the replica's clock passes it (run_replica)
-        # may let a decode run go on through arrivals that cannot change it: the queue's head is
-        # blocked and stays so, and an arrival queues behind it (``add`` then joins it to the run).
+        # A driver that adds requests in time order, each as soon as it reaches the replica
+        # (run_replica, a cluster placing arrivals), and cuts a pending run before anything else
+        # touches the replica, may let a decode run go on through arrivals that cannot change it:
+        # the queue's head is blocked and stays so, and an arrival queues behind it (``add`` then
+        # joins it to the run); the run ignores ``step``'s horizon.
         self.runs_span_arrivals = False
         self._pending: Optional[PendingRun] = None
 
@@ -124,15 +126,17 @@ class Replica:
         return self.now
 
     # -- what a driver does -----------------------------------------------------------------------
-    def add(self, request: Request) -> bool:
+    def add(self, request: Request, at: Optional[float] = None) -> bool:
         """Hands over a request that has arrived (``arrival_time <= now``, or the replica is idle
-        and its clock jumps to it). Returns False if it was rejected: over ``limits.max_context``,
+        and its clock jumps to it); ``at``: when it reaches this replica, if later than its arrival
+        (a cluster's router held it). Returns False if it was rejected: over ``limits.max_context``,
         refused by ``admit`` or by the scheduler; the log keeps the reason."""
+        t = request.arrival_time if at is None else at
         if self._pending is not None:
             if not self._pending.spans_arrivals:
                 raise RuntimeError("add() with a run pending: settle() it at the arrival's time first")
-            return self._add_during_run(request, self._pending)
-        self.now = max(self.now, request.arrival_time)
+            return self._add_during_run(request, self._pending, t)
+        self.now = max(self.now, t)
         self._blocked = False
         log, rid = self.log, request.request_id
         if rid not in log.index:
@@ -150,15 +154,14 @@ class Replica:
             return False
         return True
 
-    def _add_during_run(self, request: Request, run: "PendingRun") -> bool:
-        """``add`` while a run that spans arrivals is pending: the request joins the state the run
-        started from, at the end of the step it arrives in, as stepping would add it then, when it
-        cannot change the run (it is rejected, or it queues behind the blocked head); otherwise the
-        run is cut at its arrival first."""
-        t = request.arrival_time
+    def _add_during_run(self, request: Request, run: "PendingRun", t: float) -> bool:
+        """``add`` at ``t`` while a run that spans arrivals is pending: the request joins the state
+        the run started from, at the end of the step it arrives in, as stepping would add it then,
+        when it cannot change the run (it is rejected, or it queues behind the blocked head);
+        otherwise the run is cut at its arrival first."""
         if self._admit is not None or t > run.ends[-1]:
             self.settle(t)
-            return self.add(request)
+            return self.add(request, t)
         state, log, rid, reason = self.state, self.log, request.request_id, None
         max_context = self.limits.max_context
         if max_context is not None and request.max_total_tokens > max_context:
@@ -171,7 +174,7 @@ class Replica:
             order = self.scheduler.order
             if reason is None and order.peek(state.waiting).request_id != order.peek(self.state.waiting).request_id:
                 self.settle(t)  # it would be served first: the run ends with the step it arrives in
-                return self.add(request)
+                return self.add(request, t)
         if rid not in log.index:
             log.add_request(request, t)
         if reason is not None:
@@ -259,7 +262,7 @@ class Replica:
         # The run may end with the step at which requests finish (retired as update would), unless
         # a driver watches every step that starts or finishes a request (``on_step``).
         k, finishes = run_bounds(state, finish=self._on_step is None)
-        spans = self.runs_span_arrivals and not self.defer_runs and state.num_waiting > 0
+        spans = self.runs_span_arrivals and state.num_waiting > 0
         if spans:  # (the queue's head is blocked: the policy's dry run said so) arrivals cannot cut it
             horizon = self.limits.max_sim_time_s
         if k > self.limits.max_steps - self.num_steps:

@@ -265,7 +265,7 @@ class StepBuilder:
         kept = hits[:-1] if copy else hits
         target = total if reserve == "prompt" else seq.request.max_total_tokens
         need = self._blocks_for(target) - len(kept)
-        available = self.pool.num_free - self.pool.num_evictable_in(kept)
+        available = self.pool.num_free - self.held - self.pool.num_evictable_in(kept)
         if need + self._reserve() > available:
             return None
         return hits, kept, num_computed, n, need, copy, fully_cached
@@ -294,7 +294,7 @@ class StepBuilder:
         when it does not fit (budget, or free blocks less the watermark)."""
         n = chunk(seq.num_tokens - seq.num_computed, self.budget)
         need = self._blocks_for(seq.num_computed + n)
-        if n <= 0 or need + self._reserve() > self.pool.num_free:
+        if n <= 0 or need + self._reserve() > self.pool.num_free - self.held:
             return None
         return n, need
 
@@ -303,7 +303,8 @@ class StepBuilder:
         """A dry ``run_running``: whether it would give every running row its next token and do
         nothing else (each row has exactly one token pending, the budget covers them all and their
         new blocks are free, so nobody is preempted). If so, the budget is charged as it would be
-        and the blocks set aside (``held``: allocated only if ``would_admit`` must look at the pool)."""
+        and the blocks set aside (``held``: fit tests count them as taken; allocated only when a
+        prefix cache makes ``would_admit`` look at the pool's content)."""
         run, live = self.run, self.live
         if not live or live > self.budget:
             return False
@@ -338,7 +339,10 @@ class StepBuilder:
         return self._swap_fit(self.swapped.peek(), chunk) is not None
 
     def _take_held(self) -> None:
-        if self.held:
+        # Without a prefix cache, free blocks less ``held`` is all a fit test reads: no allocation
+        # (which would fork the pool's versions and cost a reroot when the real step allocates).
+        # With one, allocating may evict cached blocks that prefix matching must no longer see.
+        if self.held and self.pool.enable_caching:
             self.pool, _ = self.pool.allocate(self.held)
             self.held = 0
 
