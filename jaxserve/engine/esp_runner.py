@@ -97,7 +97,7 @@ class EspRunner(ModelRunner):
     """See the module docstring. ``mesh``: a 1-D ``"sp"`` mesh (``parallel.mesh.sequence_mesh``)
     whose size divides ``kv.num_blocks``; ``policy``: the ESP policy; ``stage_pages``: staging pages
     per device (default: one sequence's page-table width). Other options as ``ModelRunner``'s
-    (``attention`` must be ``grouped`` or ``auto``: the ESP attention is its own)."""
+    (``attention`` picks nothing here: the step always attends with ``parallel.esp_attention``)."""
 
     def __init__(
         self,

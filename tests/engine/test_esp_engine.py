@@ -76,11 +76,12 @@ def tight(llama_params):
     return esp(llama_params, TIGHT)
 
 
-def both(reference, runner, requests, kv=SCHED_KV, arrival_steps=None):
-    """Runs ``requests`` on the one-device ``reference`` and on ``runner``; checks equal tokens and
-    logits; returns the ESP trace."""
-    want = run_steps(reference, schedulers.make("vllm"), kv, requests, arrival_steps=arrival_steps, with_logits=True)
-    got = run_steps(runner, schedulers.make("vllm"), kv, requests, arrival_steps=arrival_steps, with_logits=True)
+def both(reference, runner, requests, kv=SCHED_KV, arrival_steps=None, scheduler=("vllm", {})):
+    """Runs ``requests`` on the one-device ``reference`` and on ``runner`` under ``scheduler`` (name,
+    options); checks equal tokens and logits; returns the ESP trace."""
+    name, options = scheduler
+    want = run_steps(reference, schedulers.make(name, **options), kv, requests, arrival_steps=arrival_steps, with_logits=True)
+    got = run_steps(runner, schedulers.make(name, **options), kv, requests, arrival_steps=arrival_steps, with_logits=True)
     assert got.tokens == want.tokens
     for r in requests:
         np.testing.assert_allclose(got.logits_matrix(r.request_id), want.logits_matrix(r.request_id), atol=ATOL, rtol=0)
@@ -98,6 +99,20 @@ def test_long_prefill_over_k_devices_then_decode_on_fewer(runner, roomy, k):
     both(runner, roomy, [request(rid, prompt(7, 37), greedy(5))])
     assert len(roomy.staged[rid] | {roomy.shards[rid][0][0]}) == k  # the prefill ran on k devices
     assert [d for d, _, _ in roomy.shards[rid]] == [roomy.shards[rid][0][0]]  # its KV on one: scale-down
+
+
+def test_chunked_prefill_over_k_devices(runner, roomy):
+    """Sarathi chunks of 10 tokens: each chunk after the first starts inside a page (pages of 4), so
+    that page's earlier tokens are read from its destination device and its new ones from staging
+    (two pages per decode device, so such a page is not on its chunk's first prefill device)."""
+    roomy.degrees["chunked"] = 4
+    reqs = [request("chunked", prompt(51, 37), greedy(4)), request("beside", prompt(52, 5), greedy(6))]
+    roomy.pages.policy = EspPolicy(decode_pages_per_device=2)
+    try:
+        both(runner, roomy, reqs, scheduler=("sarathi", {"chunk_size": 10}))
+    finally:
+        roomy.pages.policy = EspPolicy()
+    assert len(roomy.staged["chunked"]) >= 3
 
 
 def test_decode_scales_up_when_its_devices_fill(runner, tight):
