@@ -186,6 +186,8 @@ def test_outcome_log_gives_the_simulators_metrics_exactly():
     # a's gaps 0.25, 0.5; b's chunks of 2 tokens: 0 within each chunk, 0.5 between them
     assert sorted(rm.tbt_s.tolist()) == [0.0, 0.0, 0.25, 0.5, 0.5]
     assert rm.finish_reason == ("length", "length", "rejected: HTTP Too Many Requests: full", "failed: timed out")
+    np.testing.assert_array_equal(log.rejected, [False, False, True, False])
+    np.testing.assert_array_equal(log.failed, [False, False, False, True])
     m = load_log.summarize_client(log)
     assert (m["num_requests"], m["num_finished"], m["num_rejected"], m["num_failed"]) == (4, 2, 1, 1)
     assert m["makespan_s"] == 1.75 and m["throughput_tok_s"] == pytest.approx(7 / 1.75)
