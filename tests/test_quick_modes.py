@@ -34,6 +34,13 @@ def engine_startup(result):
     assert result["rerun_speedup"] > 0
 
 
+def serving_overhead(result):
+    w, gen, http = result["workload"], result["generate"], result["http"]
+    assert http["num_finished"] == w["num_requests"] == 8 and http["num_failed"] == 0
+    assert gen["tok_s"] > 0 and http["tok_s"] > 0 and gen["compilations_when_timed"] == 0
+    assert result["ratio"] == pytest.approx(http["tok_s"] / gen["tok_s"], rel=1e-2)
+
+
 def cluster_speed(result):
     one, many = result["one_replica"], result["16_replicas"]
     assert one["num_requests"] == many["num_requests"] == one["num_finished"] == many["num_finished"] > 0
@@ -205,6 +212,7 @@ QUICK_RUNS = {
     "benchmarks/attention_kernels.py": (["--batch", "2", "--context", "256", "--iters", "2"], "json", None),
     "benchmarks/engine_cpu.py": (["--quick"], "json", engine_cpu),
     "benchmarks/engine_startup.py": (["--quick"], "json", engine_startup),
+    "benchmarks/serving_overhead.py": (["--quick"], "json", serving_overhead),
 }
 NEEDS_TRACES = {"experiments/vllm_normalized_latency.py", "experiments/sarathi_capacity.py", "experiments/nanoflow_throughput.py",
                 "experiments/loongserve_long_context.py",
