@@ -3,7 +3,7 @@ OpenAI-compatible server (``serve.server``) on uvicorn.
 
 Scheduler options are ``--scheduler-option KEY=VALUE`` (repeatable; VALUE read as JSON when it
 parses, else as a string), engine and mesh options are flags (``--tp``, ``--sp``, ``--num-blocks``,
-...). SIGTERM (or Ctrl-C) stops admitting (503), lets in-flight requests finish for up to
+...). ``--replicas N`` serves N engines of the model behind ``--router`` (``serve.routed``). SIGTERM (or Ctrl-C) stops admitting (503), lets in-flight requests finish for up to
 ``--grace-s`` seconds, aborts the rest, and exits 0.
 """
 
@@ -29,6 +29,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default="vllm", help="a registered scheduler (jaxserve.scheduler.available())")
     p.add_argument("--scheduler-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a scheduler option, e.g. chunk_size=256 (repeatable)")  # fmt: skip
+    p.add_argument("--replicas", type=int, default=1,
+                   help="engines of the model served together (a colocated cluster, one engine loop each)")
+    p.add_argument("--router", default="least_kv", help="with --replicas > 1: a registered router (jaxserve.cluster.routers)")
+    p.add_argument("--router-option", action="append", default=[], metavar="KEY=VALUE", help="a router option (repeatable)")
     p.add_argument("--max-queue", type=int, default=None, help="requests waiting to be scheduled past which new ones get 429")
     p.add_argument("--grace-s", type=float, default=30.0, help="on SIGTERM, seconds in-flight requests may take to finish")
     engine = p.add_argument_group("engine (jaxserve.LLM options)")
@@ -50,13 +54,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def scheduler_options(items: list[str]) -> dict:
+def key_values(items: list[str]) -> dict:
     """``["chunk_size=256", "order=fcfs"]`` -> ``{"chunk_size": 256, "order": "fcfs"}``."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--scheduler-option needs KEY=VALUE, got {item!r}")
+            raise SystemExit(f"an option needs KEY=VALUE, got {item!r}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -65,7 +69,7 @@ def scheduler_options(items: list[str]) -> dict:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, telling the engine loop to stop admitting as soon as a shutdown signal arrives."""
+    """uvicorn, telling the engine loop(s) to stop admitting as soon as a shutdown signal arrives."""
 
     def __init__(self, config: uvicorn.Config, loop):
         super().__init__(config)
@@ -83,21 +87,32 @@ def main(argv: Optional[list[str]] = None) -> int:
     from jaxserve.serve.server import build_app
 
     options = dict(
-        scheduler=args.scheduler, scheduler_options=scheduler_options(args.scheduler_option), block_size=args.block_size,
+        scheduler=args.scheduler, scheduler_options=key_values(args.scheduler_option), block_size=args.block_size,
         num_blocks=args.num_blocks, num_host_blocks=args.num_host_blocks, kv_cache_gb=args.kv_cache_gb,
         max_model_len=args.max_model_len, dtype=args.dtype, attention=args.attention, params_cache=args.params_cache,
         seed=args.seed, stop_at_eos=not args.ignore_eos, tp=args.tp, sp=args.sp,
     )  # fmt: skip
     if args.compile_cache is not None:
         options["compile_cache"] = args.compile_cache
+    if args.replicas < 1:
+        raise SystemExit(f"--replicas must be >= 1, got {args.replicas}")
     try:
-        llm = jaxserve.LLM(args.model, **options)
+        llms = [jaxserve.LLM(args.model, **options) for _ in range(args.replicas)]
+        loop = None
+        if args.replicas > 1:
+            from jaxserve.cluster import routers
+            from jaxserve.cluster.engines import engine_replica
+            from jaxserve.serve.routed import RoutedLoops
+
+            specs = [engine_replica(llm.runner, llm.scheduler, f"engine {i}") for i, llm in enumerate(llms)]
+            loop = RoutedLoops(specs, routers.make(args.router, **key_values(args.router_option)), max_queue=args.max_queue)
     except (ValueError, FileNotFoundError) as e:
         print(f"jaxserve.serve: {e}", file=sys.stderr)
         return 2
     if args.warmup:
-        llm.warmup()
-    app = build_app(llm, model_name=args.served_model_name, max_queue=args.max_queue, grace_s=args.grace_s)
+        for llm in llms:
+            llm.warmup()
+    app = build_app(llms[0], model_name=args.served_model_name, max_queue=args.max_queue, grace_s=args.grace_s, loop=loop)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))

@@ -141,6 +141,8 @@ class EngineLoop:
     ``max_context`` rejects requests whose prompt + max_new_tokens exceed it (the runner's
     ``max_model_len``); ``max_queue`` bounds the requests waiting to be scheduled (``submit`` raises
     ``QueueFull`` past it; None: unbounded). ``observer`` gets step and request measurements.
+    Times are seconds on ``clock`` since ``origin`` (default: when the loop is built; loops serving
+    one cluster share it).
     """
 
     def __init__(
@@ -153,6 +155,7 @@ class EngineLoop:
         max_queue: Optional[int] = None,
         observer: Optional[Observer] = None,
         clock: Callable[[], float] = time.monotonic,
+        origin: Optional[float] = None,
     ):
         if max_queue is not None and (not isinstance(max_queue, int) or max_queue < 0):
             raise ValueError(f"max_queue must be an int >= 0 or None, got {max_queue!r}")
@@ -162,7 +165,7 @@ class EngineLoop:
         self.max_queue = max_queue
         self.observer = observer
         self._clock = clock
-        self._t0 = clock()
+        self._t0 = clock() if origin is None else origin
         self._plan: Optional[BatchPlan] = None  # the plan the executor was last given
         self.replica = Replica(
             scheduler, kv, _Recording(executor, self), limits=RunLimits(max_context=max_context, max_steps=_UNLIMITED_STEPS),
@@ -173,6 +176,7 @@ class EngineLoop:
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()  # guards the counters other threads read and _draining
         self._in_inbox = 0  # submitted, not yet taken by the loop
+        self.queued_tokens = 0  # prompt tokens of requests submitted and not yet scheduled (routers read it)
         self._unfinished = 0
         self._draining = False
         self._stop = threading.Event()
@@ -184,6 +188,11 @@ class EngineLoop:
     def from_llm(cls, llm, **options) -> "EngineLoop":
         """The loop over a ``jaxserve.LLM``'s scheduler, KV cache and runner."""
         return cls(llm.scheduler, llm.kv, llm.runner, max_context=llm.max_model_len, **options)
+
+    @classmethod
+    def from_spec(cls, spec, **options) -> "EngineLoop":
+        """The loop over a cluster replica's ``ReplicaSpec`` (e.g. ``cluster.engines.engine_replica``)."""
+        return cls(spec.scheduler, spec.kv, spec.executor, max_context=spec.limits.max_context, **options)
 
     # -- any thread ---------------------------------------------------------------------------------
     def now(self) -> float:
@@ -226,6 +235,7 @@ class EngineLoop:
                 raise QueueFull(f"{self.max_queue} requests are already waiting (max_queue={self.max_queue})")
             self._in_inbox += 1
             self._unfinished += 1
+            self.queued_tokens += request.prompt_len
             request = dataclasses.replace(request, arrival_time=self.now())
         self._inbox.put(("add", request, sink))
         return request
@@ -306,6 +316,7 @@ class EngineLoop:
         rid = request.request_id
         if rid in self._streams:
             self._emit(sink, RequestOutput(rid, (), "rejected", f"request id {rid!r} is already being served"))
+            self._dequeue(request.prompt_len)
             self._count_ended()
             return
         self._streams[rid] = _Stream(request, sink, request.arrival_time)
@@ -327,6 +338,8 @@ class EngineLoop:
 
     def _finish(self, request_id: str, tokens: tuple[int, ...], finish_reason: str, error: Optional[str]) -> None:
         s = self._streams.pop(request_id)
+        if s.scheduled_s != s.scheduled_s:  # ended before it was ever scheduled
+            self._dequeue(s.request.prompt_len)
         self._emit(s.sink, RequestOutput(request_id, tokens, finish_reason, error))
         if self.observer is not None:
             now = self.now()
@@ -335,6 +348,10 @@ class EngineLoop:
                 s.request.prompt_len, s.num_tokens, finish_reason,
             ))  # fmt: skip
         self._count_ended()
+
+    def _dequeue(self, prompt_len: int) -> None:
+        with self._lock:
+            self.queued_tokens -= prompt_len
 
     def _count_ended(self) -> None:
         with self._lock:
@@ -365,6 +382,7 @@ class EngineLoop:
             s.stepped = True
             if s.scheduled_s != s.scheduled_s:  # nan: scheduled for the first time
                 s.scheduled_s = now
+                self._dequeue(s.request.prompt_len)
                 if self._caching:
                     queries += s.request.prompt_len
                     hits += done

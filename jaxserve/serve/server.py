@@ -248,7 +248,9 @@ def build_app(llm, *, model_name: Optional[str] = None, max_queue: Optional[int]
               loop: Optional[EngineLoop] = None) -> FastAPI:  # fmt: skip
     """The FastAPI app serving ``llm`` (a ``jaxserve.LLM``) as ``model_name`` (default: its model
     directory). Its engine loop starts with the app and stops with it, finishing in-flight requests
-    for up to ``grace_s`` seconds. ``app.state.serving`` holds the loop and the metrics."""
+    for up to ``grace_s`` seconds. ``loop``: a loop to serve with instead of ``llm``'s own (e.g. a
+    ``serve.routed.RoutedLoops`` over several engines of the same model; ``llm`` still checks
+    requests and decodes text). ``app.state.serving`` holds the loop and the metrics."""
     model_name = model_name or llm.model_dir
     if loop is None:
         loop = EngineLoop.from_llm(llm, max_queue=max_queue)

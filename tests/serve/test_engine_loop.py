@@ -49,7 +49,7 @@ def test_requests_from_many_threads_join_the_batch_and_stream_in_order(scheduler
     loop.stop()
     frozen = loop.log.freeze()
     assert frozen.step_seqs.max() >= 2  # requests arriving while "first" ran joined its batch
-    assert loop.snapshot.kv_blocks_used == 0 and loop.snapshot.num_unfinished == 0
+    assert loop.snapshot.kv_blocks_used == 0 and loop.snapshot.num_unfinished == 0 and loop.queued_tokens == 0
     assert not loop.executor.registered  # every request released from the executor
     # Arrivals are stamped on the loop's clock; the log's times are that clock's.
     assert (frozen.first_scheduled_s >= frozen.arrival_s).all() and (frozen.finish_s <= loop.now()).all()
@@ -78,7 +78,7 @@ def test_abort_mid_stream_frees_blocks_and_the_others_finish():
     loop.abort("long")  # aborting an ended request is a no-op
     loop.abort("never-submitted")
     loop.stop()
-    assert loop.snapshot.kv_blocks_used == 0 and not loop.executor.registered
+    assert loop.snapshot.kv_blocks_used == 0 and not loop.executor.registered and loop.queued_tokens == 0
 
 
 def test_late_refusals_and_failing_steps_end_only_their_request():
@@ -152,6 +152,6 @@ def test_queue_limit_duplicates_draining_and_stop():
     loop.submit(request("slow", [1], 5), dup)
     assert dup.wait().last.finish_reason == "rejected" and "already being served" in dup.last.error
     loop.stop(grace_s=0.05)
-    assert slow.wait().last.finish_reason == "abort" and not loop.running
+    assert slow.wait().last.finish_reason == "abort" and not loop.running and loop.queued_tokens == 0
     with pytest.raises(ValueError, match="max_queue"):
         make_loop(max_queue=-1)

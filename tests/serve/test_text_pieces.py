@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jaxserve.serve.chat import ChatTemplate, ChatTemplateError
-from jaxserve.serve.cli import parser, scheduler_options
+from jaxserve.serve.cli import key_values, parser
 from jaxserve.serve.detokenize import Detokenizer, StopStrings
 from jaxserve.serve.metrics import one_two_five_buckets
 
@@ -78,9 +78,9 @@ def test_chat_templates_from_a_model_directory(tmp_path):
 def test_token_buckets_and_cli_options():
     assert one_two_five_buckets(256) == (1, 2, 5, 10, 20, 50, 100, 200)
     assert one_two_five_buckets(1) == (1,)
-    assert scheduler_options(["chunk_size=256", "order=fcfs", "enable_prefix_caching=true"]) == {
+    assert key_values(["chunk_size=256", "order=fcfs", "enable_prefix_caching=true"]) == {
         "chunk_size": 256, "order": "fcfs", "enable_prefix_caching": True}  # fmt: skip
     with pytest.raises(SystemExit, match="KEY=VALUE"):
-        scheduler_options(["chunk_size"])
+        key_values(["chunk_size"])
     args = parser().parse_args(["--model", "m", "--scheduler", "sarathi", "--tp", "2", "--max-queue", "5"])
-    assert (args.model, args.scheduler, args.tp, args.max_queue, args.port) == ("m", "sarathi", 2, 5, 8000)
+    assert (args.model, args.scheduler, args.tp, args.max_queue, args.port, args.replicas) == ("m", "sarathi", 2, 5, 8000, 1)
