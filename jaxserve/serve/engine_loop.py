@@ -240,10 +240,11 @@ class EngineLoop:
         self._inbox.put(("add", request, sink))
         return request
 
-    def abort(self, request_id: str) -> None:
-        """Ends ``request_id`` before the next step (its sink gets ``finish_reason="abort"``) and
-        frees its blocks; a no-op for an unknown or ended request."""
-        self._inbox.put(("abort", request_id, None))
+    def abort(self, request_id: str, finish_reason: str = "abort") -> None:
+        """Ends ``request_id`` before the next step (its sink gets ``finish_reason``: "abort", or
+        "stop" when the caller found a stop string in its text) and frees its blocks; a no-op for
+        an unknown or ended request."""
+        self._inbox.put(("abort", request_id, finish_reason))
 
     def stop_admitting(self) -> None:
         """From now on ``submit`` raises ``Draining`` (in-flight requests go on)."""
@@ -300,13 +301,13 @@ class EngineLoop:
         except queue.Empty:
             return
         while True:
-            kind, payload, sink = item
+            kind, payload, extra = item  # ("add", request, sink) | ("abort", request id, finish reason) | ("wake", ...)
             if kind == "add":
                 with self._lock:
                     self._in_inbox -= 1
-                self._add(payload, sink)
+                self._add(payload, extra)
             elif kind == "abort":
-                self._abort(payload)
+                self._abort(payload, extra)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -325,9 +326,9 @@ class EngineLoop:
             reason = log_.rejected.get(log_.index[rid], "rejected")
             self._end(rid, "rejected", reason)
 
-    def _abort(self, request_id: str) -> None:
+    def _abort(self, request_id: str, finish_reason: str) -> None:
         if request_id in self._streams:
-            self._end(request_id, "abort", None)
+            self._end(request_id, finish_reason, None)
 
     def _end(self, request_id: str, finish_reason: str, error: Optional[str]) -> None:
         """Ends a live request that did not finish by itself: out of the scheduler, executor released."""

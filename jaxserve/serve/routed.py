@@ -104,14 +104,14 @@ class RoutedLoops:
             self._dispatch()
         return request
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, finish_reason: str = "abort") -> None:
         with self._lock:
             if request_id in self._held:
                 self._cancelled.add(request_id)
                 return
             index = self._placed.get(request_id)
         if index is not None:
-            self.loops[index].abort(request_id)
+            self.loops[index].abort(request_id, finish_reason)
 
     def stop_admitting(self) -> None:
         with self._lock:

@@ -338,13 +338,17 @@ async def _respond(serving: Serving, body, requests: list[Request], http: HTTPRe
     if body.stream:
         outputs = serving.outputs(requests, http)  # submits now: QueueFull / Draining become responses
         first = await anext(outputs, None)
+        if first is not None and len(choices) == 1 and first[1].finish_reason in ("rejected", "error"):
+            choices[0].add(first[1])  # ended before its first token: an error response, not a stream
+            await outputs.aclose()
+            return _failure(choices)
         stream = _sse(serving, body, choices, outputs, first, response_id, with_ids, chat)
         return StreamingResponse(stream, media_type="text/event-stream")
     async for i, out in serving.outputs(requests, http):
         if choices[i].finish_reason is None:
             _, _, stopped = choices[i].add(out)
             if stopped:
-                serving.loop.abort(out.request_id)
+                serving.loop.abort(out.request_id, "stop")
     failure = _failure(choices)
     if failure is not None:
         return failure
@@ -392,7 +396,7 @@ async def _sse(serving: Serving, body, choices, outputs, first, response_id: str
                     continue  # (a stop string already ended it)
                 delta, ids, stopped = c.add(out)
                 if stopped:
-                    serving.loop.abort(out.request_id)
+                    serving.loop.abort(out.request_id, "stop")
                 if c.finish_reason in ("error", "rejected", "abort"):
                     status = {"rejected": 400, "abort": 503}.get(c.finish_reason, 500)
                     message = c.error or "the request was aborted (the server is shutting down)"

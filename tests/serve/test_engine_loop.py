@@ -155,3 +155,49 @@ def test_queue_limit_duplicates_draining_and_stop():
     assert slow.wait().last.finish_reason == "abort" and not loop.running and loop.queued_tokens == 0
     with pytest.raises(ValueError, match="max_queue"):
         make_loop(max_queue=-1)
+
+
+class Recorder:
+    """An observer keeping everything it is told."""
+
+    def __init__(self):
+        self.steps, self.gaps, self.finished = [], [], {}
+
+    def on_step(self, stats):
+        self.steps.append(stats)
+
+    def on_token(self, request_id, gap_s):
+        self.gaps.append(gap_s)
+
+    def on_finish(self, times):
+        self.finished[times.request_id] = times
+
+
+def test_the_observer_sees_tokens_prefix_hits_and_request_times():
+    observer = Recorder()
+    scheduler = schedulers.make("vllm", max_num_seqs=4, enable_prefix_caching=True)
+    loop = EngineLoop(scheduler, KV, CountingExecutor(), max_context=128, observer=observer).start()
+    shared = list(range(1, 13))  # three full blocks of 4
+    first, second, stopped = Collector(), Collector(), Collector()
+    loop.submit(request("first", shared + [20], 5), first)
+    first.wait()
+    loop.submit(request("second", shared + [30], 6), second)  # its three prompt blocks are cached
+    loop.submit(request("stopped", [1], 50), stopped)
+    second.wait()
+    while len(stopped.tokens) < 2:
+        stopped.done.wait(0.002)
+    loop.abort("stopped", "stop")  # (a server found a stop string in its text)
+    stopped.wait()
+    loop.stop()
+    assert stopped.last.finish_reason == "stop"
+    n_stopped = len(stopped.tokens)
+    assert sum(s.generation_tokens for s in observer.steps) == 5 + 6 + n_stopped
+    assert sum(s.new_prompt_tokens for s in observer.steps) == 13 + 13 + 1
+    assert sum(s.prefix_queries for s in observer.steps) == 13 + 13 + 1
+    assert sum(s.prefix_hits for s in observer.steps) == 12  # the second request's cached blocks
+    assert len(observer.gaps) == 4 + 5 + n_stopped - 1 and min(observer.gaps) > 0
+    t = observer.finished["second"]
+    assert (t.prompt_tokens, t.output_tokens, t.finish_reason) == (13, 6, "length")
+    assert t.arrival_s <= t.scheduled_s <= t.first_token_s <= t.last_token_s <= t.end_s
+    assert observer.finished["stopped"].finish_reason == "stop"
+    assert loop.snapshot.kv_blocks_used == 0 and loop.snapshot.num_running == 0  # (cached blocks are free)

@@ -251,3 +251,16 @@ def test_queue_limit_gives_429(url):
     finally:
         loop.max_queue = None
     assert post(url, "/v1/completions", {"prompt": [5], "max_tokens": 2}).status_code == 200
+
+
+def test_requests_the_engine_refuses_late_get_400(url):
+    serving = url.app.state.serving
+    vocab = serving.vocab_size
+    try:
+        serving.vocab_size = 1000  # the server's own check lets id 500 through; the engine's runner refuses it
+        for stream in (False, True):
+            r = post(url, "/v1/completions", {"prompt": [5, 500], "max_tokens": 2, "stream": stream})
+            assert r.status_code == 400 and "outside the vocabulary [0, 96)" in r.json()["error"]["message"], r.text
+    finally:
+        serving.vocab_size = vocab
+    assert url.app.state.serving.loop.snapshot.num_unfinished == 0
