@@ -26,6 +26,15 @@ TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5
                          20.0, 40.0, 80.0)  # fmt: skip
 REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                            120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+# vLLM's request-level latency histograms: key -> (name, documentation). Queue: arrival to first
+# scheduled; prefill: first scheduled to first token; decode: first to last token; inference: both.
+REQUEST_LATENCIES = {
+    "e2e": ("e2e_request_latency_seconds", "Histogram of e2e request latency in seconds."),
+    "queue": ("request_queue_time_seconds", "Histogram of time spent in WAITING phase for request."),
+    "inference": ("request_inference_time_seconds", "Histogram of time spent in RUNNING phase for request."),
+    "prefill": ("request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request."),
+    "decode": ("request_decode_time_seconds", "Histogram of time spent in DECODE phase for request."),
+}
 ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 FINISH_REASONS = ("stop", "length", "abort", "rejected", "error")
 
@@ -85,18 +94,7 @@ class ServerMetrics:
             "request_time_per_output_token_seconds", "Histogram of time_per_output_token_seconds per request.",
             TOKEN_LATENCY_BUCKETS,
         )  # fmt: skip
-        self.e2e = histogram("e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
-                             REQUEST_LATENCY_BUCKETS)  # fmt: skip
-        self.queue = histogram("request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.",
-                               REQUEST_LATENCY_BUCKETS)  # fmt: skip
-        self.inference = histogram(
-            "request_inference_time_seconds", "Histogram of time spent in RUNNING phase for request.",
-            REQUEST_LATENCY_BUCKETS,
-        )  # fmt: skip
-        self.prefill = histogram("request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request.",
-                                 REQUEST_LATENCY_BUCKETS)  # fmt: skip
-        self.decode = histogram("request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.",
-                                REQUEST_LATENCY_BUCKETS)  # fmt: skip
+        self.latency = {key: histogram(name, doc, REQUEST_LATENCY_BUCKETS) for key, (name, doc) in REQUEST_LATENCIES.items()}
 
     # -- engine_loop.Observer (called on the loop's thread) -----------------------------------------
     def on_step(self, stats: StepStats) -> None:
@@ -115,11 +113,11 @@ class ServerMetrics:
         if t.finish_reason not in ("stop", "length") or math.isnan(t.first_token_s):
             return
         self.ttft.observe(t.first_token_s - t.arrival_s)
-        self.e2e.observe(t.end_s - t.arrival_s)
-        self.queue.observe(t.scheduled_s - t.arrival_s)
-        self.inference.observe(t.end_s - t.scheduled_s)
-        self.prefill.observe(t.first_token_s - t.scheduled_s)
-        self.decode.observe(t.end_s - t.first_token_s)
+        spans = {"e2e": (t.arrival_s, t.end_s), "queue": (t.arrival_s, t.scheduled_s),
+                 "inference": (t.scheduled_s, t.end_s), "prefill": (t.scheduled_s, t.first_token_s),
+                 "decode": (t.first_token_s, t.end_s)}  # fmt: skip
+        for key, (start, end) in spans.items():
+            self.latency[key].observe(end - start)
         self.request_prompt_tokens.observe(t.prompt_tokens)
         self.request_generation_tokens.observe(t.output_tokens)
         if t.output_tokens > 1:

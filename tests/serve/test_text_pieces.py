@@ -84,3 +84,36 @@ def test_token_buckets_and_cli_options():
         key_values(["chunk_size"])
     args = parser().parse_args(["--model", "m", "--scheduler", "sarathi", "--tp", "2", "--max-queue", "5"])
     assert (args.model, args.scheduler, args.tp, args.max_queue, args.port, args.replicas) == ("m", "sarathi", 2, 5, 8000, 1)
+
+
+def test_server_metrics_observe_vllm_meanings():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from jaxserve.serve.engine_loop import RequestTimes, Snapshot, StepStats
+    from jaxserve.serve.metrics import ServerMetrics
+
+    class Loop:
+        snapshot = Snapshot(num_running=3, num_waiting=2, kv_blocks_used=10, kv_usage=0.25, num_steps=7, num_unfinished=5)
+        num_waiting = 4  # (the inbox counted too)
+
+    m = ServerMetrics("tiny", 256, Loop())
+    m.on_step(StepStats(1.0, 3, 2, 0.25, new_prompt_tokens=9, generation_tokens=3, num_preemptions=1,
+                        prefix_queries=9, prefix_hits=4, num_tokens=12))  # fmt: skip
+    m.on_token("a", 0.05)
+    m.on_finish(RequestTimes("a", 1.0, 1.5, 2.0, 4.0, 4.5, prompt_tokens=9, output_tokens=5, finish_reason="length"))
+    m.on_finish(RequestTimes("b", 1.0, float("nan"), float("nan"), float("nan"), 2.0, 3, 0, "abort"))
+    values = {s.name + str(sorted((k, v) for k, v in s.labels.items() if k == "finished_reason")): s.value
+              for f in text_string_to_metric_families(m.render().decode()) for s in f.samples if "le" not in s.labels}  # fmt: skip
+    v = {k.replace("[]", ""): x for k, x in values.items()}
+    assert (v["jaxserve:num_requests_running"], v["jaxserve:num_requests_waiting"], v["jaxserve:kv_cache_usage_perc"]) == (3, 4, 0.25)
+    assert (v["jaxserve:prompt_tokens_total"], v["jaxserve:generation_tokens_total"], v["jaxserve:num_preemptions_total"]) == (9, 3, 1)
+    assert (v["jaxserve:prefix_cache_queries_total"], v["jaxserve:prefix_cache_hits_total"]) == (9, 4)
+    # Only the request that finished by itself is in the latency histograms.
+    assert v["jaxserve:time_to_first_token_seconds_sum"] == 1.0 and v["jaxserve:time_to_first_token_seconds_count"] == 1
+    assert v["jaxserve:e2e_request_latency_seconds_sum"] == 3.5 and v["jaxserve:request_queue_time_seconds_sum"] == 0.5
+    assert v["jaxserve:request_prefill_time_seconds_sum"] == 0.5 and v["jaxserve:request_decode_time_seconds_sum"] == 2.5
+    assert v["jaxserve:request_inference_time_seconds_sum"] == 3.0
+    assert v["jaxserve:request_time_per_output_token_seconds_sum"] == 0.5  # (4.0 - 2.0) / (5 - 1)
+    assert v["jaxserve:inter_token_latency_seconds_sum"] == 0.05
+    assert v["jaxserve:request_success_total[('finished_reason', 'length')]"] == 1
+    assert v["jaxserve:request_success_total[('finished_reason', 'abort')]"] == 1
