@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import numpy as np
+
 from jaxserve.serve.load_client import LoadRequest
 from jaxserve.workload import ArrivalProcess, TraceFormatError, build_requests, lengths_from_config, read_trace, resolve_trace_path
 
@@ -22,7 +24,8 @@ class WorkloadError(ValueError):
 class WorkloadSpec:
     """What the workload flags say. ``trace``: a trace path (``resolve_trace_path`` rules) or None;
     ``arrivals``: "trace" (the trace's timestamps) | "poisson" | "gamma" | "fixed"; ``rate``: req/s of
-    synthetic arrivals, or the mean rate a trace is rescaled to (None: as recorded); ``speedup``:
+    synthetic arrivals, or the mean rate ``(n - 1) / span`` a trace's selected requests are rescaled
+    to after the cuts (None: as recorded); ``speedup``:
     divides a trace's gaps; ``lengths``: a ``--lengths`` spec ("fixed:P,O", "uniform:LO,HI",
     "zipf:A,LO,HI", "file:PATH") or None for the trace's own; ``max_context``: drop requests whose
     prompt + output exceed it (0: keep all)."""
@@ -92,8 +95,8 @@ def build_load(spec: WorkloadSpec) -> list[LoadRequest]:
     try:
         built = build_requests(
             trace, arrivals=arrivals, lengths=lengths, num_requests=None if trace is not None else spec.num_requests,
-            seed=spec.seed, time_scale=1.0 / spec.speedup, qps=spec.rate if arrivals is None else None,
-            start_s=spec.start_s, duration_s=spec.duration_s, client_id=spec.client_id,
+            seed=spec.seed, time_scale=1.0 / spec.speedup, start_s=spec.start_s, duration_s=spec.duration_s,
+            client_id=spec.client_id,
         )  # fmt: skip
     except ValueError as e:
         raise WorkloadError(f"workload flags: {e}") from None
@@ -103,9 +106,14 @@ def build_load(spec: WorkloadSpec) -> list[LoadRequest]:
         built = built[: spec.max_requests]
     if not built:
         raise WorkloadError("the workload flags select no request (--start-s, --duration-s, --max-requests, --max-context)")
-    t0 = built[0].arrival_time
+    times = np.array([r.arrival_time for r in built])
+    times -= times[0]
+    if arrivals is None and spec.rate is not None and len(times) > 1:  # the rate of what is sent
+        if times[-1] <= 0:
+            raise WorkloadError(f"--rate {spec.rate}: the {len(times)} selected requests arrive at once")
+        times *= (len(times) - 1) / (times[-1] * spec.rate)
     return [
-        LoadRequest(r.request_id, r.arrival_time - t0, r.prompt_len, r.sampling.max_new_tokens, r.client_id,
-                    r.prefix_block_hashes, r.prefix_hash_block_size)  # fmt: skip
-        for r in built
+        LoadRequest(r.request_id, float(t), r.prompt_len, r.sampling.max_new_tokens, r.client_id, r.prefix_block_hashes,
+                    r.prefix_hash_block_size)  # fmt: skip
+        for r, t in zip(built, times)
     ]

@@ -234,8 +234,9 @@ def test_workload_from_a_trace_and_synthetic():
     slow = load_workload.build_load(dataclasses.replace(spec, speedup=1.0))
     assert len(reqs) == 20 and reqs[0].arrival_s == 0 and reqs[-1].arrival_s == pytest.approx(slow[-1].arrival_s / 4)
     assert [r.prompt_len for r in reqs] == [r.prompt_len for r in slow]
-    fit = load_workload.build_load(dataclasses.replace(spec, max_context=1024))
+    fit = load_workload.build_load(dataclasses.replace(spec, speedup=1.0, rate=2.0, max_context=1024))
     assert len(fit) == 20 and all(r.prompt_len + r.max_tokens <= 1024 for r in fit)
+    assert fit[-1].arrival_s == pytest.approx(19 / 2.0)  # the rate of the requests sent, after the cuts
     syn = load_workload.build_load(load_workload.WorkloadSpec(arrivals="gamma", rate=5.0, cv=2.0, num_requests=30,
                                                               lengths="uniform:8,32"))  # fmt: skip
     assert len(syn) == 30 and all(8 <= r.prompt_len <= 32 and 8 <= r.max_tokens <= 32 for r in syn)
