@@ -92,6 +92,9 @@ class Member:
         self.handed_off = (0.0, 0)
         self._on_finished = on_finished  # (request as placed here, FinishedRequest)
         self._view = self._view_state = self._view_key = None
+        # The cached view also holds while nothing it was made from changed and the clock has not
+        # passed the start of the pending run's next step (``_view_until``); a plain check first.
+        self._view_until, self._view_check = -math.inf, None
         self.status = "up"  # up | draining | removing | removed | failed
         self.requests: dict[str, Request] = {}  # placed here and not finished
         self.not_started: dict[str, int] = {}  # placed, not yet scheduled: id -> prompt tokens
@@ -157,6 +160,10 @@ class Member:
         is seen as it is at ``now`` without cutting the run: queues are constant during a run, only
         its blocks in use grow."""
         replica, step = self.replica, 0
+        check = self._view_check
+        if (now <= self._view_until and check[0] is replica.state and check[1] is replica.pending_run
+                and check[2] is self.handed_off and check[3] == (self.status, self.queued_tokens, self.num_high_priority)):
+            return self._view
         if replica.has_pending_run:
             step = replica.steps_started_by(now)
             if step >= replica.pending_run_length:
@@ -165,10 +172,13 @@ class Member:
         state = replica.state  # the state the pending run started from, if any
         in_flight = self.handed_off[1] if self.handed_off[0] > now else 0
         key = (self.status, self.queued_tokens, self.num_high_priority, step, in_flight)
-        if self._view is not None and self._view_state is state and self._view_key == key:
-            return self._view
-        self._view_state, self._view_key = state, key
-        self._view = self._make_view(state, replica.pending_view(now)[1] if step else None, in_flight)
+        if self._view is None or self._view_state is not state or self._view_key != key:
+            self._view_state, self._view_key = state, key
+            self._view = self._make_view(state, replica.pending_view(now)[1] if step else None, in_flight)
+        # Until when ``step`` and ``in_flight`` stay as they are (a handoff in flight: no shortcut).
+        self._view_until = -math.inf if in_flight else replica.pending_step_start(step) if step else math.inf
+        self._view_check = (state, replica.pending_run, self.handed_off,
+                            (self.status, self.queued_tokens, self.num_high_priority))  # (objects compared by identity)
         return self._view
 
     def _make_view(self, state, used_blocks=None, in_flight: int = 0) -> ReplicaView:

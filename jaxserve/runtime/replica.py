@@ -407,6 +407,17 @@ class Replica:
         return self._pending is not None
 
     @property
+    def pending_run(self) -> Optional["PendingRun"]:
+        """The pending run itself (None without one): a new object whenever it changes."""
+        return self._pending
+
+    def pending_step_start(self, j: int) -> float:
+        """When step ``j`` (from 0) of the pending run starts: ``steps_started_by(t)`` is ``j``
+        for every ``t`` after the start of step ``j - 1`` up to this time."""
+        run = self._pending
+        return run.start if j == 0 else run.ends[j - 1]
+
+    @property
     def pending_run_length(self) -> int:
         return 0 if self._pending is None else len(self._pending.ends)
 
