@@ -127,7 +127,9 @@ class Serving:
                     f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                     f"{n + new} tokens ({n} in the prompt, {new} for the completion).", max_param,
                 )  # fmt: skip
-            request = Request(f"{prefix}-{base}-{i}", prompt_token_ids=ids, sampling=self.sampling(body, new))
+            # OpenAI's ``user`` names the client: fair schedulers (vtc) and routers share service by it.
+            request = Request(f"{prefix}-{base}-{i}", prompt_token_ids=ids, sampling=self.sampling(body, new),
+                              client_id=body.user or "default")  # fmt: skip
             try:  # the scheduler's own admission rules (KV capacity, step budget): pure, on an empty state
                 self.scheduler.add_request(self._empty_state, request, 0.0)
             except ValueError as e:

@@ -127,6 +127,12 @@ def test_stop_strings_and_token_ids(url, refs):
     assert out["token_ids"] == list(ref.token_ids[: first + 1]) and out["finish_reason"] == "stop"
 
 
+def test_the_user_field_is_the_client(url):
+    out = post(url, "/v1/completions", {"prompt": [5], "max_tokens": 2, "user": "tenant-a"}).json()
+    log = url.app.state.serving.loop.log
+    assert log.requests[log.index[out["id"] + "-0"]].client_id == "tenant-a"
+
+
 def test_models_health_and_metrics(url):
     assert httpx.get(url + "/health").status_code == 200
     models = httpx.get(url + "/v1/models").json()
