@@ -210,6 +210,19 @@ def test_metrics_keys_equal_the_simulators(tmp_path):
     assert set(load_log.summarize_client(load_log.outcome_log(reqs, outs))) == set(sim)
 
 
+def test_compare_rows_and_their_gaps():
+    live = {"ttft_s": {"mean": 0.5, "p50": 0.4, "p99": 1.0}, "tbt_s": {"mean": None, "p50": None, "p99": None},
+            "e2e_s": {"mean": 2.0, "p50": 0.0, "p99": 3.0}, "throughput_req_s": 4.0, "throughput_tok_s": None}
+    sim = {"ttft_s": {"mean": 0.6, "p50": 0.3, "p99": 1.0}, "tbt_s": {"mean": 0.1, "p50": 0.1, "p99": 0.2},
+           "e2e_s": {"mean": 1.0, "p50": 1.0, "p99": 3.3}, "throughput_req_s": 5.0, "throughput_tok_s": 9.0}  # fmt: skip
+    rows = {r["metric"]: r for r in compare_sim.compare(live, sim)}
+    assert rows["ttft_s.mean"]["error"] == pytest.approx(0.2) and rows["ttft_s.p50"]["error"] == pytest.approx(-0.25)
+    assert rows["throughput_req_s"] == {"metric": "throughput_req_s", "live": 4.0, "sim": 5.0, "error": 0.25}
+    # no live value, or a live 0: no error
+    assert rows["tbt_s.p50"]["error"] is None and rows["e2e_s.p50"]["error"] is None and rows["throughput_tok_s"]["error"] is None
+    assert compare_sim.worst_error(list(rows.values())) == pytest.approx(0.5)  # e2e mean: 1.0 / 2.0 - 1
+
+
 # -- prompts and workloads ------------------------------------------------------------------------------------
 
 
