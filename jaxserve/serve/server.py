@@ -233,16 +233,24 @@ def _error_response(status: int, message: str, kind: str, param: Optional[str] =
     return JSONResponse(error_body(message, kind, param, status), status_code=status)
 
 
+def _error_of(c: _Choice) -> Optional[dict]:
+    """The OpenAI error object of a choice that did not end normally: 400 when the engine refused
+    it (bad input found late), 500 when its step failed, 503 when the server aborted it."""
+    if c.finish_reason == "rejected":
+        return error_body(c.error, "invalid_request_error", "prompt", 400)
+    if c.finish_reason == "error":
+        return error_body(c.error, "internal_server_error", None, 500)
+    if c.finish_reason == "abort":
+        return error_body("the request was aborted (the server is shutting down)", "service_unavailable", None, 503)
+    return None
+
+
 def _failure(choices: list[_Choice]) -> Optional[JSONResponse]:
-    """The error response of a request one of whose choices ended with an error, if any: 400 when
-    the engine refused it (bad input found late), 500 when its step failed."""
+    """The error response of a request one of whose choices did not end normally, if any."""
     for c in choices:
-        if c.finish_reason == "rejected":
-            return _error_response(400, c.error, "invalid_request_error", "prompt")
-        if c.finish_reason == "error":
-            return _error_response(500, c.error, "internal_server_error")
-        if c.finish_reason == "abort":
-            return _error_response(503, "the request was aborted (the server is shutting down)", "service_unavailable")
+        error = _error_of(c)
+        if error is not None:
+            return JSONResponse(error, status_code=error["error"]["code"])
     return None
 
 
@@ -390,36 +398,29 @@ async def _sse(serving: Serving, body, choices, outputs, first, response_id: str
     try:
         if chat:
             yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
-        pending = [] if first is None else [first]
-        while True:
-            for i, out in pending:
-                c = choices[i]
-                if c.finish_reason is not None:
-                    continue  # (a stop string already ended it)
+        item = first
+        while item is not None:
+            i, out = item
+            c = choices[i]
+            if c.finish_reason is None:  # (else a stop string already ended it)
                 delta, ids, stopped = c.add(out)
                 if stopped:
                     serving.loop.abort(out.request_id, "stop")
-                if c.finish_reason in ("error", "rejected", "abort"):
-                    status = {"rejected": 400, "abort": 503}.get(c.finish_reason, 500)
-                    message = c.error or "the request was aborted (the server is shutting down)"
-                    yield f"data: {json.dumps(error_body(message, 'invalid_request_error' if status == 400 else 'internal_server_error', None, status))}\n\n"
-                    continue
-                if not delta and not ids and c.finish_reason is None:
-                    continue
-                if chat:
-                    choice = {"index": i, "delta": {"content": delta} if delta or c.finish_reason is None else {},
-                              "logprobs": None, "finish_reason": c.finish_reason}  # fmt: skip
-                else:
-                    choice = {"index": i, "text": delta, "logprobs": None, "finish_reason": c.finish_reason}
-                if with_ids:
-                    choice["token_ids"] = ids
-                    if not chat and len(c.token_ids) == len(ids):  # the choice's first chunk
-                        choice["prompt_token_ids"] = list(c.request.prompt_token_ids)
-                yield chunk(choice)
-            nxt = await anext(outputs, None)
-            if nxt is None:
-                break
-            pending = [nxt]
+                error = _error_of(c)
+                if error is not None:
+                    yield f"data: {json.dumps(error)}\n\n"
+                elif delta or ids or c.finish_reason is not None:
+                    if chat:
+                        choice = {"index": i, "delta": {"content": delta} if delta or c.finish_reason is None else {},
+                                  "logprobs": None, "finish_reason": c.finish_reason}  # fmt: skip
+                    else:
+                        choice = {"index": i, "text": delta, "logprobs": None, "finish_reason": c.finish_reason}
+                    if with_ids:
+                        choice["token_ids"] = ids
+                        if not chat and len(c.token_ids) == len(ids):  # the choice's first chunk
+                            choice["prompt_token_ids"] = list(c.request.prompt_token_ids)
+                    yield chunk(choice)
+            item = await anext(outputs, None)
         if include_usage:
             yield chunk(None, _usage(choices))
         yield "data: [DONE]\n\n"

@@ -270,3 +270,33 @@ def test_requests_the_engine_refuses_late_get_400(url):
     finally:
         serving.vocab_size = vocab
     assert url.app.state.serving.loop.snapshot.num_unfinished == 0
+
+
+def test_a_step_failing_mid_stream_ends_that_stream_with_an_error_event(url, refs):
+    loop = url.app.state.serving.loop
+    recording = loop.replica.executor  # the loop's wrapper around the runner
+    runner = recording._executor
+    ref = refs["completions"][0].token_ids
+    poison = ref[2]  # the first decode step that feeds this token back fails
+
+    class Failing:
+        def __getattr__(self, name):
+            return getattr(runner, name)
+
+        def execute(self, plan):
+            if any(n == 1 and t == poison for n, t in zip(plan.num_new_tokens.tolist(), plan.token_ids.tolist())):
+                raise FloatingPointError("injected fault")
+            return runner.execute(plan)
+
+    recording._executor = Failing()
+    try:
+        events = sse(url, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": NEW, "temperature": 0, "stream": True,
+                                             "return_token_ids": True})  # fmt: skip
+    finally:
+        recording._executor = runner
+    assert [t for e in events[:-1] for t in e["choices"][0]["token_ids"]] == list(ref[: ref.index(poison) + 1])
+    error = events[-1]["error"]
+    assert error["code"] == 500 and "injected fault" in error["message"]
+    # The server goes on.
+    out = post(url, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": NEW, "temperature": 0, "return_token_ids": True})
+    assert out.json()["choices"][0]["token_ids"] == list(ref)
