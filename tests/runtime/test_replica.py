@@ -179,7 +179,7 @@ def test_decode_runs_span_arrivals_that_cannot_change_them(order, monkeypatch):
 
     joined = []
     real = Replica._add_during_run
-    monkeypatch.setattr(Replica, "_add_during_run", lambda self, r, run: joined.append(real(self, r, run)) or joined[-1])
+    monkeypatch.setattr(Replica, "_add_during_run", lambda self, r, run, t: joined.append(real(self, r, run, t)) or joined[-1])
     rng = np.random.default_rng(5)
     requests = [jaxserve.Request(f"r{i}", prompt_len=int(rng.integers(20, 300)),
                                  sampling=jaxserve.SamplingParams(int(rng.integers(50, 400))),
