@@ -123,6 +123,10 @@ RUN = (
     Key("engine.max_compiled_shapes", 0, "most step shapes kept compiled (each maps ~260 memory sections); 0: from the host's vm.max_map_count"),
     Key("parallel.tp", 1, "engine: tensor-parallel devices (Megatron: heads, MLP width, vocabulary and KV heads split; must divide the device count and the model's heads); engine.kv_cache_gb is per device"),
     Key("parallel.sp", 1, "engine: devices a step's token rows are split over for the projections and MLP (attention and the KV cache replicated over them); parallel.sp x parallel.tp must divide the device count"),
+    Key("parallel.first_device", 0, "engine: index of the first of the runner's tp x sp devices in jax.devices() (engine clusters lay their replicas out one after another from it)"),
+    Key("parallel.esp", False, "engine: LoongServe's elastic sequence parallelism over parallel.sp devices (tp = 1): a KV pool per device, long prefills over several devices written into the pages that decode them, multi-master decode; kv.num_blocks counts all devices' pages"),
+    Key("parallel.esp_prefill_tokens_per_device", 1024, "engine, parallel.esp: prompt tokens each prefill device takes (a prompt this long or shorter is prefilled on one device)"),
+    Key("parallel.esp_decode_pages_per_device", 0, "engine, parallel.esp: most pages of one request a device is planned to hold (0: as many as it has free); smaller spreads a long request's decode over more devices"),
 )
 
 

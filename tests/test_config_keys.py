@@ -269,6 +269,8 @@ def test_every_declared_key_is_read_by_some_code_path(files, tmp_path):
     # The engine backend: every key it reads, with no model loaded; then the scheduler and workload
     # it builds like the simulator.
     reads |= reads_of(engine_variant(files), engine_settings)
+    esp = small(**{"backend": "engine", "model.path": str(files / "model"), "parallel.esp": True, "parallel.sp": 2})
+    reads |= reads_of(esp, engine_settings)  # the ESP policy's keys, read only when parallel.esp is on
     # The CLI's own keys (backend, output_dir, the title's) through the real run() on a tiny config.
     cli = small(**{"output_dir": str(tmp_path / "out")})
     reads |= reads_of(cli, lambda rec: experiment.run(rec, Console(file=open("/dev/null", "w"))))

@@ -43,7 +43,7 @@ from jaxserve.runtime import ProgressHook, RunLimits
 from jaxserve.sim.executor import SimExecutor
 from jaxserve.sim.simulate import build_cost_model, build_kv, max_context, max_sim_time_s, unmodelled_metrics
 
-REPLICA_SECTIONS = ("model", "hardware", "scheduler", "kv")  # what cluster.replicas may override
+REPLICA_SECTIONS = ("model", "hardware", "scheduler", "kv", "parallel")  # what cluster.replicas may override (parallel: engine replicas)
 
 
 def is_cluster(config) -> bool:
@@ -160,6 +160,23 @@ def replica_spec(config, name: str, role: str = "mixed") -> ReplicaSpec:
     return ReplicaSpec(build_scheduler(config), kv, SimExecutor(cost_model),
                        RunLimits(max_context=max_context(config, cost_model)), name, bytes_per_block, role,
                        getattr(model, "num_layers", 1))  # fmt: skip
+
+
+def lay_out_devices(configs: list) -> list:
+    """Engine replicas' configs with ``parallel.first_device`` set so that their meshes sit one
+    after another from the first config's value, each on its own tp x sp devices; when the devices
+    run out the layout wraps round to device 0 and later replicas share devices (fine on host CPU
+    devices; on accelerators they then share memory)."""
+    import jax
+
+    out, start = [], get(configs[0], "parallel.first_device", int) if configs else 0
+    for c in configs:
+        width = get(c, "parallel.tp", int) * get(c, "parallel.sp", int)
+        if start + width > jax.device_count():
+            start = 0
+        out.append(override(c, {"parallel.first_device": start}))
+        start += width
+    return out
 
 
 def engine_replica_spec(config, name: str, role: str = "mixed") -> ReplicaSpec:
@@ -279,6 +296,8 @@ def build_cluster_sim(config) -> ClusterSim:
         raise ConfigError(f"backend must be one of {', '.join(SPEC_BUILDERS)}, got {backend!r}")
     build_spec = SPEC_BUILDERS[backend]
     configs = replica_configs(config)
+    if backend == "engine":
+        configs = lay_out_devices(configs)
     specs = tuple(build_spec(c, f"{role} {i}" if role != "mixed" else f"replica {i}", role)
                   for i, (c, role) in enumerate(zip(configs, roles(config))))  # fmt: skip
     requests = tuple(build_workload(config))

@@ -21,12 +21,15 @@ import numpy as np
 from jaxserve.config import ConfigError, Results, build_scheduler, build_workload, get, positive_or_none, slo_targets
 from jaxserve.engine.compilation import enable_persistent_cache
 from jaxserve.engine.engine import Engine
+from jaxserve.engine.esp_policy import EspPolicy
+from jaxserve.engine.esp_runner import EspRunner
 from jaxserve.engine.kv_sizing import kv_blocks_for
 from jaxserve.engine.model_runner import ModelRunner, step_limits
 from jaxserve.kv.config import KVConfig
 from jaxserve.metrics import request_metrics, summarize
 from jaxserve.model.config import CheckpointError, ModelConfig
 from jaxserve.model.loader import load_model
+from jaxserve.parallel.mesh import sequence_mesh
 from jaxserve.parallel.tensor_parallel import check_mesh_sizes, check_tensor_parallel, mesh_for
 from jaxserve.request import Request
 from jaxserve.runtime import ProgressHook
@@ -71,7 +74,16 @@ class EngineSettings:
     max_time_s: float  # sim.max_time_s: stop after this many measured seconds (inf: never)
     slo: dict  # summarize's slo_ttft_s / slo_tpot_s
     tp: int  # parallel.tp: tensor-parallel devices
-    sp: int  # parallel.sp: devices the step's rows are split over
+    sp: int  # parallel.sp: devices the step's rows are split over (with esp: the ESP devices)
+    first_device: int  # parallel.first_device: the runner's devices are jax.devices()[first : first + tp*sp]
+    esp_policy: EspPolicy | None  # parallel.esp: LoongServe's elastic SP over the sp devices; None: off
+
+    @property
+    def devices(self) -> list | None:
+        """This runner's own devices; None (the first tp*sp) keeps the one-device path mesh-free."""
+        if self.first_device == 0:
+            return None
+        return jax.devices()[self.first_device : self.first_device + self.tp * self.sp]
 
 
 def engine_settings(config) -> EngineSettings:
@@ -96,6 +108,19 @@ def engine_settings(config) -> EngineSettings:
         check_mesh_sizes(tp, sp, jax.device_count(), keys=("parallel.tp", "parallel.sp"))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    first_device = get(config, "parallel.first_device", int)
+    if not 0 <= first_device <= jax.device_count() - tp * sp:
+        raise ConfigError(f"parallel.first_device must be in [0, {jax.device_count() - tp * sp}] so that its "
+                          f"tp x sp = {tp * sp} devices exist ({jax.device_count()} here), got {first_device}")  # fmt: skip
+    esp_policy = None
+    if get(config, "parallel.esp", bool):
+        if tp != 1:
+            raise ConfigError(f"parallel.esp runs on parallel.sp devices with parallel.tp=1, got parallel.tp={tp}")
+        pages = get(config, "parallel.esp_decode_pages_per_device", int)
+        try:
+            esp_policy = EspPolicy(get(config, "parallel.esp_prefill_tokens_per_device", int), pages or None)
+        except ValueError as e:
+            raise ConfigError(f"parallel.esp_*: {e}") from None
     max_shapes = get(config, "engine.max_compiled_shapes", int)
     if max_shapes < 0:
         raise ConfigError(f"engine.max_compiled_shapes must be >= 0 (0: from the host's memory-map limit), got {max_shapes}")
@@ -118,6 +143,8 @@ def engine_settings(config) -> EngineSettings:
         slo=slo_targets(config),
         tp=tp,
         sp=sp,
+        first_device=first_device,
+        esp_policy=esp_policy,
     )
 
 
@@ -142,12 +169,16 @@ def build_runner(settings: EngineSettings, max_num_seqs: int) -> tuple[ModelRunn
     num_blocks = settings.num_blocks
     if num_blocks <= 0:
         num_blocks = kv_blocks_for(cfg, settings.block_size, settings.kv_cache_gb, max_len, max_num_seqs, settings.tp)
+        num_blocks *= settings.sp if settings.esp_policy else 1  # a pool per ESP device
+    options = dict(max_model_len=max_len, block_rows=settings.block_rows, attention=settings.attention,
+                   seed=settings.seed, max_compiled_shapes=settings.max_compiled_shapes)  # fmt: skip
     try:
         kv = KVConfig(num_blocks, settings.block_size, settings.num_host_blocks)
-        runner = ModelRunner(
-            cfg, params, kv, max_model_len=max_len, block_rows=settings.block_rows, attention=settings.attention,
-            seed=settings.seed, max_compiled_shapes=settings.max_compiled_shapes, mesh=mesh_for(settings.tp, settings.sp),
-        )  # fmt: skip
+        if settings.esp_policy is not None:
+            mesh = sequence_mesh(settings.devices, size=settings.sp)
+            runner = EspRunner(cfg, params, kv, mesh=mesh, policy=settings.esp_policy, **options)
+        else:
+            runner = ModelRunner(cfg, params, kv, mesh=mesh_for(settings.tp, settings.sp, settings.devices), **options)
     except ValueError as e:
         raise ConfigError(f"engine/kv: {e}") from None
     return runner, kv
