@@ -229,7 +229,7 @@ class EngineLoop:
         join the batch at the next step; ``sink`` then receives its outputs on the loop's thread.
         Raises ``Draining`` once stopping began and ``QueueFull`` past ``max_queue``."""
         with self._lock:
-            if self._draining:
+            if self._draining or (self._thread is not None and not self._thread.is_alive()):
                 raise Draining("the server is shutting down and admits no new requests")
             if self.max_queue is not None and self.num_waiting >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting (max_queue={self.max_queue})")
@@ -321,7 +321,13 @@ class EngineLoop:
             self._count_ended()
             return
         self._streams[rid] = _Stream(request, sink, request.arrival_time)
-        if not self.replica.add(request):
+        try:
+            added = self.replica.add(request)
+        except Exception as e:  # noqa: BLE001 (a scheduler or executor bug met by this request ends it alone)
+            log.exception("adding request %r raised", rid)
+            self._end(rid, "error", f"the engine could not add it: {type(e).__name__}: {e}")
+            return
+        if not added:
             log_ = self.replica.log
             reason = log_.rejected.get(log_.index[rid], "rejected")
             self._end(rid, "rejected", reason)

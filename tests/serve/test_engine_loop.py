@@ -201,3 +201,19 @@ def test_the_observer_sees_tokens_prefix_hits_and_request_times():
     assert t.arrival_s <= t.scheduled_s <= t.first_token_s <= t.last_token_s <= t.end_s
     assert observer.finished["stopped"].finish_reason == "stop"
     assert loop.snapshot.kv_blocks_used == 0 and loop.snapshot.num_running == 0  # (cached blocks are free)
+
+
+def test_an_executor_that_raises_at_register_ends_only_that_request():
+    class Buggy(CountingExecutor):
+        def register(self, request):
+            if request.request_id == "buggy":
+                raise KeyError("a bug")
+            super().register(request)
+
+    loop = make_loop(Buggy()).start()
+    buggy, fine = Collector(), Collector()
+    loop.submit(request("buggy", [1], 3), buggy)
+    loop.submit(request("fine", [1], 3), fine)
+    assert buggy.wait().last.finish_reason == "error" and "KeyError" in buggy.last.error
+    assert fine.wait().tokens == [2, 3, 4]
+    loop.stop()
