@@ -114,6 +114,10 @@ RUN = (
     # "profiled" only: scale each step by a jitter factor drawn (by a hash of its shape) from the
     # profile's repeats, so tail latencies see the machine's measured step-time scatter.
     Key("sim.profile_jitter", False, "sim.cost_model='profiled': scale steps by the profile's measured step-time scatter"),
+    Key("sim.async_scheduling", False, "roofline: the host builds step N+1 while the device runs step N, so a step costs max(host, device) instead of host + device (NanoFlow, vLLM's async scheduler)"),
+    Key("sim.nano_batches", 1, "roofline: split each step into this many nano-batches whose GEMMs, attention and collectives overlap (NanoFlow's overlap-aware cost model; 1: unsplit; experiments/nanoflow_throughput.py searches it)"),
+    Key("sim.nano_memory_share", 0.1, "sim.nano_batches > 1: share of the SMs the attention (memory-bound) kernels run on while they overlap the GEMMs"),
+    Key("sim.nano_network_share", 0.1, "sim.nano_batches > 1: share of the SMs the collectives (network-bound) run on; > 0 when hardware.tp > 1"),
     Key("engine.dtype", "auto", '"auto" (the checkpoint\'s torch_dtype) | "float32" | "bfloat16" | "float16"'),
     Key("engine.attention", "auto", '"auto" | "grouped" (chunked jnp, CPU) | "ragged" (Pallas, GPU/TPU)'),
     Key("engine.block_rows", 32, "prefill rows per block (chunks are padded to whole blocks)"),

@@ -7,6 +7,7 @@ discrete-event loop that drives any registered scheduler.
 from jaxserve.sim.cost_model import RooflineCostModel, StepCost
 from jaxserve.sim.hardware import HARDWARE, HardwareSpec, get_hardware
 from jaxserve.sim.models import MODELS, ModelSpec, get_model
+from jaxserve.sim.overlap_cost_model import NanoSchedule, OverlapCostModel
 from jaxserve.sim.simulate import ConfigError, Results, simulate
 from jaxserve.sim.executor import CostModel, SimExecutor
 
@@ -17,6 +18,8 @@ __all__ = [
     "CostModel",
     "HardwareSpec",
     "ModelSpec",
+    "NanoSchedule",
+    "OverlapCostModel",
     "Results",
     "RooflineCostModel",
     "SimExecutor",

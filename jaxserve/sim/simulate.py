@@ -24,6 +24,7 @@ from jaxserve.sim.cost_model import RooflineCostModel
 from jaxserve.sim.executor import SimExecutor
 from jaxserve.sim.hardware import get_hardware
 from jaxserve.sim.models import get_model
+from jaxserve.sim.overlap_cost_model import NanoSchedule, OverlapCostModel
 from jaxserve.sim.power import ClockError
 from jaxserve.sim.profiled_cost_model import ProfiledCostModel
 
@@ -43,7 +44,12 @@ def build_cost_model(config) -> RooflineCostModel | ProfiledCostModel:
     kind = get(config, "sim.cost_model", str)
     if kind not in COST_MODELS:
         raise ConfigError(f"sim.cost_model must be one of {COST_MODELS}, got {kind!r}")
+    asynchronous = get(config, "sim.async_scheduling", bool)
+    schedule = _nano_schedule(config)
     if kind == "profiled":
+        if asynchronous or schedule.num_nano > 1:
+            raise ConfigError("sim.async_scheduling / sim.nano_batches: the profiled cost model measures whole steps "
+                              "as the engine ran them; these apply to sim.cost_model='roofline' only")  # fmt: skip
         return build_profiled_cost_model(config)
     try:
         model = get_model(get(config, "model.name", str))
@@ -57,12 +63,27 @@ def build_cost_model(config) -> RooflineCostModel | ProfiledCostModel:
             options[key] = value
     for key in _CLOCK_KEYS:  # unset: the top clock, no cap
         options[key] = get(config, f"hardware.{key}", int if key == "frequency_mhz" else float, optional=True)
+    options["async_scheduling"] = asynchronous
+    if schedule.num_nano > 1:  # NanoFlow: the overlap-aware model (pp 1, no power cap: it says so)
+        cls, options["schedule"] = OverlapCostModel, schedule
+    else:
+        cls = RooflineCostModel
     try:
-        return RooflineCostModel(model, hardware, dtype=get(config, "model.dtype", str), **options)
+        return cls(model, hardware, dtype=get(config, "model.dtype", str), **options)
     except ClockError as e:
         raise ConfigError(f"hardware.{e.argument}: {e}") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"hardware/model: {e}") from None
+
+
+def _nano_schedule(config) -> NanoSchedule:
+    """``sim.nano_batches`` / ``sim.nano_*_share`` -> a NanoSchedule (1 nano-batch: unsplit)."""
+    keys = ("sim.nano_batches", "sim.nano_memory_share", "sim.nano_network_share")
+    values = (get(config, keys[0], int), get(config, keys[1], float), get(config, keys[2], float))
+    try:
+        return NanoSchedule(*values) if values[0] > 1 else NanoSchedule(values[0])
+    except ValueError as e:
+        raise ConfigError(f"{'/'.join(keys)}: {e}") from None
 
 
 def build_profiled_cost_model(config) -> ProfiledCostModel:
