@@ -106,11 +106,10 @@ def test_late_refusals_and_failing_steps_end_only_their_request():
 
 
 def test_a_failing_step_of_old_requests_ends_them_and_the_loop_goes_on():
-    executor = CountingExecutor()
+    executor = CountingExecutor(poison=45)
     loop = make_loop(executor).start()
     a = Collector()
     loop.submit(request("a", [40], 30), a)  # generates 41, 42, ... and meets the poison 45 at its 5th step
-    executor.poison = 45
     a.wait()
     assert a.last.finish_reason == "error" and a.tokens == [41, 42, 43, 44, 45]
     b = Collector()
@@ -176,13 +175,13 @@ class Recorder:
 def test_the_observer_sees_tokens_prefix_hits_and_request_times():
     observer = Recorder()
     scheduler = schedulers.make("vllm", max_num_seqs=4, enable_prefix_caching=True)
-    loop = EngineLoop(scheduler, KV, CountingExecutor(), max_context=128, observer=observer).start()
+    loop = EngineLoop(scheduler, KV, CountingExecutor(step_s=0.005), max_context=128, observer=observer).start()
     shared = list(range(1, 13))  # three full blocks of 4
     first, second, stopped = Collector(), Collector(), Collector()
     loop.submit(request("first", shared + [20], 5), first)
     first.wait()
     loop.submit(request("second", shared + [30], 6), second)  # its three prompt blocks are cached
-    loop.submit(request("stopped", [1], 50), stopped)
+    loop.submit(request("stopped", [1], 120), stopped)
     second.wait()
     while len(stopped.tokens) < 2:
         stopped.done.wait(0.002)
