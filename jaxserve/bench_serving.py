@@ -17,6 +17,8 @@ plots to ``--out``, and prints the summary table. Failed requests are counted, n
 with the profiled cost model of ``--profile`` (``python -m jaxserve.profile``; with ``--profile-model
 DIR`` a missing profile is measured first) and prints, per metric, the live value, the simulated one
 and the error; metrics.json gains ``compare_sim`` (``sim_metrics.json``: the simulator's metrics).
+Warm a server that compiles lazily first (jaxserve: ``--warmup``, or replay the workload once): a
+step shape compiled mid-run stalls every stream, which no profile models.
 Exit status: 0, or 2 for bad flags or an unusable server (one line naming the flag).
 """
 
