@@ -8,7 +8,10 @@ Row layout of a step (built by ``jaxserve.engine.packing``; all sizes static per
 
 ``attend_grouped`` (the CPU path) attends decode rows as ``[G, 1]`` groups and prefill blocks as
 ``[G, block_rows]`` groups, looping over the context in chunks of pages with an online softmax, so
-memory stays O(chunk) and work O(actual context). ``attend_ragged`` hands the same rows to the
+memory stays O(chunk) and work O(actual context). Decode rows loop over smaller chunks
+(``DECODE_CHUNK_PAGES``) than prefill blocks: each chunk's pages are gathered into a fresh array
+and then read by two batched GEMVs, and a chunk small enough to stay in cache between the gather
+and the reads made 64 decode rows at context 300 attend 1.4-1.5x faster (CPU time, side by side). ``attend_ragged`` hands the same rows to the
 ragged paged attention dispatcher (Pallas kernel on GPU/TPU): each prefill sequence's padded rows
 count as its query rows, which is harmless because causal masking keeps real rows from seeing the
 padded positions after them.
@@ -19,6 +22,7 @@ head_dim]``; page ``num_pages`` does not exist and is where padding rows "write"
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -28,6 +32,11 @@ from jax import lax
 from pallas_kernels import attention as pallas_attention
 
 NEG_INF = -1e30  # finite, so fully masked rows (padding) stay NaN-free
+# Pages per online-softmax chunk for decode rows on the CPU path: at 64 rows, 4 KV heads of 64 dims
+# and 16-token pages, 2 pages make K and V chunks of 2 MiB each. Measured (one layer's decode
+# attention, 64 rows at context 300, CPU time, alternating rounds): 11.3 ms at 2 pages, 14 ms at 1,
+# 16.7 ms at 8 (the prefill chunk).
+DECODE_CHUNK_PAGES = 2
 
 
 class AttentionBatch(NamedTuple):
@@ -141,9 +150,19 @@ def _grouped(
 
 
 def attend_grouped(
-    q, cache, batch: AttentionBatch, *, sm_scale, sliding_window=None, chunk_pages=8
+    q,
+    cache,
+    batch: AttentionBatch,
+    *,
+    sm_scale,
+    sliding_window=None,
+    chunk_pages=8,
+    decode_chunk_pages=DECODE_CHUNK_PAGES,
 ):
-    """The CPU path: ``q [T, Hq, D]`` -> ``[T, Hq, D]`` (see the module docstring)."""
+    """The CPU path: ``q [T, Hq, D]`` -> ``[T, Hq, D]`` (see the module docstring). Prefill blocks
+    loop over ``chunk_pages`` pages at a time, decode rows over ``gcd(chunk_pages,
+    decode_chunk_pages)`` (a divisor of the page-table width, which is a multiple of
+    ``chunk_pages``); ``decode_chunk_pages=None`` uses ``chunk_pages`` for both."""
     k_pages, v_pages = cache
     T, Hq, D = q.shape
     n_dec, n_blk = batch.num_decode_rows, batch.num_blocks
@@ -162,7 +181,10 @@ def attend_grouped(
             batch.decode_pages,
             k_pages,
             v_pages,
-            **kw,
+            **{
+                **kw,
+                "chunk_pages": math.gcd(chunk_pages, decode_chunk_pages or chunk_pages),
+            },
         )
         parts.append(dec[:, 0])
     if n_blk:
