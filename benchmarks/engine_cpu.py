@@ -21,6 +21,15 @@
    best of the measurements taken in every round of the decode timings).
 4. **Prefill**: ``prefill_batch`` prompts of 512 tokens, one output token each: prompt tokens/s of
    jaxserve against one padded ``transformers`` forward pass over the same batch.
+5. **Batched decode vs the roofline**: one jitted decode step (the model's forward, the cache
+   writes, the logits of every row; caches donated, as the engine runs it) of ``decode_rows`` rows
+   at context ``decode_context`` (pages scattered at random over the cache) with the CPU attention
+   path as it is (decode rows in chunks sized by ``attention.decode_chunk_size``) and with one chunk
+   size for every row (``decode_chunk_pages=8``, the path before), in alternating rounds; the
+   median CPU time and the best wall of each. Roofline = (every weight but the embedding table +
+   the KV bytes the step reads) / copy bandwidth; beside it the compute floor = the step's matmul
+   FLOPs / the CPU time rate of one [rows, hidden] x [hidden, 2 * intermediate] matmul, since at 64
+   rows a float32 step is compute-bound on this CPU, not memory-bound.
 
 Run it with the machine otherwise idle. Prints one JSON line.
 """
@@ -142,6 +151,90 @@ def _timed(fn, n: int) -> float:
     return time.perf_counter() - t
 
 
+def decode_batch_case(cfg, rows: int, context: int, page_size: int = 16, rounds: int = 5) -> dict:
+    """Step times of ``rows`` decodes at ``context`` tokens (see the module docstring, item 5)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxserve.model import attention
+    from jaxserve.model.llama import bind, params_of, random_model
+
+    params = params_of(random_model(cfg))
+    per_seq = -(-cfg.max_position_embeddings // page_size)
+    num_pages = rows * per_seq
+    rng = np.random.default_rng(0)
+    table = rng.permutation(num_pages).reshape(rows, per_seq).astype(np.int32)
+    lens = np.full(rows, context, np.int32)
+    pos = lens - 1
+    batch = attention.AttentionBatch(
+        slot_page=table[np.arange(rows), pos // page_size], slot_offset=pos % page_size, positions=pos,
+        decode_kv_lens=lens, decode_pages=table, block_kv_lens=np.zeros(0, np.int32),
+        block_pages=np.zeros((0, per_seq), np.int32), kv_lens=lens, page_indices=table,
+        cu_q_lens=np.arange(rows + 1, dtype=np.int32), num_seqs=np.array([rows], np.int32),
+    )  # fmt: skip
+    batch = jax.tree.map(jnp.asarray, batch)
+    shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+    caches = [tuple(jnp.asarray(rng.standard_normal(shape, np.float32)) for _ in "kv") for _ in range(cfg.num_layers)]
+    tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, rows), jnp.int32)
+
+    def step(params, caches, decode_chunk_pages):
+        attend = functools.partial(
+            attention.paged_attention, impl="grouped", sm_scale=cfg.head_dim**-0.5, sliding_window=None,
+            chunk_pages=8, decode_chunk_pages=decode_chunk_pages,
+        )  # fmt: skip
+        model = bind(cfg, params)
+        hidden, caches = model(tokens, caches, batch, attend)
+        return model.logits(hidden), caches
+
+    paths = {"current": None, "single_chunk": 8}  # None: sized by attention.decode_chunk_size
+    fns = {k: jax.jit(functools.partial(step, decode_chunk_pages=c), donate_argnums=1) for k, c in paths.items()}
+    cpu = {k: [] for k in fns}
+    wall = {k: [] for k in fns}
+    for r in range(rounds + 1):  # round 0 compiles
+        for k, fn in fns.items():
+            w, c = time.perf_counter(), time.process_time()
+            logits, caches = fn(params, tuple(caches))
+            logits.block_until_ready()
+            if r:
+                cpu[k].append(time.process_time() - c)
+                wall[k].append(time.perf_counter() - w)
+    x = jnp.ones((rows, cfg.hidden_size))
+    w_up = jnp.ones((2 * cfg.intermediate_size, cfg.hidden_size))
+    mm = jax.jit(lambda x, w: x @ w.T)
+    mm(x, w_up).block_until_ready()
+    c = time.process_time()
+    for _ in range(10):
+        mm(x, w_up).block_until_ready()
+    gemm_flop_s = 10 * 2 * rows * cfg.hidden_size * w_up.shape[0] / (time.process_time() - c)
+    bandwidth = max(copy_bandwidth(repeats=2) for _ in range(3))
+    num_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
+    # Every weight is multiplied by every row except the embedding table (read one row per token);
+    # tied embeddings are the lm_head too. Attention adds 4 FLOPs per (row, context token, head, dim).
+    matmul_params = num_params - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
+    attention_flops = 4 * rows * context * cfg.num_heads * cfg.head_dim * cfg.num_layers
+    weight_bytes = (num_params - cfg.vocab_size * cfg.hidden_size + cfg.hidden_size) * 4
+    kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * rows * context
+    roofline_s = (weight_bytes + kv_bytes) / bandwidth
+    compute_floor_s = (2 * rows * matmul_params + attention_flops) / gemm_flop_s
+    med = {k: float(np.median(v)) for k, v in cpu.items()}
+    best = {k: min(v) for k, v in wall.items()}
+    return {
+        "rows": rows, "context": context, "rounds": rounds,
+        "step_cpu_ms": {k: round(v * 1e3, 1) for k, v in med.items()},
+        "step_wall_ms": {k: round(v * 1e3, 1) for k, v in best.items()},
+        "speedup_cpu": round(med["single_chunk"] / med["current"], 2),
+        "decode_chunk_pages": attention.decode_chunk_size(rows, caches[0][0], 8),
+        "roofline_step_ms": round(roofline_s * 1e3, 2),
+        "fraction_of_roofline": round(roofline_s / best["current"], 3),
+        "compute_floor_step_ms": round(compute_floor_s * 1e3, 1),
+        "gemm_gflop_s_cpu_time": round(gemm_flop_s / 1e9, 1),
+        "weight_mb": round(weight_bytes / 1e6, 1), "kv_read_mb": round(kv_bytes / 1e6, 1),
+        "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2), "target_fraction": 0.5,
+    }  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--num_requests", type=int, default=64)
@@ -156,11 +249,14 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=16000)
     p.add_argument("--decode_tokens", type=int, default=64)
     p.add_argument("--prefill_batch", type=int, default=4)
+    p.add_argument("--decode_rows", type=int, default=64, help="rows of the batched decode case")
+    p.add_argument("--decode_context", type=int, default=300, help="context of the batched decode case")
     p.add_argument("--quick", action="store_true", help="a tiny model and 8 requests (a smoke run)")
     args = p.parse_args()
     if args.quick:
         args.layers, args.hidden, args.intermediate, args.heads, args.kv_heads = 2, 128, 256, 4, 2
         args.vocab, args.num_requests, args.decode_tokens, args.hf_batch_size = 1000, 8, 16, 4
+        args.decode_rows = 8
 
     import jax
     import torch
@@ -233,6 +329,8 @@ def main() -> None:
         roofline_s = (weight_bytes + kv_per_token * mean_context) / bandwidth
         log(f"batch-1 decode step: jaxserve {js_step * 1e3:.2f} ms, transformers {hf_step * 1e3:.2f} ms, "
             f"roofline {roofline_s * 1e3:.2f} ms")  # fmt: skip
+        batched = decode_batch_case(cfg, args.decode_rows, args.decode_context)
+        log(f"batched decode: {batched}")
 
     result = {
         "benchmark": "engine_cpu",
@@ -260,6 +358,7 @@ def main() -> None:
             "bytes_per_step_mb": round((weight_bytes + kv_per_token * mean_context) / 1e6, 1),
             "target_fraction": 0.7,
         },
+        "decode_batched": batched,
     }  # fmt: skip
     print(json.dumps(result))
 
