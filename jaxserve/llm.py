@@ -63,7 +63,9 @@ class LLM:
     ``parallel.tp``/``parallel.sp``: ``jaxserve.parallel.tensor_parallel``; ``kv_cache_gb`` is then
     per device); ``esp`` (LoongServe's elastic sequence parallelism over ``sp`` devices, each
     with its own KV pool of ``num_blocks / sp`` pages: ``engine.esp_runner``; needs ``tp = 1``) and
-    ``esp_policy`` (``engine.esp_policy.EspPolicy``: prefill degree and decode placement).
+    ``esp_policy`` (``engine.esp_policy.EspPolicy``: prefill degree and decode placement);
+    ``nano_batches`` (split each step into this many nano-batches whose attention and GEMMs may
+    overlap, NanoFlow's intra-device parallelism: ``model/nano_batch.py``; 1: off; not with ``esp``).
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class LLM:
         sp: int = 1,
         esp: bool = False,
         esp_policy: EspPolicy | None = None,
+        nano_batches: int = 1,
     ):
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
@@ -96,6 +99,8 @@ class LLM:
         check_mesh_sizes(tp, sp, jax.device_count())
         if esp and tp != 1:
             raise ValueError(f"esp=True runs on sp devices with tp=1, got tp={tp}")
+        if esp and nano_batches != 1:
+            raise ValueError(f"nano_batches={nano_batches}: nano-batching does not run with esp=True (use 1)")
         check_tensor_parallel(ModelConfig.from_dir(model_dir), tp)
         self.cfg, params = _load(model_dir, dtype, params_cache)
         self.tokenizer = Tokenizer.from_dir(model_dir)
@@ -117,7 +122,7 @@ class LLM:
         if esp:
             self.runner = EspRunner(self.cfg, params, self.kv, mesh=sequence_mesh(size=sp), policy=esp_policy, **options)
         else:
-            self.runner = ModelRunner(self.cfg, params, self.kv, mesh=mesh_for(tp, sp), **options)
+            self.runner = ModelRunner(self.cfg, params, self.kv, mesh=mesh_for(tp, sp), nano_batches=nano_batches, **options)
         self.engine = Engine(self.runner, self.scheduler, self.kv)
         self.stop_at_eos = stop_at_eos
         self._next_id = 0

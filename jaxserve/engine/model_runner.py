@@ -26,6 +26,7 @@ from jaxserve.kv.config import KVConfig
 from jaxserve.model.attention import ATTENTION_IMPLS, default_attention_impl, paged_attention
 from jaxserve.model.config import ModelConfig
 from jaxserve.model.llama import bind
+from jaxserve.model.nano_batch import nano_split
 from jaxserve.model.sampling import sample
 from jaxserve.parallel.tensor_parallel import Placement, on_mesh, single_device
 from jaxserve.plan import BatchPlan, StepOutput
@@ -50,6 +51,8 @@ def _step_fn(
     impl,
     chunk_pages,
     all_logits,
+    block_rows,
+    nano_batches,
     on_trace,
 ):
     on_trace()  # runs once per compilation: counts them
@@ -61,7 +64,9 @@ def _step_fn(
         sliding_window=cfg.sliding_window,
         chunk_pages=chunk_pages,
     )
-    hidden, caches = model(split_rows(token_ids), caches, attn, wrap_attention(attend))
+    # Nano-batch boundaries follow from the bucket shape: no compiled shape of their own.
+    nano = nano_split(attn.num_decode_rows, attn.num_blocks, block_rows, nano_batches)
+    hidden, caches = model(split_rows(token_ids), caches, attn, wrap_attention(attend), nano=nano)
     logits = gather(model.logits(hidden[logits_rows]))  # the whole vocabulary: sampling sorts it
     tokens = sample(logits, *sampling)
     return tokens, caches, (gather(model.logits(hidden)) if all_logits else None)
@@ -106,7 +111,9 @@ class ModelRunner(Executor):
     bounds the step shapes kept compiled: a new shape past it drops every compiled step and starts
     over (with jax's persistent cache on, a dropped shape's next compilation is a file read).
     ``mesh``: a ``jax.sharding.Mesh`` with a ``"tp"`` axis to run tensor-parallel on
-    (``jaxserve.parallel.tensor_parallel``); None: everything on the first device."""
+    (``jaxserve.parallel.tensor_parallel``); None: everything on the first device.
+    ``nano_batches``: split each step's rows into this many nano-batches whose attention and GEMMs
+    (and collectives) may overlap (``model/nano_batch.py``; the same logits); 1: off."""
 
     def __init__(
         self,
@@ -122,8 +129,11 @@ class ModelRunner(Executor):
         buckets_per_octave: tuple[int, int] = (2, 4),
         max_compiled_shapes: int | None = None,
         mesh: jax.sharding.Mesh | None = None,
+        nano_batches: int = 1,
     ):
         self.cfg = cfg
+        nano_split(0, 0, block_rows, nano_batches)  # ValueError naming nano_batches if it is bad
+        self.nano_batches = nano_batches
         self.kv = kv
         self.max_model_len = int(
             max_model_len
@@ -187,6 +197,8 @@ class ModelRunner(Executor):
                     impl=impl,
                     chunk_pages=chunk_pages,
                     all_logits=flag,
+                    block_rows=block_rows,
+                    nano_batches=nano_batches,
                     on_trace=self._count_trace,
                 )
             )

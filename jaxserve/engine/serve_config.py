@@ -77,6 +77,7 @@ class EngineSettings:
     sp: int  # parallel.sp: devices the step's rows are split over (with esp: the ESP devices)
     first_device: int  # parallel.first_device: the runner's devices are jax.devices()[first : first + tp*sp]
     esp_policy: EspPolicy | None  # parallel.esp: LoongServe's elastic SP over the sp devices; None: off
+    nano_batches: int = 1  # engine.nano_batches: nano-batches per step (NanoFlow's overlap); 1: off
 
     @property
     def devices(self) -> list | None:
@@ -121,6 +122,11 @@ def engine_settings(config) -> EngineSettings:
             esp_policy = EspPolicy(get(config, "parallel.esp_prefill_tokens_per_device", int), pages or None)
         except ValueError as e:
             raise ConfigError(f"parallel.esp_*: {e}") from None
+    nano_batches = get(config, "engine.nano_batches", int)
+    if nano_batches < 1:
+        raise ConfigError(f"engine.nano_batches must be >= 1 (1: off), got {nano_batches}")
+    if nano_batches > 1 and esp_policy is not None:
+        raise ConfigError(f"engine.nano_batches={nano_batches} does not run with parallel.esp (use 1)")
     max_shapes = get(config, "engine.max_compiled_shapes", int)
     if max_shapes < 0:
         raise ConfigError(f"engine.max_compiled_shapes must be >= 0 (0: from the host's memory-map limit), got {max_shapes}")
@@ -145,6 +151,7 @@ def engine_settings(config) -> EngineSettings:
         sp=sp,
         first_device=first_device,
         esp_policy=esp_policy,
+        nano_batches=nano_batches,
     )
 
 
@@ -178,7 +185,8 @@ def build_runner(settings: EngineSettings, max_num_seqs: int) -> tuple[ModelRunn
             mesh = sequence_mesh(settings.devices, size=settings.sp)
             runner = EspRunner(cfg, params, kv, mesh=mesh, policy=settings.esp_policy, **options)
         else:
-            runner = ModelRunner(cfg, params, kv, mesh=mesh_for(settings.tp, settings.sp, settings.devices), **options)
+            mesh = mesh_for(settings.tp, settings.sp, settings.devices)
+            runner = ModelRunner(cfg, params, kv, mesh=mesh, nano_batches=settings.nano_batches, **options)
     except ValueError as e:
         raise ConfigError(f"engine/kv: {e}") from None
     return runner, kv

@@ -16,6 +16,7 @@ from jax import lax
 
 from jaxserve.model.attention import AttentionBatch
 from jaxserve.model.config import ModelConfig
+from jaxserve.model.nano_batch import NanoSplit
 from jaxserve.model.rope import apply_rope, inv_freq, rope_tables
 
 Cache = tuple[
@@ -23,6 +24,8 @@ Cache = tuple[
 ]  # (k_pages, v_pages), each [num_kv_heads, num_pages, page_size, head_dim]
 # (q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], cache, batch) -> (out [T, Hq, D], cache with k, v
 # written): ``attention.paged_attention``, or that wrapped in a shard_map by tensor parallelism.
+# The rows of k, v are those batch.slot_page / slot_offset address, q's those its positions and
+# attention metadata do; a nano-batched step writes all rows with one call and none with the others.
 AttendFn = Callable[
     [jax.Array, jax.Array, jax.Array, Cache, AttentionBatch], tuple[jax.Array, Cache]
 ]
@@ -93,6 +96,10 @@ class Attention(nnx.Module):
     def __call__(
         self, x, cos, sin, cache: Cache, batch: AttentionBatch, attend: AttendFn
     ):
+        return self.attend(self.project(x, cos, sin), cache, batch, attend)
+
+    def project(self, x, cos, sin) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The GEMM half before attention: ``x [T, H]`` -> ``q [T, Hq, D]``, ``k, v [T, Hkv, D]`` (RoPE applied)."""
         T, d, s = x.shape[0], self.head_dim, self.shards
         q, k, v = split_shards(
             self.qkv_proj(x),
@@ -101,8 +108,13 @@ class Attention(nnx.Module):
         )
         q = apply_rope(q.reshape(T, self.num_heads, d), cos, sin)
         k = apply_rope(k.reshape(T, self.num_kv_heads, d), cos, sin)
-        out, cache = attend(q, k, v.reshape(T, self.num_kv_heads, d), cache, batch)
-        return self.o_proj(out.reshape(T, self.num_heads * d)), cache
+        return q, k, v.reshape(T, self.num_kv_heads, d)
+
+    def attend(self, qkv, cache: Cache, batch: AttentionBatch, attend: AttendFn):
+        """KV write + attention (``attend``) and the output projection: ``(out [T, H], cache)``."""
+        q = qkv[0]
+        out, cache = attend(*qkv, cache, batch)
+        return self.o_proj(out.reshape(q.shape[0], self.num_heads * self.head_dim)), cache
 
 
 class MLP(nnx.Module):
@@ -125,9 +137,20 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, dtype, rngs, shards)
 
     def __call__(self, x, cos, sin, cache, batch, attend):
-        attn_out, cache = self.attn(self.input_norm(x), cos, sin, cache, batch, attend)
-        x = x + attn_out
-        return x + self.mlp(self.post_attn_norm(x)), cache
+        return self.finish(x, self.project(x, cos, sin), cache, batch, attend)
+
+    def project(self, x, cos, sin):
+        """The layer up to attention (norm, q|k|v GEMM, RoPE): ``(q, k, v)``."""
+        return self.attn.project(self.input_norm(x), cos, sin)
+
+    def finish(self, x, qkv, cache, batch, attend):
+        """The rest of the layer from ``project``'s ``qkv``: KV write, attention, o, residual, MLP."""
+        attn_out, cache = self.attn.attend(qkv, cache, batch, attend)
+        return self.feed_forward(x + attn_out), cache
+
+    def feed_forward(self, h):
+        """The MLP half with its residual: ``h + mlp(norm(h))``."""
+        return h + self.mlp(self.post_attn_norm(h))
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -157,16 +180,51 @@ class LlamaForCausalLM(nnx.Module):
         caches: tuple[Cache, ...],
         batch: AttentionBatch,
         attend: AttendFn,
+        nano: NanoSplit | None = None,
     ):
         x = self.embed(token_ids)
         cos, sin = rope_tables(
             batch.positions, jnp.asarray(inv_freq(self.cfg))
         )  # a trace-time constant
+        if nano is not None:
+            return self._nano_batched(x, cos, sin, caches, batch, attend, nano)
         new_caches = []
         for layer, cache in zip(self.layers, caches):
             x, cache = layer(x, cos, sin, cache, batch, attend)
             new_caches.append(cache)
         return self.norm(x), tuple(new_caches)
+
+    def _nano_batched(self, x, cos, sin, caches, batch, attend, nano: NanoSplit):
+        """The same step as nano-batches (``model/nano_batch.py``). In each layer every nano-batch's
+        q|k|v GEMM, then one KV write of all rows (with nano-batch 0's attention call), then the
+        nano-batches' attention calls, writing nothing, each read-only on the same cache: a write
+        per nano-batch would make XLA copy the whole cache before it (the next nano-batch's write
+        must not clobber what the previous one's attention still reads; measured: one copy per
+        layer's K and V). Nano-batch ``i + 1``'s attention is traced right after ``i``'s and
+        before ``i``'s o / MLP GEMMs, with no data dependence between them (nor on the next
+        layer's q|k|v GEMM of ``i``), so a backend that runs independent operations at once (GPU
+        streams, XLA's latency-hiding scheduler; under tp, ``i``'s all-reduces too) may overlap
+        them."""
+        n = len(nano.parts)
+        xs = [nano.take(x, i) for i in range(n)]
+        rope = [(nano.take(cos, i), nano.take(sin, i)) for i in range(n)]
+        reads = [nano.batch(batch, i) for i in range(n)]
+        # Nano-batch 0's call writes every row's K/V; the others write none (zero rows).
+        writes = [reads[0]._replace(slot_page=batch.slot_page, slot_offset=batch.slot_offset)]
+        writes += [b._replace(slot_page=b.slot_page[:0], slot_offset=b.slot_offset[:0]) for b in reads[1:]]
+        new_caches = []
+        for layer, cache in zip(self.layers, caches):
+            qkv = [layer.project(xs[i], *rope[i]) for i in range(n)]
+            k, v = nano.merge([t[1] for t in qkv]), nano.merge([t[2] for t in qkv])
+            outs = [None] * n
+            outs[0], cache = layer.attn.attend((qkv[0][0], k, v), cache, writes[0], attend)
+            for i in range(n):
+                if i + 1 < n:
+                    q = qkv[i + 1][0]
+                    outs[i + 1], cache = layer.attn.attend((q, k[:0], v[:0]), cache, writes[i + 1], attend)
+                xs[i] = layer.feed_forward(xs[i] + outs[i])
+            new_caches.append(cache)
+        return self.norm(nano.merge(xs)), tuple(new_caches)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         if self.lm_head is None:
