@@ -325,7 +325,8 @@ def build_app(llm, *, model_name: Optional[str] = None, max_queue: Optional[int]
     @app.get("/v1/models")
     async def models():
         card = {"id": model_name, "object": "model", "created": serving.created, "owned_by": "jaxserve",
-                "root": llm.model_dir, "max_model_len": llm.max_model_len}  # fmt: skip
+                "root": llm.model_dir, "max_model_len": llm.max_model_len,
+                "vocab_size": llm.cfg.vocab_size}  # fmt: skip  (load clients draw token-id prompts below it)
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions")

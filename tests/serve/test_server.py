@@ -137,6 +137,7 @@ def test_models_health_and_metrics(url):
     assert httpx.get(url + "/health").status_code == 200
     models = httpx.get(url + "/v1/models").json()
     assert models["data"][0]["id"] == "tiny" and models["data"][0]["max_model_len"] == 256
+    assert models["data"][0]["vocab_size"] == url.app.state.serving.vocab_size > 0
     before = metric_values(url)
     post(url, "/v1/completions", {"prompt": [5, 6], "max_tokens": 4, "temperature": 0, "ignore_eos": True})
     after = metric_values(url)
