@@ -24,7 +24,7 @@
 5. **Batched decode vs the roofline**: one jitted decode step (the model's forward, the cache
    writes, the logits of every row; caches donated, as the engine runs it) of ``decode_rows`` rows
    at context ``decode_context`` (pages scattered at random over the cache) with the CPU attention
-   path as it is (decode rows in chunks sized by ``attention.decode_chunk_size``) and with one chunk
+   path as it is (decode rows in ``attention.DECODE_CHUNK_PAGES``-page chunks) and with one chunk
    size for every row (``decode_chunk_pages=8``, the path before), in alternating rounds; the
    median CPU time and the best wall of each. Roofline = (every weight but the embedding table +
    the KV bytes the step reads) / copy bandwidth; beside it the compute floor = the step's matmul
@@ -188,7 +188,7 @@ def decode_batch_case(cfg, rows: int, context: int, page_size: int = 16, rounds:
         hidden, caches = model(tokens, caches, batch, attend)
         return model.logits(hidden), caches
 
-    paths = {"current": None, "single_chunk": 8}  # None: sized by attention.decode_chunk_size
+    paths = {"current": None, "single_chunk": 8}  # None: attention.DECODE_CHUNK_PAGES
     fns = {k: jax.jit(functools.partial(step, decode_chunk_pages=c), donate_argnums=1) for k, c in paths.items()}
     cpu = {k: [] for k in fns}
     wall = {k: [] for k in fns}
@@ -225,7 +225,7 @@ def decode_batch_case(cfg, rows: int, context: int, page_size: int = 16, rounds:
         "step_cpu_ms": {k: round(v * 1e3, 1) for k, v in med.items()},
         "step_wall_ms": {k: round(v * 1e3, 1) for k, v in best.items()},
         "speedup_cpu": round(med["single_chunk"] / med["current"], 2),
-        "decode_chunk_pages": attention.decode_chunk_size(rows, caches[0][0], 8),
+        "decode_chunk_pages": attention.DECODE_CHUNK_PAGES,
         "roofline_step_ms": round(roofline_s * 1e3, 2),
         "fraction_of_roofline": round(roofline_s / best["current"], 3),
         "compute_floor_step_ms": round(compute_floor_s * 1e3, 1),

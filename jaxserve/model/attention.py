@@ -8,11 +8,10 @@ Row layout of a step (built by ``jaxserve.engine.packing``; all sizes static per
 
 ``attend_grouped`` (the CPU path) attends decode rows as ``[G, 1]`` groups and prefill blocks as
 ``[G, block_rows]`` groups, looping over the context in chunks of pages with an online softmax, so
-memory stays O(chunk) and work O(actual context). Decode rows may loop over smaller chunks than
-prefill blocks (``decode_chunk_pages``): each chunk's pages are gathered into a fresh array and then
-read by two batched GEMVs, and a chunk small enough to stay in cache between the gather and the
-reads made 64 decode rows at context 300 attend ~1.5x faster; few rows keep the long chunk, where
-each loop iteration's fixed cost matters more than the cache. ``attend_ragged`` hands the same rows to the
+memory stays O(chunk) and work O(actual context). Decode rows loop over smaller chunks than
+prefill blocks (``DECODE_CHUNK_PAGES``): each chunk's pages are gathered into a fresh array and
+then read by two batched GEMVs, and a chunk small enough to stay in cache between the gather and
+the reads made 64 decode rows at context 300 attend ~1.5x faster. ``attend_ragged`` hands the same rows to the
 ragged paged attention dispatcher (Pallas kernel on GPU/TPU): each prefill sequence's padded rows
 count as its query rows, which is harmless because causal masking keeps real rows from seeing the
 padded positions after them.
@@ -33,23 +32,12 @@ from jax import lax
 from pallas_kernels import attention as pallas_attention
 
 NEG_INF = -1e30  # finite, so fully masked rows (padding) stay NaN-free
-# Target size of one decode chunk's gathered K (and of its V) on the CPU path. Measured at 64 rows,
-# 4 KV heads of 64 dims, 16-token float32 pages (1 MiB per page of all rows; one layer's decode
-# attention at context 300, CPU time, alternating rounds): 11.3 ms at 2 pages, 14 ms at 1, 16.7 ms
-# at 8 (the prefill chunk).
-DECODE_CHUNK_BYTES = 2 << 20
-
-
-def decode_chunk_size(rows: int, k_pages: jax.Array, chunk_pages: int) -> int:
-    """Pages per online-softmax chunk for ``rows`` decode rows: the largest power-of-two divisor of
-    ``chunk_pages`` whose gathered K chunk ``[Hkv, rows, pages * page_size, D]`` fits
-    ``DECODE_CHUNK_BYTES`` (at least 1). A divisor of ``chunk_pages`` divides the page table."""
-    Hkv, _, page_size, D = k_pages.shape
-    per_page = rows * Hkv * page_size * D * k_pages.dtype.itemsize
-    pages = chunk_pages & -chunk_pages  # the largest power of two dividing chunk_pages
-    while pages > 1 and pages * per_page > DECODE_CHUNK_BYTES:
-        pages //= 2
-    return pages
+# Pages per online-softmax chunk for decode rows on the CPU path (prefill blocks use the runner's
+# chunk_pages, 8). Measured on the benchmark model (4 KV heads of 64 dims, 16-token float32 pages;
+# one layer's decode attention at context 300, CPU time, alternating rounds), ms at 1 / 2 / 4 / 8
+# pages: 64 rows 14 / 11.3 / 11-14 / 16.7; 32 rows 8-10 / 5.5-6.2 / 5.3-6.6 / 7.7-9.5;
+# 8 rows 1.2 / 1.5-1.6 / 1.3-1.7 / 2.0. Two pages is near the best at every batch.
+DECODE_CHUNK_PAGES = 2
 
 
 class AttentionBatch(NamedTuple):
@@ -175,7 +163,7 @@ def attend_grouped(
     """The CPU path: ``q [T, Hq, D]`` -> ``[T, Hq, D]`` (see the module docstring). Prefill blocks
     loop over ``chunk_pages`` pages at a time, decode rows over ``gcd(chunk_pages,
     decode_chunk_pages)`` (a divisor of the page-table width, which is a multiple of
-    ``chunk_pages``); ``decode_chunk_pages=None`` sizes it by ``decode_chunk_size``."""
+    ``chunk_pages``); ``None`` means ``DECODE_CHUNK_PAGES``."""
     k_pages, v_pages = cache
     T, Hq, D = q.shape
     n_dec, n_blk = batch.num_decode_rows, batch.num_blocks
@@ -198,7 +186,7 @@ def attend_grouped(
                 **kw,
                 "chunk_pages": math.gcd(
                     chunk_pages,
-                    decode_chunk_pages or decode_chunk_size(n_dec, k_pages, chunk_pages),
+                    decode_chunk_pages or DECODE_CHUNK_PAGES,
                 ),
             },
         )

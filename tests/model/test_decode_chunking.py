@@ -1,5 +1,5 @@
 """The CPU attention path's decode rows may loop over smaller page chunks than its prefill blocks
-(``attention.decode_chunk_size``): every real row still gets exact attention over its own request's
+(``attention.DECODE_CHUNK_PAGES``): every real row still gets exact attention over its own request's
 positions, equal to the single-chunk-size path within float32 rounding, for mixed prefill + decode
 steps, every GQA ratio, contexts ending on, just before and just after page boundaries."""
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxserve.engine.packing import PackSpec, RequestSampling, pack
-from jaxserve.model.attention import DECODE_CHUNK_BYTES, attend_grouped, decode_chunk_size
+from jaxserve.model.attention import attend_grouped
 from jaxserve.plan import BatchPlan
 
 PAGE, WIDTH, NUM_PAGES, D = 4, 8, 40, 8
@@ -58,7 +58,7 @@ def direct(q_row, pos, table, k_pages, v_pages, window):
 @pytest.mark.parametrize("Hq, Hkv, window", [(4, 4, None), (4, 2, 6), (6, 2, None), (8, 1, 6)])
 def test_decode_chunks_match_direct_attention_and_the_single_chunk_path(Hq, Hkv, window):
     """Decode chunks of 1, 2, 3 pages (3 does not divide the page table: the path takes gcd(3,
-    chunk_pages) = 1) and the sized default (``None``) against a float64 computation and against
+    chunk_pages) = 1) and the default (``None``: ``DECODE_CHUNK_PAGES``) against a float64 computation and against
     one chunk size, ``chunk_pages``, for every row (the path before)."""
     plan = mixed_plan()
     hb = pack(plan, SPEC, {rid: RequestSampling(2, 0.0, 0, 1.0, 0) for rid in plan.request_ids})
@@ -82,14 +82,3 @@ def test_decode_chunks_match_direct_attention_and_the_single_chunk_path(Hq, Hkv,
                 np.testing.assert_allclose(new[row], expect, atol=2e-6, err_msg=msg)
                 np.testing.assert_allclose(new[row], old[row], atol=1e-6, err_msg=msg)
 
-
-def test_decode_chunk_size_fits_the_byte_budget_and_divides_chunk_pages():
-    k64 = jax.ShapeDtypeStruct((4, 4096, 16, 64), np.float32)  # 1 MiB per page of 64 rows
-    assert DECODE_CHUNK_BYTES == 2 << 20  # the measured budget the figures below follow from
-    assert decode_chunk_size(64, k64, 8) == 2
-    assert decode_chunk_size(32, k64, 8) == 4
-    assert decode_chunk_size(1, k64, 8) == 8  # few rows: the prefill chunk
-    assert decode_chunk_size(1, k64, 6) == 2  # a power of two dividing chunk_pages
-    assert decode_chunk_size(1024, k64, 8) == 1  # never below one page
-    k16 = jax.ShapeDtypeStruct((4, 4096, 16, 64), np.dtype("bfloat16"))
-    assert decode_chunk_size(64, k16, 8) == 4  # half the bytes per page
