@@ -214,15 +214,21 @@ class LlamaForCausalLM(nnx.Module):
         writes += [b._replace(slot_page=b.slot_page[:0], slot_offset=b.slot_offset[:0]) for b in reads[1:]]
         new_caches = []
         for layer, cache in zip(self.layers, caches):
-            qkv = [layer.project(xs[i], *rope[i]) for i in range(n)]
+            qkv = []
+            for i in range(n):
+                with jax.named_scope(f"nano{i}_qkv"):  # names the HLO ops by nano-batch (docs' schedule)
+                    qkv.append(layer.project(xs[i], *rope[i]))
             k, v = nano.merge([t[1] for t in qkv]), nano.merge([t[2] for t in qkv])
             outs = [None] * n
-            outs[0], cache = layer.attn.attend((qkv[0][0], k, v), cache, writes[0], attend)
+            with jax.named_scope("nano0_attn"):
+                outs[0], cache = layer.attn.attend((qkv[0][0], k, v), cache, writes[0], attend)
             for i in range(n):
                 if i + 1 < n:
-                    q = qkv[i + 1][0]
-                    outs[i + 1], cache = layer.attn.attend((q, k[:0], v[:0]), cache, writes[i + 1], attend)
-                xs[i] = layer.feed_forward(xs[i] + outs[i])
+                    with jax.named_scope(f"nano{i + 1}_attn"):
+                        q = qkv[i + 1][0]
+                        outs[i + 1], cache = layer.attn.attend((q, k[:0], v[:0]), cache, writes[i + 1], attend)
+                with jax.named_scope(f"nano{i}_mlp"):
+                    xs[i] = layer.feed_forward(xs[i] + outs[i])
             new_caches.append(cache)
         return self.norm(nano.merge(xs)), tuple(new_caches)
 
