@@ -25,6 +25,10 @@ def engine_cpu(result):
     d = result["decode_batch1"]
     assert d["roofline_step_ms"] > 0 and d["jaxserve_step_ms"] > 0 and d["copy_bandwidth_gb_s"] > 0
     assert d["jaxserve_fraction_of_roofline"] == pytest.approx(d["roofline_step_ms"] / d["jaxserve_step_ms"], abs=2e-3)
+    b = result["decode_batched"]
+    assert b["rows"] == 8 and b["roofline_step_ms"] > 0 and b["compute_floor_step_ms"] > 0
+    assert b["step_cpu_ms"]["current"] > 0 and b["step_cpu_ms"]["single_chunk"] > 0
+    assert b["fraction_of_roofline"] == pytest.approx(b["roofline_step_ms"] / b["step_wall_ms"]["current"], rel=0.05)
 
 
 def engine_startup(result):
