@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import pathlib
@@ -12,17 +11,11 @@ import sys
 
 import pytest
 
+from config_defaults import default_config as defaults
 from jaxserve.cluster.config import build_cluster_sim, is_cluster, run_cluster_sim
 from jaxserve.config import ConfigError, override
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def defaults():
-    spec = importlib.util.spec_from_file_location("jaxserve_cluster_test_defaults", ROOT / "configs" / "default.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def small(**values):

@@ -3,25 +3,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import jax
 import pytest
 
+from config_defaults import default_config
 from jaxserve.config import ConfigError, override
 from jaxserve.engine.esp_policy import EspPolicy
 from jaxserve.engine.esp_runner import EspRunner
 from jaxserve.engine.serve_config import build_runner, engine_settings
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def default_config():
-    spec = importlib.util.spec_from_file_location("jaxserve_devices_default_config", ROOT / "configs" / "default.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def engine_config(model_dir, **values):

@@ -12,8 +12,6 @@ full sweep is ``slow``.
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 import re
 
 import jax
@@ -21,6 +19,7 @@ import numpy as np
 import pytest
 from engine_testing import RUNNER_KV, greedy, prompt, request
 
+from config_defaults import default_config
 from jaxserve import scheduler as schedulers
 from jaxserve.config import ConfigError, override
 from jaxserve.engine.engine import Engine
@@ -30,7 +29,6 @@ from jaxserve.engine.serve_config import build_runner, engine_settings
 from jaxserve.plan import BatchPlan
 from jaxserve.parallel.tensor_parallel import engine_mesh
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 # 8 attention heads (head_dim 8): tp = 2, 4, 8 all divide them. Llama and Mistral keep 2 KV heads
 # (tp 2 splits them, 4 and 8 replicate them); Qwen2 has 1 (always replicated).
 HEADS = {"num_attention_heads": 8, "head_dim": 8}
@@ -195,13 +193,6 @@ def test_engine_serve_and_llm_give_the_single_device_greedy_tokens(llama, llama_
     assert llm.runner.mesh.shape["tp"] == 4
     outs = llm.generate([list(r.prompt_token_ids) for r in requests], jaxserve.SamplingParams(4, temperature=0.0))
     assert [o.token_ids for o in outs] == [tokens[r.request_id] for r in requests]
-
-
-def default_config():
-    spec = importlib.util.spec_from_file_location("jaxserve_tp_default_config", ROOT / "configs" / "default.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 @pytest.mark.parametrize("arch, overrides, message", [

@@ -2,13 +2,11 @@
 clock and memory does not, dynamic power falls as V²f, phases draw different power, a power cap
 lowers the clock of the steps that exceed it, and bad clocks or caps are one clear error."""
 
-import importlib.util
-import pathlib
-
 import numpy as np
 import pytest
 
 import jaxserve
+from config_defaults import default_config as defaults
 from jaxserve.config import ConfigError, override
 from jaxserve.sim.cost_model import RooflineCostModel
 from jaxserve.sim.hardware import HARDWARE, get_hardware
@@ -16,15 +14,7 @@ from jaxserve.sim.models import get_model
 from jaxserve.sim.power import CORE_SHARE, KNEE_FRACTION, STALL_ACTIVITY, ClockError, Dvfs, StepPower
 from jaxserve.sim.simulate import build_cost_model
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 MODEL = get_model("llama-3-8b")
-
-
-def defaults():
-    spec = importlib.util.spec_from_file_location("jaxserve_power_test_default", ROOT / "configs" / "default.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def plan(computed, new):

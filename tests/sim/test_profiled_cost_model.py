@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 import json
 import pathlib
 
 import numpy as np
 import pytest
 
+from config_defaults import default_config
 import jaxserve
 from jaxserve.runtime.step_geometry import StepGeometry
 from jaxserve.kv import KVConfig
@@ -27,7 +27,6 @@ from jaxserve.runtime import run_replica
 from jaxserve.sim.executor import SimExecutor
 from log_testing import assert_same_log
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Seconds per unit of FEATURES; each term is a sizable share of some default-grid point's time.
 # Per-row slopes fall then rise with the step's rows; the default grid's largest step has 2048 rows,
 # so the last three segments are extrapolated from the one below them (equal slopes here).
@@ -339,13 +338,6 @@ def test_jitter_needs_repeated_samples():
 
 
 # -- through simulate(config) -------------------------------------------------------------------------
-
-
-def default_config():
-    spec = importlib.util.spec_from_file_location("jaxserve_default_config", ROOT / "configs" / "default.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def profiled_config(profile_path):

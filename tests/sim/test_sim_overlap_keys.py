@@ -3,25 +3,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import pytest
 
+from config_defaults import default_config as defaults
 from jaxserve.config import ConfigError, override
 from jaxserve.sim.cost_model import RooflineCostModel
 from jaxserve.sim.overlap_cost_model import NanoSchedule, OverlapCostModel
 from jaxserve.sim.simulate import build_cost_model, build_sim, run_sim
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 SEVENTY_B = {"model.name": "llama-2-70b", "hardware.name": "a100-80gb", "hardware.tp": 8}
-
-
-def defaults():
-    spec = importlib.util.spec_from_file_location("jaxserve_overlap_keys_default", ROOT / "configs" / "default.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def offline(**values):
