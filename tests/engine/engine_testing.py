@@ -86,6 +86,21 @@ def step_compiles():
         logger.removeHandler(handler)
 
 
+def rows_plan(rows, prompts: dict, step: int, block_size: int = RUNNER_KV.block_size) -> BatchPlan:
+    """A plan whose every row samples; ``rows``: ``(request id, tokens in KV, new tokens, block
+    table)`` (the table cut to the pages the row's tokens reach), new tokens from ``prompts[id]``."""
+    return BatchPlan(
+        request_ids=tuple(r[0] for r in rows),
+        num_computed_tokens=np.array([r[1] for r in rows], np.int64),
+        num_new_tokens=np.array([r[2] for r in rows], np.int64),
+        samples_token=np.ones(len(rows), bool),
+        block_tables=tuple(table[: -(-(c + n) // block_size)] for _, c, n, table in rows),
+        token_ids=np.array([t for rid, c, n, _ in rows for t in prompts[rid][c : c + n]], np.int32),
+        block_size=block_size,
+        step=step,
+    )
+
+
 def shape_of(plan: BatchPlan, block_rows: int) -> tuple[int, int]:
     """The bucket ``(num_decode_rows, num_blocks)`` that ``packing.pack`` gives ``plan``."""
     n = plan.num_new_tokens.tolist()

@@ -13,7 +13,7 @@ import pathlib
 
 import numpy as np
 import pytest
-from engine_testing import RUNNER_KV, greedy, prompt, request
+from engine_testing import RUNNER_KV, greedy, prompt, request, rows_plan
 from hf_checkpoints import make_checkpoint
 
 import jaxserve
@@ -43,17 +43,8 @@ SAMPLING = {"a": greedy(1), "b": SamplingParams(max_new_tokens=1, temperature=1.
 
 
 def step_plan(rows, step: int) -> BatchPlan:
-    bs = RUNNER_KV.block_size
-    return BatchPlan(
-        request_ids=tuple(r[0] for r in rows),
-        num_computed_tokens=np.array([r[1] for r in rows], np.int64),
-        num_new_tokens=np.array([r[2] for r in rows], np.int64),
-        samples_token=np.ones(len(rows), bool),
-        block_tables=tuple(TABLES[rid][: -(-(c + n) // bs)] for rid, c, n in rows),
-        token_ids=np.array([t for rid, c, n in rows for t in PROMPTS[rid][c : c + n]], np.int32),
-        block_size=bs,
-        step=step,
-    )
+    """``rows``: ``(request id, tokens in KV, new tokens)`` of the module's requests."""
+    return rows_plan([(rid, c, n, TABLES[rid]) for rid, c, n in rows], PROMPTS, step)
 
 
 @pytest.fixture(scope="module")

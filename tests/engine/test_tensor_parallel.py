@@ -17,7 +17,7 @@ import re
 import jax
 import numpy as np
 import pytest
-from engine_testing import RUNNER_KV, greedy, prompt, request
+from engine_testing import RUNNER_KV, greedy, prompt, request, rows_plan
 
 from config_defaults import default_config
 from jaxserve import scheduler as schedulers
@@ -26,7 +26,6 @@ from jaxserve.engine.engine import Engine
 from jaxserve.engine.model_runner import ModelRunner
 from jaxserve.engine.packing import warmup_batches
 from jaxserve.engine.serve_config import build_runner, engine_settings
-from jaxserve.plan import BatchPlan
 from jaxserve.parallel.tensor_parallel import engine_mesh
 
 # 8 attention heads (head_dim 8): tp = 2, 4, 8 all divide them. Llama and Mistral keep 2 KV heads
@@ -47,28 +46,13 @@ def mesh(tp: int, sp: int = 1):
     return engine_mesh(tp, sp)
 
 
-def chunk_plan(rows, step: int) -> BatchPlan:
-    """``rows``: ``(request id, tokens in KV, new tokens, block table)``; every row samples."""
-    bs = RUNNER_KV.block_size
-    return BatchPlan(
-        request_ids=tuple(r[0] for r in rows),
-        num_computed_tokens=np.array([r[1] for r in rows], np.int64),
-        num_new_tokens=np.array([r[2] for r in rows], np.int64),
-        samples_token=np.ones(len(rows), bool),
-        block_tables=tuple(r[3][: -(-(r[1] + r[2]) // bs)] for r in rows),
-        token_ids=np.array([t for rid, c, n, _ in rows for t in PROMPTS[rid][c : c + n]], np.int32),
-        block_size=bs,
-        step=step,
-    )
-
-
 def prefill(runner) -> tuple[dict, dict]:
     """Runs CHUNKS; returns each request's logits ``[20 or 9, vocab]`` and its two sampled tokens."""
     logits, tokens = {rid: [] for rid in PROMPTS}, {rid: [] for rid in PROMPTS}
     for rid, ids in PROMPTS.items():
         runner.register(request(rid, ids, greedy(1)))
     for step, rows in enumerate(CHUNKS):
-        out, per_request = runner.execute_with_logits(chunk_plan(rows, step))
+        out, per_request = runner.execute_with_logits(rows_plan(rows, PROMPTS, step))
         for rid in PROMPTS:
             logits[rid].append(per_request[rid])
             tokens[rid].append(out.token_ids[rid])
