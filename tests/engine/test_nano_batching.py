@@ -8,11 +8,9 @@ shape, and a split step's KV write copies no cache.
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import numpy as np
 import pytest
+from config_defaults import default_config
 from engine_testing import RUNNER_KV, greedy, prompt, request, rows_plan
 from hf_checkpoints import make_checkpoint
 
@@ -25,7 +23,6 @@ from jaxserve.parallel.tensor_parallel import engine_mesh
 from jaxserve.plan import BatchPlan
 from jaxserve.request import SamplingParams
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 ATOL = 1e-5  # float32: a nano-batch's GEMMs have fewer rows (observed <= 1e-6)
 BLOCK_ROWS = 8  # small blocks: a 38-token chunk is 5 blocks, which n = 2..4 split apart
 HEADS = {"num_attention_heads": 8, "head_dim": 8}  # tp = 2, 4 divide them (2 KV heads: split, replicated)
@@ -160,11 +157,8 @@ def test_llm_generates_the_same_tokens(model):
 def test_the_config_key_reaches_the_runner(model):
     from jaxserve.engine.serve_config import build_runner, engine_settings
 
-    spec = importlib.util.spec_from_file_location("jaxserve_nano_default_config", ROOT / "configs" / "default.py")
-    defaults = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(defaults)
-    config = override(defaults.get_config(), {"backend": "engine", "model.path": model[0], "kv.num_blocks": 16,
-                                              "engine.compile_cache": ""})  # fmt: skip
+    config = override(default_config(), {"backend": "engine", "model.path": model[0], "kv.num_blocks": 16,
+                                     "engine.compile_cache": ""})  # fmt: skip
     assert engine_settings(config).nano_batches == 1
     runner, _ = build_runner(engine_settings(override(config, {"engine.nano_batches": 4})), max_num_seqs=4)
     assert runner.nano_batches == 4
