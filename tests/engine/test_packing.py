@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from plan_testing import make_plan as plan_for_rows
 
 from jaxserve.runtime.step_geometry import bucket, bucket_sizes
 from jaxserve.engine.packing import PackSpec, RequestSampling, pack
@@ -19,17 +20,7 @@ SPEC = PackSpec(
 
 def make_plan(rows, block_size=PAGE) -> BatchPlan:
     """rows: ``(request_id, num_computed, token_ids, block_table, samples_token)``."""
-    plan = BatchPlan(
-        request_ids=tuple(r[0] for r in rows),
-        num_computed_tokens=np.array([r[1] for r in rows], np.int64),
-        num_new_tokens=np.array([len(r[2]) for r in rows], np.int64),
-        samples_token=np.array([r[4] for r in rows], bool),
-        block_tables=tuple(tuple(r[3]) for r in rows),
-        token_ids=np.array([t for r in rows for t in r[2]], np.int32),
-        block_size=block_size,
-    )
-    plan.validate()
-    return plan
+    return plan_for_rows(rows, block_size)
 
 
 # A mixed step: decodes, a prefill chunk starting mid-sequence, a prompt's first chunk spanning two

@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from plan_testing import make_plan
 
 from jaxserve.engine.packing import PackSpec, RequestSampling, pack
 from jaxserve.model.attention import attend_grouped
@@ -28,17 +29,7 @@ def mixed_plan() -> BatchPlan:
         rows.append((f"dec{i}", ctx - 1, [7], [next(pages) for _ in range(-(-ctx // PAGE))], True))
     rows.append(("pre_mid", 6, list(range(10, 17)), [next(pages) for _ in range(4)], True))
     rows.append(("pre_new", 0, list(range(20, 25)), [next(pages) for _ in range(2)], False))
-    plan = BatchPlan(
-        request_ids=tuple(r[0] for r in rows),
-        num_computed_tokens=np.array([r[1] for r in rows], np.int64),
-        num_new_tokens=np.array([len(r[2]) for r in rows], np.int64),
-        samples_token=np.array([r[4] for r in rows], bool),
-        block_tables=tuple(tuple(r[3]) for r in rows),
-        token_ids=np.array([t for r in rows for t in r[2]], np.int32),
-        block_size=PAGE,
-    )
-    plan.validate()
-    return plan
+    return make_plan(rows, PAGE)
 
 
 def direct(q_row, pos, table, k_pages, v_pages, window):
