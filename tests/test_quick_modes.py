@@ -51,6 +51,17 @@ def cluster_speed(result):
     assert result["ratio"] == pytest.approx(many["requests_per_wall_s"] / one["requests_per_wall_s"], rel=1e-2)
 
 
+def scheduler_overhead(result):
+    assert result["steps"] == 60 and result["block"] == 25
+    for name in ("vllm", "sarathi"):
+        r = result["schedulers"][name]
+        assert 0 < r["median_us"] <= r["p99_us"]
+        assert r["running"] > 200 and r["waiting"] >= 10_000 - 256  # the batch stays full, the queue long
+        kinds = r["by_step_kind"]
+        assert set(kinds) <= {"decode", "decode+finish", "prefill", "prefill+finish"}
+        assert abs(sum(k["share"] for k in kinds.values()) - 1) < 0.01
+
+
 def sim_vs_engine(out):
     text = (out / "summary.md").read_text()
     assert "poisson/sarathi" in text and "azure/vllm" in text and "MAPE raw" in text and "speed min / median" in text
@@ -212,7 +223,7 @@ QUICK_RUNS = {
     "experiments/scheduler_demo.py": (["--num_requests", "60"], (), None),
     "benchmarks/simulator_speed.py": (["--duration_s", "60"], "json", None),
     "benchmarks/cluster_speed.py": (["--duration_s", "60"], "json", cluster_speed),
-    "benchmarks/scheduler_overhead.py": (["--steps", "60", "--schedulers", "vllm,sarathi", "--block", "25"], "json", None),
+    "benchmarks/scheduler_overhead.py": (["--steps", "60", "--schedulers", "vllm,sarathi", "--block", "25"], "json", scheduler_overhead),
     "benchmarks/attention_kernels.py": (["--batch", "2", "--context", "256", "--iters", "2"], "json", None),
     "benchmarks/engine_cpu.py": (["--quick"], "json", engine_cpu),
     "benchmarks/engine_startup.py": (["--quick"], "json", engine_startup),
