@@ -222,11 +222,11 @@ def decode_batch_case(cfg, rows: int, context: int, page_size: int = 16, rounds:
     best = {k: min(v) for k, v in wall.items()}
     return {
         "rows": rows, "context": context, "rounds": rounds,
-        "step_cpu_ms": {k: round(v * 1e3, 1) for k, v in med.items()},
-        "step_wall_ms": {k: round(v * 1e3, 1) for k, v in best.items()},
+        "step_cpu_ms": {k: round(v * 1e3, 3) for k, v in med.items()},
+        "step_wall_ms": {k: round(v * 1e3, 3) for k, v in best.items()},
         "speedup_cpu": round(med["single_chunk"] / med["current"], 2),
         "decode_chunk_pages": attention.DECODE_CHUNK_PAGES,
-        "roofline_step_ms": round(roofline_s * 1e3, 2),
+        "roofline_step_ms": round(roofline_s * 1e3, 4),
         "fraction_of_roofline": round(roofline_s / best["current"], 3),
         "compute_floor_step_ms": round(compute_floor_s * 1e3, 1),
         "gemm_gflop_s_cpu_time": round(gemm_flop_s / 1e9, 1),
