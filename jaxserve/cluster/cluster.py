@@ -19,7 +19,9 @@ nothing more can change is reported failed with the reason. Nothing is lost or s
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
 import heapq
 import math
 from collections.abc import Sequence
@@ -82,7 +84,8 @@ class ClusterEvent:
 class Member:
     """One replica of the cluster and what the cluster tracks about it."""
 
-    def __init__(self, index: int, spec: ReplicaSpec, log: EventLog, fast_forward: bool, on_finished=None):
+    def __init__(self, index: int, spec: ReplicaSpec, log: EventLog, fast_forward: bool, on_finished=None,
+                 on_step=None):
         self.index = index
         self.spec = spec
         self.role = spec.role
@@ -102,7 +105,8 @@ class Member:
         self.num_high_priority = 0
         self.replica = Replica(spec.scheduler, spec.kv, spec.executor, limits=spec.limits, log=log,
                                index=index, on_plan=self._started, on_finished=self._finished, fast_forward=fast_forward,
-                               admit=_register_hook(spec.executor))  # fmt: skip
+                               admit=_register_hook(spec.executor),
+                               on_step=None if on_step is None else functools.partial(on_step, index))  # fmt: skip
 
     @property
     def accepting(self) -> bool:
@@ -230,7 +234,7 @@ class Cluster:
 
     def __init__(self, specs: Sequence[ReplicaSpec], router, *, fast_forward: bool = True,
                  max_sim_time_s: float = math.inf, migration: Optional[MigrationSettings] = None,
-                 step_errors: str = "fail", pools: Optional[PoolSettings] = None):
+                 step_errors: str = "fail", pools: Optional[PoolSettings] = None, on_step=None):
         if not specs:
             raise ValueError("a cluster needs at least one replica")
         roles = {spec.role for spec in specs}
@@ -244,6 +248,8 @@ class Cluster:
         if step_errors not in STEP_ERRORS:
             raise ValueError(f"step_errors must be one of {STEP_ERRORS}, got {step_errors!r}")
         self.step_errors = step_errors
+        self.on_step = on_step  # (replica index, plan, StepOutput, state) after each step a replica runs
+        self._cancelled: set[str] = set()  # aborted while held at the router: dropped when dispatched
         self._num_removing = 0  # members draining to be removed (checked after every loop event)
         self.replica_failures: list[tuple[float, int, str]] = []  # (time, replica, why)
         self.migrator = Migrator(self, migration) if migration is not None and migration.mode != "off" else None
@@ -263,13 +269,20 @@ class Cluster:
         self.placements: list[tuple[float, str, int]] = []  # (time, request id, replica), in order
         self.prompt_lens: dict[str, int] = {}  # each request's own prompt length (continuations grow it)
         self.outputs: dict[str, tuple[int, ...]] = {}  # finished request -> every token it generated
+        self._arrivals: list[Request] = []  # submitted, sorted by arrival time; those before _nxt have arrived
+        self._nxt = 0
+        self._num_submitted = 0
+        self._advanced = False
+        self._queued_ids: set[str] = set()  # ids submitted that have not arrived yet
+        self._events: list = []  # heap of (time, order, ClusterEvent)
+        self._num_events = 0
 
     # -- events ------------------------------------------------------------------------------------
     def _add(self, spec: ReplicaSpec) -> Member:
         # A prefill replica steps one step at a time: any step may finish prompts to hand off (and
         # it never decodes, so closed-form decode runs would not apply anyway).
         fast = self.fast_forward and spec.role != "prefill"
-        member = Member(len(self.members), spec, self.log, fast, self._finished)
+        member = Member(len(self.members), spec, self.log, fast, self._finished, self.on_step)
         # Runs are deferred (cut only when this replica is read or changed) unless the router
         # reads what a run changes besides blocks in use: served tokens, or prefix caches.
         member.replica.defer_runs = (fast and not self.router.accounts_service
@@ -378,6 +391,9 @@ class Cluster:
         seen = set()
         for request, index in placements:
             rid = request.request_id
+            if self._cancelled and rid in self._cancelled:  # aborted while it was held
+                self._cancelled.discard(rid)
+                continue
             if rid in seen or not 0 <= index < len(self.members) or not self.members[index].takes_arrivals:
                 raise RuntimeError(f"router {type(self.router).__name__} placed {rid!r} on replica {index!r}, "
                                    "which is not accepting or was already given it in this dispatch")
@@ -387,19 +403,117 @@ class Cluster:
             self.refresh(self.members[index])
 
     # -- the loop ----------------------------------------------------------------------------------
+    # ``run`` serves a whole arrival list; a driver that learns of arrivals as it goes (a real-time
+    # server) uses the same loop in pieces: ``submit`` / ``add_event`` / ``abort`` between calls of
+    # ``advance(until)``, and ``finish`` once nothing more will come.
+    def submit(self, request: Request) -> None:
+        """Queues ``request`` to reach the router at its ``arrival_time`` (which must not be
+        before ``now``: the loop has already passed it). Its id must be new to the cluster."""
+        rid = request.request_id
+        if rid in self.prompt_lens or rid in self._queued_ids:
+            raise ValueError(f"request id {rid!r} was already submitted to this cluster")
+        if request.arrival_time < self.now:
+            raise ValueError(f"request {rid!r} arrives at {request.arrival_time} s, before the cluster's clock "
+                             f"({self.now} s)")
+        arrivals, t = self._arrivals, request.arrival_time
+        if len(arrivals) > self._nxt and arrivals[-1].arrival_time > t:  # (out of order: keep them sorted, stable)
+            bisect.insort_right(arrivals, request, lo=self._nxt, key=_arrival_time)
+        else:
+            arrivals.append(request)
+        self._queued_ids.add(rid)
+        self._num_submitted += 1
+
+    def add_event(self, event: ClusterEvent) -> None:
+        """Applies ``event`` at its ``time_s`` (at ``now`` if that has passed)."""
+        heapq.heappush(self._events, (event.time_s, self._num_events, event))
+        self._num_events += 1
+
+    def next_time(self) -> float:
+        """When the loop next has something to do (an event, arrival, migration or handoff step,
+        or a replica's step); infinity when nothing can change any more."""
+        t_event = self._events[0][0] if self._events else math.inf
+        t_arrival = self._arrivals[self._nxt].arrival_time if self._nxt < len(self._arrivals) else math.inf
+        t_move = self.migrator.next_time() if self.migrator is not None else math.inf
+        t_hand = self.handoff.next_time() if self.handoff is not None else math.inf
+        return min(t_event, t_arrival, t_move, t_hand, min(self._next))
+
+    def abort(self, request_id: str) -> bool:
+        """Takes ``request_id`` out of the cluster (its blocks freed, its executor told), wherever it
+        is: not yet arrived, held at the router (dropped when dispatched) or on a replica. False
+        while it is between replicas (the last stage of a live migration, or a phase handoff): ask
+        again after the next ``advance``. True for an unknown or ended request."""
+        if request_id in self._queued_ids:
+            self._queued_ids.discard(request_id)
+            self._arrivals.remove(next(r for r in self._arrivals[self._nxt:] if r.request_id == request_id))
+            self._num_submitted -= 1
+            return True
+        migrator, handoff = self.migrator, self.handoff
+        if migrator is not None and request_id in migrator.active and migrator.active[request_id].moving is not None:
+            return False
+        if handoff is not None and (request_id in handoff.active
+                                    or any(h.record.request_id == request_id for h in handoff.waiting)):
+            return False
+        for m in self.members:
+            if m.live and request_id in m.requests:
+                replica = m.replica
+                replica.settle(self.now)
+                replica.replace_state(m.spec.scheduler.abort(replica.state, request_id, replica.now))
+                release(m.spec.executor, request_id)
+                m._forget(request_id)
+                self.refresh(m)
+                return True
+        if any(r.request_id == request_id for r in self.router.pending(self.router_state)):
+            self._cancelled.add(request_id)
+        return True
+
+    def wait_until(self, t: float) -> None:
+        """Real time: every replica ready to step before ``t`` starts its next step at ``t`` (the
+        wall clock of a driver whose replicas really run), and the cluster's clock moves there."""
+        for m in self.members:
+            if self._next[m.index] < t:
+                m.replica.settle(t)
+                m.replica.wait_until(t)
+                self.refresh(m)
+        self.now = max(self.now, t)
+
     def run(self, requests: Sequence[Request], events: Sequence[ClusterEvent] = (),
             on_progress: Optional[ProgressHook] = None, progress_every: int = 2000) -> EventLog:
         """Serves ``requests`` with ``events`` applied at their times; returns the shared log. Every
         request ends in it served, rejected or failed with its reason, or unfinished at the time limit."""
-        arrivals = sorted(requests, key=lambda r: r.arrival_time)
+        arrivals = sorted(requests, key=_arrival_time)
         ids = [r.request_id for r in arrivals]
         if len(set(ids)) != len(ids):
             raise ValueError("request ids must be unique within a run")
-        pending_events = [(e.time_s, i, e) for i, e in enumerate(events)]
-        heapq.heapify(pending_events)
-        nxt, n = 0, len(arrivals)
+        for request in arrivals:
+            self.submit(request)
+        for event in events:
+            self.add_event(event)
+        self.advance(math.inf, on_progress, progress_every)
+        return self.finish(on_progress)
+
+    def finish(self, on_progress: Optional[ProgressHook] = None) -> EventLog:
+        """Ends a run once nothing more will arrive (after ``advance(inf)``): pending runs are
+        applied, and what no replica can take fails with the reason. Returns the shared log."""
+        self.settle_all(math.inf)  # stopped by the time limit: runs end as computed
+        self.give_up()
+        for m in self.members if self.now < self.max_sim_time_s else ():
+            if m.live and m.replica.is_blocked:
+                raise RuntimeError(f"replica {m.index}'s scheduler planned an empty step with "
+                                   f"{m.replica.state.num_waiting} waiting requests and nothing more to come")
+        if on_progress is not None:
+            on_progress(self.progress(self._num_submitted))
+        return self.log
+
+    def advance(self, until: float = math.inf, on_progress: Optional[ProgressHook] = None,
+                progress_every: int = 2000) -> None:
+        """Runs the loop through every happening at or before ``until`` (and before the time
+        limit), earliest first: events, arrivals, migration and handoff steps, replica steps."""
+        pending_events = self._events
+        arrivals, nxt, n = self._arrivals, self._nxt, len(self._arrivals)
         times = self._next
-        self._refresh_all()
+        if not self._advanced:  # (once: between calls, whatever changes a member refreshes it)
+            self._advanced = True
+            self._refresh_all()
         while True:
             t_event = pending_events[0][0] if pending_events else math.inf
             t_arrival = arrivals[nxt].arrival_time if nxt < n else math.inf
@@ -408,7 +522,7 @@ class Cluster:
             t_move = self.migrator.next_time() if self.migrator is not None else math.inf
             t_hand = self.handoff.next_time() if self.handoff is not None else math.inf
             t = min(t_event, t_arrival, t_move, t_hand, t_step)
-            if t == math.inf or t >= self.max_sim_time_s:
+            if t == math.inf or t >= self.max_sim_time_s or t > until:
                 break
             if t_event == t:
                 self.now = max(self.now, t)
@@ -419,6 +533,7 @@ class Cluster:
                 self.now = max(self.now, t)
                 request = arrivals[nxt]
                 nxt += 1
+                self._queued_ids.discard(request.request_id)
                 self.log.add_request(request, request.arrival_time)
                 self.prompt_lens[request.request_id] = request.prompt_len
                 self.router_state = self.router.submit(self.router_state, request)
@@ -460,16 +575,15 @@ class Cluster:
                 self.refresh(busy)
                 self.num_steps += busy.replica.num_steps - before
                 if on_progress is not None and before // progress_every != busy.replica.num_steps // progress_every:
-                    on_progress(self.progress(n))
+                    on_progress(self.progress(self._num_submitted))
             if self._num_removing:
                 self._retire_empty()
             if self.router.has_pending(self.router_state):
                 self.dispatch()
-        self.settle_all(math.inf)  # stopped by the time limit: runs end as computed
-        self._give_up()
-        if on_progress is not None:
-            on_progress(self.progress(n))
-        return self.log
+        if nxt > 4096 and 2 * nxt > n:  # (a long-running driver: drop what the loop has passed)
+            del arrivals[:nxt]
+            nxt = 0
+        self._nxt = nxt
 
     def settle_all(self, until: Optional[float] = None) -> None:
         """Applies every replica's pending decode run up to ``until`` (default: now) — before
@@ -486,8 +600,9 @@ class Cluster:
                 self.refresh(m)
         self._num_removing = sum(m.status == "removing" for m in self.members)
 
-    def _give_up(self) -> None:
-        """What is still held at the router when nothing more can change: failed, with why."""
+    def give_up(self) -> None:
+        """What is still held at the router or waiting for a handoff when nothing more can change
+        (``next_time()`` is infinite): failed, with why."""
         if self.now >= self.max_sim_time_s:
             return  # stopped by the time limit: unfinished, not failed
         if self.handoff is not None:
@@ -495,16 +610,18 @@ class Cluster:
         for request in self.router.pending(self.router_state):
             accepting = sum(m.accepting for m in self.members)
             why = "no replica is accepting requests" if not accepting else f"router {type(self.router).__name__} never placed it"
-            self.log.fail(request.request_id, why)
-        for m in self.members:
-            if m.live and m.replica.is_blocked:
-                raise RuntimeError(f"replica {m.index}'s scheduler planned an empty step with "
-                                   f"{m.replica.state.num_waiting} waiting requests and nothing more to come")
+            if request.request_id not in self._cancelled:
+                self.log.fail(request.request_id, why)
+                self._cancelled.add(request.request_id)  # (a driver that goes on must not place it later)
 
     def progress(self, num_requests: int) -> Progress:
         log = self.log
         done = len(log.rejected) + len(log.finish_reasons) + len(log.failed)
         return Progress(self.now, self.num_steps, done, num_requests)
+
+
+def _arrival_time(request: Request) -> float:
+    return request.arrival_time
 
 
 _HASHES: dict = {}  # (request, block size) -> its prompt's block keys: a router asks every replica
