@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import time
 import zlib
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -269,19 +270,59 @@ class ModelRunner(Executor):
         return self._execute(plan, all_logits=True)
 
     def _execute(self, plan: BatchPlan, all_logits: bool):
+        return self.collect(self.launch(self.prepare(plan, all_logits)))
+
+    # -- a step in three parts, for a loop that schedules step N+1 while step N runs -----------
+    # (``runtime/pipelined.py``): ``prepare`` (memory ops, packing, a first use's compilation),
+    # ``launch`` (dispatch: returns at once, the device runs on) and ``collect`` (waits for the
+    # sampled tokens). ``execute`` is the three back to back. Every call chains on ``self.caches``,
+    # so the device runs launched steps and memory ops in call order whatever the host does.
+    def prepare(self, plan: BatchPlan, all_logits: bool = False) -> "PreparedStep":
+        """Applies ``plan``'s swaps and copies (ordered after every step launched before), packs it
+        and compiles its bucket shape on first use. Call ``launch`` on the result before preparing
+        another plan."""
         start = time.perf_counter()
         self._apply_memory_ops(plan)
         if plan.num_seqs == 0:
-            return StepOutput({}, duration_s=time.perf_counter() - start), {}
+            return PreparedStep(plan, None, all_logits, start, 0.0)
         batch = self._pack(plan)
         compile_s = self._compile(batch.shape_key, all_logits)
-        tokens, self.caches, logits = self._run(batch, all_logits)
-        tokens = np.asarray(tokens)
+        return PreparedStep(plan, batch, all_logits, start, compile_s)
+
+    def launch(self, prepared: "PreparedStep", patch: tuple[np.ndarray, np.ndarray] | None = None) -> "LaunchedStep":
+        """Dispatches the prepared step and returns without waiting for it. ``patch = (plan rows,
+        token ids)``: the input ids of those decode rows (placeholders in the plan: the previous
+        step's tokens, known only now) replace the packed ones."""
+        batch = prepared.batch
+        if batch is None:
+            return LaunchedStep(prepared, None, None)
+        if patch is not None and len(patch[0]):
+            rows, ids = patch
+            token_ids = batch.token_ids.copy()
+            token_ids[batch.first_rows[rows]] = ids
+            batch = batch._replace(token_ids=token_ids)
+        tokens, self.caches, logits = self._run(batch, prepared.all_logits)
+        return LaunchedStep(prepared, tokens, logits)
+
+    @staticmethod
+    def is_done(launched: "LaunchedStep") -> bool:
+        """Whether a launched step's tokens are ready (``collect`` would not wait)."""
+        return launched.tokens is None or launched.tokens.is_ready()
+
+    def collect(self, launched: "LaunchedStep"):
+        """Waits for a launched step: ``(StepOutput, per-request logits)`` (logits only for a step
+        prepared with ``all_logits``). The duration runs from ``prepare`` to now, less compilation."""
+        prepared = launched.prepared
+        plan, batch = prepared.plan, prepared.batch
+        if batch is None:
+            return StepOutput({}, duration_s=time.perf_counter() - prepared.start), {}
+        tokens = np.asarray(launched.tokens)
         slots = np.fromiter((slot for _, slot in batch.sampled), np.int64, len(batch.sampled))
         per_request = {}
-        if all_logits:
-            per_request = self._split_logits(plan, batch, np.asarray(logits))
-        return StepOutput.for_plan(plan, tokens[slots], duration_s=time.perf_counter() - start - compile_s), per_request
+        if prepared.all_logits:
+            per_request = self._split_logits(plan, batch, np.asarray(launched.logits))
+        duration = time.perf_counter() - prepared.start - prepared.compile_s
+        return StepOutput.for_plan(plan, tokens[slots], duration_s=duration), per_request
 
     def _compile(self, shape: tuple[int, int], all_logits: bool) -> float:
         """Compiles a bucket shape on its first use, by steps on padding rows that run each of its
@@ -428,6 +469,25 @@ class ModelRunner(Executor):
             if on_progress is not None:
                 on_progress(i + 1, len(shapes), shape)
         return len(shapes)
+
+
+class PreparedStep(NamedTuple):
+    """A plan whose memory ops ran and whose arrays are packed (``batch`` None: no rows);
+    ``start``: ``time.perf_counter()`` when preparing began; ``compile_s``: its shape's compilation."""
+
+    plan: BatchPlan
+    batch: HostBatch | None
+    all_logits: bool
+    start: float
+    compile_s: float
+
+
+class LaunchedStep(NamedTuple):
+    """A dispatched step: its device arrays of sampled tokens (per slot) and logits (or None)."""
+
+    prepared: PreparedStep
+    tokens: object
+    logits: object
 
 
 def bucket_shapes(spec, max_decode_rows: int, max_blocks: int, mixed: bool = True) -> list[tuple[int, int]]:

@@ -45,8 +45,10 @@ def _sampling_rank(plan: BatchPlan) -> np.ndarray:
     return np.add.accumulate(plan.samples_token.astype(np.int64)) - 1
 
 
-def apply_step_output(sched, state, plan: BatchPlan, out: StepOutput):
-    """The state after ``plan`` ran and produced ``out`` (see ``Scheduler.update``)."""
+def apply_step_output(sched, state, plan: BatchPlan, out: StepOutput, *, check_stops: bool = True):
+    """The state after ``plan`` ran and produced ``out`` (see ``Scheduler.update``). Without
+    ``check_stops`` the tokens are placeholders (an asynchronous engine's step still in flight:
+    ``scheduler/deferred_output.py``): only length finishes are known, stop tokens are not looked at."""
     inflight = state.inflight
     if inflight is None or inflight.step != plan.step:
         raise ValueError(
@@ -95,7 +97,7 @@ def apply_step_output(sched, state, plan: BatchPlan, out: StepOutput):
     # Rows that did not sample cannot be done (a running row has num_output < max_new), so whole
     # columns find the finished ones, in row order = plan order.
     done = (num_output >= nums[:, _MAX_NEW]).nonzero()[0].tolist()
-    if np.count_nonzero(nums[:, _HAS_STOP]):  # a stop token wins over length, as in vLLM
+    if check_stops and np.count_nonzero(nums[:, _HAS_STOP]):  # a stop token wins over length, as in vLLM
         stop_rows = [r for r, t in zip(rows.tolist(), token_arr.tolist())
                      if nums.item(r, _HAS_STOP) and t in run.requests[r].sampling.stop_token_ids]
         reason = dict.fromkeys(stop_rows, "stop")

@@ -1,0 +1,264 @@
+"""Asynchronous scheduling: the replica loop with the host one step ahead of the device.
+
+While the device runs step N, the host reconciles step N-1, closes step N provisionally (every
+sampling row produced one token, a placeholder: ``scheduler/deferred_output.py``), schedules step
+N+1 from that state and packs it (``prepare``). Then it waits for N's tokens (``collect``), writes
+them into N+1's decode inputs (the placeholders) and dispatches N+1 (``launch``), which returns at
+once; then it reconciles N (real tokens in, stop-token finishes, their rows in N+1 dropped) and
+logs it. Scheduler, KV bookkeeping and the event log are those of the synchronous loop
+(``runtime/replica.py``), whose ``Replica`` this extends (arrivals, rejections, the clock).
+
+Clock: a step's duration is the measured interval from when the device could start it (its
+predecessor's tokens collected, or its own preparation when nothing ran before it) to its tokens
+on the host, compilation excluded. Host time that the device hid is in no step; host time longer
+than a device step shows up as longer steps. (The synchronous engine leaves scheduler time out of
+its steps altogether.)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Optional, Protocol
+
+import numpy as np
+
+from jaxserve.kv.config import KVConfig
+from jaxserve.persistent import evolve
+from jaxserve.plan import BatchPlan, StepOutput
+from jaxserve.request import Request
+from jaxserve.runtime.events import EventLog
+from jaxserve.runtime.limits import RunLimits
+from jaxserve.runtime.replica import ProgressHook, Replica, StepHook, _progress
+from jaxserve.scheduler.deferred_output import PendingStep, provisional_update, reconcile
+
+_NO_TOKENS = np.zeros(0, np.int64)
+
+
+class AsyncExecutor(Protocol):
+    """An executor whose step comes in three parts (``engine.model_runner.ModelRunner`` is one):
+    ``prepare(plan)`` applies its memory ops and packs it (ordered after every launched step),
+    ``launch(prepared, patch)`` dispatches it without waiting (``patch = (plan rows, token ids)``:
+    those decode rows' input ids replace the plan's placeholders), ``is_done(launched)`` says
+    whether its tokens are ready, ``collect(launched)`` waits for them: ``(StepOutput, logits)``.
+    A prepared step has ``start`` (perf_counter when preparing began) and ``compile_s``."""
+
+    def register(self, request: Request) -> None: ...
+
+    def release(self, request_id: str) -> None: ...
+
+    def prepare(self, plan: BatchPlan): ...
+
+    def launch(self, prepared, patch: Optional[tuple[np.ndarray, np.ndarray]] = None): ...
+
+    def is_done(self, launched) -> bool: ...
+
+    def collect(self, launched) -> tuple[StepOutput, dict]: ...
+
+
+class OverlapStats(NamedTuple):
+    """Host-side timings of an async run (seconds, summed over steps). ``schedule_pack_s``: host
+    time scheduling and packing (compilation excluded) of steps prepared while another was in
+    flight; ``hidden_s``: the part of it spent while the device was still busy (measured: the
+    in-flight step was not done when the host came to collect it, so it ran through all of it;
+    a step found done counts 0, a lower bound); ``wait_s``: time blocked collecting tokens;
+    ``gap_s``: from a step's tokens collected to the next step dispatched (patch + dispatch: the
+    device idles then, what a gather on the device would save); ``overlapped_steps``: steps
+    prepared while another was in flight; ``hidden_steps``: of those, found not done."""
+
+    schedule_pack_s: float = 0.0
+    hidden_s: float = 0.0
+    wait_s: float = 0.0
+    gap_s: float = 0.0
+    overlapped_steps: int = 0
+    hidden_steps: int = 0
+
+
+class _InFlight(NamedTuple):
+    pending: PendingStep
+    launched: object
+
+
+class PipelinedReplica(Replica):
+    """``Replica`` (add, clock, log) whose ``step`` keeps one step in flight (module docstring).
+
+    Between ``step`` calls one step may be in flight (``in_flight``); the state is then the one
+    its provisional update left. ``abort(request_id)`` may be called then. ``drain()`` collects and
+    logs the step in flight. ``on_step(plan, out, state)`` sees every step once its real tokens are
+    in (``state.finished``: the requests it finished). Counters a test can read: ``num_dropped``
+    (rows of a dispatched step dropped because their request hit a stop token one step earlier)."""
+
+    def __init__(self, scheduler, kv: KVConfig, executor: AsyncExecutor, *, limits: RunLimits = RunLimits(),
+                 admit: Optional[Callable[[Request], None]] = None, on_step: Optional[StepHook] = None,
+                 log: Optional[EventLog] = None, index: int = 0):  # fmt: skip
+        super().__init__(scheduler, kv, executor, limits=limits, admit=admit, on_step=on_step, fast_forward=False,
+                         log=log, index=index)  # fmt: skip
+        self._inflight: Optional[_InFlight] = None
+        self._interval_start = 0.0  # perf_counter when the device could start the step in flight
+        self._interval_compile = 0.0  # compilation seconds within that interval (left out)
+        self.stats = OverlapStats()
+        self.num_dropped = 0
+
+    @property
+    def in_flight(self) -> bool:
+        return self._inflight is not None
+
+    @property
+    def next_event_time(self) -> float:
+        if self._inflight is not None:
+            return self.now
+        return super().next_event_time
+
+    def replace_state(self, state) -> None:
+        if self._inflight is not None:
+            raise RuntimeError("replace_state() with a step in flight: drain() first")
+        super().replace_state(state)
+
+    def abort(self, request_id: str) -> None:
+        """Stops serving ``request_id`` now (a step may be in flight: its token is then ignored at
+        reconcile, and its freed blocks go to others only in steps the device runs after it). A
+        request whose finish the step in flight already decided is left to finish."""
+        self.state = self.scheduler.abort(self.state, request_id, self.now)
+
+    def step(self, horizon: float = math.inf) -> int:
+        """Schedules and dispatches the next step, then collects, reconciles and logs the one in
+        flight before it. Returns the steps logged (0 or 1): 0 when nothing was in flight, or the
+        scheduler planned nothing and nothing was in flight (then blocked until ``add``)."""
+        scheduler, executor, inflight = self.scheduler, self.executor, self._inflight
+        if self.num_steps + (inflight is not None) >= self.limits.max_steps:
+            return self.drain()
+        t0 = time.perf_counter()
+        state, plan = scheduler.schedule(self.state, self.now)
+        if plan.is_empty:
+            self.state = scheduler.update(state, plan, StepOutput.for_plan(plan, _NO_TOKENS), self.now)
+            if inflight is None:
+                self._blocked = True
+                return 0
+            return self.drain()
+        prepared = executor.prepare(plan)  # (raising, the scheduled state is dropped: the step never happened)
+        host_s = time.perf_counter() - t0 - prepared.compile_s
+        patch = None
+        if inflight is None:
+            self._interval_start, self._interval_compile = prepared.start, prepared.compile_s
+        else:
+            self._interval_compile += prepared.compile_s
+            done = executor.is_done(inflight.launched)
+            out, t_collected = self._collect(inflight)
+            rows, src = _decode_inputs(inflight.pending, plan)
+            patch = (rows, out.token_ids.array[src])
+        launched = executor.launch(prepared, patch)
+        if inflight is not None:
+            self.stats = self.stats._replace(
+                schedule_pack_s=self.stats.schedule_pack_s + host_s,
+                hidden_s=self.stats.hidden_s + (0.0 if done else host_s),
+                gap_s=self.stats.gap_s + time.perf_counter() - t_collected,
+                overlapped_steps=self.stats.overlapped_steps + 1,
+                hidden_steps=self.stats.hidden_steps + (not done),
+            )
+            state = self._close(inflight, out, t_collected, state)
+        self.state, pending = provisional_update(scheduler, state, plan)
+        self._inflight = _InFlight(pending, launched)
+        return inflight is not None
+
+    def drain(self) -> int:
+        """Collects, reconciles and logs the step in flight, if any; returns the steps logged."""
+        inflight = self._inflight
+        if inflight is None:
+            return 0
+        out, t_collected = self._collect(inflight)
+        self.state = self._close(inflight, out, t_collected, self.state)
+        return 1
+
+    def _collect(self, inflight: _InFlight) -> tuple[StepOutput, float]:
+        t = time.perf_counter()
+        out, _ = self.executor.collect(inflight.launched)
+        t_collected = time.perf_counter()
+        self.stats = self.stats._replace(wait_s=self.stats.wait_s + t_collected - t)
+        return out, t_collected
+
+    def _close(self, inflight: _InFlight, out: StepOutput, t_collected: float, state):
+        """Reconciles the step ``inflight`` into ``state`` with its tokens ``out``, logs it and
+        starts the next interval; returns the state."""
+        plan = inflight.pending.plan
+        state, rec = reconcile(self.scheduler, state, inflight.pending, out.token_ids.array)
+        self.num_dropped += len(rec.dropped)
+        duration = max(t_collected - self._interval_start - self._interval_compile, 0.0)
+        self._interval_start, self._interval_compile = t_collected, 0.0
+        self._inflight = None
+        start = self.now
+        self.now = start + duration
+        state = evolve(state, finished=rec.finished)
+        self.log.step(plan, start, duration, out.energy_j, state, rec.finished, self.index)
+        if self._on_plan is not None:
+            self._on_plan(plan)
+        if self._on_finished is not None and rec.finished:
+            self._on_finished(rec.finished)
+        if self._on_step is not None:
+            self._on_step(plan, StepOutput(out.token_ids, duration, out.energy_j), state)
+        self.num_steps += 1
+        return state
+
+
+def _decode_inputs(pending: PendingStep, plan: BatchPlan) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, src)``: the decode rows of ``plan`` whose input is the token their request sampled
+    in ``pending``'s step (a placeholder in the plan), and that token's index in that step's array."""
+    where = dict(zip((r.request_id for r in pending.requests), pending.token_index.tolist()))
+    rows, src = [], []
+    for i, (rid, dec) in enumerate(zip(plan.request_ids, plan.is_decode.tolist())):
+        j = where.get(rid) if dec else None
+        if j is not None:
+            rows.append(i)
+            src.append(j)
+    return np.array(rows, np.int64), np.array(src, np.int64)
+
+
+def run_pipelined(
+    scheduler,
+    kv: KVConfig,
+    executor: AsyncExecutor,
+    requests: Sequence[Request],
+    *,
+    limits: RunLimits = RunLimits(),
+    on_progress: Optional[ProgressHook] = None,
+    progress_every: int = 2000,
+    admit: Optional[Callable[[Request], None]] = None,
+    on_step: Optional[StepHook] = None,
+    replica: Optional[PipelinedReplica] = None,
+) -> EventLog:
+    """``runtime.replica.run_replica`` with the host one step ahead (``PipelinedReplica``): serves
+    ``requests`` in arrival order and returns the event log (every request in it, served or
+    rejected); stops when all are served or at ``limits``. ``replica``: one built by the caller
+    (to read its ``stats`` after), else a new one."""
+    if replica is None:
+        replica = PipelinedReplica(scheduler, kv, executor, limits=limits, admit=admit, on_step=on_step)
+    arrivals = [requests[i] for i in sorted(range(len(requests)), key=lambda i: (requests[i].arrival_time, i))]
+    nxt = 0
+    try:
+        while replica.num_steps < limits.max_steps:
+            while nxt < len(arrivals) and arrivals[nxt].arrival_time <= replica.now:
+                replica.add(arrivals[nxt])
+                nxt += 1
+            if replica.next_event_time == math.inf:  # idle, or blocked until more work arrives
+                if nxt == len(arrivals):
+                    if replica.is_blocked:
+                        raise RuntimeError(
+                            f"scheduler {type(scheduler).__name__} planned an empty step with {replica.state.num_waiting} "
+                            f"waiting and {replica.state.num_running} running requests and no more arrivals"
+                        )
+                    break
+                if not replica.has_unfinished and replica.now >= limits.max_sim_time_s:
+                    break
+                replica.wait_until(arrivals[nxt].arrival_time)
+                continue
+            before = replica.num_steps
+            replica.step()
+            if on_progress is not None and before // progress_every != replica.num_steps // progress_every:
+                on_progress(_progress(replica, len(arrivals)))
+            if replica.now >= limits.max_sim_time_s:
+                break
+    finally:
+        replica.drain()  # never leave a step running on the device
+    if on_progress is not None:
+        on_progress(_progress(replica, len(arrivals)))
+    return replica.log
