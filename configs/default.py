@@ -126,6 +126,7 @@ RUN = (
     Key("engine.compile_cache", "~/.cache/jaxserve/xla", "jax's persistent compilation cache directory (a rerun loads instead of compiling); \"\": off"),
     Key("engine.max_compiled_shapes", 0, "most step shapes kept compiled (each maps ~260 memory sections); 0: from the host's vm.max_map_count"),
     Key("engine.nano_batches", 1, "engine: split each step's rows into this many nano-batches whose attention may overlap other nano-batches' GEMMs and collectives (NanoFlow; the same logits); 1: off; not with parallel.esp"),
+    Key("engine.async_scheduling", False, "engine: the host schedules and packs step N+1 while the device runs step N (vLLM's async scheduling; the same tokens; step times are then intervals between steps' tokens); not with parallel.esp"),
     Key("parallel.tp", 1, "engine: tensor-parallel devices (Megatron: heads, MLP width, vocabulary and KV heads split; must divide the device count and the model's heads); engine.kv_cache_gb is per device"),
     Key("parallel.sp", 1, "engine: devices a step's token rows are split over for the projections and MLP (attention and the KV cache replicated over them); parallel.sp x parallel.tp must divide the device count"),
     Key("parallel.first_device", 0, "engine: index of the first of the runner's tp x sp devices in jax.devices() (engine clusters lay their replicas out one after another from it)"),

@@ -65,7 +65,9 @@ class LLM:
     with its own KV pool of ``num_blocks / sp`` pages: ``engine.esp_runner``; needs ``tp = 1``) and
     ``esp_policy`` (``engine.esp_policy.EspPolicy``: prefill degree and decode placement);
     ``nano_batches`` (split each step into this many nano-batches whose attention and GEMMs may
-    overlap, NanoFlow's intra-device parallelism: ``model/nano_batch.py``; 1: off; not with ``esp``).
+    overlap, NanoFlow's intra-device parallelism: ``model/nano_batch.py``; 1: off; not with ``esp``);
+    ``async_scheduling`` (schedule and pack step N+1 while the device runs step N, the same tokens:
+    ``runtime/pipelined.py``; not with ``esp``).
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class LLM:
         esp: bool = False,
         esp_policy: EspPolicy | None = None,
         nano_batches: int = 1,
+        async_scheduling: bool = False,
     ):
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
@@ -101,6 +104,8 @@ class LLM:
             raise ValueError(f"esp=True runs on sp devices with tp=1, got tp={tp}")
         if esp and nano_batches != 1:
             raise ValueError(f"nano_batches={nano_batches}: nano-batching does not run with esp=True (use 1)")
+        if esp and async_scheduling:
+            raise ValueError("async_scheduling=True does not run with esp=True")
         check_tensor_parallel(ModelConfig.from_dir(model_dir), tp)
         self.cfg, params = _load(model_dir, dtype, params_cache)
         self.tokenizer = Tokenizer.from_dir(model_dir)
@@ -123,7 +128,7 @@ class LLM:
             self.runner = EspRunner(self.cfg, params, self.kv, mesh=sequence_mesh(size=sp), policy=esp_policy, **options)
         else:
             self.runner = ModelRunner(self.cfg, params, self.kv, mesh=mesh_for(tp, sp), nano_batches=nano_batches, **options)
-        self.engine = Engine(self.runner, self.scheduler, self.kv)
+        self.engine = Engine(self.runner, self.scheduler, self.kv, async_scheduling=async_scheduling)
         self.stop_at_eos = stop_at_eos
         self._next_id = 0
 

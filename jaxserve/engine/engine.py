@@ -6,6 +6,10 @@ metrics. Time is a *measured-time clock*: each step advances it by the step's me
 (packing + device step + sampling + host transfer) and an idle engine jumps to the next arrival
 instead of sleeping, so a trace replays as fast as the hardware allows while every latency is
 what a server running those steps back to back would show (scheduler time is not counted).
+
+With ``async_scheduling`` the loop is ``runtime.pipelined.run_pipelined`` instead: the host
+schedules and packs step N+1 while the device runs step N (the same tokens; a step's time is then
+the interval between successive steps' tokens, which includes any host time the device did not hide).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from jaxserve.plan import BatchPlan, StepOutput
 from jaxserve.request import Request
 from jaxserve.scheduler.seq import FinishedRequest
 from jaxserve.runtime import ProgressHook, RunLimits, run_replica
+from jaxserve.runtime.pipelined import OverlapStats, PipelinedReplica, run_pipelined
 
 
 @dataclasses.dataclass
@@ -29,16 +34,25 @@ class EngineRun:
 
 
 class Engine:
-    """A scheduler driving a ModelRunner over a KV pool of ``kv`` (the runner's cache shape)."""
+    """A scheduler driving a ModelRunner over a KV pool of ``kv`` (the runner's cache shape);
+    ``async_scheduling``: schedule each step while the previous one runs (module docstring). After
+    an async ``serve``, ``overlap`` holds its host timings (``runtime.pipelined.OverlapStats``)."""
 
-    def __init__(self, runner: ModelRunner, scheduler, kv: KVConfig):
+    def __init__(self, runner: ModelRunner, scheduler, kv: KVConfig, *, async_scheduling: bool = False):
         if (kv.num_blocks, kv.block_size) != (runner.kv.num_blocks, runner.kv.block_size):
             raise ValueError(f"scheduler KV {kv} does not match the runner's cache {runner.kv}")
         if kv.num_host_blocks > runner.kv.num_host_blocks:  # swap-outs would have nowhere to go
             raise ValueError(f"scheduler KV {kv} has more host blocks than the runner's host pool {runner.kv}")
+        if not isinstance(async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be a bool, got {async_scheduling!r}")
+        if async_scheduling and type(runner)._pack is not ModelRunner._pack:
+            # (ESP's runner repacks rows per device: launch() would patch the wrong ones)
+            raise ValueError(f"async_scheduling runs on a plain ModelRunner, not a {type(runner).__name__}")
         self.runner = runner
         self.scheduler = scheduler
         self.kv = kv
+        self.async_scheduling = async_scheduling
+        self.overlap: OverlapStats | None = None
 
     def serve(
         self,
@@ -70,6 +84,13 @@ class Engine:
 
         limits = limits or RunLimits(max_context=runner.max_model_len)
         try:
+            if self.async_scheduling:
+                replica = PipelinedReplica(self.scheduler, self.kv, runner, limits=limits, admit=runner.register,
+                                           on_step=after_step)  # fmt: skip
+                log = run_pipelined(self.scheduler, self.kv, runner, requests, limits=limits, on_progress=on_progress,
+                                    progress_every=progress_every, replica=replica)  # fmt: skip
+                self.overlap = replica.stats
+                return EngineRun(log, finished)
             log = run_replica(
                 self.scheduler,
                 self.kv,

@@ -78,6 +78,7 @@ class EngineSettings:
     first_device: int  # parallel.first_device: the runner's devices are jax.devices()[first : first + tp*sp]
     esp_policy: EspPolicy | None  # parallel.esp: LoongServe's elastic SP over the sp devices; None: off
     nano_batches: int = 1  # engine.nano_batches: nano-batches per step (NanoFlow's overlap); 1: off
+    async_scheduling: bool = False  # engine.async_scheduling: schedule step N+1 while step N runs
 
     @property
     def devices(self) -> list | None:
@@ -127,6 +128,9 @@ def engine_settings(config) -> EngineSettings:
         raise ConfigError(f"engine.nano_batches must be >= 1 (1: off), got {nano_batches}")
     if nano_batches > 1 and esp_policy is not None:
         raise ConfigError(f"engine.nano_batches={nano_batches} does not run with parallel.esp (use 1)")
+    async_scheduling = get(config, "engine.async_scheduling", bool)
+    if async_scheduling and esp_policy is not None:
+        raise ConfigError("engine.async_scheduling does not run with parallel.esp (set it false)")
     max_shapes = get(config, "engine.max_compiled_shapes", int)
     if max_shapes < 0:
         raise ConfigError(f"engine.max_compiled_shapes must be >= 0 (0: from the host's memory-map limit), got {max_shapes}")
@@ -152,6 +156,7 @@ def engine_settings(config) -> EngineSettings:
         first_device=first_device,
         esp_policy=esp_policy,
         nano_batches=nano_batches,
+        async_scheduling=async_scheduling,
     )
 
 
@@ -230,7 +235,7 @@ def serve_engine(run: EngineRun, on_progress: ProgressHook | None = None, on_war
         max_decode, max_blocks = warmup_limits(run)
         runner.warmup(max_decode, max_blocks, mixed=True, on_progress=on_warmup)
     limits = RunLimits(max_context=runner.max_model_len, max_sim_time_s=run.settings.max_time_s)
-    served = Engine(runner, sched, run.kv).serve(list(run.requests), limits=limits, on_progress=on_progress)
+    served = Engine(runner, sched, run.kv, async_scheduling=run.settings.async_scheduling).serve(list(run.requests), limits=limits, on_progress=on_progress)
     log = served.log.freeze()
     metrics = summarize(log, **run.settings.slo, unmodelled=ENGINE_UNMODELLED)
     metrics["num_kv_blocks"] = run.kv.num_blocks
