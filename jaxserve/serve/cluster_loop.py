@@ -1,0 +1,307 @@
+"""A whole cluster served in real time: one thread owns a ``cluster.Cluster`` of engine replicas
+(phase pools with KV handoff, Llumnix migration, failures and cluster events included) and moves
+its clock with the wall clock, while requests arrive from other threads at any time.
+
+    loop = ClusterLoop(specs, routers.make("least_kv"), migration=MigrationSettings("live")).start()
+    loop.submit(request, sink)   # sink(RequestOutput) on the loop's thread, as with EngineLoop
+    loop.abort(request_id)
+    loop.stop(grace_s=5.0)
+
+It has ``EngineLoop``'s interface and contract (the server takes either): between two turns of the
+cluster's loop it takes arrivals and aborts from a thread-safe inbox, hands arrivals to the cluster
+(``Cluster.submit``, stamped on the loop's clock: seconds since it was built), moves every replica
+that is ready to step to the wall time (``Cluster.wait_until``) and runs the cluster's loop up to
+it (``Cluster.advance``): routing, handoffs, migration stages and ticks, cluster events and one
+step of each ready replica. Replicas step one after another on this thread (the cluster's clock
+treats them as parallel machines, as offline). A request's sink gets each step's tokens from
+whichever replica ran it (a handed-off or migrated request keeps streaming from its new replica),
+then one last output with the finish reason: ``stop`` / ``length``; ``abort``; ``rejected`` (a
+replica refused it: bad input found late); ``error`` (the cluster failed it: no replica can take
+it, e.g. all failed, or a scheduler planned nothing for it). A replica whose step raises fails
+(``Cluster(step_errors="fail")``): its requests go on elsewhere from the tokens already streamed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Optional
+
+from jaxserve.cluster.cluster import Cluster, ClusterEvent
+from jaxserve.request import Request
+from jaxserve.serve.engine_loop import (Draining, Observer, QueueFull, RequestOutput, RequestTimes, Sink, Snapshot,
+                                        StepStats, _Stream)  # fmt: skip
+
+log = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.5  # how long the thread sleeps on an empty inbox when nothing is due (a stop wakes it)
+
+
+class ClusterLoop:
+    """``EngineLoop``'s interface (``submit``, ``abort``, ``start``, ``stop``, ``snapshot``, ...)
+    over a ``Cluster(specs, router, migration=..., pools=...)`` driven in real time. ``events``
+    happen at their ``time_s`` on the loop's clock. ``max_queue`` bounds the requests waiting at
+    the router and in every replica's queue (``QueueFull``); ``observer`` gets every replica's
+    steps and every request's times."""
+
+    def __init__(self, specs: Sequence, router, *, migration=None, pools=None, events: Sequence[ClusterEvent] = (),
+                 max_queue: Optional[int] = None, observer: Optional[Observer] = None,
+                 clock: Callable[[], float] = time.monotonic):  # fmt: skip
+        if max_queue is not None and (not isinstance(max_queue, int) or max_queue < 0):
+            raise ValueError(f"max_queue must be an int >= 0 or None, got {max_queue!r}")
+        # fast_forward=False: a real model runs every step (no closed-form runs).
+        self.cluster = Cluster(specs, router, fast_forward=False, migration=migration, pools=pools,
+                               step_errors="fail", on_step=self._after_step)  # fmt: skip
+        for event in events:
+            self.cluster.add_event(event)
+        self.max_queue = max_queue
+        self.observer = observer
+        self._clock = clock
+        self._t0 = clock()
+        self._num_blocks = sum(spec.kv.num_blocks for spec in specs)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}  # live requests (the loop's thread only)
+        self._to_abort: set[str] = set()  # ended for their clients, still moving between replicas
+        self._ended = (0, 0)  # the log's rejected / failed entries already turned into endings
+        self._lock = threading.Lock()  # guards the counters other threads read and _draining
+        self._in_inbox = 0
+        self._unfinished = 0
+        self._draining = False
+        self._stop = threading.Event()
+        self._idle = threading.Condition(self._lock)
+        self._thread: Optional[threading.Thread] = None
+        self.snapshot = Snapshot(0, 0, 0, 0.0, 0, 0)
+
+    # -- any thread ---------------------------------------------------------------------------------
+    def now(self) -> float:
+        """Seconds since the loop was built: the clock of arrivals, tokens, events and the log."""
+        return self._clock() - self._t0
+
+    @property
+    def log(self):
+        """The cluster's shared event log: read it only once the loop has stopped."""
+        return self.cluster.log
+
+    @property
+    def num_waiting(self) -> int:
+        return self._in_inbox + self.snapshot.num_waiting
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> "ClusterLoop":
+        if self._thread is not None:
+            raise RuntimeError("ClusterLoop.start() called twice")
+        self._thread = threading.Thread(target=self._run, name="jaxserve-cluster-loop", daemon=True)
+        self._thread.start()
+        return self
+
+    def submit(self, request: Request, sink: Sink) -> Request:
+        """Queues ``request`` (stamped with its arrival on the loop's clock, which is returned) for
+        the router; ``sink`` then receives its outputs on the loop's thread. Raises ``Draining``
+        once stopping began and ``QueueFull`` past ``max_queue``."""
+        with self._lock:
+            if self._draining or (self._thread is not None and not self._thread.is_alive()):
+                raise Draining("the server is shutting down and admits no new requests")
+            if self.max_queue is not None and self.num_waiting >= self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests are already waiting (max_queue={self.max_queue})")
+            self._in_inbox += 1
+            self._unfinished += 1
+            request = dataclasses.replace(request, arrival_time=self.now())
+        self._inbox.put(("add", request, sink))
+        return request
+
+    def abort(self, request_id: str, finish_reason: str = "abort") -> None:
+        """Ends ``request_id`` at the loop's next turn (its sink gets ``finish_reason``) and frees its
+        blocks (once it has landed, if it is moving between replicas); a no-op once it ended."""
+        self._inbox.put(("abort", request_id, finish_reason))
+
+    def stop_admitting(self) -> None:
+        with self._lock:
+            self._draining = True
+
+    def drain(self, timeout_s: Optional[float] = None) -> bool:
+        """Stops admitting and waits until every submitted request has ended (or ``timeout_s``)."""
+        with self._lock:
+            self._draining = True
+            return self._idle.wait_for(lambda: self._unfinished == 0, timeout=timeout_s)
+
+    def stop(self, grace_s: float = 0.0) -> None:
+        """``drain(grace_s)``, then aborts what is left and ends the thread (idempotent)."""
+        self.drain(grace_s)
+        self._stop.set()
+        self._inbox.put(("wake", None, None))
+        if self._thread is not None:
+            self._thread.join()
+
+    # -- the loop's thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        cluster = self.cluster
+        try:
+            while not self._stop.is_set():
+                due = cluster.next_time() - self.now()
+                self._take_inbox(timeout=IDLE_WAIT_S if due == math.inf else min(max(due, 0.0), IDLE_WAIT_S))
+                if self._stop.is_set():
+                    break
+                if self._to_abort:
+                    self._to_abort = {rid for rid in self._to_abort if not cluster.abort(rid)}
+                now = self.now()
+                cluster.wait_until(now)
+                cluster.advance(now)
+                self._end_refused()
+                if cluster.next_time() == math.inf and self._streams and self._inbox.empty():
+                    self._give_up()
+                self._publish()
+        except Exception:  # noqa: BLE001 (a bug in the cluster's loop: end every request rather than hang)
+            log.exception("the cluster loop failed; ending every request")
+            for rid in list(self._streams):
+                self._finish(rid, (), "error", "the cluster loop failed (see the server log)")
+        finally:
+            self._take_inbox(timeout=None)
+            for rid in list(self._streams):
+                self._end(rid, "abort", None)
+            self._publish()
+
+    def _take_inbox(self, timeout: Optional[float]) -> None:
+        """Applies everything queued for the loop (waiting up to ``timeout`` for the first item)."""
+        try:
+            item = self._inbox.get(timeout=timeout) if timeout else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, payload, extra = item  # ("add", request, sink) | ("abort", request id, reason) | ("wake", ...)
+            if kind == "add":
+                with self._lock:
+                    self._in_inbox -= 1
+                self._add(payload, extra)
+            elif kind == "abort" and payload in self._streams:
+                self._end(payload, extra, None)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _add(self, request: Request, sink: Sink) -> None:
+        rid, cluster = request.request_id, self.cluster
+        if rid in self._streams or rid in cluster.prompt_lens:
+            self._emit(sink, RequestOutput(rid, (), "rejected", f"request id {rid!r} was already served by this server"))
+            self._count_ended()
+            return
+        # (stamped by the caller: the cluster's clock may have passed it while it sat in the inbox)
+        request = dataclasses.replace(request, arrival_time=max(request.arrival_time, cluster.now))
+        self._streams[rid] = _Stream(request, sink, request.arrival_time)
+        cluster.submit(request)
+
+    def _end(self, request_id: str, finish_reason: str, error: Optional[str]) -> None:
+        """Ends a live request that did not finish by itself and takes it out of the cluster."""
+        self._finish(request_id, (), finish_reason, error)
+        if not self.cluster.abort(request_id):
+            self._to_abort.add(request_id)  # between replicas: out once it lands
+
+    def _end_refused(self) -> None:
+        """Ends the requests the cluster refused (a replica's rejection) or failed since last time."""
+        log_, (num_rejected, num_failed) = self.cluster.log, self._ended
+        for entries, seen, reason in ((log_.rejected, num_rejected, "rejected"), (log_.failed, num_failed, "error")):
+            for i, why in itertools.islice(entries.items(), seen, None):
+                rid = log_.requests[i].request_id
+                if rid in self._streams:
+                    self._finish(rid, (), reason, why)
+        self._ended = (len(log_.rejected), len(log_.failed))
+
+    def _give_up(self) -> None:
+        """Nothing more can happen, yet requests are live: the cluster fails what it holds; what a
+        blocked scheduler keeps ends with an error instead of hanging its client."""
+        self.cluster.give_up()
+        self._end_refused()
+        for rid in list(self._streams):
+            self._end(rid, "error", "the cluster can do nothing more for it (its replica's scheduler planned "
+                                    "nothing, or no replica can take it)")  # fmt: skip
+
+    def _finish(self, request_id: str, tokens: tuple[int, ...], finish_reason: str, error: Optional[str]) -> None:
+        s = self._streams.pop(request_id)
+        self._emit(s.sink, RequestOutput(request_id, tokens, finish_reason, error))
+        if self.observer is not None:
+            self.observer.on_finish(RequestTimes(
+                request_id, s.arrival_s, s.scheduled_s, s.first_token_s, s.last_token_s, self.now(),
+                s.request.prompt_len, s.num_tokens, finish_reason,
+            ))  # fmt: skip
+        self._count_ended()
+
+    def _count_ended(self) -> None:
+        with self._lock:
+            self._unfinished -= 1
+            if self._unfinished == 0:
+                self._idle.notify_all()
+
+    def _emit(self, sink: Sink, out: RequestOutput) -> None:
+        try:
+            sink(out)
+        except Exception:  # noqa: BLE001 (a broken consumer ends its own request only)
+            log.exception("sink of request %r raised; aborting it", out.request_id)
+            if not out.finished and out.request_id in self._streams:
+                self._end(out.request_id, "abort", None)
+
+    def _after_step(self, replica: int, plan, out, state) -> None:
+        """Streams a replica's step's tokens, ends the requests it finished, reports to the observer."""
+        now = self.now()
+        streams, observer = self._streams, self.observer
+        finished = {f.request_id: f for f in state.finished}
+        new_prompt = gen = queries = hits = 0
+        caching = bool(getattr(self.cluster.members[replica].spec.scheduler, "enable_prefix_caching", False))
+        for rid, sampled, done in zip(plan.request_ids, plan.samples_token.tolist(), plan.num_computed_tokens.tolist()):
+            s = streams.get(rid)
+            if s is None:
+                continue
+            if s.scheduled_s != s.scheduled_s:  # nan: scheduled for the first time
+                s.scheduled_s = now
+                if caching:
+                    queries += s.request.prompt_len
+                    hits += done
+            if not sampled:
+                continue
+            token = int(out.token_ids[rid])
+            gen += 1
+            if s.num_tokens == 0:
+                s.first_token_s = now
+                new_prompt += s.request.prompt_len
+            elif observer is not None:
+                observer.on_token(rid, now - s.last_token_s)
+            s.last_token_s = now
+            s.num_tokens += 1
+            f = finished.pop(rid, None)
+            if f is None:
+                self._emit(s.sink, RequestOutput(rid, (token,)))
+            else:
+                self._finish(rid, (token,), f.finish_reason, None)
+        for rid, f in finished.items():  # (finished without sampling this step: not expected)
+            if rid in streams:
+                self._finish(rid, (), f.finish_reason, None)
+        if observer is not None:
+            observer.on_step(StepStats(
+                now, state.num_running, state.num_waiting + state.num_swapped, state.kv.usage, new_prompt, gen,
+                len(plan.preempted) + len(plan.swapped_out), queries, hits, plan.num_tokens,
+            ))  # fmt: skip
+
+    def _publish(self) -> None:
+        cluster = self.cluster
+        running = waiting = used = 0
+        for m in cluster.members:
+            if m.live:
+                state = m.replica.state
+                running += state.num_running
+                waiting += state.num_waiting + state.num_swapped
+                used += state.kv.device.num_used
+        waiting += len(cluster.router.pending(cluster.router_state))
+        with self._lock:
+            self.snapshot = Snapshot(running, waiting, used, used / self._num_blocks, cluster.num_steps, self._unfinished)
