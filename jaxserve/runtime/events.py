@@ -16,6 +16,11 @@ import numpy as np
 from jaxserve.plan import BatchPlan
 
 
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False  # shared by every step that records it
+    return a
+
+
 @dataclasses.dataclass(frozen=True)
 class RequestInfo:
     request_id: str
@@ -152,6 +157,43 @@ class EventLog:
         running = state.num_running
         self._step_running.extend([running + len(finished)] * (k - 1) + [running])
         self._step_kv_usage.extend(kv_usage.tolist())
+        end = ends[-1]
+        for f in finished:
+            i = self.index[f.request_id]
+            self.finished[i] = end
+            self.finish_reasons[i] = f.finish_reason
+        self._step_replica.extend([replica] * k)
+
+    def prefill_run(self, request_ids, row: int, chunks, completes: bool, start: float, ends, costs, num_waiting: int,
+                    num_running: int, kv_usage, finished=(), replica: int = 0) -> None:
+        """Records k steps of a prefill run at once (the same as ``record`` of each of their plans):
+        every request decodes but the one at ``row``, which computes ``chunks[j]`` prompt tokens at
+        step j and samples only at the last one when it ``completes``; the first starts at ``start``
+        and step j ends at ``ends[j]`` (summed in order); ``costs`` are their (duration, energy) and
+        ``kv_usage`` their KV usage after each; ``finished`` the requests the last step finished
+        (they count as running until then); the queue is ``num_waiting`` throughout."""
+        k, n = len(ends), len(request_ids)
+        rows, row_array = self._rows(request_ids, replica)
+        first, requeued = self.first_scheduled, self._requeued_at
+        if requeued:  # (as ``record`` of the first step: the later ones schedule the same rows)
+            for i in [i for i in rows if i in requeued and i in first]:
+                self.rewaits.append((i, requeued.pop(i), start))
+        for i in [i for i in rows if i not in first]:
+            first[i] = start
+        decoders = _frozen(np.delete(row_array, row)) if n > 1 else row_array[:0]  # the rows that sample
+        self._token_req.extend([decoders] * (k - completes))
+        if completes:
+            self._token_req.append(row_array)
+        durations, energies = zip(*costs)
+        self._step_end.extend(ends)
+        self._step_duration.extend(durations)
+        self._step_energy.extend(energies)
+        self._step_tokens.extend([n - 1 + c for c in chunks])
+        self._step_prefill_tokens.extend(chunks)
+        self._step_seqs.extend([n] * k)
+        self._step_waiting.extend([num_waiting] * k)
+        self._step_running.extend([num_running] * (k - 1) + [num_running - len(finished)])
+        self._step_kv_usage.extend(kv_usage)
         end = ends[-1]
         for f in finished:
             i = self.index[f.request_id]

@@ -65,3 +65,13 @@ class Executor(Protocol):
         ``context_tokens`` (the longest ``max_context``) at the first step, without running them; or
         ``None`` when this executor can only run steps one by one (a real model must)."""
         return None
+
+    def prefill_run(self, num_rows: int, decode_context: int, prefill_context: int, chunks: Sequence[int],
+                    completes: bool) -> Optional[DecodeRun]:
+        """The next ``len(chunks)`` steps of the same ``num_rows`` rows without running or planning
+        them: every row decodes but one, which computes ``chunks[j]`` prompt tokens at step j (and
+        samples only at the last step, when it ``completes`` its prompt); at the first step the
+        decoding rows' contexts sum to ``decode_context`` (each step adds ``num_rows - 1``) and the
+        prefilling row's is ``prefill_context``. Each step's duration and energy equal ``step_cost``
+        of its plan; ``None`` when there is no such closed form (then the plans are costed)."""
+        return None

@@ -321,7 +321,23 @@ class Replica:
         """Takes, from ``state``, the steps of ``run`` that start before ``horizon`` (the first
         always) within the step limit, each costed by the executor without running it. Returns how
         many (0: the executor must run steps, the caller steps normally). With ``defer_runs`` they
-        are held pending (``settle``), as decode runs are."""
+        are held pending (``settle``), as decode runs are. Without ``on_plan`` (nobody looks at the
+        plans) and with an executor that costs the run in closed form, no plan is built."""
+        limit = min(len(run.chunks), self.limits.max_steps - self.num_steps)
+        closed = None
+        if self._on_plan is None and limit > 0:
+            computed = state.running.num_computed
+            prefill_context = computed.item(run.row)
+            closed = self.executor.prefill_run(len(computed), int(np.add.reduce(computed)) - prefill_context, prefill_context,
+                                               run.chunks[:limit], run.completes and limit == len(run.chunks))  # fmt: skip
+        if closed is not None:
+            durations = closed.durations_s.tolist()
+            ends = list(itertools.accumulate(durations, initial=self.now))[1:]  # summed in order, as the log sums
+            k = min(limit, 1 + bisect.bisect_left(ends, horizon))  # step j starts when step j - 1 ends
+            costs = tuple(zip(durations[:k], closed.energies_j[:k].tolist()))
+            pending = PendingRun(state, self.now, ends[:k], None, run.finishes and k == len(run.chunks), self.num_steps,
+                                 prefill=PrefillSteps(run, None, costs, closed.token_id))  # fmt: skip
+            return self._take_run(pending, k)
         peeked = state.kv.device.peek(run.num_blocks)
         tables, used = list(state.running.block_tables), 0
         plans, costs, ends, token = [], [], [], None
@@ -347,20 +363,27 @@ class Replica:
         return self._take_run(pending, k)
 
     def _apply_prefill_steps(self, run: "PendingRun", k: int) -> None:
-        """Applies the first ``k`` steps of the pending prefill run ``run`` and logs them one by
-        one; ``on_plan`` sees their plans (they start no request)."""
+        """Applies the first ``k`` steps of the pending prefill run ``run`` and logs them; ``on_plan``
+        sees their plans (they start no request) when they were built."""
         state, steps = run.before, run.prefill
         new_state, used_after = apply_prefill_run(state, steps.run, k, steps.token)
         finished, num_blocks = new_state.finished, state.kv.config.num_blocks
         waiting, running = state.num_waiting, state.num_running
-        start = run.start
-        for j, (plan, (duration, energy), used_blocks) in enumerate(zip(steps.plans, steps.costs, used_after.tolist())):
-            last = j == k - 1
-            self.log.record(plan, start, duration, energy, waiting, running - len(finished) * last,
-                            used_blocks / num_blocks, finished if last else (), self.index)  # fmt: skip
-            if self._on_plan is not None:
-                self._on_plan(plan)
-            start = run.ends[j]
+        if steps.plans is None:  # costed in closed form (nobody asked for plans): logged without them
+            pr = steps.run
+            self.log.prefill_run(
+                state.running.ids, pr.row, pr.chunks[:k], pr.completes and k == len(pr.chunks), run.start,
+                run.ends[:k], steps.costs[:k], waiting, running, (used_after / num_blocks).tolist(), finished, self.index,
+            )  # fmt: skip
+        else:
+            start = run.start
+            for j, (plan, (duration, energy), used_blocks) in enumerate(zip(steps.plans, steps.costs, used_after.tolist())):
+                last = j == k - 1
+                self.log.record(plan, start, duration, energy, waiting, running - len(finished) * last,
+                                used_blocks / num_blocks, finished if last else (), self.index)  # fmt: skip
+                if self._on_plan is not None:
+                    self._on_plan(plan)
+                start = run.ends[j]
         self.state, self.now = new_state, run.ends[k - 1]
         self.num_steps = run.num_steps + k
         if finished and self._on_finished is not None:
@@ -427,7 +450,7 @@ class PrefillSteps(NamedTuple):
     token every sampling row sampled."""
 
     run: PrefillRun
-    plans: tuple[BatchPlan, ...]
+    plans: Optional[tuple[BatchPlan, ...]]  # None: costed in closed form (``Executor.prefill_run``)
     costs: tuple[tuple[float, float], ...]
     token: int
 

@@ -8,6 +8,7 @@ import numpy as np
 
 from jaxserve.plan import BatchPlan, StepOutput
 from jaxserve.runtime.executor import DecodeRun, Executor
+from jaxserve.sim.cost_model import RooflineCostModel
 
 SIM_TOKEN_ID = 1  # the simulator samples no real tokens; requests finish on max_new_tokens
 
@@ -43,3 +44,23 @@ class SimExecutor(Executor):
     def decode_run(self, num_rows: int, context_tokens: int, max_context: int, k: int) -> Optional[DecodeRun]:
         run = self.cost_model.decode_run(num_rows, context_tokens, max_context, k)
         return None if run is None else DecodeRun(run[0], run[1], SIM_TOKEN_ID)
+
+    def prefill_run(self, num_rows: int, decode_context: int, prefill_context: int, chunks, completes: bool) -> Optional[DecodeRun]:
+        cm = self.cost_model
+        cls = type(cm)
+        # Only where ``step`` is the roofline's own ``combine(parts(plan))``: then the plans' totals,
+        # summed here as Python ints (exact, as numpy's int64 sums of them are), give the same floats.
+        if not isinstance(cm, RooflineCostModel) or cls.step is not RooflineCostModel.step or cls.parts is not RooflineCostModel.parts:
+            return None
+        m, d, c, last = num_rows - 1, decode_context, prefill_context, len(chunks) - 1
+        durations, energies = [], []
+        for j, n in enumerate(chunks):
+            tokens = float(m + n)
+            # parts(plan): Σ n·c + (Σ n² + Σ n)/2 over the rows, n = 1 for the decodes
+            pairs = float(d + n * c) + 0.5 * (float(m + n * n) + tokens)
+            samples = m + (completes and j == last)
+            duration, energy, *_ = cm.combine(cm._parts(tokens, float(d + c), pairs, samples, num_rows, 0.0, 0.0), max)
+            durations.append(duration)
+            energies.append(energy)
+            d, c = d + m, c + n
+        return DecodeRun(np.array(durations, np.float64), np.array(energies, np.float64), SIM_TOKEN_ID)
