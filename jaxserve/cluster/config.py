@@ -290,7 +290,21 @@ class ClusterSim:
         return self.cost_model is None
 
 
-def build_cluster_sim(config) -> ClusterSim:
+class ClusterParts(typing.NamedTuple):
+    """A cluster's makings from a config (``build_cluster_parts``): per-replica configs and specs,
+    the router, the events, migration and pool settings."""
+
+    configs: tuple
+    specs: tuple
+    router: object
+    events: tuple
+    migration: MigrationSettings
+    pools: PoolSettings
+
+
+def build_cluster_parts(config) -> ClusterParts:
+    """The replicas (simulated, or real engines with ``backend="engine"``, laid out on devices of
+    their own), router, events, migration and pools of ``config``; ConfigError names a bad key."""
     backend = get(config, "backend", str)
     if backend not in SPEC_BUILDERS:
         raise ConfigError(f"backend must be one of {', '.join(SPEC_BUILDERS)}, got {backend!r}")
@@ -298,19 +312,26 @@ def build_cluster_sim(config) -> ClusterSim:
     configs = replica_configs(config)
     if backend == "engine":
         configs = lay_out_devices(configs)
-    specs = tuple(build_spec(c, f"{role} {i}" if role != "mixed" else f"replica {i}", role)
-                  for i, (c, role) in enumerate(zip(configs, roles(config))))  # fmt: skip
-    requests = tuple(build_workload(config))
-    if backend == "engine":
-        from jaxserve.engine.serve_config import with_token_ids
-
-        requests = tuple(with_token_ids(list(requests), specs[0].executor.cfg.vocab_size, get(config, "workload.seed", int)))
-    migration = build_migration(config)
-    if migration.mode != "off" and any(s.role != "mixed" for s in specs):
+    router, migration, pools = build_router(config), build_migration(config), build_pools(config)  # (cheap checks first)
+    if migration.mode != "off" and any(pool_sizes(config)):
         raise ConfigError("cluster.migration.mode and cluster.pools: migration between the replicas of phase pools is "
                           "not supported; set cluster.migration.mode='off' or cluster.pools.prefill=decode=0")
-    return ClusterSim(tuple(configs), specs, build_router(config), tuple(build_events(config, len(specs), build_spec)),
-                      requests, max_sim_time_s(config), slo_targets(config), migration, build_pools(config))  # fmt: skip
+    specs = tuple(build_spec(c, f"{role} {i}" if role != "mixed" else f"replica {i}", role)
+                  for i, (c, role) in enumerate(zip(configs, roles(config))))  # fmt: skip
+    events = tuple(build_events(config, len(specs), build_spec))
+    return ClusterParts(tuple(configs), specs, router, events, migration, pools)
+
+
+def build_cluster_sim(config) -> ClusterSim:
+    parts = build_cluster_parts(config)
+    requests = tuple(build_workload(config))
+    if get(config, "backend", str) == "engine":
+        from jaxserve.engine.serve_config import with_token_ids
+
+        vocab_size = parts.specs[0].executor.cfg.vocab_size
+        requests = tuple(with_token_ids(list(requests), vocab_size, get(config, "workload.seed", int)))
+    return ClusterSim(parts.configs, parts.specs, parts.router, parts.events, requests, max_sim_time_s(config),
+                      slo_targets(config), parts.migration, parts.pools)  # fmt: skip
 
 
 def run_cluster_sim(run: ClusterSim, on_progress: Optional[ProgressHook] = None) -> Results:

@@ -3,8 +3,13 @@ OpenAI-compatible server (``serve.server``) on uvicorn.
 
 Scheduler options are ``--scheduler-option KEY=VALUE`` (repeatable; VALUE read as JSON when it
 parses, else as a string), engine and mesh options are flags (``--tp``, ``--sp``, ``--num-blocks``,
-...). ``--replicas N`` serves N engines of the model behind ``--router`` (``serve.routed``). SIGTERM (or Ctrl-C) stops admitting (503), lets in-flight requests finish for up to
-``--grace-s`` seconds, aborts the rest, and exits 0.
+...). ``--replicas N`` serves N engines of the model behind ``--router`` (``serve.routed``: a loop per
+engine, each on devices of its own where there are enough). ``--cluster-config configs/<x>.py``
+serves that config's cluster of engines instead (``serve.cluster_loop``: phase pools, Llumnix
+migration, failures, events; its scheduler, kv, engine and parallel keys describe the replicas,
+``--cluster-set KEY=VALUE`` overrides any key, and the engine flags here do not apply). SIGTERM
+(or Ctrl-C) stops admitting (503), lets in-flight requests finish for up to ``--grace-s`` seconds,
+aborts the rest, and exits 0.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ def parser() -> argparse.ArgumentParser:
                    help="engines of the model served together (a colocated cluster, one engine loop each)")
     p.add_argument("--router", default="least_kv", help="with --replicas > 1: a registered router (jaxserve.cluster.routers)")
     p.add_argument("--router-option", action="append", default=[], metavar="KEY=VALUE", help="a router option (repeatable)")
+    p.add_argument("--cluster-config", default=None, metavar="FILE",
+                   help="serve this config's cluster of engines (cluster.* keys: pools, migration, router, events)")
+    p.add_argument("--cluster-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --cluster-config: override a config key, e.g. cluster.migration.mode=live (repeatable)")
     p.add_argument("--max-queue", type=int, default=None, help="requests waiting to be scheduled past which new ones get 429")
     p.add_argument("--grace-s", type=float, default=30.0, help="on SIGTERM, seconds in-flight requests may take to finish")
     engine = p.add_argument_group("engine (jaxserve.LLM options)")
@@ -96,23 +105,36 @@ def main(argv: Optional[list[str]] = None) -> int:
         options["compile_cache"] = args.compile_cache
     if args.replicas < 1:
         raise SystemExit(f"--replicas must be >= 1, got {args.replicas}")
+    if args.cluster_config is not None and args.replicas != 1:
+        raise SystemExit("--cluster-config and --replicas: the config's cluster.num_replicas says how many engines")
     try:
-        llms = [jaxserve.LLM(args.model, **options) for _ in range(args.replicas)]
         loop = None
-        if args.replicas > 1:
-            from jaxserve.cluster import routers
-            from jaxserve.cluster.engines import engine_replica
-            from jaxserve.serve.routed import RoutedLoops
+        if args.cluster_config is None and args.replicas == 1:
+            model = jaxserve.LLM(args.model, **options)
+            if args.warmup:
+                model.warmup()
+        else:  # (a ConfigError is a ValueError: it names the bad key)
+            from jaxserve.serve import cluster_serving as cs
 
-            specs = [engine_replica(llm.runner, llm.scheduler, f"engine {i}") for i, llm in enumerate(llms)]
-            loop = RoutedLoops(specs, routers.make(args.router, **key_values(args.router_option)), max_queue=args.max_queue)
+            if args.cluster_config is not None:
+                config = cs.load_config(args.cluster_config, args.cluster_set)
+                loop, model = cs.cluster_serving(config, args.model, max_queue=args.max_queue,
+                                                 stop_at_eos=not args.ignore_eos)  # fmt: skip
+                specs = [m.spec for m in loop.cluster.members]
+            else:  # colocated engines, a loop each (each steps on its own thread and devices)
+                from jaxserve.serve.routed import RoutedLoops
+
+                config = cs.flag_config(options, args.replicas, args.router, args.router_option)
+                parts = cs.engine_parts(config, args.model)
+                specs = parts.specs
+                loop = RoutedLoops(specs, parts.router, max_queue=args.max_queue)
+                model = cs.served_model(specs, args.model, stop_at_eos=not args.ignore_eos)
+            if args.warmup:
+                cs.warm_up(specs)
     except (ValueError, FileNotFoundError) as e:
         print(f"jaxserve.serve: {e}", file=sys.stderr)
         return 2
-    if args.warmup:
-        for llm in llms:
-            llm.warmup()
-    app = build_app(llms[0], model_name=args.served_model_name, max_queue=args.max_queue, grace_s=args.grace_s, loop=loop)
+    app = build_app(model, model_name=args.served_model_name, max_queue=args.max_queue, grace_s=args.grace_s, loop=loop)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))

@@ -64,7 +64,6 @@ class ClusterLoop:
         self.observer = observer
         self._clock = clock
         self._t0 = clock()
-        self._num_blocks = sum(spec.kv.num_blocks for spec in specs)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # live requests (the loop's thread only)
         self._to_abort: set[str] = set()  # ended for their clients, still moving between replicas
@@ -295,13 +294,14 @@ class ClusterLoop:
 
     def _publish(self) -> None:
         cluster = self.cluster
-        running = waiting = used = 0
+        running = waiting = used = blocks = 0
         for m in cluster.members:
             if m.live:
                 state = m.replica.state
+                blocks += m.spec.kv.num_blocks
                 running += state.num_running
                 waiting += state.num_waiting + state.num_swapped
                 used += state.kv.device.num_used
         waiting += len(cluster.router.pending(cluster.router_state))
         with self._lock:
-            self.snapshot = Snapshot(running, waiting, used, used / self._num_blocks, cluster.num_steps, self._unfinished)
+            self.snapshot = Snapshot(running, waiting, used, used / max(blocks, 1), cluster.num_steps, self._unfinished)
