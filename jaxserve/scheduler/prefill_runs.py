@@ -18,6 +18,7 @@ computed to the cache, between allocations that may evict cached blocks.
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -151,7 +152,7 @@ def apply_prefill_run(state, pr: PrefillRun, k: int, token_id: int):
     if takers:
         view = nums[:, _BLOCKS]
         view += np.bincount(np.array(takers, np.int64), minlength=len(run))
-    used_after = kv.device.num_used + np.cumsum([len(step) for step in pr.blocks[:k]], dtype=np.int64)
+    used_after = np.fromiter(itertools.accumulate(map(len, pr.blocks[:k]), initial=kv.device.num_used), np.int64)[1:]
     completes = pr.completes and k == len(pr.chunks)
     slot, output = nums[:, _SLOT], nums[:, _OUTPUT]
     decodes = np.ones(len(run), bool)

@@ -265,7 +265,9 @@ class StepBuilder:
         kept = hits[:-1] if copy else hits
         target = total if reserve == "prompt" else seq.request.max_total_tokens
         need = self._blocks_for(target) - len(kept)
-        available = self.pool.num_free - self.held - self.pool.num_evictable_in(kept)
+        available = self.pool.num_free - self.held
+        if kept:  # (prefix-cache hits only: acquiring an evictable hit takes it off the free list)
+            available -= self.pool.num_evictable_in(kept)
         if need + self._reserve() > available:
             return None
         return hits, kept, num_computed, n, need, copy, fully_cached
@@ -312,7 +314,7 @@ class StepBuilder:
         if np.count_nonzero(run.num_tokens - nc - 1):  # a row with a prefill chunk pending
             return False
         need = (nc + self.bs) // self.bs - run.num_blocks  # blocks for nc + 1 tokens, as _run_decodes
-        total = int(np.add.reduce(need[need > 0]))
+        total = int(np.add.reduce(np.maximum(need, 0)))
         if total > self.pool.num_free:
             return False
         self.budget -= live
