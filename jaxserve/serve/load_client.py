@@ -247,6 +247,19 @@ def _chunk_tokens(choice: dict) -> int:
     return 1 if choice.get("text") else 0
 
 
+async def _lines(response: httpx.Response):
+    """The body's lines as bytes (``\n``, ``\r\n`` or ``\r`` ends one, as in SSE): split per
+    received piece, cheaper per event than ``aiter_lines``' text decoding (JSON is UTF-8 bytes)."""
+    rest = b""
+    async for data in response.aiter_bytes():
+        lines = (rest + data).replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            yield line
+    if rest:
+        yield rest
+
+
 async def _stream(client, url: str, body: dict, clock: Callable[[], float], sent: float, request_id: str) -> Outcome:
     times: list[float] = []
     counts: list[int] = []
@@ -261,11 +274,11 @@ async def _stream(client, url: str, body: dict, clock: Callable[[], float], sent
             except ValueError:
                 phrase = f"status {code}"
             return Outcome(request_id, sent, status=status, error=f"HTTP {phrase}: {_error_text(response)}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data:"):
+        async for line in _lines(response):
+            if not line.startswith(b"data:"):
                 continue  # blank separators, comments, event names
             data = line[5:].strip()
-            if data == "[DONE]":
+            if data == b"[DONE]":
                 break
             now = clock()
             event = json.loads(data)

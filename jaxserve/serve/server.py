@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -30,8 +29,10 @@ from jaxserve.request import Request, SamplingParams
 from jaxserve.serve.chat import ChatTemplate, ChatTemplateError
 from jaxserve.serve.detokenize import Detokenizer, StopStrings
 from jaxserve.serve.engine_loop import Draining, EngineLoop, QueueFull, RequestOutput
+from jaxserve.serve.handoff import Handoff, Mailbox, merge
 from jaxserve.serve.metrics import ServerMetrics
 from jaxserve.serve.protocol import BadRequest, ChatCompletionRequest, CompletionRequest, error_body
+from jaxserve.serve.sse import DONE, ChunkEncoder
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's (and vLLM's) max_tokens default for /v1/completions
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (vLLM's _SAMPLING_EPS)
@@ -56,6 +57,8 @@ class Serving:
         self.kv_tokens = llm.kv.num_blocks * llm.kv.block_size
         self._empty_state = llm.scheduler.init(llm.kv)  # for the scheduler's admission check (pure)
         self.created = int(time.time())
+        self._handoff: Optional[Handoff] = None  # engine threads -> the event loop it was made on
+        self._handoff_loop = None
 
     # -- request -> engine requests ------------------------------------------------------------------
     def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
@@ -161,28 +164,31 @@ class Serving:
             raise BadRequest(message.replace("SamplingParams.", ""), _SAMPLING_FIELDS.get(field)) from None
 
     # -- engine outputs -> responses ------------------------------------------------------------------
-    async def outputs(self, requests: list[Request], http: HTTPRequest) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Submits ``requests`` and yields ``(index, output)`` as the loop produces them, until each
+    async def outputs(self, requests: list[Request], http: HTTPRequest) -> AsyncIterator[list[tuple[int, RequestOutput]]]:
+        """Submits ``requests`` and yields batches of ``(index, output)`` as the loop produces them
+        (a request's outputs that piled up while the consumer was busy merged into one), until each
         has ended; the unfinished ones are aborted when the consumer stops early or the client leaves."""
         aio = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        if self._handoff is None or self._handoff_loop is not aio:
+            self._handoff, self._handoff_loop = Handoff(aio), aio
+        handoff, box = self._handoff, Mailbox()
         live: set[str] = set()
         try:
             for i, r in enumerate(requests):
-                self.loop.submit(r, lambda out, i=i: aio.call_soon_threadsafe(queue.put_nowait, (i, out)))
+                self.loop.submit(r, lambda out, i=i: handoff.post(box, (i, out)))
                 live.add(r.request_id)
             watcher = asyncio.ensure_future(_disconnected(http))
+            watcher.add_done_callback(lambda _: box.close())
             try:
                 while live:
-                    getter = asyncio.ensure_future(queue.get())
-                    await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-                    if not getter.done():
-                        getter.cancel()
+                    batch = await box.get()
+                    if box.closed:
                         return  # the client left: the finally clause aborts what is live
-                    i, out = getter.result()
-                    if out.finished:
-                        live.discard(out.request_id)
-                    yield i, out
+                    batch = merge(batch)
+                    for _, out in batch:
+                        if out.finished:
+                            live.discard(out.request_id)
+                    yield batch
             finally:
                 watcher.cancel()
         finally:
@@ -349,17 +355,20 @@ async def _respond(serving: Serving, body, requests: list[Request], http: HTTPRe
     if body.stream:
         outputs = serving.outputs(requests, http)  # submits now: QueueFull / Draining become responses
         first = await anext(outputs, None)
-        if first is not None and len(choices) == 1 and first[1].finish_reason in ("rejected", "error"):
-            choices[0].add(first[1])  # ended before its first token: an error response, not a stream
-            await outputs.aclose()
-            return _failure(choices)
+        if first is not None and len(choices) == 1:
+            out = first[0][1]
+            if out.finish_reason in ("rejected", "error") and not out.token_ids:
+                choices[0].add(out)  # ended before its first token: an error response, not a stream
+                await outputs.aclose()
+                return _failure(choices)
         stream = _sse(serving, body, choices, outputs, first, response_id, with_ids, chat)
         return StreamingResponse(stream, media_type="text/event-stream")
-    async for i, out in serving.outputs(requests, http):
-        if choices[i].finish_reason is None:
-            _, _, stopped = choices[i].add(out)
-            if stopped:
-                serving.loop.abort(out.request_id, "stop")
+    async for batch in serving.outputs(requests, http):
+        for i, out in batch:
+            if choices[i].finish_reason is None:
+                _, _, stopped = choices[i].add(out)
+                if stopped:
+                    serving.loop.abort(out.request_id, "stop")
     failure = _failure(choices)
     if failure is not None:
         return failure
@@ -382,48 +391,53 @@ async def _respond(serving: Serving, body, requests: list[Request], http: HTTPRe
 
 
 async def _sse(serving: Serving, body, choices, outputs, first, response_id: str, with_ids: bool, chat: bool):
-    """The server-sent events of a streaming response: one chunk per output with new text or
-    tokens, a last chunk per choice with its finish reason, usage when asked, then ``[DONE]``; an
-    error event when a choice ends with an error."""
-    created = int(time.time())
-    kind = "chat.completion.chunk" if chat else "text_completion"
+    """The server-sent events of a streaming response: a chunk per output with new text or tokens
+    (a token chunk per engine step while the client keeps up, several steps' tokens in one when it
+    lags), a last chunk per choice with its finish reason, usage when asked, then ``[DONE]``; an
+    error event when a choice ends with an error. The events of one batch go out in one write."""
     include_usage = body.stream_options is not None and body.stream_options.include_usage
-
-    def chunk(choice: dict, usage=None) -> str:
-        data = {"id": response_id, "object": kind, "created": created, "model": serving.model_name,
-                "choices": [choice] if choice is not None else []}  # fmt: skip
-        if include_usage:
-            data["usage"] = usage
-        return f"data: {json.dumps(data)}\n\n"
-
+    encoder = ChunkEncoder(response_id, serving.model_name, int(time.time()), chat, include_usage, with_ids)
     try:
         if chat:
-            yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
-        item = first
-        while item is not None:
-            i, out = item
-            c = choices[i]
-            if c.finish_reason is None:  # (else a stop string already ended it)
-                delta, ids, stopped = c.add(out)
-                if stopped:
-                    serving.loop.abort(out.request_id, "stop")
-                error = _error_of(c)
-                if error is not None:
-                    yield f"data: {json.dumps(error)}\n\n"
-                elif delta or ids or c.finish_reason is not None:
-                    if chat:
-                        choice = {"index": i, "delta": {"content": delta} if delta or c.finish_reason is None else {},
-                                  "logprobs": None, "finish_reason": c.finish_reason}  # fmt: skip
-                    else:
-                        choice = {"index": i, "text": delta, "logprobs": None, "finish_reason": c.finish_reason}
-                    if with_ids:
-                        choice["token_ids"] = ids
-                        if not chat and len(c.token_ids) == len(ids):  # the choice's first chunk
-                            choice["prompt_token_ids"] = list(c.request.prompt_token_ids)
-                    yield chunk(choice)
-            item = await anext(outputs, None)
+            yield encoder.chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                 "finish_reason": None})  # fmt: skip
+        batch = first
+        while batch is not None:
+            events = [_event(serving, encoder, choices, i, out) for i, out in batch]
+            text = "".join(events)
+            if text:
+                yield text
+            batch = await anext(outputs, None)
         if include_usage:
-            yield chunk(None, _usage(choices))
-        yield "data: [DONE]\n\n"
+            yield encoder.chunk(None, _usage(choices))
+        yield DONE
     finally:
         await outputs.aclose()  # aborts whatever is still live (the client left)
+
+
+def _event(serving: Serving, encoder: ChunkEncoder, choices: list[_Choice], i: int, out: RequestOutput) -> str:
+    """The event (or "") that output ``out`` of choice ``i`` makes."""
+    c = choices[i]
+    if c.finish_reason is not None:  # a stop string already ended it
+        return ""
+    delta, ids, stopped = c.add(out)
+    if stopped:
+        serving.loop.abort(out.request_id, "stop")
+    error = _error_of(c)
+    if error is not None:
+        return encoder.error(error)
+    first_chunk = encoder.with_ids and not encoder.chat and len(c.token_ids) == len(ids)  # carries the prompt's ids
+    if c.finish_reason is None and not first_chunk:
+        return encoder.delta(i, delta, ids) if delta or ids else ""
+    if not (delta or ids or c.finish_reason is not None):
+        return ""
+    if encoder.chat:
+        choice = {"index": i, "delta": {"content": delta} if delta or c.finish_reason is None else {},
+                  "logprobs": None, "finish_reason": c.finish_reason}  # fmt: skip
+    else:
+        choice = {"index": i, "text": delta, "logprobs": None, "finish_reason": c.finish_reason}
+    if encoder.with_ids:
+        choice["token_ids"] = ids
+        if first_chunk:
+            choice["prompt_token_ids"] = list(c.request.prompt_token_ids)
+    return encoder.chunk(choice)
