@@ -35,8 +35,7 @@ from typing import Optional
 
 from jaxserve.cluster.cluster import Cluster, ClusterEvent
 from jaxserve.request import Request
-from jaxserve.serve.engine_loop import (Draining, Observer, QueueFull, RequestOutput, RequestTimes, Sink, Snapshot,
-                                        StepStats, _Stream)  # fmt: skip
+from jaxserve.serve.engine_loop import EngineLoop, Observer, RequestOutput, Sink, Snapshot, StepStats, _Stream
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +69,7 @@ class ClusterLoop:
         self._ended = (0, 0)  # the log's rejected / failed entries already turned into endings
         self._lock = threading.Lock()  # guards the counters other threads read and _draining
         self._in_inbox = 0
+        self.queued_tokens = 0  # prompt tokens submitted and not yet scheduled (EngineLoop's count)
         self._unfinished = 0
         self._draining = False
         self._stop = threading.Event()
@@ -77,72 +77,29 @@ class ClusterLoop:
         self._thread: Optional[threading.Thread] = None
         self.snapshot = Snapshot(0, 0, 0, 0.0, 0, 0)
 
-    # -- any thread ---------------------------------------------------------------------------------
-    def now(self) -> float:
-        """Seconds since the loop was built: the clock of arrivals, tokens, events and the log."""
-        return self._clock() - self._t0
+    # -- any thread: EngineLoop's own methods ------------------------------------------------------
+    # The same inbox, counters, admission (Draining, QueueFull), draining and stopping as one engine's
+    # loop; they read only the attributes set above. (issue 20: a shared base class in engine_loop.py
+    # would say this more plainly.)
+    now = EngineLoop.now  # seconds since the loop was built: arrivals, tokens, events and the log
+    num_waiting = EngineLoop.num_waiting  # in the inbox, at the router or in a replica's queue
+    draining = EngineLoop.draining
+    running = EngineLoop.running
+    start = EngineLoop.start
+    submit = EngineLoop.submit  # stamped on the loop's clock; sink(RequestOutput) on the loop's thread
+    abort = EngineLoop.abort  # at the loop's next turn; blocks freed once it has landed if it is moving
+    stop_admitting = EngineLoop.stop_admitting
+    drain = EngineLoop.drain
+    stop = EngineLoop.stop  # drain(grace_s), abort what is left, end the thread
+    _finish = EngineLoop._finish
+    _dequeue = EngineLoop._dequeue
+    _count_ended = EngineLoop._count_ended
+    _emit = EngineLoop._emit
 
     @property
     def log(self):
         """The cluster's shared event log: read it only once the loop has stopped."""
         return self.cluster.log
-
-    @property
-    def num_waiting(self) -> int:
-        return self._in_inbox + self.snapshot.num_waiting
-
-    @property
-    def draining(self) -> bool:
-        return self._draining
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def start(self) -> "ClusterLoop":
-        if self._thread is not None:
-            raise RuntimeError("ClusterLoop.start() called twice")
-        self._thread = threading.Thread(target=self._run, name="jaxserve-cluster-loop", daemon=True)
-        self._thread.start()
-        return self
-
-    def submit(self, request: Request, sink: Sink) -> Request:
-        """Queues ``request`` (stamped with its arrival on the loop's clock, which is returned) for
-        the router; ``sink`` then receives its outputs on the loop's thread. Raises ``Draining``
-        once stopping began and ``QueueFull`` past ``max_queue``."""
-        with self._lock:
-            if self._draining or (self._thread is not None and not self._thread.is_alive()):
-                raise Draining("the server is shutting down and admits no new requests")
-            if self.max_queue is not None and self.num_waiting >= self.max_queue:
-                raise QueueFull(f"{self.max_queue} requests are already waiting (max_queue={self.max_queue})")
-            self._in_inbox += 1
-            self._unfinished += 1
-            request = dataclasses.replace(request, arrival_time=self.now())
-        self._inbox.put(("add", request, sink))
-        return request
-
-    def abort(self, request_id: str, finish_reason: str = "abort") -> None:
-        """Ends ``request_id`` at the loop's next turn (its sink gets ``finish_reason``) and frees its
-        blocks (once it has landed, if it is moving between replicas); a no-op once it ended."""
-        self._inbox.put(("abort", request_id, finish_reason))
-
-    def stop_admitting(self) -> None:
-        with self._lock:
-            self._draining = True
-
-    def drain(self, timeout_s: Optional[float] = None) -> bool:
-        """Stops admitting and waits until every submitted request has ended (or ``timeout_s``)."""
-        with self._lock:
-            self._draining = True
-            return self._idle.wait_for(lambda: self._unfinished == 0, timeout=timeout_s)
-
-    def stop(self, grace_s: float = 0.0) -> None:
-        """``drain(grace_s)``, then aborts what is left and ends the thread (idempotent)."""
-        self.drain(grace_s)
-        self._stop.set()
-        self._inbox.put(("wake", None, None))
-        if self._thread is not None:
-            self._thread.join()
 
     # -- the loop's thread ------------------------------------------------------------------------
     def _run(self) -> None:
@@ -195,6 +152,7 @@ class ClusterLoop:
         rid, cluster = request.request_id, self.cluster
         if rid in self._streams or rid in cluster.prompt_lens:
             self._emit(sink, RequestOutput(rid, (), "rejected", f"request id {rid!r} was already served by this server"))
+            self._dequeue(request.prompt_len)
             self._count_ended()
             return
         # (stamped by the caller: the cluster's clock may have passed it while it sat in the inbox)
@@ -227,30 +185,6 @@ class ClusterLoop:
             self._end(rid, "error", "the cluster can do nothing more for it (its replica's scheduler planned "
                                     "nothing, or no replica can take it)")  # fmt: skip
 
-    def _finish(self, request_id: str, tokens: tuple[int, ...], finish_reason: str, error: Optional[str]) -> None:
-        s = self._streams.pop(request_id)
-        self._emit(s.sink, RequestOutput(request_id, tokens, finish_reason, error))
-        if self.observer is not None:
-            self.observer.on_finish(RequestTimes(
-                request_id, s.arrival_s, s.scheduled_s, s.first_token_s, s.last_token_s, self.now(),
-                s.request.prompt_len, s.num_tokens, finish_reason,
-            ))  # fmt: skip
-        self._count_ended()
-
-    def _count_ended(self) -> None:
-        with self._lock:
-            self._unfinished -= 1
-            if self._unfinished == 0:
-                self._idle.notify_all()
-
-    def _emit(self, sink: Sink, out: RequestOutput) -> None:
-        try:
-            sink(out)
-        except Exception:  # noqa: BLE001 (a broken consumer ends its own request only)
-            log.exception("sink of request %r raised; aborting it", out.request_id)
-            if not out.finished and out.request_id in self._streams:
-                self._end(out.request_id, "abort", None)
-
     def _after_step(self, replica: int, plan, out, state) -> None:
         """Streams a replica's step's tokens, ends the requests it finished, reports to the observer."""
         now = self.now()
@@ -264,6 +198,7 @@ class ClusterLoop:
                 continue
             if s.scheduled_s != s.scheduled_s:  # nan: scheduled for the first time
                 s.scheduled_s = now
+                self._dequeue(s.request.prompt_len)
                 if caching:
                     queries += s.request.prompt_len
                     hits += done

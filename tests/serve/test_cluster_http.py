@@ -73,48 +73,40 @@ def assert_no_blocks_held(loop: ClusterLoop) -> None:
             assert state.kv.device.num_used == 0 and not state.incoming and not state.outgoing, f"replica {m.index}"
 
 
+def serve_then_stop_mid_stream(model, loop: ClusterLoop, prompts, refs) -> None:
+    """Serves ``prompts`` one by one (their tokens must be ``refs[:-1]``), then stops the server
+    while a last stream ([20, 21], ``refs[-1]``) is in flight: it must drain to its end."""
+    out = {}
+    with running_server(model, loop=loop, grace_s=120.0) as url:
+        for p, ref in zip(prompts, refs):
+            assert complete(url, p, len(ref)) == ref
+        streaming = threading.Thread(target=stream, args=(url, [20, 21], len(refs[-1]), out))
+        streaming.start()
+        while not out.get("tokens"):
+            streaming.join(0.01)
+    streaming.join()
+    assert out["tokens"] == refs[-1] and out["finish"] == "length" and out["error"] is None
+    assert not loop.running and loop.snapshot.num_unfinished == 0
+    assert_no_blocks_held(loop)
+
+
 def test_one_engine_behind_the_cluster_loop_serves_generate_outputs_and_drains_on_stop(llm):
     """The session's engine (compiled already) as a one-replica cluster: the default run's case."""
     from jaxserve.cluster.engines import engine_replica
 
-    refs = references(llm, PROMPTS + [[20, 21]], 12)
     loop = ClusterLoop([engine_replica(llm.runner, llm.scheduler)], routers.make("round_robin"))
-    out = {}
-    with running_server(llm, loop=loop, grace_s=120.0) as url:
-        for p, ref in zip(PROMPTS, refs):
-            assert complete(url, p, 12) == ref
-        streaming = threading.Thread(target=stream, args=(url, [20, 21], 12, out))
-        streaming.start()
-        while not out.get("tokens"):
-            streaming.join(0.01)
-    streaming.join()  # the server stopped with the stream in flight: it drained to its end
-    assert out["tokens"] == refs[-1] and out["finish"] == "length" and out["error"] is None
-    assert not loop.running and loop.snapshot.num_unfinished == 0
-    assert_no_blocks_held(loop)
+    serve_then_stop_mid_stream(llm, loop, PROMPTS, references(llm, PROMPTS + [[20, 21]], 12))
 
 
 @pytest.mark.slow  # two more engines compile their step shapes
 def test_a_prefill_decode_pool_serves_llm_generate_outputs_and_drains_on_stop(llm, model_dir):
     prompts = PROMPTS[:2]
-    refs = references(llm, prompts + [[20, 21]], 12)
     config = tiny_config(**{"cluster.num_replicas": 2, "cluster.pools.prefill": 1, "cluster.pools.decode": 1})
     loop, model = cluster_serving(config, str(model_dir))
-    out = {}
-    with running_server(model, loop=loop, grace_s=120.0) as url:
-        for p, ref in zip(prompts, refs):
-            assert complete(url, p, 12) == ref
-        streaming = threading.Thread(target=stream, args=(url, [20, 21], 12, out))
-        streaming.start()
-        while not out.get("tokens"):
-            streaming.join(0.01)
-    streaming.join()  # the server stopped with the stream in flight: it drained to its end
-    assert out["tokens"] == refs[-1] and out["finish"] == "length" and out["error"] is None
-    assert not loop.running and loop.snapshot.num_unfinished == 0
+    serve_then_stop_mid_stream(model, loop, prompts, references(llm, prompts + [[20, 21]], 12))
     records = loop.cluster.handoff.records
     assert len(records) == len(prompts) + 1 and all(r.outcome == "done" for r in records)
-    steps = loop.log.freeze().step_replica.tolist()
-    assert steps.count(1) >= 11  # the decode replica decoded
-    assert_no_blocks_held(loop)
+    assert loop.log.freeze().step_replica.tolist().count(1) >= 11  # the decode replica decoded
 
 
 @dataclasses.dataclass(frozen=True)
