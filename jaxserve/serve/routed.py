@@ -7,9 +7,10 @@ thread of its own, so engines on different devices step at the same time) and a 
 
 The replicas are the ``ReplicaSpec``s a ``cluster.Cluster`` takes (``cluster.engines``), the router
 sees them as ``ReplicaView``s built from each loop's state after its last step, and a router that
-holds requests back (fair dispatch) is asked again after every step of any replica. What the
-offline ``Cluster`` adds on its event clock (phase pools, migration, failures and cluster events)
-is not driven here: replicas must be "mixed".
+holds requests back (fair dispatch) is asked again after every step of any replica. Phase pools,
+migration, failures and cluster events are ``serve.cluster_loop.ClusterLoop``'s (the offline
+``Cluster`` in real time, its replicas stepping one after another on one thread): here replicas
+must be "mixed", and each steps on a thread of its own.
 """
 
 from __future__ import annotations
