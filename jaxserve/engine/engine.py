@@ -24,7 +24,7 @@ from jaxserve.plan import BatchPlan, StepOutput
 from jaxserve.request import Request
 from jaxserve.scheduler.seq import FinishedRequest
 from jaxserve.runtime import ProgressHook, RunLimits, run_replica
-from jaxserve.runtime.pipelined import OverlapStats, PipelinedReplica, run_pipelined
+from jaxserve.runtime.pipelined import INPUTS, OverlapStats, PipelinedReplica, run_pipelined
 
 
 @dataclasses.dataclass
@@ -35,10 +35,13 @@ class EngineRun:
 
 class Engine:
     """A scheduler driving a ModelRunner over a KV pool of ``kv`` (the runner's cache shape);
-    ``async_scheduling``: schedule each step while the previous one runs (module docstring). After
-    an async ``serve``, ``overlap`` holds its host timings (``runtime.pipelined.OverlapStats``)."""
+    ``async_scheduling``: schedule each step while the previous one runs (module docstring), the
+    next step's decode inputs gathered on the device (``async_inputs="device"``) or patched on the
+    host (``"host"``: ``runtime.pipelined.PipelinedReplica``). After an async ``serve``,
+    ``overlap`` holds its host timings (``runtime.pipelined.OverlapStats``)."""
 
-    def __init__(self, runner: ModelRunner, scheduler, kv: KVConfig, *, async_scheduling: bool = False):
+    def __init__(self, runner: ModelRunner, scheduler, kv: KVConfig, *, async_scheduling: bool = False,
+                 async_inputs: str = "device"):  # fmt: skip
         if (kv.num_blocks, kv.block_size) != (runner.kv.num_blocks, runner.kv.block_size):
             raise ValueError(f"scheduler KV {kv} does not match the runner's cache {runner.kv}")
         if kv.num_host_blocks > runner.kv.num_host_blocks:  # swap-outs would have nowhere to go
@@ -51,7 +54,10 @@ class Engine:
         self.runner = runner
         self.scheduler = scheduler
         self.kv = kv
+        if async_inputs not in INPUTS:
+            raise ValueError(f"async_inputs must be one of {INPUTS}, got {async_inputs!r}")
         self.async_scheduling = async_scheduling
+        self.async_inputs = async_inputs
         self.overlap: OverlapStats | None = None
 
     def serve(
@@ -86,7 +92,7 @@ class Engine:
         try:
             if self.async_scheduling:
                 replica = PipelinedReplica(self.scheduler, self.kv, runner, limits=limits, admit=runner.register,
-                                           on_step=after_step)  # fmt: skip
+                                           on_step=after_step, inputs=self.async_inputs)  # fmt: skip
                 log = run_pipelined(self.scheduler, self.kv, runner, requests, limits=limits, on_progress=on_progress,
                                     progress_every=progress_every, replica=replica)  # fmt: skip
                 self.overlap = replica.stats

@@ -180,7 +180,7 @@ class ModelRunner(Executor):
         self.num_compilations = 0  # step functions traced (each trace is one compilation)
         self.compile_seconds = 0.0  # wall time of every shape's first runs (compilation included)
         self.num_evictions = 0  # times the compiled steps were dropped to stay under the cap
-        self._compiled: set[tuple[tuple[int, int], bool]] = set()  # (shape, all_logits) compiled now
+        self._compiled: set[tuple[tuple[int, int], bool, bool]] = set()  # (shape, all_logits, gathered ids) compiled now
         self._sampling: dict[str, RequestSampling] = {}
         self._kv_copy_ready: set[int] = set()  # block-count buckets whose KV gather/scatter is compiled
         jit = functools.partial(
@@ -208,6 +208,8 @@ class ModelRunner(Executor):
         self._copy = jax.jit(_copy_pages, donate_argnums=(0,), out_shardings=self._cache_shardings)
         self._scatter = jax.jit(_scatter_pages, donate_argnums=(0,), out_shardings=self._cache_shardings)
         self._gather = jax.jit(_gather_pages)
+        self._input_gather = jax.jit(_gather_inputs)
+        self._input_gather_ready: set[tuple[int, int]] = set()  # (rows, previous slots) compiled
 
     def _count_trace(self):
         self.num_compilations += 1
@@ -289,20 +291,46 @@ class ModelRunner(Executor):
         compile_s = self._compile(batch.shape_key, all_logits)
         return PreparedStep(plan, batch, all_logits, start, compile_s)
 
-    def launch(self, prepared: "PreparedStep", patch: tuple[np.ndarray, np.ndarray] | None = None) -> "LaunchedStep":
-        """Dispatches the prepared step and returns without waiting for it. ``patch = (plan rows,
-        token ids)``: the input ids of those decode rows (placeholders in the plan: the previous
-        step's tokens, known only now) replace the packed ones."""
+    def launch(self, prepared: "PreparedStep", patch: tuple[np.ndarray, np.ndarray] | None = None,
+               after: tuple[np.ndarray, np.ndarray, "LaunchedStep"] | None = None) -> "LaunchedStep":
+        """Dispatches the prepared step and returns without waiting for it. The input ids of some
+        decode rows are placeholders in the plan (the previous step's tokens): ``patch = (plan
+        rows, token ids)`` writes them on the host; ``after = (plan rows, indices, launched)`` takes
+        them on the device from entries ``indices`` (plan order) of the tokens of ``launched``, which
+        may still be running: nothing waits. ``compile_s`` of the result: a first use's compilation
+        of that gather."""
         batch = prepared.batch
         if batch is None:
-            return LaunchedStep(prepared, None, None)
+            return LaunchedStep(prepared, None, None, 0.0)
+        compile_s = 0.0
         if patch is not None and len(patch[0]):
             rows, ids = patch
             token_ids = batch.token_ids.copy()
             token_ids[batch.first_rows[rows]] = ids
             batch = batch._replace(token_ids=token_ids)
+        if after is not None and len(after[0]):
+            rows, index, prev = after
+            prev_slots = np.fromiter((slot for _, slot in prev.prepared.batch.sampled), np.int32)
+            src = np.full(len(batch.token_ids), -1, np.int32)
+            src[batch.first_rows[rows]] = prev_slots[index]
+            compile_s = self._ready_input_gather(len(src), prev.tokens.shape[0])
+            compile_s += self._compile(batch.shape_key, prepared.all_logits, gathered_from=prev.tokens)
+            batch = batch._replace(token_ids=self._input_gather(batch.token_ids, src, prev.tokens))
         tokens, self.caches, logits = self._run(batch, prepared.all_logits)
-        return LaunchedStep(prepared, tokens, logits)
+        return LaunchedStep(prepared, tokens, logits, compile_s)
+
+    def _ready_input_gather(self, num_rows: int, num_prev: int) -> float:
+        """Compiles the input gather for ``num_rows`` rows from ``num_prev`` slots on first use (on
+        zeros, independent of any step); returns the seconds it took."""
+        if (num_rows, num_prev) in self._input_gather_ready:
+            return 0.0
+        start = time.perf_counter()
+        prev = jnp.zeros(num_prev, jnp.int32)
+        jax.block_until_ready(self._input_gather(np.zeros(num_rows, np.int32), np.full(num_rows, -1, np.int32), prev))
+        self._input_gather_ready.add((num_rows, num_prev))
+        elapsed = time.perf_counter() - start
+        self.compile_seconds += elapsed
+        return elapsed
 
     @staticmethod
     def is_done(launched: "LaunchedStep") -> bool:
@@ -324,20 +352,26 @@ class ModelRunner(Executor):
         duration = time.perf_counter() - prepared.start - prepared.compile_s
         return StepOutput.for_plan(plan, tokens[slots], duration_s=duration), per_request
 
-    def _compile(self, shape: tuple[int, int], all_logits: bool) -> float:
+    def _compile(self, shape: tuple[int, int], all_logits: bool, gathered_from=None) -> float:
         """Compiles a bucket shape on its first use, by steps on padding rows that run each of its
         data-dependent paths (``packing.warmup_batches``; no KV changes); returns the seconds that
         took (0 if already compiled), which the step's measured time leaves out: a step's duration
-        is its run time, never a compilation or a first run."""
-        if (shape, all_logits) in self._compiled:
+        is its run time, never a compilation or a first run. ``gathered_from``: a previous step's
+        token array: compiles the variant whose input ids are a device array gathered from it
+        (``launch(after=)``: committed to a device, where host ids are not, so XLA compiles it apart)."""
+        key = (shape, all_logits, gathered_from is not None)
+        if key in self._compiled:
             return 0.0
         start = time.perf_counter()
         if len(self._compiled) >= self.max_compiled_shapes:
             self._evict_compiled()
         for batch in self._warmup_batches(shape):
+            if gathered_from is not None:
+                ids = batch.token_ids
+                batch = batch._replace(token_ids=self._input_gather(ids, np.full(len(ids), -1, np.int32), gathered_from))
             tokens, self.caches, _ = self._run(batch, all_logits)
         tokens.block_until_ready()  # the caches were donated: keep the returned ones
-        self._compiled.add((shape, all_logits))
+        self._compiled.add(key)
         elapsed = time.perf_counter() - start
         self.compile_seconds += elapsed
         return elapsed
@@ -483,11 +517,18 @@ class PreparedStep(NamedTuple):
 
 
 class LaunchedStep(NamedTuple):
-    """A dispatched step: its device arrays of sampled tokens (per slot) and logits (or None)."""
+    """A dispatched step: its device arrays of sampled tokens (per slot) and logits (or None), and
+    the seconds ``launch`` spent compiling (left out of step times)."""
 
     prepared: PreparedStep
     tokens: object
     logits: object
+    compile_s: float = 0.0
+
+
+def _gather_inputs(token_ids, src, prev_tokens):
+    """``token_ids`` with row ``i`` replaced by ``prev_tokens[src[i]]`` where ``src[i] >= 0``."""
+    return jnp.where(src >= 0, prev_tokens[jnp.maximum(src, 0)].astype(token_ids.dtype), token_ids)
 
 
 def bucket_shapes(spec, max_decode_rows: int, max_blocks: int, mixed: bool = True) -> list[tuple[int, int]]:

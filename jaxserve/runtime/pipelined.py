@@ -34,15 +34,18 @@ from jaxserve.runtime.replica import ProgressHook, Replica, StepHook, _progress
 from jaxserve.scheduler.deferred_output import PendingStep, provisional_update, reconcile
 
 _NO_TOKENS = np.zeros(0, np.int64)
+INPUTS = ("device", "host")  # where step N+1's decode inputs (step N's tokens) are put in
 
 
 class AsyncExecutor(Protocol):
     """An executor whose step comes in three parts (``engine.model_runner.ModelRunner`` is one):
     ``prepare(plan)`` applies its memory ops and packs it (ordered after every launched step),
-    ``launch(prepared, patch)`` dispatches it without waiting (``patch = (plan rows, token ids)``:
-    those decode rows' input ids replace the plan's placeholders), ``is_done(launched)`` says
-    whether its tokens are ready, ``collect(launched)`` waits for them: ``(StepOutput, logits)``.
-    A prepared step has ``start`` (perf_counter when preparing began) and ``compile_s``."""
+    ``launch(prepared, patch=, after=)`` dispatches it without waiting (the input ids of some
+    decode rows, placeholders in the plan, come from ``patch = (plan rows, token ids)`` or, on the
+    device, from ``after = (plan rows, indices, launched)``: entries of an earlier launched step's
+    tokens), ``is_done(launched)`` says whether its tokens are ready, ``collect(launched)`` waits
+    for them: ``(StepOutput, logits)``. Prepared and launched steps have ``compile_s`` (seconds
+    compiling, left out of step times); a prepared one has ``start`` (perf_counter at its start)."""
 
     def register(self, request: Request) -> None: ...
 
@@ -50,7 +53,7 @@ class AsyncExecutor(Protocol):
 
     def prepare(self, plan: BatchPlan): ...
 
-    def launch(self, prepared, patch: Optional[tuple[np.ndarray, np.ndarray]] = None): ...
+    def launch(self, prepared, patch: Optional[tuple] = None, after: Optional[tuple] = None): ...
 
     def is_done(self, launched) -> bool: ...
 
@@ -60,14 +63,16 @@ class AsyncExecutor(Protocol):
 class OverlapStats(NamedTuple):
     """Host-side timings of an async run (seconds, summed over steps). ``schedule_pack_s``: host
     time scheduling and packing (compilation excluded) of steps prepared while another was in
-    flight; ``hidden_s``: the part of it spent while the device was still busy (measured: the
-    in-flight step was not done when the host came to collect it, so it ran through all of it;
-    a step found done counts 0, a lower bound); ``wait_s``: time blocked collecting tokens;
-    ``gap_s``: from a step's tokens collected to the next step dispatched (patch + dispatch: the
-    device idles then, what a gather on the device would save); ``overlapped_steps``: steps
-    prepared while another was in flight; ``hidden_steps``: of those, found not done."""
+    flight; ``dispatch_s``: dispatching them behind it (``inputs="device"``); ``hidden_s``: the part
+    of both spent while the device was still busy (measured: the step in flight was not done when
+    the host came for its tokens, so it ran through all of it; one found done counts 0: a lower
+    bound); ``wait_s``: time blocked collecting tokens; ``gap_s`` (``inputs="host"``): from a step's
+    tokens collected to the next step dispatched (patch + dispatch), when the device idles;
+    ``overlapped_steps``: steps prepared while another was in flight; ``hidden_steps``: of those,
+    the ones whose predecessor was found not done."""
 
     schedule_pack_s: float = 0.0
+    dispatch_s: float = 0.0
     hidden_s: float = 0.0
     wait_s: float = 0.0
     gap_s: float = 0.0
@@ -87,11 +92,17 @@ class PipelinedReplica(Replica):
     its provisional update left. ``abort(request_id)`` may be called then. ``drain()`` collects and
     logs the step in flight. ``on_step(plan, out, state)`` sees every step once its real tokens are
     in (``state.finished``: the requests it finished). Counters a test can read: ``num_dropped``
-    (rows of a dispatched step dropped because their request hit a stop token one step earlier)."""
+    (rows of a dispatched step dropped because their request hit a stop token one step earlier).
+    ``inputs``: how step N+1's decode rows get step N's tokens: ``"device"`` (gathered on the
+    device, so N+1 is dispatched before N ends) or ``"host"`` (patched into the packed ids once N's
+    tokens are on the host, then dispatched)."""
 
     def __init__(self, scheduler, kv: KVConfig, executor: AsyncExecutor, *, limits: RunLimits = RunLimits(),
                  admit: Optional[Callable[[Request], None]] = None, on_step: Optional[StepHook] = None,
-                 log: Optional[EventLog] = None, index: int = 0):  # fmt: skip
+                 log: Optional[EventLog] = None, index: int = 0, inputs: str = "device"):  # fmt: skip
+        if inputs not in INPUTS:
+            raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}")
+        self.inputs = inputs
         super().__init__(scheduler, kv, executor, limits=limits, admit=admit, on_step=on_step, fast_forward=False,
                          log=log, index=index)  # fmt: skip
         self._inflight: Optional[_InFlight] = None
@@ -138,25 +149,37 @@ class PipelinedReplica(Replica):
             return self.drain()
         prepared = executor.prepare(plan)  # (raising, the scheduled state is dropped: the step never happened)
         host_s = time.perf_counter() - t0 - prepared.compile_s
-        patch = None
         if inflight is None:
             self._interval_start, self._interval_compile = prepared.start, prepared.compile_s
+            launched = executor.launch(prepared)
+            self._interval_compile += launched.compile_s
         else:
             self._interval_compile += prepared.compile_s
-            done = executor.is_done(inflight.launched)
-            out, t_collected = self._collect(inflight)
-            rows, src = _decode_inputs(inflight.pending, plan)
-            patch = (rows, out.token_ids.array[src])
-        launched = executor.launch(prepared, patch)
-        if inflight is not None:
-            self.stats = self.stats._replace(
-                schedule_pack_s=self.stats.schedule_pack_s + host_s,
-                hidden_s=self.stats.hidden_s + (0.0 if done else host_s),
-                gap_s=self.stats.gap_s + time.perf_counter() - t_collected,
-                overlapped_steps=self.stats.overlapped_steps + 1,
-                hidden_steps=self.stats.hidden_steps + (not done),
-            )
+            rows, index = _decode_inputs(inflight.pending, plan)
+            if self.inputs == "device":  # dispatched behind step N, its inputs gathered from N's tokens
+                t = time.perf_counter()
+                launched = executor.launch(prepared, after=(rows, index, inflight.launched))
+                self._interval_compile += launched.compile_s
+                dispatch_s = time.perf_counter() - t - launched.compile_s
+                done = executor.is_done(inflight.launched)
+                out, t_collected = self._collect(inflight)
+                gap_s = 0.0
+            else:  # N's tokens patched into the packed ids on the host, then dispatched
+                done = executor.is_done(inflight.launched)
+                out, t_collected = self._collect(inflight)
+                launched = executor.launch(prepared, patch=(rows, out.token_ids.array[index]))
+                dispatch_s = 0.0
+                gap_s = time.perf_counter() - t_collected - launched.compile_s
+            hidden = 0.0 if done else host_s + dispatch_s
+            st = self.stats
+            self.stats = st._replace(
+                schedule_pack_s=st.schedule_pack_s + host_s, dispatch_s=st.dispatch_s + dispatch_s,
+                hidden_s=st.hidden_s + hidden, gap_s=st.gap_s + gap_s,
+                overlapped_steps=st.overlapped_steps + 1, hidden_steps=st.hidden_steps + (not done),
+            )  # fmt: skip
             state = self._close(inflight, out, t_collected, state)
+            if self.inputs == "host":  # (its compilation came after N's tokens: in the new interval)
+                self._interval_compile += launched.compile_s
         self.state, pending = provisional_update(scheduler, state, plan)
         self._inflight = _InFlight(pending, launched)
         return inflight is not None
@@ -201,7 +224,7 @@ class PipelinedReplica(Replica):
 
 
 def _decode_inputs(pending: PendingStep, plan: BatchPlan) -> tuple[np.ndarray, np.ndarray]:
-    """``(rows, src)``: the decode rows of ``plan`` whose input is the token their request sampled
+    """``(rows, index)``: the decode rows of ``plan`` whose input is the token their request sampled
     in ``pending``'s step (a placeholder in the plan), and that token's index in that step's array."""
     where = dict(zip((r.request_id for r in pending.requests), pending.token_index.tolist()))
     rows, src = [], []
@@ -225,13 +248,14 @@ def run_pipelined(
     admit: Optional[Callable[[Request], None]] = None,
     on_step: Optional[StepHook] = None,
     replica: Optional[PipelinedReplica] = None,
+    inputs: str = "device",
 ) -> EventLog:
     """``runtime.replica.run_replica`` with the host one step ahead (``PipelinedReplica``): serves
     ``requests`` in arrival order and returns the event log (every request in it, served or
     rejected); stops when all are served or at ``limits``. ``replica``: one built by the caller
-    (to read its ``stats`` after), else a new one."""
+    (to read its ``stats`` after), else a new one (with ``inputs``)."""
     if replica is None:
-        replica = PipelinedReplica(scheduler, kv, executor, limits=limits, admit=admit, on_step=on_step)
+        replica = PipelinedReplica(scheduler, kv, executor, limits=limits, admit=admit, on_step=on_step, inputs=inputs)
     arrivals = [requests[i] for i in sorted(range(len(requests)), key=lambda i: (requests[i].arrival_time, i))]
     nxt = 0
     try:

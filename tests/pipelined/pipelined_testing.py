@@ -33,6 +33,7 @@ class Prepared(NamedTuple):
 class Launched(NamedTuple):
     plan: BatchPlan
     tokens: np.ndarray
+    compile_s: float = 0.0
 
 
 class ContextHashExecutor(Executor):
@@ -53,12 +54,14 @@ class ContextHashExecutor(Executor):
             self.kv[d] = self.kv[s]
         return Prepared(plan, time.perf_counter())
 
-    def launch(self, prepared: Prepared, patch=None) -> Launched:
+    def launch(self, prepared: Prepared, patch=None, after=None) -> Launched:
         plan, bs = prepared.plan, self.block_size
         ids = plan.token_ids.astype(np.int64)
         cu = plan.cu_q_lens
         if patch is not None and len(patch[0]):
             ids[cu[patch[0]]] = patch[1]
+        if after is not None and len(after[0]):  # ("on the device": the earlier launch's tokens)
+            ids[cu[after[0]]] = after[2].tokens[after[1]]
         tokens = []
         for i, (nc, n, table) in enumerate(zip(plan.num_computed_tokens.tolist(), plan.num_new_tokens.tolist(),
                                                plan.block_tables)):  # fmt: skip

@@ -38,13 +38,14 @@ def requests_of(specs, stops=(STOP,)):
     return out
 
 
-def both(name, options, kv, requests, arrival_steps, aborts=()):
-    """``(sync finishes, async finishes, async replica)`` of one workload."""
+def both(name, options, kv, requests, arrival_steps, aborts=(), inputs="device"):
+    """``(sync finishes, async finishes, async replica)`` of one workload (``inputs``: where the
+    async loop puts a step's tokens into the next step's inputs)."""
     results = []
     for cls in (Replica, PipelinedReplica):
         sched = schedulers.make(name, **options)
         ex = ContextHashExecutor(kv.num_blocks, kv.block_size, kv.num_host_blocks)
-        replica = cls(sched, kv, ex, fast_forward=False) if cls is Replica else cls(sched, kv, ex)
+        replica = cls(sched, kv, ex, fast_forward=False) if cls is Replica else cls(sched, kv, ex, inputs=inputs)
         finished = drive(replica, requests, arrival_steps, aborts)
         assert_no_leaks(replica.state)
         results.append((finished, replica))
@@ -63,13 +64,14 @@ def assert_same(sync, asyn, aborted=()):
 SPECS = [(5, 9, True, 1), (9, 12, True, 2), (3, 7, False, 3), (12, 10, True, 4), (6, 12, True, 5), (2, 11, True, 6)]
 
 
+@pytest.mark.parametrize("inputs", ["device", "host"])
 @pytest.mark.parametrize("caching", [False, True])
 @pytest.mark.parametrize("name", sorted(POLICIES))
-def test_the_same_tokens_as_the_synchronous_loop(name, caching):
+def test_the_same_tokens_as_the_synchronous_loop(name, caching, inputs):
     kv = KVConfig(num_blocks=64, block_size=4)
     options = {**POLICIES[name], "enable_prefix_caching": caching, "max_num_seqs": 4}
     reqs = requests_of(SPECS)
-    sync, asyn, replica = both(name, options, kv, reqs, [0, 0, 1, 2, 4, 6])
+    sync, asyn, replica = both(name, options, kv, reqs, [0, 0, 1, 2, 4, 6], inputs=inputs)
     assert_same(sync, asyn)
     assert {f.finish_reason for f in sync.values()} == {"stop", "length"}  # both kinds mid-batch
     assert replica.num_dropped > 0  # a stop found after the next step was dispatched
@@ -132,19 +134,20 @@ _SEEN = collections.Counter()
 
 @st.composite
 def workloads(draw):
-    n = draw(st.integers(2, 7))
-    specs = [(draw(st.integers(1, 12)), draw(st.integers(1, 14)), draw(st.booleans()), draw(st.integers(0, 99)))
+    n = draw(st.integers(3, 7))
+    specs = [(draw(st.integers(1, 10)), draw(st.integers(2, 20)), draw(st.booleans()), draw(st.integers(0, 99)))
              for _ in range(n)]  # fmt: skip
     arrivals = [draw(st.integers(0, 6)) for _ in range(n)]
     name = draw(st.sampled_from(sorted(POLICIES)))
-    options = {**POLICIES[name], "enable_prefix_caching": draw(st.booleans()), "max_num_seqs": draw(st.integers(1, 5))}
+    options = {**POLICIES[name], "enable_prefix_caching": draw(st.booleans()), "max_num_seqs": draw(st.integers(2, 5))}
     if name in ("vllm", "sarathi", "vtc"):
         options["preemption_mode"] = draw(st.sampled_from(["recompute", "swap"]))
-    num_blocks = draw(st.integers(6, 16))
+    num_blocks = draw(st.integers(8, 14))
     aborts = []
     if draw(st.booleans()):
         aborts.append((draw(st.integers(1, 8)), f"r{draw(st.integers(0, n - 1))}"))
-    return name, options, KVConfig(num_blocks, 4, num_host_blocks=8), specs, arrivals, aborts
+    inputs = draw(st.sampled_from(["device", "host"]))
+    return name, options, KVConfig(num_blocks, 4, num_host_blocks=8), specs, arrivals, aborts, inputs
 
 
 def test_random_workloads_match_the_synchronous_loop():
@@ -154,7 +157,7 @@ def test_random_workloads_match_the_synchronous_loop():
     @settings(max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
     @given(workloads())
     def check(w):
-        name, options, kv, specs, arrivals, aborts = w
+        name, options, kv, specs, arrivals, aborts, inputs = w
         reqs = requests_of(specs)
         options = dict(options)
         if name in ("static", "orca") or name == "vllm":
@@ -165,7 +168,7 @@ def test_random_workloads_match_the_synchronous_loop():
             return
         if any(r.max_total_tokens > kv.num_blocks * kv.block_size for r in reqs):
             return
-        sync, asyn, replica = both(name, options, kv, reqs, arrivals, aborts)
+        sync, asyn, replica = both(name, options, kv, reqs, arrivals, aborts, inputs)
         assert_same(sync, asyn, aborted={rid for _, rid in aborts})
         _SEEN["dropped"] += replica.num_dropped > 0
         _SEEN["abort"] += replica.aborted_running_in_flight
