@@ -120,10 +120,7 @@ class EventLog:
         else:
             sampled = list(itertools.compress(rows, samples.tolist()))
             self._token_req.append(np.array(sampled, np.int64))
-        for f in finished:
-            i = index[f.request_id]
-            self.finished[i] = end
-            self.finish_reasons[i] = f.finish_reason
+        self._finish(finished, end)
         self._step_end.append(end)
         self._step_duration.append(duration_s)
         self._step_energy.append(energy_j)
@@ -157,11 +154,7 @@ class EventLog:
         running = state.num_running
         self._step_running.extend([running + len(finished)] * (k - 1) + [running])
         self._step_kv_usage.extend(kv_usage.tolist())
-        end = ends[-1]
-        for f in finished:
-            i = self.index[f.request_id]
-            self.finished[i] = end
-            self.finish_reasons[i] = f.finish_reason
+        self._finish(finished, ends[-1])
         self._step_replica.extend([replica] * k)
 
     def prefill_run(self, request_ids, row: int, chunks, completes: bool, start: float, ends, costs, num_waiting: int,
@@ -194,12 +187,15 @@ class EventLog:
         self._step_waiting.extend([num_waiting] * k)
         self._step_running.extend([num_running] * (k - 1) + [num_running - len(finished)])
         self._step_kv_usage.extend(kv_usage)
-        end = ends[-1]
+        self._finish(finished, ends[-1])
+        self._step_replica.extend([replica] * k)
+
+    def _finish(self, finished, end: float) -> None:
+        """Marks the requests of ``finished`` (``FinishedRequest``s) done at ``end`` with their reasons."""
         for f in finished:
             i = self.index[f.request_id]
             self.finished[i] = end
             self.finish_reasons[i] = f.finish_reason
-        self._step_replica.extend([replica] * k)
 
     def _rows(self, request_ids: tuple, replica: int = 0) -> tuple[list[int], np.ndarray]:
         """The requests' indices, as a list and as an int64 array (kept for the last ids each

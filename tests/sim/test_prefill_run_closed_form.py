@@ -88,10 +88,9 @@ def test_no_closed_form_where_step_is_not_the_rooflines():
 
 
 @pytest.mark.parametrize("opts, kv", [
-    ({"chunk_size": 256}, KVConfig(400, 16)),
-    ({"chunk_size": 96, "chunk_align": 32}, KVConfig(400, 16)),
-    ({"chunk_size": 128, "preemption_mode": "swap"}, KVConfig(90, 16, num_host_blocks=60)),
-    ({"chunk_size": 200, "max_num_seqs": 4}, KVConfig(120, 8)),
+    ({"chunk_size": 64}, KVConfig(300, 8)),  # prompts of many chunks, runs cut at arrivals
+    ({"chunk_size": 160, "chunk_align": 16, "preemption_mode": "swap"}, KVConfig(90, 16, num_host_blocks=60)),
+    ({"chunk_size": 300, "max_num_seqs": 3}, KVConfig(150, 4)),
 ])  # fmt: skip
 def test_replica_without_plans_logs_as_stepping(opts, kv, monkeypatch):
     """run_replica (no ``on_plan``: its prefill runs build no plan) logs exactly what stepping logs."""
