@@ -180,7 +180,7 @@ class ModelRunner(Executor):
         self.num_compilations = 0  # step functions traced (each trace is one compilation)
         self.compile_seconds = 0.0  # wall time of every shape's first runs (compilation included)
         self.num_evictions = 0  # times the compiled steps were dropped to stay under the cap
-        self._compiled: set[tuple[tuple[int, int], bool, bool]] = set()  # (shape, all_logits, gathered ids) compiled now
+        self._compiled: set[tuple[tuple[int, int], bool]] = set()  # (shape, all_logits) compiled now
         self._sampling: dict[str, RequestSampling] = {}
         self._kv_copy_ready: set[int] = set()  # block-count buckets whose KV gather/scatter is compiled
         jit = functools.partial(
@@ -208,7 +208,8 @@ class ModelRunner(Executor):
         self._copy = jax.jit(_copy_pages, donate_argnums=(0,), out_shardings=self._cache_shardings)
         self._scatter = jax.jit(_scatter_pages, donate_argnums=(0,), out_shardings=self._cache_shardings)
         self._gather = jax.jit(_gather_pages)
-        self._input_gather = jax.jit(_gather_inputs)
+        self._input_gather = jax.jit(_gather_inputs, out_shardings=place.replicated)
+        self._ids_sharding = place.replicated
         self._input_gather_ready: set[tuple[int, int]] = set()  # (rows, previous slots) compiled
 
     def _count_trace(self):
@@ -314,7 +315,6 @@ class ModelRunner(Executor):
             src = np.full(len(batch.token_ids), -1, np.int32)
             src[batch.first_rows[rows]] = prev_slots[index]
             compile_s = self._ready_input_gather(len(src), prev.tokens.shape[0])
-            compile_s += self._compile(batch.shape_key, prepared.all_logits, gathered_from=prev.tokens)
             batch = batch._replace(token_ids=self._input_gather(batch.token_ids, src, prev.tokens))
         tokens, self.caches, logits = self._run(batch, prepared.all_logits)
         return LaunchedStep(prepared, tokens, logits, compile_s)
@@ -352,26 +352,20 @@ class ModelRunner(Executor):
         duration = time.perf_counter() - prepared.start - prepared.compile_s
         return StepOutput.for_plan(plan, tokens[slots], duration_s=duration), per_request
 
-    def _compile(self, shape: tuple[int, int], all_logits: bool, gathered_from=None) -> float:
+    def _compile(self, shape: tuple[int, int], all_logits: bool) -> float:
         """Compiles a bucket shape on its first use, by steps on padding rows that run each of its
         data-dependent paths (``packing.warmup_batches``; no KV changes); returns the seconds that
         took (0 if already compiled), which the step's measured time leaves out: a step's duration
-        is its run time, never a compilation or a first run. ``gathered_from``: a previous step's
-        token array: compiles the variant whose input ids are a device array gathered from it
-        (``launch(after=)``: committed to a device, where host ids are not, so XLA compiles it apart)."""
-        key = (shape, all_logits, gathered_from is not None)
-        if key in self._compiled:
+        is its run time, never a compilation or a first run."""
+        if (shape, all_logits) in self._compiled:
             return 0.0
         start = time.perf_counter()
         if len(self._compiled) >= self.max_compiled_shapes:
             self._evict_compiled()
         for batch in self._warmup_batches(shape):
-            if gathered_from is not None:
-                ids = batch.token_ids
-                batch = batch._replace(token_ids=self._input_gather(ids, np.full(len(ids), -1, np.int32), gathered_from))
             tokens, self.caches, _ = self._run(batch, all_logits)
         tokens.block_until_ready()  # the caches were donated: keep the returned ones
-        self._compiled.add(key)
+        self._compiled.add((shape, all_logits))
         elapsed = time.perf_counter() - start
         self.compile_seconds += elapsed
         return elapsed
@@ -390,10 +384,15 @@ class ModelRunner(Executor):
         return len(self._compiled)
 
     def _run(self, batch: HostBatch, all_logits: bool):
+        # Input ids committed where the step's tokens live, as ids gathered from a previous step's
+        # tokens on the device are (``launch(after=)``): one compiled step serves both.
+        token_ids = batch.token_ids
+        if isinstance(token_ids, np.ndarray):
+            token_ids = jax.device_put(token_ids, self._ids_sharding)
         return self._steps[all_logits](
             self.params,
             self.caches,
-            batch.token_ids,
+            token_ids,
             batch.attn,
             batch.logits_rows,
             tuple(batch.sampling),

@@ -137,8 +137,8 @@ def test_an_abort_while_a_step_is_in_flight(runner):
 
 
 def test_async_compiles_only_in_warm_ups(runner):
-    """The device-gathered input ids are a committed device array, so XLA compiles a variant of
-    each step shape for them: only ever in a warm-up (left out of step times), never in a step."""
+    """Input ids gathered on the device and packed host ids are committed alike (``_run``), so
+    one compiled step serves both: every step compilation is a first use's warm-up."""
     before = set(runner._compiled)
     with step_compiles() as found:
         Engine(runner, make("vllm", {}), KV, async_scheduling=True).serve(workload(False))
