@@ -31,6 +31,25 @@ def engine_cpu(result):
     assert b["fraction_of_roofline"] == pytest.approx(b["roofline_step_ms"] / b["step_wall_ms"]["current"], rel=0.05)
 
 
+def engine_overlap(result):
+    modes, ratio = result["modes"], result["ratio_to_sync"]
+    assert set(modes) == set(ratio) == set(result["paired_ratio_to_sync"]) == {"sync", "async", "async_host_patch",
+                                                                                "async_nano2"}
+    assert result["tokens_identical"] is True and result["compilations_when_timed"] == 0
+    for name, m in modes.items():
+        assert m["tokens"] == result["workload"]["output_tokens"] > 0 and m["steps"] > 0
+        assert m["tok_s"] == pytest.approx(m["tokens"] / m["wall_s"], rel=1e-2)
+        assert ratio[name] == pytest.approx(m["tok_s"] / modes["sync"]["tok_s"], rel=1e-3)
+    assert modes["sync"]["host_ms_per_step_outside_executor"] >= 0
+    assert result["paired_ratio_to_sync"]["sync"] == 1.0
+    for name in ("async", "async_host_patch", "async_nano2"):
+        m = modes[name]
+        assert 0 < m["overlapped_steps"] < m["steps"] and 0 <= m["hidden_steps"] <= m["overlapped_steps"]
+        assert 0 <= m["hidden_host_ms_per_step"] <= m["schedule_pack_ms_per_step"] + m["dispatch_ms_per_step"] + 2e-3
+        assert m["wait_ms_per_step"] >= 0 and m["gap_ms_per_step"] >= 0 and m["dispatch_ms_per_step"] >= 0
+    assert modes["async_host_patch"]["dispatch_ms_per_step"] == 0 and modes["async"]["gap_ms_per_step"] == 0
+
+
 def engine_startup(result):
     for run in ("cold", "rerun"):
         r = result["runs"][run]
@@ -233,6 +252,7 @@ QUICK_RUNS = {
     "benchmarks/scheduler_overhead.py": (["--steps", "60", "--schedulers", "vllm,sarathi", "--block", "25"], "json", scheduler_overhead),
     "benchmarks/attention_kernels.py": (["--batch", "2", "--context", "256", "--iters", "2"], "json", None),
     "benchmarks/engine_cpu.py": (["--quick"], "json", engine_cpu),
+    "benchmarks/engine_overlap.py": (["--quick"], "json", engine_overlap),
     "benchmarks/engine_startup.py": (["--quick"], "json", engine_startup),
     "benchmarks/serving_overhead.py": (["--quick"], "json", serving_overhead),
 }
