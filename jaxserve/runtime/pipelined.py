@@ -17,6 +17,7 @@ its steps altogether.)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ from typing import NamedTuple, Optional, Protocol
 import numpy as np
 
 from jaxserve.kv.config import KVConfig
-from jaxserve.persistent import evolve
+from jaxserve.persistent import evolve, pick
 from jaxserve.plan import BatchPlan, StepOutput
 from jaxserve.request import Request
 from jaxserve.runtime.events import EventLog
@@ -83,6 +84,7 @@ class OverlapStats(NamedTuple):
 class _InFlight(NamedTuple):
     pending: PendingStep
     launched: object
+    dropped: tuple[str, ...] = ()  # its rows dropped at the previous step's reconcile (stopped there)
 
 
 class PipelinedReplica(Replica):
@@ -177,11 +179,11 @@ class PipelinedReplica(Replica):
                 hidden_s=st.hidden_s + hidden, gap_s=st.gap_s + gap_s,
                 overlapped_steps=st.overlapped_steps + 1, hidden_steps=st.hidden_steps + (not done),
             )  # fmt: skip
-            state = self._close(inflight, out, t_collected, state)
+            state, dropped = self._close(inflight, out, t_collected, state)
             if self.inputs == "host":  # (its compilation came after N's tokens: in the new interval)
                 self._interval_compile += launched.compile_s
         self.state, pending = provisional_update(scheduler, state, plan)
-        self._inflight = _InFlight(pending, launched)
+        self._inflight = _InFlight(pending, launched, dropped if inflight is not None else ())
         return inflight is not None
 
     def drain(self) -> int:
@@ -190,7 +192,7 @@ class PipelinedReplica(Replica):
         if inflight is None:
             return 0
         out, t_collected = self._collect(inflight)
-        self.state = self._close(inflight, out, t_collected, self.state)
+        self.state, _ = self._close(inflight, out, t_collected, self.state)
         return 1
 
     def _collect(self, inflight: _InFlight) -> tuple[StepOutput, float]:
@@ -202,7 +204,9 @@ class PipelinedReplica(Replica):
 
     def _close(self, inflight: _InFlight, out: StepOutput, t_collected: float, state):
         """Reconciles the step ``inflight`` into ``state`` with its tokens ``out``, logs it and
-        starts the next interval; returns the state."""
+        starts the next interval; returns the state and the requests whose rows in the next step
+        (already dispatched) were dropped. The log's plan leaves out this step's own dropped rows
+        (their tokens were never anyone's: a request gets as many token times as tokens)."""
         plan = inflight.pending.plan
         state, rec = reconcile(self.scheduler, state, inflight.pending, out.token_ids.array)
         self.num_dropped += len(rec.dropped)
@@ -212,6 +216,8 @@ class PipelinedReplica(Replica):
         start = self.now
         self.now = start + duration
         state = evolve(state, finished=rec.finished)
+        if inflight.dropped:
+            plan = _without_rows(plan, set(inflight.dropped))
         self.log.step(plan, start, duration, out.energy_j, state, rec.finished, self.index)
         if self._on_plan is not None:
             self._on_plan(plan)
@@ -220,7 +226,18 @@ class PipelinedReplica(Replica):
         if self._on_step is not None:
             self._on_step(plan, StepOutput(out.token_ids, duration, out.energy_j), state)
         self.num_steps += 1
-        return state
+        return state, rec.dropped
+
+
+def _without_rows(plan: BatchPlan, request_ids: set) -> BatchPlan:
+    """``plan`` without the rows of ``request_ids`` (its memory ops kept)."""
+    keep = np.array([rid not in request_ids for rid in plan.request_ids], bool)
+    rows = keep.nonzero()[0].tolist()
+    return dataclasses.replace(
+        plan, request_ids=pick(plan.request_ids, rows), num_computed_tokens=plan.num_computed_tokens[keep],
+        num_new_tokens=plan.num_new_tokens[keep], samples_token=plan.samples_token[keep],
+        block_tables=pick(plan.block_tables, rows), token_ids=plan.token_ids[np.repeat(keep, plan.num_new_tokens)],
+    )  # fmt: skip
 
 
 def _decode_inputs(pending: PendingStep, plan: BatchPlan) -> tuple[np.ndarray, np.ndarray]:

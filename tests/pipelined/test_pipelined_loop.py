@@ -49,7 +49,13 @@ def both(name, options, kv, requests, arrival_steps, aborts=(), inputs="device")
         finished = drive(replica, requests, arrival_steps, aborts)
         assert_no_leaks(replica.state)
         results.append((finished, replica))
-    (sync, _), (asyn, replica) = results
+    (sync, sync_replica), (asyn, replica) = results
+    # A request gets a token time per token in both logs (a dropped row's is nobody's).
+    counts = [r.log.tokens_per_request() for r in (sync_replica, replica)]
+    index = {rid: i for i, rid in enumerate(r.request_id for r in sync_replica.log.requests)}
+    aindex = replica.log.index
+    for rid in set(sync) & set(asyn):
+        assert counts[1][aindex[rid]] == counts[0][index[rid]] == len(asyn[rid].output_token_ids), rid
     return sync, asyn, replica
 
 
