@@ -11,8 +11,8 @@ tokens) serves ``--num-requests`` greedy requests of ``--prompt-len`` random tok
 submitted at once, twice: offline with ``LLM.generate``, and online through ``jaxserve.serve``'s
 server on 127.0.0.1 (in this process, on the same LLM) driven by ``python -m
 jaxserve.bench_serving`` in a separate process (streaming, token-id prompts, ``ignore_eos``). Each
-path runs untimed first, compiling its step shapes (HTTP: up to ``--warm-runs`` times, until a run
-compiles nothing). HTTP arrivals are a few ms apart, so the server's batches differ from
+path runs untimed first, compiling its step shapes; the timed HTTP run is the first after that which compiles nothing
+(up to ``--warm-runs`` tries). HTTP arrivals are a few ms apart, so the server's batches differ from
 generate's and a little from run to run: a step shape met for the first time in the timed HTTP run
 is compiled while the client waits, and those seconds (``compile_s_when_timed``) come off its
 makespan. Throughput is output tokens per second: over ``generate``'s wall time, and over the
@@ -22,7 +22,8 @@ Prints one JSON line: per case both throughputs and their ratio (HTTP / generate
 >= 0.9), and where the CPU went during each timed run, in seconds and in microseconds per output
 token, by thread of this process (``/proc/self/task``: ``main``, the ``engine_loop`` thread, the
 server's ``event_loop`` thread, ``other``: XLA's compute pool and executors) and for the client
-process (``client``, its start-up included).
+process (``client_cpu_s``: all of it, start-up and plots included; ``client_replay``: while it
+streamed, bench_serving's ``replay_cpu_s``).
 """
 
 from __future__ import annotations
@@ -155,15 +156,16 @@ def run_case(model: str, description: str, args) -> dict:
     gen_wall, gen_cpu, gen_tokens = timed_generate(llm, prompts, args.output_len)
     gen_compiles = llm.runner.num_compilations - before
     with tempfile.TemporaryDirectory(prefix="serving-overhead-runs-") as tmp, running_server(llm, model_name="bench") as url:
-        for warm in range(args.warm_runs):  # each compiles the step shapes its batches meet first
-            before = llm.runner.num_compilations
-            run_client(url, args, os.path.join(tmp, f"warm{warm}"))
-            if llm.runner.num_compilations == before:
+        # The first run compiles the step shapes its batches meet; the timed run is the first
+        # after it that compiles nothing (at most --warm-runs more tries, else the last one).
+        run_client(url, args, os.path.join(tmp, "warm"))
+        for attempt in range(max(args.warm_runs, 1)):
+            before, compile_s = llm.runner.num_compilations, llm.runner.compile_seconds
+            http, http_threads, client_cpu = run_client(url, args, os.path.join(tmp, f"run{attempt}"))
+            http_compiles = llm.runner.num_compilations - before
+            http_compile_s = llm.runner.compile_seconds - compile_s
+            if http_compiles == 0:
                 break
-        before, compile_s = llm.runner.num_compilations, llm.runner.compile_seconds
-        http, http_threads, client_cpu = run_client(url, args, os.path.join(tmp, "timed"))
-        http_compiles = llm.runner.num_compilations - before
-        http_compile_s = llm.runner.compile_seconds - compile_s
     gen_tok_s = gen_tokens / gen_wall
     # The engine loop compiles a step shape it meets for the first time while the client waits:
     # those seconds are not serving overhead, so they come off the HTTP run's makespan.
@@ -176,8 +178,10 @@ def run_case(model: str, description: str, args) -> dict:
                      "output_tokens": gen_tokens, "compilations_when_timed": gen_compiles},
         "http": {"tok_s": round(http_tok_s, 1), "makespan_s": round(http["makespan_s"], 3),
                  "cpu_s": round(sum(http_threads.values()), 3), "threads_cpu_s": http_threads,
-                 "client_cpu_s": round(client_cpu, 3),
-                 "cpu_us_per_token": per_token_us({**http_threads, "client": client_cpu}, round(tokens)),
+                 "client_cpu_s": round(client_cpu, 3), "client_replay_cpu_s": http["load_client"]["replay_cpu_s"],
+                 "cpu_us_per_token": per_token_us({**http_threads, "client_replay": http["load_client"]["replay_cpu_s"]},
+                                                  round(tokens)),
+                 "timed_run_attempts": attempt + 1,
                  "num_finished": http["num_finished"], "num_failed": http["num_failed"] + http["num_rejected"],
                  "ttft_p50_s": http["ttft_s"]["p50"], "tbt_p50_s": http["tbt_s"]["p50"],
                  "compilations_when_timed": http_compiles, "compile_s_when_timed": round(http_compile_s, 3),
@@ -195,7 +199,7 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--scheduler", default="sarathi")
-    parser.add_argument("--warm-runs", type=int, default=3, help="untimed HTTP runs at most (fewer when one compiles nothing)")
+    parser.add_argument("--warm-runs", type=int, default=3, help="HTTP runs after the first tried as the timed run, until one compiles nothing")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     shapes = {}

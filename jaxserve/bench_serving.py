@@ -30,6 +30,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -137,7 +138,7 @@ def _progress(console: Console) -> Progress:
 
 async def run_replay(args, options: SendOptions, console: Console):
     """Discovers the server, builds the workload (cut to its context), replays it: (info, requests,
-    outcomes, the server's KV pool or None)."""
+    outcomes, the server's KV pool or None, the client's CPU seconds during the replay)."""
     async with load_client.make_client(options) as client:
         info = await load_client.discover(client, args.base_url.rstrip("/"), args.model, args.prompt_mode, options,
                                           args.vocab_size)  # fmt: skip
@@ -154,12 +155,15 @@ async def run_replay(args, options: SendOptions, console: Console):
                 counts[outcome.status] += 1
                 progress.update(task, advance=1, detail=", ".join(f"{v} {k}" for k, v in counts.items() if v))
 
+            cpu = time.process_time()
             outcomes = await load_client.replay(client, info, requests, options, seed=args.seed, on_done=on_done)
-    return info, requests, outcomes, pool
+            cpu = time.process_time() - cpu
+    return info, requests, outcomes, pool, cpu
 
 
-def client_facts(args, info, requests, outcomes, options: SendOptions) -> dict:
-    """metrics.json's ``load_client``: what was sent, to whom, how late the client sent it."""
+def client_facts(args, info, requests, outcomes, options: SendOptions, replay_cpu_s: float) -> dict:
+    """metrics.json's ``load_client``: what was sent, to whom, how late the client sent it, and the
+    CPU seconds the client spent replaying (its own overhead, e.g. per streamed chunk)."""
     lag = np.array([o.sent_s - r.arrival_s for r, o in zip(requests, outcomes)])
     usage_mismatch = sum(o.usage_tokens is not None and o.usage_tokens != o.num_tokens for o in outcomes)
     return {
@@ -170,6 +174,7 @@ def client_facts(args, info, requests, outcomes, options: SendOptions) -> dict:
         "send_lag_s": {"p50": float(np.percentile(lag, 50)), "p99": float(np.percentile(lag, 99)), "max": float(lag.max())},
         "num_usage_mismatch": int(usage_mismatch),
         "num_short": sum(o.status == "ok" and o.num_tokens < r.max_tokens for r, o in zip(requests, outcomes)),
+        "replay_cpu_s": round(replay_cpu_s, 3),
     }  # fmt: skip
 
 
@@ -274,10 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         load_workload.build_load(workload_spec(args, args.max_context or 0))  # bad workload flags: before any request
         if args.compare_sim:
             ensure_profile(args, console)
-        info, requests, outcomes, pool = asyncio.run(run_replay(args, options, console))
+        info, requests, outcomes, pool, replay_cpu_s = asyncio.run(run_replay(args, options, console))
         log = load_log.outcome_log(requests, outcomes)
         metrics = load_log.summarize_client(log, slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot)
-        metrics["load_client"] = client_facts(args, info, requests, outcomes, options)
+        metrics["load_client"] = client_facts(args, info, requests, outcomes, options, replay_cpu_s)
         from jaxserve.experiment import run_notes, summary_table
 
         title = f"{info.model} at {info.base_url} | {args.trace or args.arrivals or 'poisson'}"
