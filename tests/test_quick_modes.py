@@ -68,7 +68,8 @@ def serving_overhead(result):
         assert case["ratio"] == result["ratios"][name] == pytest.approx(http["tok_s"] / gen["tok_s"], rel=1e-2)
         assert {"engine_loop", "event_loop"} <= set(http["threads_cpu_s"]) and http["client_cpu_s"] > 0
         assert http["cpu_s"] == pytest.approx(sum(http["threads_cpu_s"].values()), abs=0.01)
-        assert set(http["cpu_us_per_token"]) == set(http["threads_cpu_s"]) | {"client"}
+        assert set(http["cpu_us_per_token"]) == set(http["threads_cpu_s"]) | {"client_replay"}
+        assert 0 < http["client_replay_cpu_s"] <= http["client_cpu_s"] and http["timed_run_attempts"] == 1
 
 
 def cluster_speed(result):
