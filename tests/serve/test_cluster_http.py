@@ -80,6 +80,10 @@ def serve_then_stop_mid_stream(model, loop: ClusterLoop, prompts, refs) -> None:
     with running_server(model, loop=loop, grace_s=120.0) as url:
         for p, ref in zip(prompts, refs):
             assert complete(url, p, len(ref)) == ref
+        metrics = dict(line.split("{", 1)[0:1] + line.rsplit(" ", 1)[1:] for line in httpx.get(url + "/metrics").text.splitlines()
+                       if line.startswith("jaxserve:"))  # fmt: skip  (name -> its last value)
+        assert float(metrics["jaxserve:generation_tokens_total"]) == sum(map(len, refs[:-1]))
+        assert float(metrics["jaxserve:kv_cache_blocks_used"]) == 0.0
         streaming = threading.Thread(target=stream, args=(url, [20, 21], len(refs[-1]), out))
         streaming.start()
         while not out.get("tokens"):
