@@ -35,7 +35,7 @@ from typing import Optional
 
 from jaxserve.cluster.cluster import Cluster, ClusterEvent
 from jaxserve.request import Request
-from jaxserve.serve.engine_loop import EngineLoop, Observer, RequestOutput, Sink, Snapshot, StepStats, _Stream
+from jaxserve.serve.engine_loop import EngineLoop, Observer, RequestOutput, Sink, Snapshot, _Stream
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class ClusterLoop:
         self._idle = threading.Condition(self._lock)
         self._thread: Optional[threading.Thread] = None
         self.snapshot = Snapshot(0, 0, 0, 0.0, 0, 0)
+        self.executor, self._caching = None, False  # the replica whose step is being delivered (_after_step)
 
     # -- any thread: EngineLoop's own methods ------------------------------------------------------
     # The same inbox, counters, admission (Draining, QueueFull), draining and stopping as one engine's
@@ -185,47 +186,15 @@ class ClusterLoop:
             self._end(rid, "error", "the cluster can do nothing more for it (its replica's scheduler planned "
                                     "nothing, or no replica can take it)")  # fmt: skip
 
+    _deliver = EngineLoop._after_step  # a step's tokens and endings to the sinks, the step to the observer
+
     def _after_step(self, replica: int, plan, out, state) -> None:
-        """Streams a replica's step's tokens, ends the requests it finished, reports to the observer."""
-        now = self.now()
-        streams, observer = self._streams, self.observer
-        finished = {f.request_id: f for f in state.finished}
-        new_prompt = gen = queries = hits = 0
-        caching = bool(getattr(self.cluster.members[replica].spec.scheduler, "enable_prefix_caching", False))
-        for rid, sampled, done in zip(plan.request_ids, plan.samples_token.tolist(), plan.num_computed_tokens.tolist()):
-            s = streams.get(rid)
-            if s is None:
-                continue
-            if s.scheduled_s != s.scheduled_s:  # nan: scheduled for the first time
-                s.scheduled_s = now
-                self._dequeue(s.request.prompt_len)
-                if caching:
-                    queries += s.request.prompt_len
-                    hits += done
-            if not sampled:
-                continue
-            token = int(out.token_ids[rid])
-            gen += 1
-            if s.num_tokens == 0:
-                s.first_token_s = now
-                new_prompt += s.request.prompt_len
-            elif observer is not None:
-                observer.on_token(rid, now - s.last_token_s)
-            s.last_token_s = now
-            s.num_tokens += 1
-            f = finished.pop(rid, None)
-            if f is None:
-                self._emit(s.sink, RequestOutput(rid, (token,)))
-            else:
-                self._finish(rid, (token,), f.finish_reason, None)
-        for rid, f in finished.items():  # (finished without sampling this step: not expected)
-            if rid in streams:
-                self._finish(rid, (), f.finish_reason, None)
-        if observer is not None:
-            observer.on_step(StepStats(
-                now, state.num_running, state.num_waiting + state.num_swapped, state.kv.usage, new_prompt, gen,
-                len(plan.preempted) + len(plan.swapped_out), queries, hits, plan.num_tokens,
-            ))  # fmt: skip
+        """The cluster's hook after replica ``replica``'s step: delivered as one engine's loop does."""
+        spec = self.cluster.members[replica].spec
+        # EngineLoop's delivery reads the stepping engine's executor (it releases finished requests:
+        # the cluster did already, and release is idempotent) and whether it caches prefixes.
+        self.executor, self._caching = spec.executor, bool(getattr(spec.scheduler, "enable_prefix_caching", False))
+        self._deliver(plan, out, state)
 
     def _publish(self) -> None:
         cluster = self.cluster
