@@ -68,7 +68,7 @@ def test_async_gives_the_synchronous_tokens(runner, name, options, seeded):
     reqs = workload(seeded, stops)
     sync = outputs(Engine(runner, make(name, options), KV).serve(reqs))
     assert {reason for _, reason in sync.values()} == {"stop", "length"}
-    for inputs in ("device", "host"):
+    for inputs in ("device", "host") if not seeded else ("device",):  # (host inputs: the greedy runs)
         engine = Engine(runner, make(name, options), KV, async_scheduling=True, async_inputs=inputs)
         run = engine.serve(reqs)
         assert outputs(run) == sync, inputs
