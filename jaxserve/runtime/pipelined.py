@@ -31,7 +31,7 @@ from jaxserve.plan import BatchPlan, StepOutput
 from jaxserve.request import Request
 from jaxserve.runtime.events import EventLog
 from jaxserve.runtime.limits import RunLimits
-from jaxserve.runtime.replica import ProgressHook, Replica, StepHook, _progress
+from jaxserve.runtime.replica import ProgressHook, Replica, StepHook, drive_replica
 from jaxserve.scheduler.deferred_output import PendingStep, provisional_update, reconcile
 
 _NO_TOKENS = np.zeros(0, np.int64)
@@ -273,33 +273,7 @@ def run_pipelined(
     (to read its ``stats`` after), else a new one (with ``inputs``)."""
     if replica is None:
         replica = PipelinedReplica(scheduler, kv, executor, limits=limits, admit=admit, on_step=on_step, inputs=inputs)
-    arrivals = [requests[i] for i in sorted(range(len(requests)), key=lambda i: (requests[i].arrival_time, i))]
-    nxt = 0
     try:
-        while replica.num_steps < limits.max_steps:
-            while nxt < len(arrivals) and arrivals[nxt].arrival_time <= replica.now:
-                replica.add(arrivals[nxt])
-                nxt += 1
-            if replica.next_event_time == math.inf:  # idle, or blocked until more work arrives
-                if nxt == len(arrivals):
-                    if replica.is_blocked:
-                        raise RuntimeError(
-                            f"scheduler {type(scheduler).__name__} planned an empty step with {replica.state.num_waiting} "
-                            f"waiting and {replica.state.num_running} running requests and no more arrivals"
-                        )
-                    break
-                if not replica.has_unfinished and replica.now >= limits.max_sim_time_s:
-                    break
-                replica.wait_until(arrivals[nxt].arrival_time)
-                continue
-            before = replica.num_steps
-            replica.step()
-            if on_progress is not None and before // progress_every != replica.num_steps // progress_every:
-                on_progress(_progress(replica, len(arrivals)))
-            if replica.now >= limits.max_sim_time_s:
-                break
+        return drive_replica(replica, requests, limits=limits, on_progress=on_progress, progress_every=progress_every)
     finally:
         replica.drain()  # never leave a step running on the device
-    if on_progress is not None:
-        on_progress(_progress(replica, len(arrivals)))
-    return replica.log

@@ -497,6 +497,21 @@ def run_replica(
     """
     replica = Replica(scheduler, kv, executor, limits=limits, admit=admit, on_step=on_step, fast_forward=fast_forward)
     replica.runs_span_arrivals = True  # arrivals are added as soon as the clock passes them (below)
+    return drive_replica(replica, requests, limits=limits, on_progress=on_progress, progress_every=progress_every)
+
+
+def drive_replica(
+    replica: Replica,
+    requests: Sequence[Request],
+    *,
+    limits: RunLimits = RunLimits(),
+    on_progress: Optional[ProgressHook] = None,
+    progress_every: int = 2000,
+) -> EventLog:
+    """``run_replica``'s driver for a replica built by the caller (any ``Replica``: the pipelined
+    one too): adds ``requests`` as the clock passes their arrivals, steps until all are served or
+    a limit is hit, settles, and returns the log."""
+    scheduler = replica.scheduler
     order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_time, i))
     arrivals = [requests[i] for i in order]
     nxt = 0
