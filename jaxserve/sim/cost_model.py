@@ -305,6 +305,11 @@ class RooflineCostModel:
         energy = self._power.energy(duration, busy, compute, memory, scale)  # each device busy busy / pp
         return duration, energy, compute, memory, comm
 
+    def parts_from_totals(self, tokens: float, computed, pairs, samples: int, rows: int) -> StepParts:
+        """``parts`` of a step without copies or swaps from its plan's totals: new tokens, their
+        prefix context, ``pairs`` = Σ n·c + (Σ n² + Σ n)/2 over the rows, sampling rows and rows."""
+        return self._parts(tokens, computed, pairs, samples, rows, 0.0, 0.0)
+
     def decode_parts(self, num_rows: int, computed) -> StepParts:
         """``parts`` of a decode step of ``num_rows`` rows whose contexts sum to ``computed`` (a
         float, or a float64 array of a run's steps), equal to ``parts`` of its plan bit for bit."""

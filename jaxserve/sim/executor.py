@@ -59,7 +59,7 @@ class SimExecutor(Executor):
             # parts(plan): Σ n·c + (Σ n² + Σ n)/2 over the rows, n = 1 for the decodes
             pairs = float(d + n * c) + 0.5 * (float(m + n * n) + tokens)
             samples = m + (completes and j == last)
-            duration, energy, *_ = cm.combine(cm._parts(tokens, float(d + c), pairs, samples, num_rows, 0.0, 0.0), max)
+            duration, energy, *_ = cm.combine(cm.parts_from_totals(tokens, float(d + c), pairs, samples, num_rows), max)
             durations.append(duration)
             energies.append(energy)
             d, c = d + m, c + n
