@@ -228,7 +228,12 @@ def decode_batch_case(cfg, rows: int, context: int, page_size: int = 16, rounds:
         "decode_chunk_pages": attention.DECODE_CHUNK_PAGES,
         "roofline_step_ms": round(roofline_s * 1e3, 4),
         "fraction_of_roofline": round(roofline_s / best["current"], 3),
-        "compute_floor_step_ms": round(compute_floor_s * 1e3, 1),
+        "compute_floor_step_ms": round(compute_floor_s * 1e3, 3),
+        # The roofline is the larger of the two bounds: where the GEMMs' floor (CPU time at the
+        # measured GEMM rate) exceeds the memory time, the step is compute-bound and is measured
+        # against that floor, in CPU time as the floor is.
+        "compute_bound": compute_floor_s > roofline_s,
+        "fraction_of_compute_floor_cpu": round(compute_floor_s / med["current"], 3),
         "gemm_gflop_s_cpu_time": round(gemm_flop_s / 1e9, 1),
         "weight_mb": round(weight_bytes / 1e6, 1), "kv_read_mb": round(kv_bytes / 1e6, 1),
         "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2), "target_fraction": 0.5,

@@ -29,6 +29,8 @@ def engine_cpu(result):
     assert b["rows"] == 8 and b["roofline_step_ms"] > 0 and b["compute_floor_step_ms"] > 0
     assert b["step_cpu_ms"]["current"] > 0 and b["step_cpu_ms"]["single_chunk"] > 0
     assert b["fraction_of_roofline"] == pytest.approx(b["roofline_step_ms"] / b["step_wall_ms"]["current"], rel=0.05)
+    assert b["compute_bound"] == (b["compute_floor_step_ms"] > b["roofline_step_ms"])
+    assert b["fraction_of_compute_floor_cpu"] == pytest.approx(b["compute_floor_step_ms"] / b["step_cpu_ms"]["current"], rel=0.05, abs=0.002)
 
 
 def engine_overlap(result):
