@@ -185,7 +185,10 @@ def engine_replica_spec(config, name: str, role: str = "mixed") -> ReplicaSpec:
     from jaxserve.engine.serve_config import build_runner, engine_settings
 
     scheduler = build_scheduler(config)
-    runner, kv = build_runner(engine_settings(config), step_limits(scheduler)[0])
+    settings = engine_settings(config)
+    if settings.async_scheduling:  # cluster members step synchronously (runtime.Replica)
+        raise ConfigError(f"engine.async_scheduling: engine clusters step their replicas synchronously (replica {name!r}); set it false")
+    runner, kv = build_runner(settings, step_limits(scheduler)[0])
     return ReplicaSpec(scheduler, kv, runner, RunLimits(max_context=runner.max_model_len), name, 0.0, role,
                        runner.cfg.num_layers)  # fmt: skip
 

@@ -246,7 +246,7 @@ def test_a_config_with_cluster_keys_and_backend_engine_runs_real_engines(llama, 
     import pathlib
 
     from jaxserve.cluster.config import build_cluster_sim, is_cluster, run_cluster_sim
-    from jaxserve.config import override
+    from jaxserve.config import ConfigError, override
 
     root = pathlib.Path(__file__).resolve().parents[2]
     spec = importlib.util.spec_from_file_location("jaxserve_engine_cluster_defaults", root / "configs" / "default.py")
@@ -269,3 +269,5 @@ def test_a_config_with_cluster_keys_and_backend_engine_runs_real_engines(llama, 
     assert m["num_kv_transfers"] == 6 - one_token > 0 and m["kv_copy_s"]["p50"] > 0
     assert m["per_replica"]["1"]["role"] == "decode" and m["per_replica"]["1"]["num_steps"] > 0
     assert m["energy_j"] is None and "power" in m["unavailable"]["energy_j"]
+    with pytest.raises(ConfigError, match="engine.async_scheduling: engine clusters step their replicas synchronously"):
+        build_cluster_sim(override(config, {"engine.async_scheduling": True}))
