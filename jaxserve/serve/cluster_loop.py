@@ -27,22 +27,20 @@ import dataclasses
 import itertools
 import logging
 import math
-import queue
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Optional
 
 from jaxserve.cluster.cluster import Cluster, ClusterEvent
 from jaxserve.request import Request
-from jaxserve.serve.engine_loop import EngineLoop, Observer, RequestOutput, Sink, Snapshot, _Stream
+from jaxserve.serve.engine_loop import Observer, RequestOutput, Sink, Snapshot, StreamingLoop, _Stream
 
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.5  # how long the thread sleeps on an empty inbox when nothing is due (a stop wakes it)
 
 
-class ClusterLoop:
+class ClusterLoop(StreamingLoop):
     """``EngineLoop``'s interface (``submit``, ``abort``, ``start``, ``stop``, ``snapshot``, ...)
     over a ``Cluster(specs, router, migration=..., pools=...)`` driven in real time. ``events``
     happen at their ``time_s`` on the loop's clock. ``max_queue`` bounds the requests waiting at
@@ -52,50 +50,14 @@ class ClusterLoop:
     def __init__(self, specs: Sequence, router, *, migration=None, pools=None, events: Sequence[ClusterEvent] = (),
                  max_queue: Optional[int] = None, observer: Optional[Observer] = None,
                  clock: Callable[[], float] = time.monotonic):  # fmt: skip
-        if max_queue is not None and (not isinstance(max_queue, int) or max_queue < 0):
-            raise ValueError(f"max_queue must be an int >= 0 or None, got {max_queue!r}")
+        super().__init__(max_queue=max_queue, observer=observer, clock=clock)
         # fast_forward=False: a real model runs every step (no closed-form runs).
         self.cluster = Cluster(specs, router, fast_forward=False, migration=migration, pools=pools,
                                step_errors="fail", on_step=self._after_step)  # fmt: skip
         for event in events:
             self.cluster.add_event(event)
-        self.max_queue = max_queue
-        self.observer = observer
-        self._clock = clock
-        self._t0 = clock()
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, _Stream] = {}  # live requests (the loop's thread only)
         self._to_abort: set[str] = set()  # ended for their clients, still moving between replicas
         self._ended = (0, 0)  # the log's rejected / failed entries already turned into endings
-        self._lock = threading.Lock()  # guards the counters other threads read and _draining
-        self._in_inbox = 0
-        self.queued_tokens = 0  # prompt tokens submitted and not yet scheduled (EngineLoop's count)
-        self._unfinished = 0
-        self._draining = False
-        self._stop = threading.Event()
-        self._idle = threading.Condition(self._lock)
-        self._thread: Optional[threading.Thread] = None
-        self.snapshot = Snapshot(0, 0, 0, 0.0, 0, 0)
-        self.executor, self._caching = None, False  # the replica whose step is being delivered (_after_step)
-
-    # -- any thread: EngineLoop's own methods ------------------------------------------------------
-    # The same inbox, counters, admission (Draining, QueueFull), draining and stopping as one engine's
-    # loop; they read only the attributes set above. (issue 20: a shared base class in engine_loop.py
-    # would say this more plainly.)
-    now = EngineLoop.now  # seconds since the loop was built: arrivals, tokens, events and the log
-    num_waiting = EngineLoop.num_waiting  # in the inbox, at the router or in a replica's queue
-    draining = EngineLoop.draining
-    running = EngineLoop.running
-    start = EngineLoop.start
-    submit = EngineLoop.submit  # stamped on the loop's clock; sink(RequestOutput) on the loop's thread
-    abort = EngineLoop.abort  # at the loop's next turn; blocks freed once it has landed if it is moving
-    stop_admitting = EngineLoop.stop_admitting
-    drain = EngineLoop.drain
-    stop = EngineLoop.stop  # drain(grace_s), abort what is left, end the thread
-    _finish = EngineLoop._finish
-    _dequeue = EngineLoop._dequeue
-    _count_ended = EngineLoop._count_ended
-    _emit = EngineLoop._emit
 
     @property
     def log(self):
@@ -129,25 +91,6 @@ class ClusterLoop:
             for rid in list(self._streams):
                 self._end(rid, "abort", None)
             self._publish()
-
-    def _take_inbox(self, timeout: Optional[float]) -> None:
-        """Applies everything queued for the loop (waiting up to ``timeout`` for the first item)."""
-        try:
-            item = self._inbox.get(timeout=timeout) if timeout else self._inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            kind, payload, extra = item  # ("add", request, sink) | ("abort", request id, reason) | ("wake", ...)
-            if kind == "add":
-                with self._lock:
-                    self._in_inbox -= 1
-                self._add(payload, extra)
-            elif kind == "abort" and payload in self._streams:
-                self._end(payload, extra, None)
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
 
     def _add(self, request: Request, sink: Sink) -> None:
         rid, cluster = request.request_id, self.cluster
@@ -186,13 +129,11 @@ class ClusterLoop:
             self._end(rid, "error", "the cluster can do nothing more for it (its replica's scheduler planned "
                                     "nothing, or no replica can take it)")  # fmt: skip
 
-    _deliver = EngineLoop._after_step  # a step's tokens and endings to the sinks, the step to the observer
-
     def _after_step(self, replica: int, plan, out, state) -> None:
         """The cluster's hook after replica ``replica``'s step: delivered as one engine's loop does."""
         spec = self.cluster.members[replica].spec
-        # EngineLoop's delivery reads the stepping engine's executor (it releases finished requests:
-        # the cluster did already, and release is idempotent) and whether it caches prefixes.
+        # The delivery reads the stepping engine's executor (it releases finished requests: the
+        # cluster did already, and release is idempotent) and whether it caches prefixes.
         self.executor, self._caching = spec.executor, bool(getattr(spec.scheduler, "enable_prefix_caching", False))
         self._deliver(plan, out, state)
 

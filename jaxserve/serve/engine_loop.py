@@ -135,45 +135,28 @@ class _Stream:
     stepped: bool = False  # has been through a step that ran without raising
 
 
-class EngineLoop:
-    """A scheduler driving ``executor`` over ``kv`` in real time on a thread of its own.
+class StreamingLoop:
+    """What every serving loop shares (``EngineLoop``, ``ClusterLoop``): a thread that owns the
+    engines, a thread-safe inbox other threads ``submit`` to and ``abort`` through, admission
+    (``Draining``, ``QueueFull`` past ``max_queue``), draining and stopping, and the delivery of a
+    step's tokens and endings to the requests' sinks. A subclass gives the thread (``_run``),
+    taking a request in (``_add``), ending one early (``_end``), ``_publish`` and ``log``; its
+    thread takes the inbox with ``_take_inbox`` between steps. Times are seconds on ``clock``
+    since ``origin`` (default: when the loop is built)."""
 
-    ``max_context`` rejects requests whose prompt + max_new_tokens exceed it (the runner's
-    ``max_model_len``); ``max_queue`` bounds the requests waiting to be scheduled (``submit`` raises
-    ``QueueFull`` past it; None: unbounded). ``observer`` gets step and request measurements.
-    Times are seconds on ``clock`` since ``origin`` (default: when the loop is built; loops serving
-    one cluster share it).
-    """
+    executor = None  # the stepping engine's executor while ``_deliver`` runs (it releases finished requests)
+    _caching = False  # whether that engine caches prefixes (the metrics' prefix-cache queries)
 
-    def __init__(
-        self,
-        scheduler,
-        kv: KVConfig,
-        executor: Executor,
-        *,
-        max_context: Optional[int] = None,
-        max_queue: Optional[int] = None,
-        observer: Optional[Observer] = None,
-        clock: Callable[[], float] = time.monotonic,
-        origin: Optional[float] = None,
-    ):
+    def __init__(self, *, max_queue: Optional[int] = None, observer: Optional[Observer] = None,
+                 clock: Callable[[], float] = time.monotonic, origin: Optional[float] = None):  # fmt: skip
         if max_queue is not None and (not isinstance(max_queue, int) or max_queue < 0):
             raise ValueError(f"max_queue must be an int >= 0 or None, got {max_queue!r}")
-        self.scheduler = scheduler
-        self.kv = kv
-        self.executor = executor
         self.max_queue = max_queue
         self.observer = observer
         self._clock = clock
         self._t0 = clock() if origin is None else origin
-        self._plan: Optional[BatchPlan] = None  # the plan the executor was last given
-        self.replica = Replica(
-            scheduler, kv, _Recording(executor, self), limits=RunLimits(max_context=max_context, max_steps=_UNLIMITED_STEPS),
-            admit=executor.register, on_step=self._after_step, fast_forward=False,
-        )  # fmt: skip
-        self._caching = bool(getattr(scheduler, "enable_prefix_caching", False))
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, _Stream] = {}  # live requests (the loop's thread only)
         self._lock = threading.Lock()  # guards the counters other threads read and _draining
         self._in_inbox = 0  # submitted, not yet taken by the loop
         self.queued_tokens = 0  # prompt tokens of requests submitted and not yet scheduled (routers read it)
@@ -184,25 +167,27 @@ class EngineLoop:
         self._thread: Optional[threading.Thread] = None
         self.snapshot = Snapshot(0, 0, 0, 0.0, 0, 0)
 
-    @classmethod
-    def from_llm(cls, llm, **options) -> "EngineLoop":
-        """The loop over a ``jaxserve.LLM``'s scheduler, KV cache and runner."""
-        return cls(llm.scheduler, llm.kv, llm.runner, max_context=llm.max_model_len, **options)
+    @property
+    def log(self):
+        raise NotImplementedError
 
-    @classmethod
-    def from_spec(cls, spec, **options) -> "EngineLoop":
-        """The loop over a cluster replica's ``ReplicaSpec`` (e.g. ``cluster.engines.engine_replica``)."""
-        return cls(spec.scheduler, spec.kv, spec.executor, max_context=spec.limits.max_context, **options)
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _add(self, request: Request, sink: Sink) -> None:
+        raise NotImplementedError
+
+    def _end(self, request_id: str, finish_reason: str, error: Optional[str]) -> None:
+        """Ends a live request that did not finish by itself (and takes it out of its engine)."""
+        raise NotImplementedError
+
+    def _publish(self) -> None:
+        raise NotImplementedError
 
     # -- any thread ---------------------------------------------------------------------------------
     def now(self) -> float:
         """Seconds since the loop was built (the clock of arrivals, tokens and the event log)."""
         return self._clock() - self._t0
-
-    @property
-    def log(self):
-        """The replica's event log (``runtime.EventLog``): read it only once the loop has stopped."""
-        return self.replica.log
 
     @property
     def num_waiting(self) -> int:
@@ -217,9 +202,9 @@ class EngineLoop:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self) -> "EngineLoop":
+    def start(self) -> "StreamingLoop":
         if self._thread is not None:
-            raise RuntimeError("EngineLoop.start() called twice")
+            raise RuntimeError(f"{type(self).__name__}.start() called twice")
         self._thread = threading.Thread(target=self._run, name="jaxserve-engine-loop", daemon=True)
         self._thread.start()
         return self
@@ -266,38 +251,11 @@ class EngineLoop:
         if self._thread is not None:
             self._thread.join()
 
-    # -- the loop's thread ------------------------------------------------------------------------
-    def _run(self) -> None:
-        replica = self.replica
+    # -- the loop's thread: shared ------------------------------------------------------------------
+    def _take_inbox(self, timeout: Optional[float]) -> None:
+        """Applies everything queued for the loop (waiting up to ``timeout`` s for the first item)."""
         try:
-            while not self._stop.is_set():
-                idle = not replica.has_unfinished or replica.is_blocked
-                self._take_inbox(block=idle)
-                self._publish()
-                if self._stop.is_set() or not replica.has_unfinished:
-                    continue
-                replica.wait_until(self.now())
-                try:
-                    taken = replica.step()
-                except Exception as e:  # noqa: BLE001 (a step's failure ends its requests, not the loop)
-                    self._step_failed(e)
-                    continue
-                if not taken and replica.state.num_running == 0 and self._inbox.empty():
-                    # Nothing runs, nothing can start, and no request is on its way: a policy that
-                    # would wait forever. Its queue ends with an error instead of hanging clients.
-                    for rid in list(self._streams):
-                        self._end(rid, "error", f"scheduler {type(self.scheduler).__name__} planned nothing for it")
-                self._publish()
-        finally:
-            self._take_inbox(block=False)
-            for rid in list(self._streams):
-                self._end(rid, "abort", None)
-            self._publish()
-
-    def _take_inbox(self, block: bool) -> None:
-        """Applies everything queued for the loop (waiting for the first item when ``block``)."""
-        try:
-            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            item = self._inbox.get(timeout=timeout) if timeout else self._inbox.get_nowait()
         except queue.Empty:
             return
         while True:
@@ -306,42 +264,12 @@ class EngineLoop:
                 with self._lock:
                     self._in_inbox -= 1
                 self._add(payload, extra)
-            elif kind == "abort":
-                self._abort(payload, extra)
+            elif kind == "abort" and payload in self._streams:
+                self._end(payload, extra, None)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
-
-    def _add(self, request: Request, sink: Sink) -> None:
-        rid = request.request_id
-        if rid in self._streams:
-            self._emit(sink, RequestOutput(rid, (), "rejected", f"request id {rid!r} is already being served"))
-            self._dequeue(request.prompt_len)
-            self._count_ended()
-            return
-        self._streams[rid] = _Stream(request, sink, request.arrival_time)
-        try:
-            added = self.replica.add(request)
-        except Exception as e:  # noqa: BLE001 (a scheduler or executor bug met by this request ends it alone)
-            log.exception("adding request %r raised", rid)
-            self._end(rid, "error", f"the engine could not add it: {type(e).__name__}: {e}")
-            return
-        if not added:
-            log_ = self.replica.log
-            reason = log_.rejected.get(log_.index[rid], "rejected")
-            self._end(rid, "rejected", reason)
-
-    def _abort(self, request_id: str, finish_reason: str) -> None:
-        if request_id in self._streams:
-            self._end(request_id, finish_reason, None)
-
-    def _end(self, request_id: str, finish_reason: str, error: Optional[str]) -> None:
-        """Ends a live request that did not finish by itself: out of the scheduler, executor released."""
-        replica = self.replica
-        replica.replace_state(self.scheduler.abort(replica.state, request_id, replica.now))
-        self.executor.release(request_id)
-        self._finish(request_id, (), finish_reason, error)
 
     def _finish(self, request_id: str, tokens: tuple[int, ...], finish_reason: str, error: Optional[str]) -> None:
         s = self._streams.pop(request_id)
@@ -374,8 +302,9 @@ class EngineLoop:
             if not out.finished and out.request_id in self._streams:
                 self._end(out.request_id, "abort", None)
 
-    def _after_step(self, plan: BatchPlan, out: StepOutput, state) -> None:
-        """Streams the step's tokens, ends the requests it finished, reports to the observer."""
+    def _deliver(self, plan: BatchPlan, out: StepOutput, state) -> None:
+        """Streams a step's tokens, ends the requests it finished (releasing them from
+        ``self.executor``, the stepping engine's), reports the step to the observer."""
         now = self.now()
         streams, observer = self._streams, self.observer
         finished = {f.request_id: f for f in state.finished}
@@ -419,6 +348,109 @@ class EngineLoop:
                 now, state.num_running, state.num_waiting + state.num_swapped, state.kv.usage, new_prompt, gen,
                 len(plan.preempted) + len(plan.swapped_out), queries, hits, plan.num_tokens,
             ))  # fmt: skip
+
+
+class EngineLoop(StreamingLoop):
+    """A scheduler driving ``executor`` over ``kv`` in real time on a thread of its own.
+
+    ``max_context`` rejects requests whose prompt + max_new_tokens exceed it (the runner's
+    ``max_model_len``); ``max_queue`` bounds the requests waiting to be scheduled (``submit`` raises
+    ``QueueFull`` past it; None: unbounded). ``observer`` gets step and request measurements.
+    Times are seconds on ``clock`` since ``origin`` (default: when the loop is built; loops serving
+    one cluster share it).
+    """
+
+    def __init__(
+        self,
+        scheduler,
+        kv: KVConfig,
+        executor: Executor,
+        *,
+        max_context: Optional[int] = None,
+        max_queue: Optional[int] = None,
+        observer: Optional[Observer] = None,
+        clock: Callable[[], float] = time.monotonic,
+        origin: Optional[float] = None,
+    ):
+        super().__init__(max_queue=max_queue, observer=observer, clock=clock, origin=origin)
+        self.scheduler = scheduler
+        self.kv = kv
+        self.executor = executor
+        self._plan: Optional[BatchPlan] = None  # the plan the executor was last given
+        self.replica = Replica(
+            scheduler, kv, _Recording(executor, self), limits=RunLimits(max_context=max_context, max_steps=_UNLIMITED_STEPS),
+            admit=executor.register, on_step=self._deliver, fast_forward=False,
+        )  # fmt: skip
+        self._caching = bool(getattr(scheduler, "enable_prefix_caching", False))
+
+    @property
+    def log(self):
+        """The replica's event log (``runtime.EventLog``): read it only once the loop has stopped."""
+        return self.replica.log
+
+    @classmethod
+    def from_llm(cls, llm, **options) -> "EngineLoop":
+        """The loop over a ``jaxserve.LLM``'s scheduler, KV cache and runner."""
+        return cls(llm.scheduler, llm.kv, llm.runner, max_context=llm.max_model_len, **options)
+
+    @classmethod
+    def from_spec(cls, spec, **options) -> "EngineLoop":
+        """The loop over a cluster replica's ``ReplicaSpec`` (e.g. ``cluster.engines.engine_replica``)."""
+        return cls(spec.scheduler, spec.kv, spec.executor, max_context=spec.limits.max_context, **options)
+
+    # -- the loop's thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        replica = self.replica
+        try:
+            while not self._stop.is_set():
+                idle = not replica.has_unfinished or replica.is_blocked
+                self._take_inbox(0.5 if idle else None)
+                self._publish()
+                if self._stop.is_set() or not replica.has_unfinished:
+                    continue
+                replica.wait_until(self.now())
+                try:
+                    taken = replica.step()
+                except Exception as e:  # noqa: BLE001 (a step's failure ends its requests, not the loop)
+                    self._step_failed(e)
+                    continue
+                if not taken and replica.state.num_running == 0 and self._inbox.empty():
+                    # Nothing runs, nothing can start, and no request is on its way: a policy that
+                    # would wait forever. Its queue ends with an error instead of hanging clients.
+                    for rid in list(self._streams):
+                        self._end(rid, "error", f"scheduler {type(self.scheduler).__name__} planned nothing for it")
+                self._publish()
+        finally:
+            self._take_inbox(None)
+            for rid in list(self._streams):
+                self._end(rid, "abort", None)
+            self._publish()
+
+    def _add(self, request: Request, sink: Sink) -> None:
+        rid = request.request_id
+        if rid in self._streams:
+            self._emit(sink, RequestOutput(rid, (), "rejected", f"request id {rid!r} is already being served"))
+            self._dequeue(request.prompt_len)
+            self._count_ended()
+            return
+        self._streams[rid] = _Stream(request, sink, request.arrival_time)
+        try:
+            added = self.replica.add(request)
+        except Exception as e:  # noqa: BLE001 (a scheduler or executor bug met by this request ends it alone)
+            log.exception("adding request %r raised", rid)
+            self._end(rid, "error", f"the engine could not add it: {type(e).__name__}: {e}")
+            return
+        if not added:
+            log_ = self.replica.log
+            reason = log_.rejected.get(log_.index[rid], "rejected")
+            self._end(rid, "rejected", reason)
+
+    def _end(self, request_id: str, finish_reason: str, error: Optional[str]) -> None:
+        """Ends a live request that did not finish by itself: out of the scheduler, executor released."""
+        replica = self.replica
+        replica.replace_state(self.scheduler.abort(replica.state, request_id, replica.now))
+        self.executor.release(request_id)
+        self._finish(request_id, (), finish_reason, error)
 
     def _step_failed(self, error: Exception) -> None:
         """A step raised (the replica kept its state from before it). The requests to blame are
