@@ -190,6 +190,24 @@ class EventLog:
         self._finish(finished, ends[-1])
         self._step_replica.extend([replica] * k)
 
+    def extend_steps(self, end: list, columns: dict, token_rows: list, requeued_at: dict) -> None:
+        """Appends steps recorded elsewhere in this log's own terms (the simulator's fast loop,
+        ``jaxserve.sim.fast_loop``): their end times, ``columns`` (a list per name of
+        ``_STEP_COLUMNS``: duration, energy, tokens, ...), the request indices that got a token
+        at each (int64 arrays) and the preempted requests not yet scheduled again (index -> when
+        they were preempted, in preemption order). Requests, first scheduling, finishes,
+        preemptions and rewaits are written to their public fields directly."""
+        if set(columns) != set(_STEP_COLUMNS):
+            raise ValueError(f"extend_steps needs the columns {sorted(_STEP_COLUMNS)}, got {sorted(columns)}")
+        k = len(end)
+        if len(token_rows) != k or any(len(c) != k for c in columns.values()):
+            raise ValueError("extend_steps: every column and token_rows need one entry per step")
+        self._step_end.extend(end)
+        for name, values in columns.items():
+            getattr(self, "_step_" + name).extend(values)
+        self._token_req.extend(token_rows)
+        self._requeued_at.update(requeued_at)
+
     def _finish(self, finished, end: float) -> None:
         """Marks the requests of ``finished`` (``FinishedRequest``s) done at ``end`` with their reasons."""
         for f in finished:

@@ -151,14 +151,7 @@ class BatchingScheduler(abc.ABC):
             raise ValueError(f"add_request() needs a Request, got {type(request).__name__}")
         cfg = state.kv.config
         rid = request.request_id
-        if request.max_total_tokens > cfg.capacity_tokens:
-            raise ValueError(
-                f"request {rid!r}: prompt ({request.prompt_len}) + max_new_tokens "
-                f"({request.sampling.max_new_tokens}) = {request.max_total_tokens} tokens exceed the "
-                f"whole KV cache ({cfg.num_blocks} blocks x {cfg.block_size} = {cfg.capacity_tokens} "
-                f"tokens): it could never finish"
-            )
-        self.check_admissible(request)
+        self.check_servable(request, cfg)
         if self.status(state, rid) is not None:
             raise ValueError(f"request {rid!r} is already in the scheduler")
         # The per-request O(prompt) work happens once, here: hash chain and id array.
@@ -208,6 +201,18 @@ class BatchingScheduler(abc.ABC):
         return apply_step_output(self, state, plan, out)
 
     # -- helpers for policies and callers -------------------------------------------------------
+    def check_servable(self, request: Request, cfg: KVConfig) -> None:
+        """Raises ValueError naming the problem when ``request`` could never finish on a KV cache
+        of ``cfg`` under this policy, whatever else is queued (``add_request`` rejects it)."""
+        if request.max_total_tokens > cfg.capacity_tokens:
+            raise ValueError(
+                f"request {request.request_id!r}: prompt ({request.prompt_len}) + max_new_tokens "
+                f"({request.sampling.max_new_tokens}) = {request.max_total_tokens} tokens exceed the "
+                f"whole KV cache ({cfg.num_blocks} blocks x {cfg.block_size} = {cfg.capacity_tokens} "
+                f"tokens): it could never finish"
+            )
+        self.check_admissible(request)
+
     def check_admissible(self, request: Request) -> None:
         """Raises ValueError when this policy could never run ``request`` (beyond KV capacity)."""
 

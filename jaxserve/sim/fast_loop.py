@@ -1,0 +1,542 @@
+"""The simulator's fast loop: ``run_replica`` for the common case, on counts and mutable state.
+
+``run_replica`` drives a pure scheduler, whose state is a persistent value rebuilt at every step;
+that generality (any policy, prefix caching, swapping, migration, engines) costs ~130-150 µs of
+CPU per simulated step. Here the built-in ``vllm`` and ``sarathi`` policies (their exact classes)
+with the FCFS order, no prefix cache, recompute preemption and the roofline cost model run in one
+loop over mutable plain-Python state that keeps token and block *counts* per request (a
+simulation never reads block ids). The decoding rows form a *cohort* that gains one token per
+decode step, advanced lazily: a global decode counter ``T``, each row's counts stored relative to
+it, a histogram of the rows by the step at which they next need a block (``T`` modulo the block
+size) and a heap of the counters at which they finish. A step then costs O(1) plus the rows it
+admits, completes or retires, instead of O(rows). Steps the cohort cannot take that way (the
+decodes need more blocks than are free, so rows are preempted, or the token budget cannot cover
+every decode) go through ``_explicit_step``, a row-by-row port of ``StepBuilder``'s moves.
+
+The event log equals ``run_replica``'s bit for bit (tests/sim/test_fast_loop.py compares whole
+logs on random workloads): the same steps, the same floats (each step costed by
+``RooflineCostModel.combine`` of its plan's integer totals, summed as ``parts`` sums them), the
+same per-request records. ``why_not_fast`` says why a run is not eligible;
+``jaxserve.sim.simulate.run_sim`` then uses ``run_replica``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from collections.abc import Sequence
+from typing import Optional
+
+import numpy as np
+
+from jaxserve.kv.config import KVConfig
+from jaxserve.request import Request
+from jaxserve.runtime.events import EventLog
+from jaxserve.runtime.limits import RunLimits
+from jaxserve.runtime.replica import Progress, ProgressHook
+from jaxserve.scheduler.base import same_rank
+from jaxserve.scheduler.queues import FCFS
+from jaxserve.scheduler.sarathi import SarathiScheduler
+from jaxserve.scheduler.vllm import VLLMScheduler
+from jaxserve.sim.cost_model import RooflineCostModel
+from jaxserve.sim.executor import SIM_TOKEN_ID
+
+_DEFAULT_LIMITS = RunLimits()
+_COST_METHODS = ("step", "parts", "_parts", "parts_from_totals", "combine")
+_WAITING, _EXPLICIT, _COHORT, _DONE = 0, 1, 2, 3  # where a request is (``_FastLoop.phase``)
+
+
+def why_not_fast(scheduler, kv: KVConfig, cost_model, limits: RunLimits = _DEFAULT_LIMITS,
+                 requests: Optional[Sequence[Request]] = None) -> Optional[str]:
+    """None when ``run_fast`` runs this exactly as ``run_replica`` would; else why not (one line)."""
+    kind = type(scheduler)
+    if kind not in (VLLMScheduler, SarathiScheduler):
+        return f"scheduler {kind.__name__}: the fast loop runs the vllm and sarathi policies only"
+    if scheduler.order != FCFS:
+        return "scheduler order: the fast loop serves the FCFS queue order only"
+    if scheduler.preempt_rank is not same_rank:
+        return "scheduler preempt_rank: the fast loop preempts by arrival only"
+    if scheduler.enable_prefix_caching:
+        return "prefix caching: the fast loop keeps block counts, not the blocks a cache matches"
+    if scheduler.preemption_mode == "swap" and kv.num_host_blocks > 0:
+        return "swap preemption with host blocks: the fast loop recomputes preempted requests"
+    cls = type(cost_model)
+    if not isinstance(cost_model, RooflineCostModel) or any(
+        getattr(cls, m) is not getattr(RooflineCostModel, m) for m in _COST_METHODS
+    ):
+        return f"cost model {cls.__name__}: the fast loop costs steps with the roofline's own arithmetic only"
+    if limits.max_sim_time_s != _DEFAULT_LIMITS.max_sim_time_s or limits.max_steps != _DEFAULT_LIMITS.max_steps:
+        return "sim.max_time_s / max_steps: the fast loop runs until every request is served"
+    if requests is not None and len({r.request_id for r in requests}) != len(requests):
+        return "duplicate request ids: run_replica rejects the repeats one by one"
+    return None
+
+
+def run_fast(scheduler, kv: KVConfig, cost_model, requests: Sequence[Request], *,
+             limits: RunLimits = _DEFAULT_LIMITS, on_progress: Optional[ProgressHook] = None,
+             progress_every: int = 2000) -> EventLog:
+    """``run_replica(scheduler, kv, SimExecutor(cost_model), requests, limits=limits)``'s event log,
+    faster; ``ValueError`` when ``why_not_fast`` names a reason. ``on_progress`` is called about
+    every ``progress_every`` steps and once at the end."""
+    reason = why_not_fast(scheduler, kv, cost_model, limits, requests)
+    if reason is not None:
+        raise ValueError(f"run_fast: {reason}")
+    loop = _FastLoop(scheduler, kv, cost_model, requests, limits)
+    loop.run(on_progress, progress_every)
+    return loop.log
+
+
+class _FastLoop:
+    """One run's mutable state. Requests are numbered by arrival (the log's index): FCFS order, the
+    running rows' order and the preemption order (latest arrival first) all follow that number."""
+
+    def __init__(self, scheduler, kv: KVConfig, cost_model, requests: Sequence[Request], limits: RunLimits):
+        self.scheduler = scheduler
+        self.cm = cost_model
+        self.is_vllm = type(scheduler) is VLLMScheduler
+        self.budget = scheduler.max_num_batched_tokens if self.is_vllm else scheduler.chunk_size
+        self.align = 0 if self.is_vllm else scheduler.chunk_align  # 0: whole prompts (vllm)
+        self.max_seqs = scheduler.max_num_seqs
+        self.watermark_blocks = int(scheduler.watermark * kv.num_blocks)  # StepBuilder._reserve
+        self.bs, self.num_blocks = kv.block_size, kv.num_blocks
+        self.free = kv.num_blocks
+
+        order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_time, i))
+        ordered = [requests[i] for i in order]
+        n = len(ordered)
+        self.log = log = EventLog()
+        self.arrival = [r.arrival_time for r in ordered]
+        self.accepted = [True] * n
+        for i, r in enumerate(ordered):
+            log.add_request(r, r.arrival_time)
+            why = _rejection(scheduler, kv, limits, r)
+            if why is not None:
+                log.reject(r.request_id, why)
+                self.accepted[i] = False
+        self.prompt = [r.prompt_len for r in ordered]
+        # A request whose stop ids include the simulator's token stops at its first sampled token.
+        stops = [SIM_TOKEN_ID in r.sampling.stop_token_ids for r in ordered]
+        self.max_new = [1 if s else r.sampling.max_new_tokens for r, s in zip(ordered, stops)]
+        self.reason = ["stop" if s else "length" for s in stops]
+
+        self.phase = [_WAITING] * n
+        self.nout = [0] * n  # generated tokens (cohort rows: base_out + T)
+        self.nc = [0] * n  # explicit rows: computed tokens
+        self.ntok = [0] * n  # explicit rows: known tokens (prompt + generated)
+        self.nb = [0] * n  # explicit rows: blocks held
+        self.base_nc = [0] * n  # cohort rows: computed tokens - T
+        self.base_out = [0] * n  # cohort rows: generated tokens - T
+        self.serial = [0] * n  # times joined the cohort (stale heap entries have an older one)
+        self.queue: list[int] = []  # waiting requests, a heap of their numbers (FCFS)
+        self.rows: list[int] = []  # running requests, sorted
+        self.explicit: list[int] = []  # running requests outside the cohort, sorted
+        self.T = 0  # decode steps the cohort has taken
+        self.ncoh = 0
+        self.sum_base = 0  # Σ base_nc over the cohort: its context is sum_base + ncoh * T
+        self.by_phase = [0] * self.bs  # cohort rows by (-base_nc) % bs: they need a block when T % bs is it
+        self.finish_heap: list[tuple[int, int, int]] = []  # (T at which it finishes, request, serial)
+        self._rows_cache = (None, None)  # (rows version, int64 array of rows)
+        self._cohort_cache = (None, None)
+        self.rows_version = self.cohort_version = 0
+
+        self.now = 0.0
+        self.num_steps = 0
+        self.num_done = len(log.rejected)
+        self.steps = {name: [] for name in ("duration", "energy", "tokens", "prefill_tokens", "seqs", "waiting",
+                                            "running", "kv_usage", "replica")}  # fmt: skip
+        self.end: list[float] = []
+        self.token_rows: list[np.ndarray] = []
+        self.requeued: dict[int, float] = {}
+
+    # -- the driver (drive_replica's) ---------------------------------------------------------------
+    def run(self, on_progress, progress_every: int) -> None:
+        arrival, accepted, queue = self.arrival, self.accepted, self.queue
+        n, nxt = len(arrival), 0
+        while True:
+            now = self.now
+            while nxt < n and arrival[nxt] <= now:
+                if accepted[nxt]:
+                    heapq.heappush(queue, nxt)
+                nxt += 1
+            if not (self.rows or queue) or not self._step():  # idle, or blocked until more work arrives
+                if nxt == n:
+                    if self.rows or queue:
+                        raise RuntimeError(
+                            f"scheduler {type(self.scheduler).__name__} planned an empty step with {len(queue)} "
+                            f"waiting and {len(self.rows)} running requests and no more arrivals"
+                        )
+                    break
+                self.now = max(self.now, arrival[nxt])
+                continue
+            if on_progress is not None and self.num_steps % progress_every == 0:
+                on_progress(Progress(self.now, self.num_steps, self.num_done, n))
+        log = self.log
+        log.extend_steps(self.end, self.steps, self.token_rows, self.requeued)
+        if on_progress is not None:
+            on_progress(Progress(self.now, self.num_steps, self.num_done, n))
+
+    # -- one step ---------------------------------------------------------------------------------
+    def _step(self) -> bool:
+        """Schedules, costs, applies and records the step at ``now``; False if it planned nothing."""
+        if self.is_vllm and self.queue:  # vLLM runs waiting prompts alone when they fit
+            budget, new = self._admit(self.budget, len(self.rows))
+            if new:
+                self._apply(0, (), (), new, 0, ())
+                return True
+        if self.is_vllm and not self.rows:
+            return False
+        T, bs = self.T, self.bs
+        budget, need = self.budget, self.by_phase[T % bs]
+        num_decodes, decoding = self.ncoh, ()
+        if self.explicit:  # explicit rows with one token left decode too (StepBuilder: remaining == 1)
+            nc, ntok, nb = self.nc, self.ntok, self.nb
+            decoding = [i for i in self.explicit if ntok[i] - nc[i] == 1]
+            if decoding:
+                num_decodes += len(decoding)
+                need += sum(max((nc[i] + bs) // bs - nb[i], 0) for i in decoding)
+        if num_decodes > budget or need > self.free:
+            return self._explicit_step()  # decodes cut by the budget, or rows to preempt
+        self.free -= need
+        budget -= num_decodes
+        for i in decoding:
+            nb[i] = max(nb[i], (nc[i] + bs) // bs)
+        chunks = []  # (request, tokens) of the ongoing prefills, in row order
+        if self.explicit:
+            nc, ntok, nb = self.nc, self.ntok, self.nb
+            for i in self.explicit:
+                remaining = ntok[i] - nc[i]
+                if remaining == 1:
+                    continue
+                if budget <= 0:
+                    break
+                n = self._chunk(remaining, budget)
+                if n <= 0:
+                    break
+                # A prefill holds blocks for every known token since admission: it never allocates.
+                assert -(-(nc[i] + n) // bs) <= nb[i], "a prefilling row must hold its prompt's blocks"
+                chunks.append((i, n))
+                budget -= n
+        new = ()
+        if not self.is_vllm:
+            budget, new = self._admit(budget, len(self.rows))
+            if not (num_decodes or chunks or new):
+                return False
+        self._apply(num_decodes, decoding, chunks, new, need, ())
+        return True
+
+    def _chunk(self, remaining: int, budget: int) -> int:
+        if remaining <= budget:
+            return remaining
+        return 0 if not self.align else budget - budget % self.align
+
+    def _admit(self, budget: int, num_seqs: int) -> tuple[int, list]:
+        """StepBuilder.admit_new: pops the queue's heads while they fit (token budget, batch seats,
+        free blocks less the watermark); ``(budget left, [(request, tokens now, prompt tokens)])``."""
+        queue, prompt, nout, bs = self.queue, self.prompt, self.nout, self.bs
+        new = []
+        while queue and budget > 0 and num_seqs < self.max_seqs:
+            i = queue[0]
+            total = prompt[i] + nout[i]
+            n = self._chunk(total, budget)
+            if n <= 0:
+                break
+            need = -(-total // bs)
+            if need + (self.watermark_blocks if num_seqs else 0) > self.free:
+                break
+            heapq.heappop(queue)
+            self.free -= need
+            new.append((i, n, total))
+            budget -= n
+            num_seqs += 1
+        return budget, new
+
+    def _apply(self, num_decodes: int, decoding, chunks, new, need: int, preempted) -> None:
+        """Costs, applies and records a step: the cohort decodes when ``num_decodes`` counts it (else
+        ``num_decodes`` is 0), the explicit rows ``decoding`` decode, ``chunks`` continue prefills,
+        ``new`` were admitted (their blocks taken), ``need`` blocks were taken for the decodes."""
+        nc, ntok = self.nc, self.ntok
+        cohort = num_decodes - len(decoding)
+        context = self.sum_base + cohort * self.T if cohort else 0  # Σ n·c of the cohort's rows: n = 1
+        computed, dot, squares, tokens = context, context, num_decodes, num_decodes
+        samples = ones = num_decodes
+        for i in decoding:
+            computed += nc[i]
+            dot += nc[i]
+        completing = []
+        for i, n in chunks:
+            c = nc[i]
+            computed += c
+            dot += n * c
+            squares += n * n
+            tokens += n
+            if c + n == ntok[i]:
+                completing.append(i)
+                samples += 1
+                ones += n == 1
+        for i, n, total in new:
+            squares += n * n
+            tokens += n
+            if n == total:
+                samples += 1
+                ones += n == 1
+        ftokens = float(tokens)
+        cm = self.cm
+        parts = cm.parts_from_totals(ftokens, float(computed), float(dot) + 0.5 * (float(squares) + ftokens), samples,
+                                     num_decodes + len(chunks) + len(new))  # fmt: skip
+        duration, energy = cm.combine(parts, max)[:2]
+        start = self.now
+        end = start + duration
+        self.now = end
+
+        # The token rows, in row order: every running row (the usual decode step), else the cohort
+        # and the explicit rows that sample.
+        sampled_explicit = decoding or completing or new
+        if not sampled_explicit and cohort == len(self.rows):
+            token_rows = self._rows_array()
+        elif not (decoding or completing) and all(n < total for _, n, total in new):
+            token_rows = self._cohort_array() if cohort else _EMPTY
+        else:
+            extra = list(decoding) + completing + [i for i, n, total in new if n == total]
+            token_rows = np.array(sorted(self._cohort_list() + extra if cohort else extra), np.int64)
+
+        # Update: the cohort advances, decodes and completed prefills sample, finished rows retire.
+        if cohort:
+            self.T += 1
+        finished = []
+        for i in decoding:
+            nc[i] += 1
+            self._sampled(i, finished)
+        for i, n in chunks:
+            nc[i] += n
+            if nc[i] == ntok[i]:
+                self._sampled(i, finished)
+        if new:
+            self._start(new, start, finished)
+        if cohort:
+            heap, T = self.finish_heap, self.T
+            while heap and heap[0][0] <= T:
+                _, i, serial = heapq.heappop(heap)
+                if self.phase[i] == _COHORT and self.serial[i] == serial:
+                    finished.append(i)
+        self._record(start, end, duration, energy, tokens, ones, num_decodes + len(chunks) + len(new),
+                     token_rows, preempted, finished)  # fmt: skip
+
+    def _start(self, new, start: float, finished: list) -> None:
+        """Admitted rows become explicit rows (first scheduled, or scheduled again after a
+        preemption); those whose whole prompt ran sample."""
+        phase, nc, ntok, nb, bs = self.phase, self.nc, self.ntok, self.nb, self.bs
+        first, requeued = self.log.first_scheduled, self.requeued
+        for i, n, total in new:
+            phase[i] = _EXPLICIT
+            nc[i], ntok[i], nb[i] = n, total, -(-total // bs)
+            bisect.insort(self.rows, i)
+            bisect.insort(self.explicit, i)
+            if i in requeued:
+                self.log.rewaits.append((i, requeued.pop(i), start))
+            elif i not in first:
+                first[i] = start
+            if n == total:
+                self._sampled(i, finished)
+        self.rows_version += 1
+
+    def _sampled(self, i: int, finished: list) -> None:
+        """Explicit row ``i`` sampled a token: it finishes, or its prompt is done and it joins the cohort."""
+        self.ntok[i] += 1
+        self.nout[i] += 1
+        if self.nout[i] >= self.max_new[i]:
+            finished.append(i)
+        elif self.nb[i] == -(-self.nc[i] // self.bs):
+            self._join(i)
+
+    def _join(self, i: int) -> None:
+        """Explicit row ``i`` (one token left, holding exactly the blocks of its computed tokens)
+        joins the cohort at the current decode counter."""
+        T, base = self.T, self.nc[i] - self.T
+        self.phase[i] = _COHORT
+        self.base_nc[i] = base
+        self.base_out[i] = self.nout[i] - T
+        self.serial[i] += 1
+        heapq.heappush(self.finish_heap, (self.max_new[i] - self.base_out[i], i, self.serial[i]))
+        self.by_phase[-base % self.bs] += 1
+        self.sum_base += base
+        self.ncoh += 1
+        del self.explicit[bisect.bisect_left(self.explicit, i)]
+        self.cohort_version += 1
+
+    def _leave(self, i: int) -> None:
+        """Cohort row ``i`` becomes an explicit row (its counts materialised)."""
+        base, T = self.base_nc[i], self.T
+        c = base + T
+        self.phase[i] = _EXPLICIT
+        self.nc[i], self.ntok[i], self.nout[i], self.nb[i] = c, c + 1, self.base_out[i] + T, -(-c // self.bs)
+        self.by_phase[-base % self.bs] -= 1
+        self.sum_base -= base
+        self.ncoh -= 1
+        bisect.insort(self.explicit, i)
+        self.cohort_version += 1
+
+    def _record(self, start, end, duration, energy, tokens, ones, num_rows, token_rows, preempted, finished) -> None:
+        """Retires ``finished`` (free their blocks) and appends the step to the log's columns."""
+        log = self.log
+        if preempted:
+            preemptions = log.preemptions
+            for i in preempted:
+                preemptions[i] = preemptions.get(i, 0) + 1
+                self.requeued[i] = start
+        if finished:
+            phase, bs, rows = self.phase, self.bs, self.rows
+            done, reasons, reason = log.finished, log.finish_reasons, self.reason
+            for i in finished:
+                if phase[i] == _COHORT:
+                    self._leave(i)
+                self.free += self.nb[i]
+                phase[i] = _DONE
+                del rows[bisect.bisect_left(rows, i)]
+                del self.explicit[bisect.bisect_left(self.explicit, i)]
+                done[i] = end
+                reasons[i] = reason[i]
+            self.rows_version += 1
+            self.num_done += len(finished)
+        steps = self.steps
+        self.end.append(end)
+        steps["duration"].append(duration)
+        steps["energy"].append(energy)
+        steps["tokens"].append(tokens)
+        steps["prefill_tokens"].append(tokens - ones)
+        steps["seqs"].append(num_rows)
+        steps["waiting"].append(len(self.queue))
+        steps["running"].append(len(self.rows))
+        steps["kv_usage"].append((self.num_blocks - self.free) / self.num_blocks)
+        steps["replica"].append(0)
+        self.token_rows.append(token_rows)
+        self.num_steps += 1
+
+    # -- row orders ---------------------------------------------------------------------------------
+    def _rows_array(self) -> np.ndarray:
+        version, array = self._rows_cache
+        if version != self.rows_version:
+            array = _frozen(np.array(self.rows, np.int64))
+            self._rows_cache = (self.rows_version, array)
+        return array
+
+    def _cohort_list(self) -> list[int]:
+        phase = self.phase
+        return [i for i in self.rows if phase[i] == _COHORT]
+
+    def _cohort_array(self) -> np.ndarray:
+        key = (self.cohort_version, self.rows_version)
+        version, array = self._cohort_cache
+        if version != key:
+            array = _frozen(np.array(self._cohort_list(), np.int64))
+            self._cohort_cache = (key, array)
+        return array
+
+    # -- the general step -----------------------------------------------------------------------------
+    def _explicit_step(self) -> bool:
+        """A step the cohort cannot take in O(1): every row made explicit, then StepBuilder's
+        run_running (row by row, preempting the latest arrival when blocks run out) and, unless it
+        preempted, admission (sarathi); the rows that can rejoin the cohort do after it."""
+        for i in [i for i in self.rows if self.phase[i] == _COHORT]:
+            self._leave(i)
+        self.finish_heap.clear()
+        rows, nc, ntok, nb, bs = self.rows, self.nc, self.ntok, self.nb, self.bs
+        live = len(rows)
+        num_new = [0] * live
+        budget = self.budget
+        preempted = []
+
+        def preempt(r: int) -> None:  # StepBuilder._preempt: the tail row's blocks freed, requeued
+            nonlocal budget, live
+            i = rows[r]
+            budget += num_new[r]
+            num_new[r] = 0
+            live -= 1
+            self.free += nb[i]
+            self.phase[i] = _WAITING
+            heapq.heappush(self.queue, i)
+            preempted.append(i)
+
+        def run_row(r: int, n: int) -> None:  # StepBuilder._run_row
+            nonlocal budget
+            i = rows[r]
+            need = -(-(nc[i] + n) // bs) - nb[i]
+            while need > self.free:
+                if live - 1 == r:
+                    preempt(r)
+                    return
+                preempt(live - 1)
+            if need > 0:
+                self.free -= need
+                nb[i] += need
+            num_new[r] = n
+            budget -= n
+
+        remaining = [ntok[i] - nc[i] for i in rows]
+        decodes = [r for r, m in enumerate(remaining) if m == 1][: max(budget, 0)]
+        if decodes:  # StepBuilder._run_decodes
+            needs = [(nc[rows[r]] + bs) // bs - nb[rows[r]] for r in decodes]
+            total = sum(m for m in needs if m > 0)
+            if total > self.free:
+                for r in decodes:
+                    if r < live:
+                        run_row(r, 1)
+            else:
+                self.free -= total
+                for r, m in zip(decodes, needs):
+                    if m > 0:
+                        nb[rows[r]] += m
+                    num_new[r] = 1
+                budget -= len(decodes)
+        for r, m in enumerate(remaining):
+            if m <= 1:
+                continue
+            if r >= live or budget <= 0:
+                break
+            n = self._chunk(m, budget)
+            if n <= 0:
+                break
+            run_row(r, n)
+        new = []
+        if not preempted and not self.is_vllm:
+            budget, new = self._admit(budget, live)
+        for i in preempted:
+            self.phase[i] = _WAITING
+        kept = rows[:live]
+        for i in rows[live:]:
+            del self.explicit[bisect.bisect_left(self.explicit, i)]
+        self.rows[:] = kept
+        self.rows_version += 1
+        if not any(num_new) and not new:
+            self._regroup()
+            return False  # an empty plan (the replica waits for an arrival); its preemptions stand
+        decoding = [rows[r] for r in range(live) if num_new[r] == 1 and remaining[r] == 1]
+        chunks = [(rows[r], num_new[r]) for r in range(live) if num_new[r] and remaining[r] > 1]
+        self._apply(len(decoding), decoding, chunks, new, 0, preempted)
+        self._regroup()
+        return True
+
+    def _regroup(self) -> None:
+        """Explicit rows with one token left and exactly their computed tokens' blocks join the cohort."""
+        nc, ntok, nb, bs = self.nc, self.ntok, self.nb, self.bs
+        for i in [i for i in self.explicit if ntok[i] - nc[i] == 1 and nb[i] == -(-nc[i] // bs)]:
+            self._join(i)
+
+
+_EMPTY = np.zeros(0, np.int64)
+_EMPTY.flags.writeable = False
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
+def _rejection(scheduler, kv: KVConfig, limits: RunLimits, request: Request) -> Optional[str]:
+    """Why ``Replica.add`` would reject ``request`` on arrival (the same words), or None."""
+    if limits.max_context is not None and request.max_total_tokens > limits.max_context:
+        return f"prompt + max_new_tokens = {request.max_total_tokens} > context {limits.max_context}"
+    try:
+        scheduler.check_servable(request, kv)
+    except ValueError as e:
+        return str(e)
+    return None
