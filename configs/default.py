@@ -109,6 +109,7 @@ RUN = (
     Key("slo.ttft_s", None, "time-to-first-token target for slo_attainment; unset: no target", float),
     Key("slo.tpot_s", None, "time-per-output-token target for slo_attainment; unset: no target", float),
     Key("sim.max_time_s", None, "stop after this many simulated (engine: measured) seconds; unset: until every request is served", float),
+    Key("sim.fast_loop", True, "run vllm/sarathi (FCFS, no prefix cache, recompute, roofline) on the simulator's fast loop, whose event log equals the general loop's bit for bit; False: always the general loop (jaxserve/sim/fast_loop.py)"),
     Key("sim.cost_model", "roofline", '"roofline" | "profiled": step times fitted to sim.profile (its model and machine, not model.name/hardware.name)'),
     Key("sim.profile", None, "profile JSON from python -m jaxserve.profile (sim.cost_model='profiled')", str),
     # "profiled" only: scale each step by a jitter factor drawn (by a hash of its shape) from the

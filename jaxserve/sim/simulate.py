@@ -22,6 +22,7 @@ from jaxserve.request import Request
 from jaxserve.runtime import ProgressHook, RunLimits, run_replica
 from jaxserve.sim.cost_model import RooflineCostModel
 from jaxserve.sim.executor import SimExecutor
+from jaxserve.sim.fast_loop import run_fast, why_not_fast
 from jaxserve.sim.hardware import get_hardware
 from jaxserve.sim.models import get_model
 from jaxserve.sim.overlap_cost_model import NanoSchedule, OverlapCostModel
@@ -155,6 +156,14 @@ class SimRun:
     requests: tuple[Request, ...]
     limits: RunLimits
     slo: dict  # summarize's slo_ttft_s / slo_tpot_s
+    fast_loop: bool = True  # sim.fast_loop: run_fast when why_not_fast allows it
+
+    @property
+    def why_not_fast(self) -> Optional[str]:
+        """Why ``run_sim`` uses the general loop (None: the fast loop runs it)."""
+        if not self.fast_loop:
+            return "sim.fast_loop is off"
+        return why_not_fast(self.scheduler, self.kv, self.cost_model, self.limits, self.requests)
 
 
 def build_sim(config, requests: Optional[Sequence[Request]] = None) -> SimRun:
@@ -169,6 +178,7 @@ def build_sim(config, requests: Optional[Sequence[Request]] = None) -> SimRun:
         requests=tuple(build_workload(config) if requests is None else requests),
         limits=RunLimits(max_context=max_context(config, cost_model), max_sim_time_s=max_sim_time_s(config)),
         slo=slo_targets(config),
+        fast_loop=get(config, "sim.fast_loop", bool),
     )
 
 
@@ -186,8 +196,12 @@ def unmodelled_metrics(cost_model: RooflineCostModel | ProfiledCostModel) -> dic
 
 def run_sim(run: SimRun, on_progress: Optional[ProgressHook] = None) -> Results:
     """Simulates ``run``: metrics, per-request rows and the event log."""
-    log = run_replica(run.scheduler, run.kv, SimExecutor(run.cost_model), list(run.requests), limits=run.limits,
-                      on_progress=on_progress).freeze()  # fmt: skip
+    if run.why_not_fast is None:  # the same log, from the loop on counts
+        log = run_fast(run.scheduler, run.kv, run.cost_model, run.requests, limits=run.limits, on_progress=on_progress)
+    else:
+        log = run_replica(run.scheduler, run.kv, SimExecutor(run.cost_model), list(run.requests), limits=run.limits,
+                          on_progress=on_progress)  # fmt: skip
+    log = log.freeze()
     cost_model = run.cost_model
     metrics = summarize(log, **run.slo, price_per_hour_usd=cost_model.cost_usd_per_hour(),
                         unmodelled=unmodelled_metrics(cost_model),
