@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import math
 from collections.abc import Sequence
 from typing import Optional
 
@@ -43,7 +44,7 @@ from jaxserve.sim.executor import SIM_TOKEN_ID
 
 _DEFAULT_LIMITS = RunLimits()
 _COST_METHODS = ("step", "parts", "_parts", "parts_from_totals", "combine")
-_WAITING, _EXPLICIT, _COHORT, _DONE = 0, 1, 2, 3  # where a request is (``_FastLoop.phase``)
+_WAITING, _EXPLICIT, _COHORT, _DONE = 0, 1, 2, 3  # where a request is (``FastReplica.phase``)
 
 
 def why_not_fast(scheduler, kv: KVConfig, cost_model, limits: RunLimits = _DEFAULT_LIMITS,
@@ -81,17 +82,61 @@ def run_fast(scheduler, kv: KVConfig, cost_model, requests: Sequence[Request], *
     reason = why_not_fast(scheduler, kv, cost_model, limits, requests)
     if reason is not None:
         raise ValueError(f"run_fast: {reason}")
-    loop = _FastLoop(scheduler, kv, cost_model, requests, limits)
-    loop.run(on_progress, progress_every)
-    return loop.log
+    log, recorder = EventLog(), StepRecorder()
+    replica = FastReplica(scheduler, kv, cost_model, limits, log, recorder)
+    arrivals = sorted(requests, key=lambda r: r.arrival_time)  # (stable: ties keep their order)
+    n, nxt = len(arrivals), 0
+    while True:
+        while nxt < n and arrivals[nxt].arrival_time <= replica.now:
+            replica.add(arrivals[nxt])
+            nxt += 1
+        if replica.next_step_time == math.inf or not replica.step():  # idle, or blocked until more work arrives
+            if nxt == n:
+                if replica.has_unfinished:
+                    raise RuntimeError(
+                        f"scheduler {type(scheduler).__name__} planned an empty step with {len(replica.queue)} "
+                        f"waiting and {len(replica.rows)} running requests and no more arrivals"
+                    )
+                break
+            replica.now = max(replica.now, arrivals[nxt].arrival_time)
+            continue
+        if on_progress is not None and replica.num_steps % progress_every == 0:
+            on_progress(Progress(replica.now, replica.num_steps, len(log.rejected) + len(log.finish_reasons), n))
+    recorder.flush(log)
+    if on_progress is not None:
+        on_progress(Progress(replica.now, replica.num_steps, len(log.rejected) + len(log.finish_reasons), n))
+    return log
 
 
-class _FastLoop:
-    """One run's mutable state. Requests are numbered by arrival (the log's index): FCFS order, the
-    running rows' order and the preemption order (latest arrival first) all follow that number."""
+class StepRecorder:
+    """The steps of one or more fast replicas sharing a log, in the order they are taken, as the
+    log's columns; ``flush`` appends them to the log at the end of the run."""
 
-    def __init__(self, scheduler, kv: KVConfig, cost_model, requests: Sequence[Request], limits: RunLimits):
+    def __init__(self):
+        self.end: list[float] = []
+        self.columns: dict[str, list] = {name: [] for name in ("duration", "energy", "tokens", "prefill_tokens", "seqs",
+                                                                "waiting", "running", "kv_usage", "replica")}  # fmt: skip
+        self.token_rows: list[np.ndarray] = []
+        self.requeued: dict[int, float] = {}  # preempted requests (log index) not yet scheduled again -> when
+
+    def flush(self, log: EventLog) -> None:
+        log.extend_steps(self.end, self.columns, self.token_rows, self.requeued)
+        self.__init__()
+
+
+class FastReplica:
+    """One replica on the fast loop, stepped from outside as ``runtime.Replica`` is: ``add`` hands
+    it a request that has arrived, ``step`` takes its next step at ``now`` (the end of its last
+    one). Requests are numbered locally in the order they were added: FCFS order, the running
+    rows' order and the preemption order (latest arrival first) all follow that number; ``gid``
+    maps it to the request's index in the shared log. What a router reads is kept as counts:
+    ``num_waiting``, ``num_running``, ``used_blocks``, ``queued_tokens`` (prompts added and not yet
+    scheduled) and ``num_high_priority``."""
+
+    def __init__(self, scheduler, kv: KVConfig, cost_model, limits: RunLimits, log: EventLog,
+                 recorder: StepRecorder, index: int = 0):
         self.scheduler = scheduler
+        self.kv, self.limits, self.log, self.recorder, self.index = kv, limits, log, recorder, index
         self.cm = cost_model
         self.is_vllm = type(scheduler) is VLLMScheduler
         self.budget = scheduler.max_num_batched_tokens if self.is_vllm else scheduler.chunk_size
@@ -101,32 +146,23 @@ class _FastLoop:
         self.bs, self.num_blocks = kv.block_size, kv.num_blocks
         self.free = kv.num_blocks
 
-        order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_time, i))
-        ordered = [requests[i] for i in order]
-        n = len(ordered)
-        self.log = log = EventLog()
-        self.arrival = [r.arrival_time for r in ordered]
-        self.accepted = [True] * n
-        for i, r in enumerate(ordered):
-            log.add_request(r, r.arrival_time)
-            why = _rejection(scheduler, kv, limits, r)
-            if why is not None:
-                log.reject(r.request_id, why)
-                self.accepted[i] = False
-        self.prompt = [r.prompt_len for r in ordered]
-        # A request whose stop ids include the simulator's token stops at its first sampled token.
-        stops = [SIM_TOKEN_ID in r.sampling.stop_token_ids for r in ordered]
-        self.max_new = [1 if s else r.sampling.max_new_tokens for r, s in zip(ordered, stops)]
-        self.reason = ["stop" if s else "length" for s in stops]
+        # Per request (local number): the log's index, then counts.
+        self.gid: list[int] = []
+        self.same_ids = True  # gid[i] == i so far (a lone replica writing its own log)
+        self.prompt: list[int] = []
+        self.max_new: list[int] = []
+        self.reason: list[str] = []
+        self.high_priority: list[bool] = []
+        self.phase: list[int] = []
+        self.nout: list[int] = []  # generated tokens (cohort rows: base_out + T)
+        self.nc: list[int] = []  # explicit rows: computed tokens
+        self.ntok: list[int] = []  # explicit rows: known tokens (prompt + generated)
+        self.nb: list[int] = []  # explicit rows: blocks held
+        self.base_nc: list[int] = []  # cohort rows: computed tokens - T
+        self.base_out: list[int] = []  # cohort rows: generated tokens - T
+        self.serial: list[int] = []  # times joined the cohort (stale heap entries have an older one)
+        self.started: list[bool] = []  # scheduled at least once (its prompt left ``queued_tokens``)
 
-        self.phase = [_WAITING] * n
-        self.nout = [0] * n  # generated tokens (cohort rows: base_out + T)
-        self.nc = [0] * n  # explicit rows: computed tokens
-        self.ntok = [0] * n  # explicit rows: known tokens (prompt + generated)
-        self.nb = [0] * n  # explicit rows: blocks held
-        self.base_nc = [0] * n  # cohort rows: computed tokens - T
-        self.base_out = [0] * n  # cohort rows: generated tokens - T
-        self.serial = [0] * n  # times joined the cohort (stale heap entries have an older one)
         self.queue: list[int] = []  # waiting requests, a heap of their numbers (FCFS)
         self.rows: list[int] = []  # running requests, sorted
         self.explicit: list[int] = []  # running requests outside the cohort, sorted
@@ -135,49 +171,79 @@ class _FastLoop:
         self.sum_base = 0  # Σ base_nc over the cohort: its context is sum_base + ncoh * T
         self.by_phase = [0] * self.bs  # cohort rows by (-base_nc) % bs: they need a block when T % bs is it
         self.finish_heap: list[tuple[int, int, int]] = []  # (T at which it finishes, request, serial)
-        self._rows_cache = (None, None)  # (rows version, int64 array of rows)
+        self._rows_cache = (None, None)  # (rows version, int64 array of their log indices)
         self._cohort_cache = (None, None)
         self.rows_version = self.cohort_version = 0
 
         self.now = 0.0
         self.num_steps = 0
-        self.num_done = len(log.rejected)
-        self.steps = {name: [] for name in ("duration", "energy", "tokens", "prefill_tokens", "seqs", "waiting",
-                                            "running", "kv_usage", "replica")}  # fmt: skip
-        self.end: list[float] = []
-        self.token_rows: list[np.ndarray] = []
-        self.requeued: dict[int, float] = {}
+        self.blocked = False  # the last step planned nothing: wait for new work
+        self.queued_tokens = 0
+        self.num_high_priority = 0
 
-    # -- the driver (drive_replica's) ---------------------------------------------------------------
-    def run(self, on_progress, progress_every: int) -> None:
-        arrival, accepted, queue = self.arrival, self.accepted, self.queue
-        n, nxt = len(arrival), 0
-        while True:
-            now = self.now
-            while nxt < n and arrival[nxt] <= now:
-                if accepted[nxt]:
-                    heapq.heappush(queue, nxt)
-                nxt += 1
-            if not (self.rows or queue) or not self._step():  # idle, or blocked until more work arrives
-                if nxt == n:
-                    if self.rows or queue:
-                        raise RuntimeError(
-                            f"scheduler {type(self.scheduler).__name__} planned an empty step with {len(queue)} "
-                            f"waiting and {len(self.rows)} running requests and no more arrivals"
-                        )
-                    break
-                self.now = max(self.now, arrival[nxt])
-                continue
-            if on_progress is not None and self.num_steps % progress_every == 0:
-                on_progress(Progress(self.now, self.num_steps, self.num_done, n))
-        log = self.log
-        log.extend_steps(self.end, self.steps, self.token_rows, self.requeued)
-        if on_progress is not None:
-            on_progress(Progress(self.now, self.num_steps, self.num_done, n))
+    # -- what a driver asks and does (runtime.Replica's) -----------------------------------------
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.rows or self.queue)
+
+    @property
+    def next_step_time(self) -> float:
+        """When this replica next steps: ``now`` while it has schedulable work, else infinity."""
+        return self.now if (self.rows or self.queue) and not self.blocked else math.inf
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.queue)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.rows)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - self.free
+
+    def add(self, request: Request, at: Optional[float] = None) -> bool:
+        """``Replica.add``: hands over a request that has arrived (``at``: when it reaches this
+        replica, if later than its arrival). False if it was rejected (the log keeps why)."""
+        self.now = max(self.now, request.arrival_time if at is None else at)
+        self.blocked = False
+        log, rid = self.log, request.request_id
+        g = log.index.get(rid)
+        if g is None:
+            g = log.add_request(request, request.arrival_time)
+        why = _rejection(self.scheduler, self.kv, self.limits, request)
+        if why is not None:
+            log.reject(rid, why)
+            return False
+        i = len(self.gid)
+        self.gid.append(g)
+        self.same_ids = self.same_ids and g == i
+        self.prompt.append(request.prompt_len)
+        # A request whose stop ids include the simulator's token stops at its first sampled token.
+        stops = SIM_TOKEN_ID in request.sampling.stop_token_ids
+        self.max_new.append(1 if stops else request.sampling.max_new_tokens)
+        self.reason.append("stop" if stops else "length")
+        self.high_priority.append(request.priority < 0)
+        for column in (self.nout, self.nc, self.ntok, self.nb, self.base_nc, self.base_out, self.serial, self.phase):
+            column.append(0)  # (_WAITING is 0)
+        self.started.append(False)
+        heapq.heappush(self.queue, i)
+        self.queued_tokens += request.prompt_len
+        self.num_high_priority += request.priority < 0
+        return True
 
     # -- one step ---------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Schedules, costs, applies and records the step at ``now``; False if it planned nothing
+        (the replica is then blocked until ``add``)."""
+        if self._step():
+            self.num_steps += 1
+            return True
+        self.blocked = True
+        return False
+
     def _step(self) -> bool:
-        """Schedules, costs, applies and records the step at ``now``; False if it planned nothing."""
         if self.is_vllm and self.queue:  # vLLM runs waiting prompts alone when they fit
             budget, new = self._admit(self.budget, len(self.rows))
             if new:
@@ -297,7 +363,7 @@ class _FastLoop:
             token_rows = self._cohort_array() if cohort else _EMPTY
         else:
             extra = list(decoding) + completing + [i for i, n, total in new if n == total]
-            token_rows = np.array(sorted(self._cohort_list() + extra if cohort else extra), np.int64)
+            token_rows = self._ids_array(sorted(self._cohort_list() + extra if cohort else extra))
 
         # Update: the cohort advances, decodes and completed prefills sample, finished rows retire.
         if cohort:
@@ -325,16 +391,20 @@ class _FastLoop:
         """Admitted rows become explicit rows (first scheduled, or scheduled again after a
         preemption); those whose whole prompt ran sample."""
         phase, nc, ntok, nb, bs = self.phase, self.nc, self.ntok, self.nb, self.bs
-        first, requeued = self.log.first_scheduled, self.requeued
+        first, requeued, gid, started = self.log.first_scheduled, self.recorder.requeued, self.gid, self.started
         for i, n, total in new:
             phase[i] = _EXPLICIT
             nc[i], ntok[i], nb[i] = n, total, -(-total // bs)
             bisect.insort(self.rows, i)
             bisect.insort(self.explicit, i)
-            if i in requeued:
-                self.log.rewaits.append((i, requeued.pop(i), start))
-            elif i not in first:
-                first[i] = start
+            g = gid[i]
+            if g in requeued:
+                self.log.rewaits.append((g, requeued.pop(g), start))
+            elif g not in first:
+                first[g] = start
+            if not started[i]:
+                started[i] = True
+                self.queued_tokens -= self.prompt[i]
             if n == total:
                 self._sampled(i, finished)
         self.rows_version += 1
@@ -377,14 +447,15 @@ class _FastLoop:
 
     def _record(self, start, end, duration, energy, tokens, ones, num_rows, token_rows, preempted, finished) -> None:
         """Retires ``finished`` (free their blocks) and appends the step to the log's columns."""
-        log = self.log
+        log, recorder, gid = self.log, self.recorder, self.gid
         if preempted:
             preemptions = log.preemptions
             for i in preempted:
-                preemptions[i] = preemptions.get(i, 0) + 1
-                self.requeued[i] = start
+                g = gid[i]
+                preemptions[g] = preemptions.get(g, 0) + 1
+                recorder.requeued[g] = start
         if finished:
-            phase, bs, rows = self.phase, self.bs, self.rows
+            phase, rows = self.phase, self.rows
             done, reasons, reason = log.finished, log.finish_reasons, self.reason
             for i in finished:
                 if phase[i] == _COHORT:
@@ -393,12 +464,13 @@ class _FastLoop:
                 phase[i] = _DONE
                 del rows[bisect.bisect_left(rows, i)]
                 del self.explicit[bisect.bisect_left(self.explicit, i)]
-                done[i] = end
-                reasons[i] = reason[i]
+                g = gid[i]
+                done[g] = end
+                reasons[g] = reason[i]
+                self.num_high_priority -= self.high_priority[i]
             self.rows_version += 1
-            self.num_done += len(finished)
-        steps = self.steps
-        self.end.append(end)
+        steps = recorder.columns
+        recorder.end.append(end)
         steps["duration"].append(duration)
         steps["energy"].append(energy)
         steps["tokens"].append(tokens)
@@ -407,17 +479,21 @@ class _FastLoop:
         steps["waiting"].append(len(self.queue))
         steps["running"].append(len(self.rows))
         steps["kv_usage"].append((self.num_blocks - self.free) / self.num_blocks)
-        steps["replica"].append(0)
-        self.token_rows.append(token_rows)
-        self.num_steps += 1
+        steps["replica"].append(self.index)
+        recorder.token_rows.append(token_rows)
 
     # -- row orders ---------------------------------------------------------------------------------
     def _rows_array(self) -> np.ndarray:
         version, array = self._rows_cache
         if version != self.rows_version:
-            array = _frozen(np.array(self.rows, np.int64))
+            array = self._ids_array(self.rows)
             self._rows_cache = (self.rows_version, array)
         return array
+
+    def _ids_array(self, rows: list[int]) -> np.ndarray:
+        """The log indices of local ``rows`` as a read-only int64 array."""
+        gid = self.gid
+        return _frozen(np.array(rows if self.same_ids else [gid[i] for i in rows], np.int64))
 
     def _cohort_list(self) -> list[int]:
         phase = self.phase
@@ -427,7 +503,7 @@ class _FastLoop:
         key = (self.cohort_version, self.rows_version)
         version, array = self._cohort_cache
         if version != key:
-            array = _frozen(np.array(self._cohort_list(), np.int64))
+            array = self._ids_array(self._cohort_list())
             self._cohort_cache = (key, array)
         return array
 
