@@ -15,7 +15,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable, Mapping
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -24,14 +24,41 @@ from jaxserve.runtime.events import FrozenLog
 PERCENTILES = (("p50", 50), ("p90", 90), ("p99", 99))
 
 
-def distribution(values: np.ndarray) -> dict:
-    """mean, p50, p90, p99 of ``values`` (NaN when empty), as plain floats."""
+def distribution(values: np.ndarray, ascending: Optional[np.ndarray] = None) -> dict:
+    """mean, p50, p90, p99 of ``values`` (NaN when empty), as plain floats. ``ascending``: the same
+    values sorted, NaN dropped, when the caller has them (the percentiles read them instead of
+    partitioning ``values``; the mean still sums ``values`` in their order, for the same bits)."""
     values = np.asarray(values, np.float64)
-    values = values[~np.isnan(values)]
+    nan = np.isnan(values)
+    if nan.any():  # no copy of a column without NaN (the pooled gaps: millions)
+        values = values[~nan]
     if not len(values):
         return {"mean": math.nan, **{k: math.nan for k, _ in PERCENTILES}}
     out = {"mean": float(values.mean())}
-    out.update({k: float(v) for (k, _), v in zip(PERCENTILES, np.percentile(values, [q for _, q in PERCENTILES]))})
+    qs = [q for _, q in PERCENTILES]
+    ranked = np.percentile(values, qs) if ascending is None else sorted_percentiles(ascending, qs)
+    out.update({k: float(v) for (k, _), v in zip(PERCENTILES, ranked)})
+    return out
+
+
+def sorted_percentiles(ascending: np.ndarray, qs) -> np.ndarray:
+    """``np.percentile(ascending, qs)`` (its default, linear method) of values already ascending and
+    without NaN, read off the two ranks around each quantile instead of copying and partitioning
+    them all: numpy's own arithmetic, step for step, so the same bits (tests compare the two)."""
+    q = np.true_divide(np.asarray(qs, np.float64), 100)
+    n = len(ascending)
+    virtual = (n - 1) * q
+    previous = np.floor(virtual)
+    following = previous + 1
+    last = virtual >= n - 1  # at or past the top rank: the largest value
+    previous[last] = -1
+    following[last] = -1
+    previous, following = previous.astype(np.intp), following.astype(np.intp)
+    a, b = ascending[previous], ascending[following]
+    t = np.asarray(virtual - previous, np.float64)
+    diff = b - a
+    out = np.add(a, diff * t)
+    np.subtract(b, diff * (1 - t), out=out, where=t >= 0.5)
     return out
 
 
@@ -54,12 +81,28 @@ class RequestMetrics:
     queueing_s: np.ndarray  # first scheduled - arrival
     max_tbt_s: np.ndarray
     preemptions: np.ndarray
-    tbt_s: np.ndarray  # every inter-token gap of every request, pooled
-    tbt_req: np.ndarray  # the request index of each gap
+    tbt_s: np.ndarray  # every inter-token gap of every request, pooled, by request then time
+
+    @property
+    def tbt_req(self) -> np.ndarray:
+        """The request index of each gap in ``tbt_s`` (a request with k tokens has k - 1 gaps)."""
+        return np.repeat(np.arange(len(self.num_output)), np.maximum(np.asarray(self.num_output, np.int64) - 1, 0))
+
+    def sorted_tbt(self) -> np.ndarray:
+        """``tbt_s`` ascending, NaN dropped (read-only); sorted once, for the summary's percentiles
+        and the CDF plot."""
+        cached = self.__dict__.get("_sorted_tbt")
+        if cached is None:
+            cached = np.sort(np.asarray(self.tbt_s, np.float64))
+            if len(cached) and np.isnan(cached[-1]):  # NaNs sort last
+                cached = cached[: len(cached) - int(np.count_nonzero(np.isnan(cached)))]
+            cached.flags.writeable = False
+            object.__setattr__(self, "_sorted_tbt", cached)  # frozen: a private cache
+        return cached
 
     def rows(self) -> list[dict]:
         """One dict per request (for CSV), values as plain Python numbers, bools and strings."""
-        cols = [f.name for f in dataclasses.fields(self) if f.name not in ("tbt_s", "tbt_req")]
+        cols = [f.name for f in dataclasses.fields(self) if f.name != "tbt_s"]
         values = [_plain_column(getattr(self, c)) for c in cols]
         return [dict(zip(cols, row)) for row in zip(*values)]
 
@@ -68,7 +111,10 @@ def _plain_column(column) -> list:
     """``column`` as a list of plain Python values (``_plain`` of each), column at a time."""
     if isinstance(column, np.ndarray) and column.dtype.kind in "biuf":
         return column.tolist()  # numpy bool/int/float -> bool/int/float, as _plain does
-    return [_plain(x) for x in column]
+    values = column.tolist() if isinstance(column, np.ndarray) else list(column)
+    if all(isinstance(x, str) for x in values):  # ids and reasons: _plain keeps strings as they are
+        return values
+    return [_plain(x) for x in values]
 
 
 def _plain(x):
@@ -96,24 +142,58 @@ def request_metrics(log: FrozenLog) -> RequestMetrics:
     return cached
 
 
+class _TokenGroups(NamedTuple):
+    """The log's tokens grouped by request: ``order`` sorts them by request, then time (then log
+    order), as ``FrozenLog.request_token_order``; request ``i``'s tokens are
+    ``order[starts[i]:starts[i + 1]]``, ``counts[i]`` of them (``starts`` has n + 1 entries)."""
+
+    order: np.ndarray
+    counts: np.ndarray
+    starts: np.ndarray
+
+
+def _token_groups(log: FrozenLog) -> _TokenGroups:
+    """``_TokenGroups`` of ``log``, computed once per log (request metrics and energy both read it)."""
+    cached = log.__dict__.get("_metrics_token_groups")
+    if cached is None:
+        req, times = log.token_req, log.token_time_s
+        if len(times) > 1 and not np.all(times[1:] >= times[:-1]):
+            order = np.lexsort((times, req))
+        else:  # time order (freeze's): a stable sort by request alone; 16-bit keys sort by radix, O(tokens)
+            key = req.astype(np.uint16) if log.num_requests <= 1 << 16 else req
+            order = np.argsort(key, kind="stable")
+        counts = np.bincount(req, minlength=log.num_requests)
+        starts = np.zeros(log.num_requests + 1, np.int64)
+        np.cumsum(counts, out=starts[1:])
+        cached = _TokenGroups(order, counts, starts)
+        object.__setattr__(log, "_metrics_token_groups", cached)  # FrozenLog is frozen; a private cache
+    return cached
+
+
 def _request_metrics(log: FrozenLog) -> RequestMetrics:
     n = log.num_requests
-    req, times = log.request_tokens()
-    num_output = np.bincount(req, minlength=n)
-    starts = np.zeros(n + 1, np.int64)
-    np.cumsum(num_output, out=starts[1:])
+    order, num_output, starts = _token_groups(log)
+    times = log.token_time_s[order]  # by request, then time
     has = num_output > 0
     first = np.full(n, np.nan)
     last = np.full(n, np.nan)
     first[has] = times[starts[:-1][has]]
     last[has] = times[starts[1:][has] - 1]
+    # A request's gaps are the differences of its consecutive tokens; drop the differences that
+    # straddle two requests (at each request's first token) rather than compare request ids.
     gaps = np.diff(times)
-    same = req[1:] == req[:-1] if len(req) > 1 else np.zeros(0, bool)
-    tbt, tbt_req = gaps[same], req[1:][same]
+    cuts = starts[1:-1]
+    cuts = cuts[(cuts > 0) & (cuts < len(times))] - 1
+    if len(cuts):
+        same = np.ones(len(gaps), bool)
+        same[cuts] = False
+        gaps = gaps[same]
+    tbt = gaps
+    num_gaps = np.maximum(num_output - 1, 0)
     max_tbt = np.full(n, np.nan)
-    if len(tbt):  # gaps are grouped by request (sorted): one reduceat, not a slow ufunc.at
-        group = np.flatnonzero(np.concatenate(([True], tbt_req[1:] != tbt_req[:-1])))
-        max_tbt[tbt_req[group]] = np.maximum.reduceat(tbt, group)
+    if len(tbt):  # gaps are grouped by request: one reduceat, not a slow ufunc.at
+        several = num_gaps > 0
+        max_tbt[several] = np.maximum.reduceat(tbt, (np.cumsum(num_gaps) - num_gaps)[several])
     finished = ~np.isnan(log.finish_s)
     with np.errstate(invalid="ignore", divide="ignore"):
         e2e = np.where(finished, log.finish_s - log.arrival_s, np.nan)
@@ -136,7 +216,6 @@ def _request_metrics(log: FrozenLog) -> RequestMetrics:
         max_tbt_s=max_tbt,
         preemptions=log.preemptions,
         tbt_s=tbt,
-        tbt_req=tbt_req,
     )
 
 
@@ -180,8 +259,8 @@ def summarize(
     num_replicas = max(1, len(np.unique(log.step_replica)))  # busy_fraction is per replica that ran
     unavailable: dict[str, str] = {}
 
-    def dist(key: str, values: np.ndarray, why: str) -> dict:
-        d = distribution(values)
+    def dist(key: str, values: np.ndarray, why: str, ascending: Optional[np.ndarray] = None) -> dict:
+        d = distribution(values, ascending)
         if math.isnan(d["mean"]):
             unavailable[key] = why
             return {k: None for k in d}
@@ -201,7 +280,7 @@ def summarize(
         "num_steps": int(len(log.step_end_s)),
         "makespan_s": scalar("makespan_s", end - start if rm.finished.any() else None, none_finished),
         "ttft_s": dist("ttft_s", rm.ttft_s[admitted], "no admitted request produced a token"),
-        "tbt_s": dist("tbt_s", rm.tbt_s, "no request produced two tokens"),
+        "tbt_s": dist("tbt_s", rm.tbt_s, "no request produced two tokens", rm.sorted_tbt()),
         "tpot_s": dist("tpot_s", rm.tpot_s[admitted], "no finished request produced two tokens"),
         "e2e_s": dist("e2e_s", rm.e2e_s[admitted], none_finished),
         "normalized_latency_s": dist("normalized_latency_s", rm.normalized_latency_s[admitted], none_finished),
@@ -276,29 +355,32 @@ def request_energy_j(log: FrozenLog) -> np.ndarray:
     energy = np.bincount(group, log.step_energy_j, len(ends))
     tokens = np.bincount(group, log.step_tokens.astype(np.float64), len(ends))
     per_token = np.divide(energy, tokens, out=np.zeros_like(energy), where=tokens > 0)
-    req, time = log.token_req, log.token_time_s
-    first = np.zeros(len(req), bool)
-    if len(req):  # the earliest token of each request: the head of its group in request order
-        by_request = log.request_tokens()[0]
-        heads = np.flatnonzero(np.concatenate(([True], by_request[1:] != by_request[:-1])))
-        first[log.request_token_order()[heads]] = True
-    later = ~first
-    charged = per_token[_step_of_tokens(ends, time)[later]]
-    out += np.bincount(req[later], charged, n)
+    req = log.token_req
+    order, counts, starts = _token_groups(log)
+    # A token's share of its step's energy; a request's first token is charged through the pool
+    # below instead: zero here, which leaves the per-request sums as if it were left out.
+    firsts = order[starts[:-1][counts > 0]]  # each request's earliest token
+    share = _per_token(ends, log.token_time_s, per_token)
+    share[firsts] = 0.0
+    out += np.bincount(req, share, n)
+    later = np.ones(len(share), bool)
+    later[firsts] = False
+    charged = float(share[later].sum())  # the same values in the same order as before: the same sum
     weight = np.zeros(n)
-    weight[req[first]] = log.prompt_len[req[first]]
+    heads = req[firsts]
+    weight[heads] = log.prompt_len[heads]
     if weight.sum() > 0:
-        out += (float(energy.sum()) - float(charged.sum())) * weight / weight.sum()
+        out += (float(energy.sum()) - charged) * weight / weight.sum()
     return out
 
 
-def _step_of_tokens(ends: np.ndarray, times: np.ndarray) -> np.ndarray:
-    """For each token time (each equal to one of the sorted, distinct ``ends``), its index in ``ends``:
-    one search per distinct time when the tokens are in time order (a log's are), else per token."""
+def _per_token(ends: np.ndarray, times: np.ndarray, per_step: np.ndarray) -> np.ndarray:
+    """``per_step[k]`` for each token time equal to ``ends[k]`` (``ends`` sorted and distinct): one
+    search per distinct time when the tokens are in time order (a log's are), else one per token."""
     if len(times) < 2 or not np.all(times[1:] >= times[:-1]):
-        return np.searchsorted(ends, times)
+        return per_step[np.searchsorted(ends, times)]
     heads = np.flatnonzero(np.concatenate(([True], times[1:] != times[:-1])))
-    return np.repeat(np.searchsorted(ends, times[heads]), np.diff(np.append(heads, len(times))))
+    return np.repeat(per_step[np.searchsorted(ends, times[heads])], np.diff(np.append(heads, len(times))))
 
 
 def idle_energy_j(log: FrozenLog, makespan: float, idle_power_w: Optional[float | Mapping[int, float]]) -> Optional[float]:

@@ -29,8 +29,10 @@ def _fixed_layout(fig) -> None:
                         wspace=0.25, hspace=0.35)  # fmt: skip
 
 
-def _cdf(ax, values, label):
-    values = np.sort(np.asarray(values, np.float64)[~np.isnan(values)])
+def _cdf(ax, values, label, ascending: bool = False):
+    """The empirical CDF of ``values`` (NaN dropped); ``ascending``: they are sorted, without NaN."""
+    if not ascending:
+        values = np.sort(np.asarray(values, np.float64)[~np.isnan(values)])
     n = len(values)
     if n:
         ranks = np.arange(n) if n <= CDF_POINTS else np.unique(np.linspace(0, n - 1, CDF_POINTS).round().astype(np.int64))
@@ -94,7 +96,7 @@ def plot_run(log: FrozenLog, rm: RequestMetrics, output_dir: str, title: str = "
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     _cdf(axes[0], rm.ttft_s, "TTFT")
     axes[0].set(xlabel="TTFT (s)", ylabel="fraction of requests", title="Time to first token")
-    _cdf(axes[1], rm.tbt_s, "TBT")
+    _cdf(axes[1], rm.sorted_tbt(), "TBT", ascending=True)
     axes[1].set(xlabel="time between tokens (s)", ylabel="fraction of tokens", title="Time between tokens")
     for ax in axes:
         ax.grid(alpha=0.3)

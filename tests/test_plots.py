@@ -16,7 +16,7 @@ def metrics(n=400, seed=0):
     return RequestMetrics(
         request_id=tuple(f"r{i}" for i in range(n)), client_id=np.array(["a"] * n), arrival_s=np.sort(rng.uniform(0, 600, n)),
         prompt_len=z + 10, num_output=z + 5, finished=f, rejected=~f, finish_reason=("stop",) * n, ttft_s=ttft, e2e_s=e2e,
-        tpot_s=z, normalized_latency_s=z, queueing_s=z, max_tbt_s=z, preemptions=z, tbt_s=z[:0], tbt_req=z[:0].astype(int),
+        tpot_s=z, normalized_latency_s=z, queueing_s=z, max_tbt_s=z, preemptions=z, tbt_s=z[:0],
     )  # fmt: skip
 
 
