@@ -31,6 +31,7 @@ import typing
 from typing import Optional
 
 from jaxserve.cluster.cluster import EVENT_KINDS, Cluster, ClusterEvent, ReplicaSpec
+from jaxserve.cluster.fast_cluster import FastCluster, why_not_fast_cluster
 from jaxserve.cluster.handoff import DECODE_PICKS, LINK_SCOPES, PoolSettings, handoff_metrics
 from jaxserve.cluster.kv_transfer import OVERLAPS, KVLink
 from jaxserve.cluster.migration import MODES, MigrationSettings, fill_downtimes, migration_metrics
@@ -282,6 +283,15 @@ class ClusterSim:
     slo: dict
     migration: MigrationSettings = MigrationSettings("off")
     pools: PoolSettings = PoolSettings()
+    fast_loop: bool = True  # sim.fast_loop: FastCluster when why_not_fast_cluster allows it
+
+    @property
+    def why_not_fast(self) -> Optional[str]:
+        """Why ``run_cluster_sim`` uses the general ``Cluster`` (None: ``FastCluster`` runs it)."""
+        if not self.fast_loop:
+            return "sim.fast_loop is off"
+        return why_not_fast_cluster(self.specs, self.router, events=self.events, migration=self.migration,
+                                    max_sim_time_s=self.max_sim_time_s, requests=self.requests)  # fmt: skip
 
     @property
     def cost_model(self):
@@ -334,15 +344,19 @@ def build_cluster_sim(config) -> ClusterSim:
         vocab_size = parts.specs[0].executor.cfg.vocab_size
         requests = tuple(with_token_ids(list(requests), vocab_size, get(config, "workload.seed", int)))
     return ClusterSim(parts.configs, parts.specs, parts.router, parts.events, requests, max_sim_time_s(config),
-                      slo_targets(config), parts.migration, parts.pools)  # fmt: skip
+                      slo_targets(config), parts.migration, parts.pools, get(config, "sim.fast_loop", bool))  # fmt: skip
 
 
 def run_cluster_sim(run: ClusterSim, on_progress: Optional[ProgressHook] = None) -> Results:
     """Simulates ``run``: metrics (with ``per_replica``), per-request rows, the shared log."""
     # A simulated step that raises is a bug; a real engine's is a fault (the replica fails, its requests go on).
-    cluster = Cluster(run.specs, run.router, max_sim_time_s=run.max_sim_time_s, migration=run.migration,
-                      step_errors="fail" if run.is_engine else "raise", pools=run.pools)  # fmt: skip
-    log = cluster.run(list(run.requests), run.events, on_progress=on_progress).freeze()
+    if run.why_not_fast is None:  # the same log, from replicas on counts
+        cluster = FastCluster(run.specs, run.router)
+        log = cluster.run(run.requests, on_progress=on_progress).freeze()
+    else:
+        cluster = Cluster(run.specs, run.router, max_sim_time_s=run.max_sim_time_s, migration=run.migration,
+                          step_errors="fail" if run.is_engine else "raise", pools=run.pools)  # fmt: skip
+        log = cluster.run(list(run.requests), run.events, on_progress=on_progress).freeze()
     members = cluster.members
     if run.is_engine:
         from jaxserve.engine.serve_config import ENGINE_UNMODELLED
