@@ -19,6 +19,7 @@ import dataclasses
 import importlib
 import json
 import math
+import operator
 import os
 import re
 import sys
@@ -135,13 +136,27 @@ def write_outputs(results, output_dir: str, title: str) -> list[str]:
     paths = [os.path.join(output_dir, "metrics.json"), os.path.join(output_dir, "requests.csv")]
     with open(paths[0], "w") as f:
         json.dump(results.metrics, f, indent=2, sort_keys=True, default=_json_default)
-    with open(paths[1], "w", newline="") as f:
-        rows = results.requests
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["request_id"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows_csv(paths[1], results.requests)
     paths += plot_run(results.log, request_metrics(results.log), output_dir, title)
     return paths
+
+
+def write_rows_csv(path: str, rows: list[dict]) -> None:
+    """The rows as a CSV file, columns in the first row's key order: ``csv.DictWriter``'s bytes
+    (a missing key an empty cell, an extra one a ValueError). Rows with the first row's keys, as
+    ``request_metrics(...).rows()`` gives them, go through the plain writer as tuples, without
+    DictWriter's per-row key check (a fifth of the time on an hour's 19k rows)."""
+    fields = list(rows[0]) if rows else ["request_id"]
+    with open(path, "w", newline="") as f:
+        keys = rows[0].keys() if rows else None
+        if len(fields) > 1 and all(row.keys() == keys for row in rows):
+            writer = csv.writer(f)
+            writer.writerow(fields)
+            writer.writerows(map(operator.itemgetter(*fields), rows))
+            return
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _json_default(x):
