@@ -14,6 +14,7 @@ now, as ``Cluster``'s deferred runs show them. The event log equals ``Cluster.ru
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Sequence
 from typing import Optional
@@ -60,18 +61,12 @@ class FastMember:
 
     def __init__(self, index: int, spec: ReplicaSpec, replica: FastReplica):
         self.index, self.spec, self.replica = index, spec, replica
-        self._view_key = self._view = None
 
     def view(self) -> ReplicaView:
-        """The router's view (rebuilt only when the replica's counts changed)."""
-        r = self.replica
-        key = (r.num_steps, len(r.gid), r.now)
-        if key != self._view_key:
-            kv = self.spec.kv
-            self._view_key = key
-            self._view = ReplicaView(self.index, True, len(r.queue), len(r.rows), r.queued_tokens, r.num_blocks - r.free,
-                                     kv.num_blocks, kv.block_size, r.num_high_priority, no_cache)  # fmt: skip
-        return self._view
+        """The router's view of the replica now."""
+        r, kv = self.replica, self.spec.kv
+        return ReplicaView(self.index, True, len(r.queue), len(r.rows), r.queued_tokens, r.num_blocks - r.free,
+                           kv.num_blocks, kv.block_size, r.num_high_priority, no_cache)  # fmt: skip
 
 
 class FastCluster:
@@ -107,12 +102,27 @@ class FastCluster:
         router, log, members = self.router, self.log, self.members
         replicas = [m.replica for m in members]
         state = router.init(len(members))
-        times = [math.inf] * len(members)  # each replica's next step time
+        # Each replica's next step time, and a heap of (time, replica) of them: an entry whose time
+        # is no longer its replica's is skipped when it surfaces. Ties: the lowest replica first.
+        self._times, self._heap = [math.inf] * len(members), []
+        self._views, self._changed = [m.view() for m in members], set()  # the router's views, those to rebuild
+        heap, times, changed = self._heap, self._times, self._changed
         n, nxt = len(arrivals), 0
         while True:
             t_arrival = arrivals[nxt].arrival_time if nxt < n else math.inf
-            t_step = min(times)
-            if t_arrival <= t_step:  # (ties: the arrival first)
+            while heap and heap[0][0] != times[heap[0][1]]:
+                heapq.heappop(heap)
+            if heap and heap[0][0] < t_arrival:  # (ties: the arrival first)
+                t_step, busy = heapq.heappop(heap)
+                self.now = max(self.now, t_step)
+                replica = replicas[busy]
+                if replica.step():
+                    self.num_steps += 1
+                    if on_progress is not None and self.num_steps % progress_every == 0:
+                        on_progress(self._progress(n))
+                changed.add(busy)
+                self._reschedule(busy)
+            else:
                 if t_arrival == math.inf:
                     break
                 self.now = max(self.now, t_arrival)
@@ -120,17 +130,8 @@ class FastCluster:
                 nxt += 1
                 log.add_request(request, request.arrival_time)
                 state = router.submit(state, request)
-            else:
-                self.now = max(self.now, t_step)
-                busy = times.index(t_step)  # (ties: the lowest index)
-                replica = replicas[busy]
-                if replica.step():
-                    self.num_steps += 1
-                    if on_progress is not None and self.num_steps % progress_every == 0:
-                        on_progress(self._progress(n))
-                times[busy] = replica.next_step_time
             if router.has_pending(state):
-                state = self._dispatch(state, times)
+                state = self._dispatch(state)
         for m in members:
             if m.replica.has_unfinished:
                 raise RuntimeError(f"replica {m.index}'s scheduler planned an empty step with "
@@ -142,9 +143,17 @@ class FastCluster:
             on_progress(self._progress(n))
         return log
 
-    def _dispatch(self, state, times: list[float]):
-        now, members = self.now, self.members
-        view = ClusterView(now, tuple(m.view() for m in members), EMPTY_MAP)
+    def _reschedule(self, index: int) -> None:
+        t = self._times[index] = self.members[index].replica.next_step_time
+        if t != math.inf:
+            heapq.heappush(self._heap, (t, index))
+
+    def _dispatch(self, state):
+        now, members, views = self.now, self.members, self._views
+        for i in self._changed:
+            views[i] = members[i].view()
+        self._changed.clear()
+        view = ClusterView(now, tuple(views), EMPTY_MAP)
         state, placements = self.router.dispatch(state, view)
         seen = set()
         for request, index in placements:
@@ -157,7 +166,9 @@ class FastCluster:
             replica = members[index].replica
             replica.now = max(replica.now, now)
             replica.add(request, now)
-            times[index] = replica.next_step_time
+            self._changed.add(index)
+            if replica.next_step_time != self._times[index]:
+                self._reschedule(index)
         return state
 
     def _progress(self, num_requests: int) -> Progress:

@@ -8,6 +8,7 @@ of requests dispatched to a replica that it has not started yet.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from typing import Callable, NamedTuple, Optional
 
@@ -58,13 +59,16 @@ class ClusterView(NamedTuple):
 
     @property
     def accepting(self) -> tuple[ReplicaView, ...]:
-        return tuple(r for r in self.replicas if r.accepting)
+        return tuple(filter(_ACCEPTING, self.replicas))  # (a router reads it at every arrival)
 
     def placed(self, index: int, request: Request) -> "ClusterView":
         """The view after ``request`` joins replica ``index``'s queue."""
         r = self.replicas[index]
         r = r._replace(num_waiting=r.num_waiting + 1, queued_tokens=r.queued_tokens + request.prompt_len)
         return self._replace(replicas=self.replicas[:index] + (r,) + self.replicas[index + 1 :])
+
+
+_ACCEPTING = operator.attrgetter("accepting")
 
 
 def no_cache(request: Request) -> int:
@@ -74,5 +78,9 @@ def no_cache(request: Request) -> int:
 
 def least(replicas, key) -> Optional[int]:
     """Index of the replica with the smallest ``key`` (ties: lowest index); None if there is none."""
-    best = min(replicas, key=lambda r: (key(r), r.index), default=None)
-    return None if best is None else best.index
+    best = best_key = None
+    for r in replicas:  # (one pass without a (key, index) tuple per replica: routers call it per arrival)
+        k = key(r)
+        if best is None or k < best_key or (k == best_key and r.index < best):
+            best, best_key = r.index, k
+    return best

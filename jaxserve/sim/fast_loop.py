@@ -493,7 +493,7 @@ class FastReplica:
     def _ids_array(self, rows: list[int]) -> np.ndarray:
         """The log indices of local ``rows`` as a read-only int64 array."""
         gid = self.gid
-        return _frozen(np.array(rows if self.same_ids else [gid[i] for i in rows], np.int64))
+        return _frozen(np.array(rows if self.same_ids else list(map(gid.__getitem__, rows)), np.int64))
 
     def _cohort_list(self) -> list[int]:
         phase = self.phase
