@@ -305,6 +305,21 @@ class RooflineCostModel:
         energy = self._power.energy(duration, busy, compute, memory, scale)  # each device busy busy / pp
         return duration, energy, compute, memory, comm
 
+    def totals_cost(self, tokens: float, computed: float, pairs: float, samples: int, rows: int) -> tuple[float, float]:
+        """``combine(parts_from_totals(tokens, computed, pairs, samples, rows), max)``'s duration and
+        energy from scalars, without the intermediate tuples (the simulator's fast loop costs every
+        step this way): the same operations in the same order, so equal bit for bit."""
+        compute = (tokens * self._s_per_token_gemm + samples * self._s_per_sample_gemm) + pairs * self._s_per_attn_pair
+        memory = ((self._s_weights + (self._s_lm_head if samples else 0.0)) + (computed + 2.0 * tokens) * self._s_per_kv_token
+                  + tokens * self._s_per_token_act)  # fmt: skip
+        comm = (tokens * self._s_per_token_comm + samples * self._s_per_sample_comm) + self._comm_fixed
+        power = self._power
+        compute, scale = power.clocked(compute, memory)
+        busy = max(memory, compute)
+        host = self.step_overhead_s + rows * self.per_seq_overhead_s
+        duration = max(host, busy + comm) if self.async_scheduling else host + busy + comm
+        return duration, power.energy(duration, busy, compute, memory, scale)
+
     def parts_from_totals(self, tokens: float, computed, pairs, samples: int, rows: int) -> StepParts:
         """``parts`` of a step without copies or swaps from its plan's totals: new tokens, their
         prefix context, ``pairs`` = Σ n·c + (Σ n² + Σ n)/2 over the rows, sampling rows and rows."""

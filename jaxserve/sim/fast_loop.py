@@ -165,6 +165,7 @@ class FastReplica:
 
         self.queue: list[int] = []  # waiting requests, a heap of their numbers (FCFS)
         self.rows: list[int] = []  # running requests, sorted
+        self.row_gids: list[int] = []  # their log indices (rows' order)
         self.explicit: list[int] = []  # running requests outside the cohort, sorted
         self.T = 0  # decode steps the cohort has taken
         self.ncoh = 0
@@ -287,8 +288,27 @@ class FastReplica:
             budget, new = self._admit(budget, len(self.rows))
             if not (num_decodes or chunks or new):
                 return False
-        self._apply(num_decodes, decoding, chunks, new, need, ())
+        if decoding or chunks or new:
+            self._apply(num_decodes, decoding, chunks, new, need, ())
+        else:
+            self._decode()
         return True
+
+    def _decode(self) -> None:
+        """``_apply`` of a step in which the cohort, every running row, decodes and nothing else
+        happens (the commonest step), its blocks already taken."""
+        T, n = self.T, self.ncoh
+        context, fn = self.sum_base + n * T, float(n)
+        duration, energy = self.cm.totals_cost(fn, float(context), float(context) + 0.5 * (fn + fn), n, n)
+        start = self.now
+        end = self.now = start + duration
+        self.T = T = T + 1
+        finished, heap = [], self.finish_heap
+        while heap and heap[0][0] <= T:
+            _, i, serial = heapq.heappop(heap)
+            if self.phase[i] == _COHORT and self.serial[i] == serial:
+                finished.append(i)
+        self._record(start, end, duration, energy, n, n, n, self._rows_array(), (), finished)
 
     def _chunk(self, remaining: int, budget: int) -> int:
         if remaining <= budget:
@@ -346,10 +366,8 @@ class FastReplica:
                 samples += 1
                 ones += n == 1
         ftokens = float(tokens)
-        cm = self.cm
-        parts = cm.parts_from_totals(ftokens, float(computed), float(dot) + 0.5 * (float(squares) + ftokens), samples,
-                                     num_decodes + len(chunks) + len(new))  # fmt: skip
-        duration, energy = cm.combine(parts, max)[:2]
+        duration, energy = self.cm.totals_cost(ftokens, float(computed), float(dot) + 0.5 * (float(squares) + ftokens),
+                                               samples, num_decodes + len(chunks) + len(new))  # fmt: skip
         start = self.now
         end = start + duration
         self.now = end
@@ -395,7 +413,9 @@ class FastReplica:
         for i, n, total in new:
             phase[i] = _EXPLICIT
             nc[i], ntok[i], nb[i] = n, total, -(-total // bs)
-            bisect.insort(self.rows, i)
+            at = bisect.bisect_left(self.rows, i)
+            self.rows.insert(at, i)
+            self.row_gids.insert(at, gid[i])
             bisect.insort(self.explicit, i)
             g = gid[i]
             if g in requeued:
@@ -462,7 +482,9 @@ class FastReplica:
                     self._leave(i)
                 self.free += self.nb[i]
                 phase[i] = _DONE
-                del rows[bisect.bisect_left(rows, i)]
+                at = bisect.bisect_left(rows, i)
+                del rows[at]
+                del self.row_gids[at]
                 del self.explicit[bisect.bisect_left(self.explicit, i)]
                 g = gid[i]
                 done[g] = end
@@ -486,7 +508,7 @@ class FastReplica:
     def _rows_array(self) -> np.ndarray:
         version, array = self._rows_cache
         if version != self.rows_version:
-            array = self._ids_array(self.rows)
+            array = _frozen(np.array(self.row_gids, np.int64))
             self._rows_cache = (self.rows_version, array)
         return array
 
@@ -503,7 +525,8 @@ class FastReplica:
         key = (self.cohort_version, self.rows_version)
         version, array = self._cohort_cache
         if version != key:
-            array = self._ids_array(self._cohort_list())
+            phase = self.phase
+            array = _frozen(np.array([g for i, g in zip(self.rows, self.row_gids) if phase[i] == _COHORT], np.int64))
             self._cohort_cache = (key, array)
         return array
 
@@ -581,6 +604,7 @@ class FastReplica:
         for i in rows[live:]:
             del self.explicit[bisect.bisect_left(self.explicit, i)]
         self.rows[:] = kept
+        del self.row_gids[live:]
         self.rows_version += 1
         if not any(num_new) and not new:
             self._regroup()
