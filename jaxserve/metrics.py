@@ -143,52 +143,69 @@ def request_metrics(log: FrozenLog) -> RequestMetrics:
 
 
 class _TokenGroups(NamedTuple):
-    """The log's tokens grouped by request: ``order`` sorts them by request, then time (then log
-    order), as ``FrozenLog.request_token_order``; request ``i``'s tokens are
-    ``order[starts[i]:starts[i + 1]]``, ``counts[i]`` of them (``starts`` has n + 1 entries)."""
+    """The log's tokens grouped by request, in the order that sorts them by request, then time
+    (then log order), as ``FrozenLog.request_token_order``: request ``i``'s ``counts[i]`` tokens sit
+    at ``starts[i]:starts[i + 1]`` of it (``starts`` has n + 1 entries); ``firsts``: the log index
+    of each request's earliest token, for the requests that got one, by request index."""
 
-    order: np.ndarray
     counts: np.ndarray
     starts: np.ndarray
+    firsts: np.ndarray
 
 
-def _token_groups(log: FrozenLog) -> _TokenGroups:
-    """``_TokenGroups`` of ``log``, computed once per log (request metrics and energy both read it)."""
-    cached = log.__dict__.get("_metrics_token_groups")
-    if cached is None:
-        req, times = log.token_req, log.token_time_s
-        if len(times) > 1 and not np.all(times[1:] >= times[:-1]):
-            order = np.lexsort((times, req))
-        else:  # time order (freeze's): a stable sort by request alone; 16-bit keys sort by radix, O(tokens)
-            key = req.astype(np.uint16) if log.num_requests <= 1 << 16 else req
-            order = np.argsort(key, kind="stable")
+_GAP_CHUNK = 1 << 16  # tokens per slice of the gap computation: its temporaries stay in cache
+
+
+def _group_tokens(log: FrozenLog, times_too: bool) -> tuple[_TokenGroups, Optional[np.ndarray]]:
+    """(``_TokenGroups`` of ``log``, its token times in that order when ``times_too``). The groups
+    are computed once per log and kept on it; the permutation itself is not (it is as large as
+    the log's tokens, and a run's first pass pays for every fresh page it touches)."""
+    groups = log.__dict__.get("_metrics_token_groups")
+    if groups is not None and not times_too:
+        return groups, None
+    req, times = log.token_req, log.token_time_s
+    if len(times) > 1 and not np.all(times[1:] >= times[:-1]):
+        order = np.lexsort((times, req))
+    else:  # time order (freeze's): a stable sort by request alone; 16-bit keys sort by radix, O(tokens)
+        order = np.argsort(req.astype(np.uint16) if log.num_requests <= 1 << 16 else req, kind="stable")
+    if groups is None:
         counts = np.bincount(req, minlength=log.num_requests)
         starts = np.zeros(log.num_requests + 1, np.int64)
         np.cumsum(counts, out=starts[1:])
-        cached = _TokenGroups(order, counts, starts)
-        object.__setattr__(log, "_metrics_token_groups", cached)  # FrozenLog is frozen; a private cache
-    return cached
+        groups = _TokenGroups(counts, starts, order[starts[:-1][counts > 0]])
+        object.__setattr__(log, "_metrics_token_groups", groups)  # FrozenLog is frozen; a private cache
+    return groups, times[order] if times_too else None
+
+
+def _gaps_within_groups(times: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """The differences of consecutive ``times`` inside each group ``starts[i]:starts[i + 1]``, in
+    order (``np.diff(times)`` without the differences across groups), computed slice by slice so
+    that those across groups are never held in memory."""
+    total = len(times)
+    keep = np.ones(max(total - 1, 0), bool)
+    cuts = starts[1:-1]
+    keep[cuts[(cuts > 0) & (cuts < total)] - 1] = False  # difference k straddles a group's start at k + 1
+    out = np.empty(int(np.count_nonzero(keep)))
+    done = 0
+    for a in range(0, total - 1, _GAP_CHUNK):
+        b = min(a + _GAP_CHUNK, total - 1)
+        mask = keep[a:b]
+        k = int(np.count_nonzero(mask))
+        out[done : done + k] = (times[a + 1 : b + 1] - times[a:b])[mask]
+        done += k
+    return out
 
 
 def _request_metrics(log: FrozenLog) -> RequestMetrics:
     n = log.num_requests
-    order, num_output, starts = _token_groups(log)
-    times = log.token_time_s[order]  # by request, then time
+    (num_output, starts, _), times = _group_tokens(log, times_too=True)  # times by request, then time
     has = num_output > 0
     first = np.full(n, np.nan)
     last = np.full(n, np.nan)
     first[has] = times[starts[:-1][has]]
     last[has] = times[starts[1:][has] - 1]
-    # A request's gaps are the differences of its consecutive tokens; drop the differences that
-    # straddle two requests (at each request's first token) rather than compare request ids.
-    gaps = np.diff(times)
-    cuts = starts[1:-1]
-    cuts = cuts[(cuts > 0) & (cuts < len(times))] - 1
-    if len(cuts):
-        same = np.ones(len(gaps), bool)
-        same[cuts] = False
-        gaps = gaps[same]
-    tbt = gaps
+    tbt = _gaps_within_groups(times, starts)
+    del times
     num_gaps = np.maximum(num_output - 1, 0)
     max_tbt = np.full(n, np.nan)
     if len(tbt):  # gaps are grouped by request: one reduceat, not a slow ufunc.at
@@ -249,12 +266,16 @@ def summarize(
     float for every replica that ran a step, or replica index -> watts), for ``energy_idle_j``,
     ``energy_total_j`` and ``avg_power_w``; ``energy_j`` counts the steps only."""
     rm = request_metrics(log)
+    unmodelled = dict(unmodelled or {})
+    energy = float(log.step_energy_j.sum())
+    # Before the sorted gaps exist: its temporaries, each as large as the log's tokens, then reuse
+    # memory the sort takes next instead of touching fresh pages (a first pass pays for each).
+    request_energy = request_energy_j(log) if energy > 0 and "energy_j" not in unmodelled else None
     admitted = ~rm.rejected
     start = float(log.arrival_s[admitted].min()) if admitted.any() else 0.0
     end = float(np.nanmax(log.finish_s)) if rm.finished.any() else start
     makespan = max(end - start, 1e-12)
     out_tokens = int(rm.num_output[rm.finished].sum())
-    energy = float(log.step_energy_j.sum())
     busy = float(log.step_duration_s.sum())
     num_replicas = max(1, len(np.unique(log.step_replica)))  # busy_fraction is per replica that ran
     unavailable: dict[str, str] = {}
@@ -318,9 +339,8 @@ def summarize(
         cost = price_per_hour_usd * makespan / 3600.0 / out_tokens * 1e6 if out_tokens else None
         metrics["cost_usd_per_mtok"] = scalar("cost_usd_per_mtok", cost, no_tokens)
     metrics["cost_usd_per_hour"] = scalar("cost_usd_per_hour", price_per_hour_usd, "the machine has no known price")
-    unmodelled = dict(unmodelled or {})
-    if energy > 0 and "energy_j" not in unmodelled:
-        metrics["energy_per_request_j"] = dist("energy_per_request_j", request_energy_j(log)[rm.finished], none_finished)
+    if request_energy is not None:
+        metrics["energy_per_request_j"] = dist("energy_per_request_j", request_energy[rm.finished], none_finished)
         idle = idle_energy_j(log, makespan, idle_power_w) if rm.finished.any() else None
         why_idle = none_finished if idle_power_w is not None else "idle power not given"
         metrics["energy_idle_j"] = scalar("energy_idle_j", idle, why_idle)
@@ -356,10 +376,9 @@ def request_energy_j(log: FrozenLog) -> np.ndarray:
     tokens = np.bincount(group, log.step_tokens.astype(np.float64), len(ends))
     per_token = np.divide(energy, tokens, out=np.zeros_like(energy), where=tokens > 0)
     req = log.token_req
-    order, counts, starts = _token_groups(log)
+    firsts = _group_tokens(log, times_too=False)[0].firsts  # each request's earliest token
     # A token's share of its step's energy; a request's first token is charged through the pool
     # below instead: zero here, which leaves the per-request sums as if it were left out.
-    firsts = order[starts[:-1][counts > 0]]  # each request's earliest token
     share = _per_token(ends, log.token_time_s, per_token)
     share[firsts] = 0.0
     out += np.bincount(req, share, n)

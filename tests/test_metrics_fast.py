@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
+from jaxserve import metrics
 from jaxserve.metrics import (
     RequestMetrics,
     _plain,
@@ -56,9 +57,13 @@ def tokens_by_request(log) -> list[list[tuple[float, int]]]:
 
 
 @settings(max_examples=200, deadline=None)
-@given(random_logs())
-def test_per_request_metrics_equal_a_per_token_loop(log):
-    rm = request_metrics(log)
+@given(random_logs(), st.sampled_from([1, 2, 5, 1 << 16]))
+def test_per_request_metrics_equal_a_per_token_loop(log, chunk):
+    saved, metrics._GAP_CHUNK = metrics._GAP_CHUNK, chunk  # the gaps are computed slice by slice
+    try:
+        rm = request_metrics(log)
+    finally:
+        metrics._GAP_CHUNK = saved
     per = tokens_by_request(log)
     tbt, tbt_req = [], []
     first, last, max_tbt = (np.full(log.num_requests, np.nan) for _ in range(3))
