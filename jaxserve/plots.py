@@ -19,6 +19,8 @@ ROLLING_POINTS = 1000  # a rolling quantile line is drawn through this many even
 # Titles sit just above their axes (none of ours has tick labels on top): a fixed y spares
 # matplotlib a layout of every tick label per axes at each draw, ~40 % of drawing these figures.
 _RC = {"axes.titley": 1.0}
+# zlib level 1 instead of Pillow's 6: the same pixels in ~5 % more bytes, ~50 ms less per figure.
+_PNG = {"compress_level": 1}
 
 
 def _subplots(rows: int, cols: int, figsize: tuple[float, float], **kw):
@@ -104,7 +106,7 @@ def plot_run(log: FrozenLog, rm: RequestMetrics, output_dir: str, title: str = "
         fig.suptitle(title)
         _fixed_layout(fig)
         path = os.path.join(output_dir, name)
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, pil_kwargs=_PNG)
         paths.append(path)
 
     fig, axes = _subplots(1, 2, (10, 4))
