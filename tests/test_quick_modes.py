@@ -74,9 +74,16 @@ def serving_overhead(result):
         assert 0 < http["client_replay_cpu_s"] <= http["client_cpu_s"] and http["timed_run_attempts"] == 1
 
 
+def simulator_speed(result):
+    for name, r in result["schedulers"].items():  # the fast loop ran, and wrote the general loop's log
+        assert r["loop"] == "fast" and r["same_log"] is True, (name, r["loop"])
+        assert r["num_requests"] == r["num_finished"] > 0
+
+
 def cluster_speed(result):
     one, many = result["one_replica"], result["16_replicas"]
     assert one["num_requests"] == many["num_requests"] == one["num_finished"] == many["num_finished"] > 0
+    assert one["loop"] == many["loop"] == "fast"
     assert result["ratio"] == pytest.approx(many["requests_per_wall_s"] / one["requests_per_wall_s"], rel=1e-2)
 
 
@@ -250,7 +257,7 @@ QUICK_RUNS = {
     "experiments/nanoflow_throughput.py": (["--quick"], ("throughput.csv", "schedules.csv", "throughput.png", "summary.md"),
                                            nanoflow_throughput),
     "experiments/scheduler_demo.py": (["--num_requests", "60"], (), None),
-    "benchmarks/simulator_speed.py": (["--duration_s", "60"], "json", None),
+    "benchmarks/simulator_speed.py": (["--duration_s", "60", "--reference"], "json", simulator_speed),
     "benchmarks/cluster_speed.py": (["--duration_s", "60"], "json", cluster_speed),
     "benchmarks/scheduler_overhead.py": (["--steps", "60", "--schedulers", "vllm,sarathi", "--block", "25"], "json", scheduler_overhead),
     "benchmarks/attention_kernels.py": (["--batch", "2", "--context", "256", "--iters", "2"], "json", None),
