@@ -24,15 +24,17 @@ import os
 import re
 import sys
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from absl import app, flags
 from ml_collections import config_flags
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
 from jaxserve.config import ConfigError, check_keys, get, key_type, leaf_keys, override, parse_value
+
+if TYPE_CHECKING:  # rich is imported where a table or progress bar is drawn: write_outputs alone needs none
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None,
@@ -166,6 +168,8 @@ def _json_default(x):
 
 
 def summary_table(metrics: dict, title: str) -> Table:
+    from rich.table import Table
+
     table = Table(title=title)
     table.add_column("metric")
     for col in ("mean", "p50", "p90", "p99"):
@@ -235,6 +239,8 @@ def client_table(metrics: dict) -> Optional[Table]:
     clients = metrics.get("clients")
     if not clients:
         return None
+    from rich.table import Table
+
     table = Table(title="per client")
     for col in ("client", "requests", "finished", "service", "share", "ttft p50 (s)", "e2e p50 (s)"):
         table.add_column(col, justify="left" if col == "client" else "right")
@@ -246,6 +252,8 @@ def client_table(metrics: dict) -> Optional[Table]:
 
 
 def _progress(console: Console) -> Progress:
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
         TextColumn("{task.completed}/{task.total} {task.fields[what]}"), TextColumn("{task.fields[detail]}"),
@@ -360,6 +368,8 @@ def main(argv, overrides: tuple[Override, ...] = ()) -> int:
             source = os.path.relpath(path) if path else "configs/default.py"
             print(config_help(config, defaults.keys(), source))
             return 0
+        from rich.console import Console
+
         run(config, Console(width=120))
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"config error: {_one_line(e)}", file=sys.stderr)
