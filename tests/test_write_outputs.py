@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import gc
 import tempfile
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from jaxserve.experiment import write_rows_csv
+from jaxserve.experiment import _collection_paused, write_rows_csv
 
 CELLS = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True), st.integers(), st.booleans(), st.none(),
@@ -42,3 +43,18 @@ def test_rows_of_other_layouts_go_through_dict_writer(tmp_path):
     assert (tmp_path / "fast.csv").read_bytes() == dict_writer_bytes(tmp_path / "slow.csv", rows) == b"a,b\r\n1,2.5\r\n3,\r\n"
     with pytest.raises(ValueError, match="not in fieldnames"):
         write_rows_csv(str(tmp_path / "bad.csv"), [{"a": 1, "b": 2}, {"a": 1, "b": 2, "c": 3}])
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_collection_is_paused_inside_and_restored_after(enabled):
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled else gc.disable)()
+        with _collection_paused():
+            assert not gc.isenabled()
+        assert gc.isenabled() is enabled
+        with pytest.raises(RuntimeError), _collection_paused():
+            raise RuntimeError("a failed write")
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
