@@ -109,19 +109,22 @@ def run_fast(scheduler, kv: KVConfig, cost_model, requests: Sequence[Request], *
 
 
 class StepRecorder:
-    """The steps of one or more fast replicas sharing a log, in the order they are taken, as the
-    log's columns; ``flush`` appends them to the log at the end of the run."""
+    """The steps of one or more fast replicas sharing a log, in the order they are taken, one tuple
+    each (``FIELDS``); ``flush`` appends them to the log's columns at the end of the run."""
+
+    FIELDS = ("end", "duration", "energy", "tokens", "prefill_tokens", "seqs", "waiting", "running", "kv_usage",
+              "replica", "token_rows")  # fmt: skip
 
     def __init__(self):
-        self.end: list[float] = []
-        self.columns: dict[str, list] = {name: [] for name in ("duration", "energy", "tokens", "prefill_tokens", "seqs",
-                                                                "waiting", "running", "kv_usage", "replica")}  # fmt: skip
-        self.token_rows: list[np.ndarray] = []
+        self.steps: list[tuple] = []
         self.requeued: dict[int, float] = {}  # preempted requests (log index) not yet scheduled again -> when
 
     def flush(self, log: EventLog) -> None:
-        log.extend_steps(self.end, self.columns, self.token_rows, self.requeued)
-        self.__init__()
+        columns = dict(zip(self.FIELDS, map(list, zip(*self.steps)))) if self.steps else {f: [] for f in self.FIELDS}
+        end, token_rows = columns.pop("end"), columns.pop("token_rows")
+        log.extend_steps(end, columns, token_rows, self.requeued)
+        self.steps.clear()  # (in place: replicas hold its append)
+        self.requeued = {}
 
 
 class FastReplica:
@@ -137,6 +140,7 @@ class FastReplica:
                  recorder: StepRecorder, index: int = 0):
         self.scheduler = scheduler
         self.kv, self.limits, self.log, self.recorder, self.index = kv, limits, log, recorder, index
+        self._append_step = recorder.steps.append
         self.cm = cost_model
         self.is_vllm = type(scheduler) is VLLMScheduler
         self.budget = scheduler.max_num_batched_tokens if self.is_vllm else scheduler.chunk_size
@@ -491,18 +495,9 @@ class FastReplica:
                 reasons[g] = reason[i]
                 self.num_high_priority -= self.high_priority[i]
             self.rows_version += 1
-        steps = recorder.columns
-        recorder.end.append(end)
-        steps["duration"].append(duration)
-        steps["energy"].append(energy)
-        steps["tokens"].append(tokens)
-        steps["prefill_tokens"].append(tokens - ones)
-        steps["seqs"].append(num_rows)
-        steps["waiting"].append(len(self.queue))
-        steps["running"].append(len(self.rows))
-        steps["kv_usage"].append((self.num_blocks - self.free) / self.num_blocks)
-        steps["replica"].append(self.index)
-        recorder.token_rows.append(token_rows)
+        num_blocks = self.num_blocks
+        self._append_step((end, duration, energy, tokens, tokens - ones, num_rows, len(self.queue), len(self.rows),
+                           (num_blocks - self.free) / num_blocks, self.index, token_rows))  # fmt: skip
 
     # -- row orders ---------------------------------------------------------------------------------
     def _rows_array(self) -> np.ndarray:
