@@ -314,11 +314,12 @@ class Candidates(Mapping):
 def fill_downtimes(records: list[MigrationRecord], log) -> None:
     """Sets each done migration's ``downtime_s`` from a ``FrozenLog``: its first token at or after
     the pause, minus the pause (None when it sampled nothing more)."""
+    done = [r for r in records if r.outcome == "done" and r.pause_s is not None]
+    if not done:
+        return  # (no token sort for nothing: most runs migrate nothing)
     index = {info.request_id: i for i, info in enumerate(log.requests)}
     req, times = log.request_tokens()
-    for r in records:
-        if r.outcome != "done" or r.pause_s is None:
-            continue
+    for r in done:
         i = index[r.request_id]
         lo, hi = np.searchsorted(req, i, "left"), np.searchsorted(req, i, "right")
         k = lo + np.searchsorted(times[lo:hi], r.pause_s, "right")
