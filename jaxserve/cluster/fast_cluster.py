@@ -108,6 +108,7 @@ class FastCluster:
         self._views, self._changed = [m.view() for m in members], set()  # the router's views, those to rebuild
         heap, times, changed = self._heap, self._times, self._changed
         n, nxt = len(arrivals), 0
+        pending = router.has_pending(state)  # (the router's state changes only by submit and dispatch)
         while True:
             t_arrival = arrivals[nxt].arrival_time if nxt < n else math.inf
             while heap and heap[0][0] != times[heap[0][1]]:
@@ -130,8 +131,10 @@ class FastCluster:
                 nxt += 1
                 log.add_request(request, request.arrival_time)
                 state = router.submit(state, request)
-            if router.has_pending(state):
+                pending = True
+            if pending:
                 state = self._dispatch(state)
+                pending = router.has_pending(state)
         for m in members:
             if m.replica.has_unfinished:
                 raise RuntimeError(f"replica {m.index}'s scheduler planned an empty step with "

@@ -72,11 +72,13 @@ class PerRequestRouter(abc.ABC):
 
     def dispatch(self, state: QueuedState, view: ClusterView) -> tuple[QueuedState, Placements]:
         policy, placements, kept = state.policy, [], []
-        for request in state.pending:
+        last = len(state.pending) - 1
+        for k, request in enumerate(state.pending):
             policy, index = self.choose(policy, view, request) if view.accepting else (policy, None)
             if index is None:
                 kept.append(request)
                 continue
             placements.append((request, index))
-            view = view.placed(index, request)
+            if k < last:  # (the next request sees this one placed)
+                view = view.placed(index, request)
         return QueuedState(policy, tuple(kept)), tuple(placements)
