@@ -179,6 +179,8 @@ class FastReplica:
         self._rows_cache = (None, None)  # (rows version, int64 array of their log indices)
         self._cohort_cache = (None, None)
         self.rows_version = self.cohort_version = 0
+        self.cohort_rows: list[int] = []  # the cohort's requests, sorted
+        self.cohort_gids: list[int] = []  # their log indices (the same order)
 
         self.now = 0.0
         self.num_steps = 0
@@ -385,7 +387,7 @@ class FastReplica:
             token_rows = self._cohort_array() if cohort else _EMPTY
         else:
             extra = list(decoding) + completing + [i for i, n, total in new if n == total]
-            token_rows = self._ids_array(sorted(self._cohort_list() + extra if cohort else extra))
+            token_rows = self._ids_array(sorted(self.cohort_rows + extra if cohort else extra))
 
         # Update: the cohort advances, decodes and completed prefills sample, finished rows retire.
         if cohort:
@@ -455,6 +457,9 @@ class FastReplica:
         self.sum_base += base
         self.ncoh += 1
         del self.explicit[bisect.bisect_left(self.explicit, i)]
+        at = bisect.bisect_left(self.cohort_rows, i)
+        self.cohort_rows.insert(at, i)
+        self.cohort_gids.insert(at, self.gid[i])
         self.cohort_version += 1
 
     def _leave(self, i: int) -> None:
@@ -467,6 +472,9 @@ class FastReplica:
         self.sum_base -= base
         self.ncoh -= 1
         bisect.insort(self.explicit, i)
+        at = bisect.bisect_left(self.cohort_rows, i)
+        del self.cohort_rows[at]
+        del self.cohort_gids[at]
         self.cohort_version += 1
 
     def _record(self, start, end, duration, energy, tokens, ones, num_rows, token_rows, preempted, finished) -> None:
@@ -512,17 +520,11 @@ class FastReplica:
         gid = self.gid
         return _frozen(np.array(rows if self.same_ids else list(map(gid.__getitem__, rows)), np.int64))
 
-    def _cohort_list(self) -> list[int]:
-        phase = self.phase
-        return [i for i in self.rows if phase[i] == _COHORT]
-
     def _cohort_array(self) -> np.ndarray:
-        key = (self.cohort_version, self.rows_version)
         version, array = self._cohort_cache
-        if version != key:
-            phase = self.phase
-            array = _frozen(np.array([g for i, g in zip(self.rows, self.row_gids) if phase[i] == _COHORT], np.int64))
-            self._cohort_cache = (key, array)
+        if version != self.cohort_version:
+            array = _frozen(np.array(self.cohort_gids, np.int64))
+            self._cohort_cache = (self.cohort_version, array)
         return array
 
     # -- the general step -----------------------------------------------------------------------------
@@ -530,7 +532,7 @@ class FastReplica:
         """A step the cohort cannot take in O(1): every row made explicit, then StepBuilder's
         run_running (row by row, preempting the latest arrival when blocks run out) and, unless it
         preempted, admission (sarathi); the rows that can rejoin the cohort do after it."""
-        for i in [i for i in self.rows if self.phase[i] == _COHORT]:
+        for i in list(self.cohort_rows):
             self._leave(i)
         self.finish_heap.clear()
         rows, nc, ntok, nb, bs = self.rows, self.nc, self.ntok, self.nb, self.bs
