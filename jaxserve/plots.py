@@ -125,7 +125,9 @@ def plot_run(log: FrozenLog, rm: RequestMetrics, output_dir: str, title: str = "
     axes[0].plot(log.step_end_s, log.step_waiting, label="waiting", lw=0.8)
     axes[0].plot(log.step_end_s, log.step_running, label="running", lw=0.8)
     axes[0].set(ylabel="requests", title="Queue length")
-    axes[0].legend()
+    # Above the axes, beside the title: never over the curves, and no "best" search over every
+    # step's point (~40 ms on an hour of steps).
+    axes[0].legend(loc="lower left", bbox_to_anchor=(0, 1), ncols=2, fontsize=8, frameon=False, borderaxespad=0.2)
     axes[1].plot(log.step_end_s, 100 * log.step_kv_usage, lw=0.8, color="tab:green")
     axes[1].set(xlabel="time (s)", ylabel="KV blocks used (%)", title="KV cache usage", ylim=(0, 105))
     for ax in axes:
