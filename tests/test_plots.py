@@ -70,3 +70,19 @@ def test_rolling_quantiles_at_evenly_spaced_windows_when_there_are_many():
     np.testing.assert_array_equal(every[1][picked], p50)
     np.testing.assert_array_equal(every[2][picked], p99)
     assert cx[0] == every[0][0] and cx[-1] == every[0][-1]
+
+
+def test_a_cdf_from_the_sorted_gaps_draws_the_same_line():
+    """plot_run draws the TBT CDF from the summary's sorted copy: the same points as sorting here."""
+    from matplotlib.figure import Figure
+
+    from jaxserve.plots import CDF_POINTS, _cdf
+
+    rng = np.random.default_rng(2)
+    for n in (5, CDF_POINTS + 7):
+        values = rng.exponential(0.05, n)
+        values[::4] = np.nan
+        ax = Figure().subplots(1, 2)
+        _cdf(ax[0], values, "raw")
+        _cdf(ax[1], np.sort(values[~np.isnan(values)]), "sorted", ascending=True)
+        np.testing.assert_array_equal(ax[0].lines[0].get_xydata(), ax[1].lines[0].get_xydata())
