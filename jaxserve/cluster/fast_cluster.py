@@ -26,7 +26,7 @@ from jaxserve.request import Request
 from jaxserve.runtime.events import EventLog
 from jaxserve.runtime.replica import Progress, ProgressHook
 from jaxserve.sim.executor import SimExecutor
-from jaxserve.sim.fast_loop import FastReplica, StepRecorder, why_not_fast
+from jaxserve.sim.fast_loop import FastReplica, StepRecorder, gc_paused, why_not_fast
 
 
 def why_not_fast_cluster(specs: Sequence[ReplicaSpec], router, *, events=(), migration=None, pools=None,
@@ -99,6 +99,10 @@ class FastCluster:
         arrivals = sorted(requests, key=lambda r: r.arrival_time)
         if len({r.request_id for r in arrivals}) != len(arrivals):
             raise ValueError("request ids must be unique within a run")
+        with gc_paused():
+            return self._run(arrivals, on_progress, progress_every)
+
+    def _run(self, arrivals: list, on_progress, progress_every: int) -> EventLog:
         router, log, members = self.router, self.log, self.members
         replicas = [m.replica for m in members]
         state = router.init(len(members))
