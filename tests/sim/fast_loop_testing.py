@@ -47,8 +47,9 @@ def _first_unequal(x: np.ndarray, y: np.ndarray) -> Optional[str]:
         return None
     at = tuple(int(i) for i in np.argwhere(~same)[0])
     index = at[0] if len(at) == 1 else at
-    return f"index {index}: {x[at]!r} != {y[at]!r} (bits differ by {float(x[at]) - float(y[at]):.3g})" \
-        if x.dtype.kind == "f" else f"index {index}: {x[at]!r} != {y[at]!r}"
+    if x.dtype.kind == "f":
+        return f"index {index}: {float(x[at])!r} != {float(y[at])!r} (difference {float(x[at]) - float(y[at]):.3g})"
+    return f"index {index}: {x[at]!r} != {y[at]!r}"
 
 
 def log_difference(expected: FrozenLog, actual: FrozenLog) -> Optional[str]:
@@ -79,11 +80,14 @@ def assert_logs_equal(expected: FrozenLog, actual: FrozenLog, case: Optional["Ca
 # -- cases ---------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def cost_model(async_scheduling: bool = False, frequency_mhz: Optional[int] = None, power_cap_w: Optional[float] = None,
-               per_seq_overhead_s: float = 0.0) -> RooflineCostModel:
-    """The roofline model of MODEL on HARDWARE with these options (built once per options)."""
-    return RooflineCostModel(get_model(MODEL), get_hardware(HARDWARE), async_scheduling=async_scheduling,
+               per_seq_overhead_s: float = 0.0, parallel: tuple[int, int] = (1, 1), model: str = MODEL,
+               hardware: str = HARDWARE, **options) -> RooflineCostModel:
+    """The roofline model of ``model`` on ``parallel`` = (tp, pp) devices of ``hardware`` with these
+    options (``options``: RooflineCostModel's others), built once per options."""
+    tp, pp = parallel
+    return RooflineCostModel(get_model(model), get_hardware(hardware), tp=tp, pp=pp, async_scheduling=async_scheduling,
                              frequency_mhz=frequency_mhz, power_cap_w=power_cap_w,
-                             per_seq_overhead_s=per_seq_overhead_s)  # fmt: skip
+                             per_seq_overhead_s=per_seq_overhead_s, **options)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,27 +137,30 @@ def req(rid: str, t: float, prompt_len: int, max_new_tokens: int, stop: tuple = 
 
 # Inter-arrival gaps (s): a step of the small model takes ~5-40 ms here, so ties and bursts land
 # inside one step, short gaps across a few, and long ones empty the replica (idle gaps).
-_GAPS = st.sampled_from(["tie", "burst", "burst", "short", "short", "short", "idle"]).flatmap(lambda kind: {
+_GAPS = st.sampled_from(["tie", "burst", "burst", "burst", "short", "short", "short", "short", "idle"]).flatmap(lambda kind: {
     "tie": st.just(0.0),
     "burst": st.floats(0.0, 0.01, allow_nan=False),
     "short": st.floats(0.01, 0.3, allow_nan=False),
     "idle": st.floats(1.0, 30.0, allow_nan=False),
 }[kind])
+_CROWD = st.one_of(st.just(0.0), st.floats(0.0, 0.01, allow_nan=False))
 # SIM_TOKEN_ID is what the simulator samples: a request stopping on it finishes at its first token.
 _STOPS = st.sampled_from([()] * 10 + [(SIM_TOKEN_ID,), (SIM_TOKEN_ID + 6,)])
 
 
 @st.composite
-def workloads(draw, max_requests: int = 40, capacity: int = 10**9, max_prompt: int = 300, max_new: int = 60) -> tuple:
+def workloads(draw, max_requests: int = 40, capacity: int = 10**9, max_prompt: int = 300, max_new: int = 60,
+              gaps=None) -> tuple:
     """Requests with random gaps, lengths, stop tokens, clients and priorities (FCFS ignores both),
     handed over in arrival order or reversed. Most prompts fit in 2/3 of ``capacity`` (KV tokens),
     so that several requests share the pool and preempt each other; one in eight is drawn up to
-    ``max_prompt`` regardless (some exceed the pool)."""
+    ``max_prompt`` regardless (some exceed the pool). ``gaps``: the inter-arrival gaps (s), by
+    default a mix of ties, bursts, short gaps and idle ones."""
     fitting = max(1, min(max_prompt, capacity * 2 // 3))
     prompts = st.one_of(*[st.integers(1, fitting)] * 7, st.integers(1, max_prompt))
     n = draw(st.integers(1, max_requests))
     news = st.one_of(st.integers(1, max_new), st.sampled_from([1, 2, 8]))  # repeats: rows finishing together
-    rows = draw(st.lists(st.tuples(_GAPS, prompts, news, _STOPS, st.sampled_from(["a", "b"]),
+    rows = draw(st.lists(st.tuples(_GAPS if gaps is None else gaps, prompts, news, _STOPS, st.sampled_from(["a", "b"]),
                                    st.integers(0, 2)), min_size=n, max_size=n))  # fmt: skip
     t, requests = draw(st.floats(0.0, 2.0, allow_nan=False)), []
     for i, (gap, prompt, new, stop, client, priority) in enumerate(rows):
@@ -182,7 +189,7 @@ def schedulers(draw, name: str):
         opts["max_num_batched_tokens"] = draw(st.one_of(st.integers(1, 700), st.just(8192)))
     else:
         align = draw(st.one_of(st.just(1), st.integers(2, 32)))
-        small = draw(st.booleans())  # small chunks: long prefills, preempted mid-way more often
+        small = draw(st.sampled_from([True, True, False]))  # small chunks: long prefills, often preempted mid-way
         opts["chunk_size"] = draw(st.integers(align, 64) if small else st.integers(align, 600))
         opts["chunk_align"] = align
     return jaxserve.scheduler.make(name, **opts)
@@ -193,6 +200,7 @@ _COSTS = st.tuples(
     st.sampled_from([None, None, 1005, 210]),  # frequency_mhz: the top clock, a mid and the lowest A100 clock
     st.sampled_from([None, None, 150.0, 250.0]),  # power_cap_w (A100 80GB: 100..400 W)
     st.sampled_from([0.0, 0.0, 2e-4]),  # per_seq_overhead_s
+    st.sampled_from([(1, 1)] * 4 + [(2, 1), (1, 2), (2, 2)]),  # (tp, pp): collectives and stage sends
 )
 
 
@@ -206,8 +214,12 @@ def limits(draw) -> RunLimits:
 
 @st.composite
 def cases(draw, name: str, max_requests: int = 40) -> Case:
+    """A random case of policy ``name``; half of them a crowd (every gap under 10 ms), in which
+    requests preempt each other more often."""
     kv = draw(kv_configs())
-    return Case(draw(schedulers(name)), kv, draw(_COSTS), draw(workloads(max_requests, kv.capacity_tokens)), draw(limits()))
+    gaps = _CROWD if draw(st.booleans()) else _GAPS
+    return Case(draw(schedulers(name)), kv, draw(_COSTS), draw(workloads(max_requests, kv.capacity_tokens, gaps=gaps)),
+                draw(limits()))  # fmt: skip
 
 
 # -- which paths a run took ----------------------------------------------------------------------
@@ -228,17 +240,18 @@ def paths(case: Case, log: FrozenLog) -> set[str]:
         out.add("stop-token")
     if "unfinished" in reasons:
         out.add("stopped-by-limit")
-    # The first preemption of each request: a row that got no token yet was mid-prefill (a whole-
-    # prompt prefill samples, so only a chunked one leaves a running row without a token).
+    # A preempted row that got no token since it was (re)admitted was mid-prefill (a whole-prompt
+    # prefill samples, so only a chunked one leaves a running row without a token).
     rewaits = log.rewaits
     if len(rewaits):
         out.add("preempt")
-        firsts = {}
-        for i, t in zip(rewaits[:, 0].astype(int).tolist(), rewaits[:, 1].tolist()):
-            firsts.setdefault(i, t)
-        for i, t in firsts.items():
-            got = int(np.count_nonzero((log.token_req == i) & (log.token_time_s <= t)))
+        admitted = {}  # request -> when it was last scheduled after (re)admission
+        for i, t, back in zip(rewaits[:, 0].astype(int).tolist(), rewaits[:, 1].tolist(), rewaits[:, 2].tolist()):
+            since = admitted.get(i, log.first_scheduled_s[i])
+            mine = log.token_req == i
+            got = np.count_nonzero(mine & (log.token_time_s > since) & (log.token_time_s <= t))
             out.add("preempt-decoding" if got else "preempt-mid-prefill")
+            admitted[i] = back
         if np.isfinite(rewaits[:, 2]).any():
             out.add("readmit")
     ends, starts = log.step_end_s, log.step_end_s - log.step_duration_s

@@ -50,8 +50,12 @@ REQUIRED = {
     # vllm rejects requests whose recompute could not fit max_num_batched_tokens; its whole-prompt
     # prefills sample, so a preempted row always decodes.
     "vllm": COMMON | {"reject-prefill-budget"},
-    "sarathi": COMMON | {"preempt-mid-prefill", "aligned-chunks"},
+    "sarathi": COMMON | {"aligned-chunks"},
 }
+# Paths too rare (< 10 % of cases) to be required of the default run's 90 examples whatever seed
+# hypothesis draws (its examples change with the modules a session imports): required of the
+# exhaustive run, and reached by construction in the default run (test_preemption_mid_prefill).
+RARE = {"vllm": set(), "sarathi": {"preempt-mid-prefill"}}
 
 
 def check(case: Case) -> set[str]:
@@ -94,7 +98,19 @@ def test_fast_loop_equals_reference_on_random_workloads(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_fast_loop_equals_reference_on_random_workloads_exhaustive(name):
     hits = explore(name, max_examples=2000, derandomize=False)
-    assert not REQUIRED[name] - set(hits)
+    missing = sorted((REQUIRED[name] | RARE[name]) - set(hits))
+    assert not missing, f"{name}: random workloads never reached {missing}; reached {dict(hits)}"
+
+
+def test_log_difference_names_the_first_differing_field_and_index():
+    log = Case(jaxserve.scheduler.make("vllm"), KVConfig(100, 4), (), (req("a", 0.0, 30, 5), req("b", 0.1, 20, 3))).reference()
+    assert log_difference(log, log) is None
+    ends = log.step_end_s.copy()
+    ends[3] = np.nextafter(ends[3], 1.0)  # one ulp
+    assert log_difference(log, dataclasses.replace(log, step_end_s=ends)).startswith("step_end_s: index 3:")
+    assert log_difference(log, dataclasses.replace(log, finish_reason=("length", "stop"))).startswith("finish_reason: index 1:")
+    assert log_difference(log, dataclasses.replace(log, rewaits=np.zeros((1, 3)))).startswith("rewaits: shape (0, 3)")
+    assert log_difference(log, dataclasses.replace(log, lost_tokens=1)).startswith("lost_tokens: 0 != 1")
 
 
 # -- arrivals exactly at step boundaries ----------------------------------------------------------
@@ -148,6 +164,16 @@ def test_watermark_binding(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_watermark_spares_an_empty_batch(name):
+    """With nothing running, admission ignores the watermark: a request needing 95 of 100 blocks
+    (above a 10-block watermark) starts at once, and so does the one queued behind it later."""
+    requests = (req("big", 0.0, 95, 5), req("next", 0.0, 92, 3))
+    case = Case(jaxserve.scheduler.make(name, watermark=0.1), KVConfig(100, 1), (), requests)
+    assert "preempt" not in check(case)
+    assert case.reference().finish_reason == ("length", "length")
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_max_num_seqs_binding(name):
     assert_option_binds(name, "max_num_seqs", (1, 3, 256), KVConfig(4000, 16), crowd(8, 40, 12))
 
@@ -160,6 +186,17 @@ def test_chunk_align_binding():
 
 def test_max_num_batched_tokens_binding():
     assert_option_binds("vllm", "max_num_batched_tokens", (120, 8192), KVConfig(4000, 16), crowd(6, 50, 8))
+
+
+def test_decodes_cut_by_the_token_budget():
+    """vllm admits two 2-token prompts a step within 4 batched tokens, so 8 rows come to decode
+    under a 4-token budget: the first 4 decode, the rest wait. (Sarathi admits a row only with
+    budget left after the decodes, so its decodes always fit.)"""
+    case = Case(jaxserve.scheduler.make("vllm", max_num_batched_tokens=4), KVConfig(200, 2), (), crowd(8, 2, 3))
+    check(case)
+    log = case.reference()
+    decode_only = log.step_prefill_tokens == 0
+    assert np.any(decode_only & (log.step_running > log.step_seqs)), "no decode step left a running row out"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -209,6 +246,27 @@ def test_cost_model_options(name, cost):
                 crowd(10, 90, 30, gap=0.02) + (req("late", 30.0, 40, 4),))  # fmt: skip
     check(case)
     assert log_difference(case.reference(), dataclasses.replace(case, cost=()).reference()) is not None
+
+
+SHAPES = [  # RooflineCostModel's other options: each changes a term of the step's totals
+    {"parallel": (2, 1)},
+    {"parallel": (1, 4)},
+    {"parallel": (8, 2), "model": "llama-3-8b"},  # 8 KV heads: one per device
+    {"parallel": (8, 1), "model": "falcon-180b"},  # parallel attention+MLP: one all-reduce a layer
+    {"model": "opt-13b", "dtype": "int8", "kv_dtype": "fp16"},
+    {"dtype": "fp32", "mfu": 0.3, "mbu": 0.6, "step_overhead_s": 0.0},
+    {"hardware": "h100-sxm", "parallel": (2, 2), "link_efficiency": 0.5, "collective_latency_s": 1e-4},
+]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
+def test_cost_model_shapes(name, shape):
+    """Tensor and pipeline parallelism, other models, dtypes, efficiencies, hardware: the fast
+    loop's step totals cost what the plans cost."""
+    cost = cost_model(async_scheduling=name == "sarathi", **shape)
+    check(Case(jaxserve.scheduler.make(name, chunk_size=64) if name == "sarathi" else jaxserve.scheduler.make(name),
+               KVConfig(300, 4), cost, crowd(10, 90, 30, gap=0.02) + (req("late", 30.0, 40, 4),)))  # fmt: skip
 
 
 def test_progress_hook_ends_where_the_reference_does():
