@@ -38,14 +38,17 @@ from jaxserve.runtime.events import EventLog
 from jaxserve.runtime.limits import RunLimits
 from jaxserve.runtime.replica import Progress, ProgressHook
 from jaxserve.scheduler.base import same_rank
+from jaxserve.scheduler.orca import OrcaScheduler
 from jaxserve.scheduler.queues import FCFS
 from jaxserve.scheduler.sarathi import SarathiScheduler
+from jaxserve.scheduler.static import StaticScheduler
 from jaxserve.scheduler.vllm import VLLMScheduler
 from jaxserve.sim.cost_model import RooflineCostModel
 from jaxserve.sim.executor import SIM_TOKEN_ID
 
 _DEFAULT_LIMITS = RunLimits()
 _COST_METHODS = ("step", "parts", "_parts", "parts_from_totals", "combine")
+_POLICIES = (VLLMScheduler, SarathiScheduler, OrcaScheduler, StaticScheduler)  # their exact classes
 _WAITING, _EXPLICIT, _COHORT, _DONE = 0, 1, 2, 3  # where a request is (``FastReplica.phase``)
 
 
@@ -53,8 +56,8 @@ def why_not_fast(scheduler, kv: KVConfig, cost_model, limits: RunLimits = _DEFAU
                  requests: Optional[Sequence[Request]] = None) -> Optional[str]:
     """None when ``run_fast`` runs this exactly as ``run_replica`` would; else why not (one line)."""
     kind = type(scheduler)
-    if kind not in (VLLMScheduler, SarathiScheduler):
-        return f"scheduler {kind.__name__}: the fast loop runs the vllm and sarathi policies only"
+    if kind not in _POLICIES:
+        return f"scheduler {kind.__name__}: the fast loop runs the vllm, sarathi, orca and static policies only"
     if scheduler.order != FCFS:
         return "scheduler order: the fast loop serves the FCFS queue order only"
     if scheduler.preempt_rank is not same_rank:
@@ -165,9 +168,16 @@ class FastReplica:
         self.kv, self.limits, self.log, self.recorder, self.index = kv, limits, log, recorder, index
         self._append_step = recorder.steps.append
         self.cm = cost_model
-        self.is_vllm = type(scheduler) is VLLMScheduler
-        self.budget = scheduler.max_num_batched_tokens if self.is_vllm else scheduler.chunk_size
-        self.align = 0 if self.is_vllm else scheduler.chunk_align  # 0: whole prompts (vllm)
+        # The policies' step, as StepBuilder moves: vllm admits first and then runs only what it
+        # admitted; sarathi and orca run the running rows and then admit; static admits a batch only
+        # when nothing runs. Orca and static reserve blocks for prompt + max_new_tokens up front.
+        kind = type(scheduler)
+        self.admits_first = kind is VLLMScheduler
+        self.admits_after = kind in (SarathiScheduler, OrcaScheduler)
+        self.admits_when_idle = kind is StaticScheduler
+        self.reserves_full = kind in (OrcaScheduler, StaticScheduler)
+        self.budget = scheduler.chunk_size if kind is SarathiScheduler else scheduler.max_num_batched_tokens
+        self.align = scheduler.chunk_align if kind is SarathiScheduler else 0  # 0: whole prompts
         self.max_seqs = scheduler.max_num_seqs
         self.watermark_blocks = int(scheduler.watermark * kv.num_blocks)  # StepBuilder._reserve
         self.bs, self.num_blocks = kv.block_size, kv.num_blocks
@@ -177,6 +187,7 @@ class FastReplica:
         self.gid: list[int] = []
         self.same_ids = True  # gid[i] == i so far (a lone replica writing its own log)
         self.prompt: list[int] = []
+        self.max_total: list[int] = []  # prompt + max_new_tokens (what orca and static reserve)
         self.max_new: list[int] = []
         self.reason: list[str] = []
         self.high_priority: list[bool] = []
@@ -188,6 +199,7 @@ class FastReplica:
         self.base_nc: list[int] = []  # cohort rows: computed tokens - T
         self.base_out: list[int] = []  # cohort rows: generated tokens - T
         self.serial: list[int] = []  # times joined the cohort (stale heap entries have an older one)
+        self.tracked: list[bool] = []  # cohort rows that will need blocks (the others hold every block they will)
         self.started: list[bool] = []  # scheduled at least once (its prompt left ``queued_tokens``)
 
         self.queue: list[int] = []  # waiting requests, a heap of their numbers (FCFS)
@@ -250,6 +262,7 @@ class FastReplica:
         self.gid.append(g)
         self.same_ids = self.same_ids and g == i
         self.prompt.append(request.prompt_len)
+        self.max_total.append(request.max_total_tokens)
         # A request whose stop ids include the simulator's token stops at its first sampled token.
         stops = SIM_TOKEN_ID in request.sampling.stop_token_ids
         self.max_new.append(1 if stops else request.sampling.max_new_tokens)
@@ -258,6 +271,7 @@ class FastReplica:
         for column in (self.nout, self.nc, self.ntok, self.nb, self.base_nc, self.base_out, self.serial, self.phase):
             column.append(0)  # (_WAITING is 0)
         self.started.append(False)
+        self.tracked.append(False)
         heapq.heappush(self.queue, i)
         self.queued_tokens += request.prompt_len
         self.num_high_priority += request.priority < 0
@@ -274,12 +288,12 @@ class FastReplica:
         return False
 
     def _step(self) -> bool:
-        if self.is_vllm and self.queue:  # vLLM runs waiting prompts alone when they fit
-            budget, new = self._admit(self.budget, len(self.rows))
+        if self.queue and (self.admits_first or (self.admits_when_idle and not self.rows)):
+            budget, new = self._admit(self.budget, len(self.rows))  # (vllm: prompts run alone when they fit)
             if new:
                 self._apply(0, (), (), new, 0, ())
                 return True
-        if self.is_vllm and not self.rows:
+        if not self.rows and not self.admits_after:
             return False
         T, bs = self.T, self.bs
         budget, need = self.budget, self.by_phase[T % bs]
@@ -313,7 +327,7 @@ class FastReplica:
                 chunks.append((i, n))
                 budget -= n
         new = ()
-        if not self.is_vllm:
+        if self.admits_after:
             budget, new = self._admit(budget, len(self.rows))
             if not (num_decodes or chunks or new):
                 return False
@@ -347,7 +361,7 @@ class FastReplica:
     def _admit(self, budget: int, num_seqs: int) -> tuple[int, list]:
         """StepBuilder.admit_new: pops the queue's heads while they fit (token budget, batch seats,
         free blocks less the watermark); ``(budget left, [(request, tokens now, prompt tokens)])``."""
-        queue, prompt, nout, bs = self.queue, self.prompt, self.nout, self.bs
+        queue, prompt, nout, bs, nb = self.queue, self.prompt, self.nout, self.bs, self.nb
         new = []
         while queue and budget > 0 and num_seqs < self.max_seqs:
             i = queue[0]
@@ -355,11 +369,12 @@ class FastReplica:
             n = self._chunk(total, budget)
             if n <= 0:
                 break
-            need = -(-total // bs)
+            need = -(-(self.max_total[i] if self.reserves_full else total) // bs)
             if need + (self.watermark_blocks if num_seqs else 0) > self.free:
                 break
             heapq.heappop(queue)
             self.free -= need
+            nb[i] = need
             new.append((i, n, total))
             budget -= n
             num_seqs += 1
@@ -437,11 +452,11 @@ class FastReplica:
     def _start(self, new, start: float, finished: list) -> None:
         """Admitted rows become explicit rows (first scheduled, or scheduled again after a
         preemption); those whose whole prompt ran sample."""
-        phase, nc, ntok, nb, bs = self.phase, self.nc, self.ntok, self.nb, self.bs
+        phase, nc, ntok = self.phase, self.nc, self.ntok
         first, requeued, gid, started = self.log.first_scheduled, self.recorder.requeued, self.gid, self.started
-        for i, n, total in new:
+        for i, n, total in new:  # (their blocks, ``nb``, were taken by _admit)
             phase[i] = _EXPLICIT
-            nc[i], ntok[i], nb[i] = n, total, -(-total // bs)
+            nc[i], ntok[i] = n, total
             at = bisect.bisect_left(self.rows, i)
             self.rows.insert(at, i)
             self.row_gids.insert(at, gid[i])
@@ -464,19 +479,27 @@ class FastReplica:
         self.nout[i] += 1
         if self.nout[i] >= self.max_new[i]:
             finished.append(i)
-        elif self.nb[i] == -(-self.nc[i] // self.bs):
+        elif self._may_join(i):
             self._join(i)
 
+    def _may_join(self, i: int) -> bool:
+        """Explicit row ``i``, one token left, holds exactly the blocks of its computed tokens (it
+        needs one whenever they fill a block), or every block its last decode will need."""
+        nb, bs = self.nb[i], self.bs
+        return nb == -(-self.nc[i] // bs) or nb * bs >= self.prompt[i] + self.max_new[i] - 1
+
     def _join(self, i: int) -> None:
-        """Explicit row ``i`` (one token left, holding exactly the blocks of its computed tokens)
-        joins the cohort at the current decode counter."""
+        """Explicit row ``i`` (``_may_join``) joins the cohort at the current decode counter."""
         T, base = self.T, self.nc[i] - self.T
         self.phase[i] = _COHORT
         self.base_nc[i] = base
         self.base_out[i] = self.nout[i] - T
         self.serial[i] += 1
         heapq.heappush(self.finish_heap, (self.max_new[i] - self.base_out[i], i, self.serial[i]))
-        self.by_phase[-base % self.bs] += 1
+        # The last decode computes token prompt + max_new - 2: a row holding its block needs no more.
+        tracked = self.tracked[i] = self.nb[i] * self.bs < self.prompt[i] + self.max_new[i] - 1
+        if tracked:
+            self.by_phase[-base % self.bs] += 1
         self.sum_base += base
         self.ncoh += 1
         del self.explicit[bisect.bisect_left(self.explicit, i)]
@@ -490,8 +513,10 @@ class FastReplica:
         base, T = self.base_nc[i], self.T
         c = base + T
         self.phase[i] = _EXPLICIT
-        self.nc[i], self.ntok[i], self.nout[i], self.nb[i] = c, c + 1, self.base_out[i] + T, -(-c // self.bs)
-        self.by_phase[-base % self.bs] -= 1
+        self.nc[i], self.ntok[i], self.nout[i] = c, c + 1, self.base_out[i] + T
+        if self.tracked[i]:  # (an untracked row's blocks never changed in the cohort)
+            self.nb[i] = -(-c // self.bs)
+            self.by_phase[-base % self.bs] -= 1
         self.sum_base -= base
         self.ncoh -= 1
         bisect.insort(self.explicit, i)
@@ -616,7 +641,7 @@ class FastReplica:
                 break
             run_row(r, n)
         new = []
-        if not preempted and not self.is_vllm:
+        if not preempted and self.admits_after:
             budget, new = self._admit(budget, live)
         for i in preempted:
             self.phase[i] = _WAITING
@@ -637,8 +662,8 @@ class FastReplica:
 
     def _regroup(self) -> None:
         """Explicit rows with one token left and exactly their computed tokens' blocks join the cohort."""
-        nc, ntok, nb, bs = self.nc, self.ntok, self.nb, self.bs
-        for i in [i for i in self.explicit if ntok[i] - nc[i] == 1 and nb[i] == -(-nc[i] // bs)]:
+        nc, ntok = self.nc, self.ntok
+        for i in [i for i in self.explicit if ntok[i] - nc[i] == 1 and self._may_join(i)]:
             self._join(i)
 
 
