@@ -339,7 +339,6 @@ UNSUPPORTED = [
     ("vtc on sarathi", jaxserve.scheduler.make("vtc", base="sarathi"), KV, None, ("order", "fcfs", "vtc", "fair")),
     ("priority order", SarathiScheduler(order=KeyedOrder(priority_key)), KV, None, ("order", "fcfs", "priority")),
     ("a subclass", TweakedVLLM(), KV, None, ("tweakedvllm", "subclass", "class")),
-    ("another policy", jaxserve.scheduler.make("orca"), KV, None, ("orca", "class", "scheduler")),
     ("profiled cost model", VLLMScheduler(), KV, "profiled", ("profiled", "cost model", "roofline")),
     ("overlap cost model", VLLMScheduler(), KV, "overlap", ("overlap", "nano", "cost model", "roofline")),
     ("a preemption rank", SarathiScheduler(preempt_rank=lambda r: r.priority), KV, None, ("preempt_rank", "rank")),
