@@ -26,6 +26,7 @@ import bisect
 import contextlib
 import gc
 import heapq
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Optional
@@ -120,7 +121,9 @@ def _drive(replica: "FastReplica", arrivals: list, on_progress, progress_every: 
         while nxt < n and arrivals[nxt].arrival_time <= replica.now:
             replica.add(arrivals[nxt])
             nxt += 1
-        if replica.next_step_time == math.inf or not replica.step():  # idle, or blocked until more work arrives
+        before = replica.num_steps
+        horizon = arrivals[nxt].arrival_time if nxt < n else math.inf
+        if replica.next_step_time == math.inf or not replica.step(horizon):  # idle, or blocked until more work arrives
             if nxt == n:
                 if replica.has_unfinished:
                     raise RuntimeError(
@@ -130,7 +133,7 @@ def _drive(replica: "FastReplica", arrivals: list, on_progress, progress_every: 
                 break
             replica.now = max(replica.now, arrivals[nxt].arrival_time)
             continue
-        if on_progress is not None and replica.num_steps % progress_every == 0:
+        if on_progress is not None and before // progress_every != replica.num_steps // progress_every:
             on_progress(Progress(replica.now, replica.num_steps, len(log.rejected) + len(log.finish_reasons), n))
 
 
@@ -219,6 +222,7 @@ class FastReplica:
 
         self.now = 0.0
         self.num_steps = 0
+        self._horizon = -math.inf  # the step being taken may run on until this time (``step``)
         self.blocked = False  # the last step planned nothing: wait for new work
         self.queued_tokens = 0
         self.num_high_priority = 0
@@ -278,23 +282,28 @@ class FastReplica:
         return True
 
     # -- one step ---------------------------------------------------------------------------------
-    def step(self) -> bool:
-        """Schedules, costs, applies and records the step at ``now``; False if it planned nothing
-        (the replica is then blocked until ``add``)."""
-        if self._step():
-            self.num_steps += 1
-            return True
-        self.blocked = True
-        return False
+    def step(self, horizon: float = -math.inf) -> int:
+        """Schedules, costs, applies and records the step at ``now``, and when it is a decode of the
+        cohort alone, the like steps after it that start before ``horizon`` (the next time anything
+        may reach the replica; none by default) in one go, up to the step at which rows finish or
+        the blocks would run out. Returns how many steps it took: 0 if it planned nothing (the
+        replica is then blocked until ``add``)."""
+        self._horizon = horizon
+        k = self._step()
+        if k:
+            self.num_steps += k
+        else:
+            self.blocked = True
+        return k
 
-    def _step(self) -> bool:
+    def _step(self) -> int:
         if self.queue and (self.admits_first or (self.admits_when_idle and not self.rows)):
             budget, new = self._admit(self.budget, len(self.rows))  # (vllm: prompts run alone when they fit)
             if new:
                 self._apply(0, (), (), new, 0, ())
-                return True
+                return 1
         if not self.rows and not self.admits_after:
-            return False
+            return 0
         T, bs = self.T, self.bs
         budget, need = self.budget, self.by_phase[T % bs]
         num_decodes, decoding = self.ncoh, ()
@@ -330,16 +339,21 @@ class FastReplica:
         if self.admits_after:
             budget, new = self._admit(budget, len(self.rows))
             if not (num_decodes or chunks or new):
-                return False
-        if decoding or chunks or new:
+                return 0
+        if decoding or chunks or new or self.explicit:  # (an explicit row may sit out a step: budget, alignment)
             self._apply(num_decodes, decoding, chunks, new, need, ())
         else:
-            self._decode()
-        return True
+            return self._decode()
+        return 1
 
-    def _decode(self) -> None:
+    def _decode(self) -> int:
         """``_apply`` of a step in which the cohort, every running row, decodes and nothing else
-        happens (the commonest step), its blocks already taken."""
+        happens (the commonest step), its blocks already taken; and of the like steps after it that
+        start before the horizon (``_decode_run``). Returns how many steps it took."""
+        if self._horizon > self.now:
+            k = self._decode_run()
+            if k:
+                return k
         T, n = self.T, self.ncoh
         context, fn = self.sum_base + n * T, float(n)
         duration, energy = self.cm.totals_cost(fn, float(context), float(context) + 0.5 * (fn + fn), n, n)
@@ -352,6 +366,53 @@ class FastReplica:
             if self.phase[i] == _COHORT and self.serial[i] == serial:
                 finished.append(i)
         self._record(start, end, duration, energy, n, n, n, self._rows_array(), (), finished)
+        return 1
+
+    def _decode_run(self) -> int:
+        """Two or more cohort decodes in one go from this step (its blocks taken): nothing can change
+        them before the horizon (no arrival reaches the replica, so the queue stays as it is, and a
+        blocked head stays blocked as blocks only get fewer), so they run to the step at which the
+        first rows finish, the last whose blocks fit, or the last that starts before the horizon.
+        Costed by the roofline's ``decode_run`` (each step equal to ``totals_cost`` bit for bit)
+        and summed in order, as single steps are; 0 when the run would be one step."""
+        T, n, bs = self.T, self.ncoh, self.bs
+        heap, phase, serial = self.finish_heap, self.phase, self.serial
+        while phase[heap[0][1]] != _COHORT or serial[heap[0][1]] != heap[0][2]:
+            heapq.heappop(heap)  # (stale: a row that left the cohort)
+        k = heap[0][0] - T  # the step (from 1) at which the first rows finish
+        by_phase, free, m = self.by_phase, self.free, 1
+        while m < k:
+            need = by_phase[(T + m) % bs]
+            if need > free:
+                break  # (step m would preempt: it goes through _explicit_step)
+            free -= need
+            m += 1
+        if m < 2:
+            return 0
+        durations, energies = self.cm.decode_run(n, self.sum_base + n * T, 0, m)
+        start = self.now
+        ends = list(itertools.accumulate(durations.tolist(), initial=start))[1:]
+        m = min(m, 1 + bisect.bisect_left(ends, self._horizon))  # step j starts when step j - 1 ends
+        if m < 2:
+            return 0
+        durations, energies = durations.tolist(), energies.tolist()
+        rows, waiting, index, num_blocks = self._rows_array(), len(self.queue), self.index, self.num_blocks
+        used, append = num_blocks - self.free, self._append_step
+        for j in range(m - 1):  # every step but the last: no row finishes, none is admitted
+            if j:
+                used += by_phase[(T + j) % bs]
+            append((ends[j], durations[j], energies[j], n, 0, n, waiting, n, used / num_blocks, index, rows))
+        used += by_phase[(T + m - 1) % bs]
+        self.free = num_blocks - used
+        self.T = T = T + m
+        self.now = ends[m - 1]
+        finished = []
+        while heap and heap[0][0] <= T:
+            _, i, row_serial = heapq.heappop(heap)
+            if phase[i] == _COHORT and serial[i] == row_serial:
+                finished.append(i)
+        self._record(ends[m - 2], ends[m - 1], durations[m - 1], energies[m - 1], n, n, n, rows, (), finished)
+        return m
 
     def _chunk(self, remaining: int, budget: int) -> int:
         if remaining <= budget:
@@ -576,7 +637,7 @@ class FastReplica:
         return array
 
     # -- the general step -----------------------------------------------------------------------------
-    def _explicit_step(self) -> bool:
+    def _explicit_step(self) -> int:
         """A step the cohort cannot take in O(1): every row made explicit, then StepBuilder's
         run_running (row by row, preempting the latest arrival when blocks run out) and, unless it
         preempted, admission (sarathi); the rows that can rejoin the cohort do after it."""
@@ -653,12 +714,12 @@ class FastReplica:
         self.rows_version += 1
         if not any(num_new) and not new:
             self._regroup()
-            return False  # an empty plan (the replica waits for an arrival); its preemptions stand
+            return 0  # an empty plan (the replica waits for an arrival); its preemptions stand
         decoding = [rows[r] for r in range(live) if num_new[r] == 1 and remaining[r] == 1]
         chunks = [(rows[r], num_new[r]) for r in range(live) if num_new[r] and remaining[r] > 1]
         self._apply(len(decoding), decoding, chunks, new, 0, preempted)
         self._regroup()
-        return True
+        return 1
 
     def _regroup(self) -> None:
         """Explicit rows with one token left and exactly their computed tokens' blocks join the cohort."""
