@@ -26,7 +26,6 @@ import bisect
 import contextlib
 import gc
 import heapq
-import itertools
 import math
 from collections.abc import Sequence
 from typing import Optional
@@ -349,70 +348,42 @@ class FastReplica:
     def _decode(self) -> int:
         """``_apply`` of a step in which the cohort, every running row, decodes and nothing else
         happens (the commonest step), its blocks already taken; and of the like steps after it that
-        start before the horizon (``_decode_run``). Returns how many steps it took."""
-        if self._horizon > self.now:
-            k = self._decode_run()
-            if k:
-                return k
-        T, n = self.T, self.ncoh
-        context, fn = self.sum_base + n * T, float(n)
-        duration, energy = self.cm.totals_cost(fn, float(context), float(context) + 0.5 * (fn + fn), n, n)
-        start = self.now
-        end = self.now = start + duration
-        self.T = T = T + 1
-        finished, heap = [], self.finish_heap
-        while heap and heap[0][0] <= T:
-            _, i, serial = heapq.heappop(heap)
-            if self.phase[i] == _COHORT and self.serial[i] == serial:
-                finished.append(i)
-        self._record(start, end, duration, energy, n, n, n, self._rows_array(), (), finished)
-        return 1
-
-    def _decode_run(self) -> int:
-        """Two or more cohort decodes in one go from this step (its blocks taken): nothing can change
-        them before the horizon (no arrival reaches the replica, so the queue stays as it is, and a
-        blocked head stays blocked as blocks only get fewer), so they run to the step at which the
-        first rows finish, the last whose blocks fit, or the last that starts before the horizon.
-        Costed by the roofline's ``decode_run`` (each step equal to ``totals_cost`` bit for bit)
-        and summed in order, as single steps are; 0 when the run would be one step."""
+        start before the horizon: nothing can change them (no arrival reaches the replica, so the
+        queue stays as it is, and a blocked head stays blocked as blocks only get fewer), so they
+        run to the step at which the first rows finish, the last whose blocks fit, or the last that
+        starts before the horizon. Returns how many steps it took."""
         T, n, bs = self.T, self.ncoh, self.bs
         heap, phase, serial = self.finish_heap, self.phase, self.serial
         while phase[heap[0][1]] != _COHORT or serial[heap[0][1]] != heap[0][2]:
             heapq.heappop(heap)  # (stale: a row that left the cohort)
         k = heap[0][0] - T  # the step (from 1) at which the first rows finish
-        by_phase, free, m = self.by_phase, self.free, 1
-        while m < k:
-            need = by_phase[(T + m) % bs]
-            if need > free:
-                break  # (step m would preempt: it goes through _explicit_step)
-            free -= need
-            m += 1
-        if m < 2:
-            return 0
-        durations, energies = self.cm.decode_run(n, self.sum_base + n * T, 0, m)
-        start = self.now
-        ends = list(itertools.accumulate(durations.tolist(), initial=start))[1:]
-        m = min(m, 1 + bisect.bisect_left(ends, self._horizon))  # step j starts when step j - 1 ends
-        if m < 2:
-            return 0
-        durations, energies = durations.tolist(), energies.tolist()
+        horizon, by_phase, cost = self._horizon, self.by_phase, self.cm.totals_cost
         rows, waiting, index, num_blocks = self._rows_array(), len(self.queue), self.index, self.num_blocks
-        used, append = num_blocks - self.free, self._append_step
-        for j in range(m - 1):  # every step but the last: no row finishes, none is admitted
-            if j:
-                used += by_phase[(T + j) % bs]
-            append((ends[j], durations[j], energies[j], n, 0, n, waiting, n, used / num_blocks, index, rows))
-        used += by_phase[(T + m - 1) % bs]
+        fn, context, used = float(n), self.sum_base + n * T, num_blocks - self.free
+        append, end, j = self._append_step, self.now, 0
+        while True:  # step j (its blocks taken) runs at counter T + j from ``end``
+            start = end
+            c = float(context + n * j)
+            duration, energy = cost(fn, c, c + 0.5 * (fn + fn), n, n)
+            end = start + duration
+            j += 1
+            if j == k or end >= horizon:
+                break
+            need = by_phase[(T + j) % bs]
+            if used + need > num_blocks:
+                break  # (step j would preempt: it goes through _explicit_step)
+            append((end, duration, energy, n, 0, n, waiting, n, used / num_blocks, index, rows))
+            used += need
         self.free = num_blocks - used
-        self.T = T = T + m
-        self.now = ends[m - 1]
+        self.T = T = T + j
+        self.now = end
         finished = []
         while heap and heap[0][0] <= T:
             _, i, row_serial = heapq.heappop(heap)
             if phase[i] == _COHORT and serial[i] == row_serial:
                 finished.append(i)
-        self._record(ends[m - 2], ends[m - 1], durations[m - 1], energies[m - 1], n, n, n, rows, (), finished)
-        return m
+        self._record(start, end, duration, energy, n, n, n, rows, (), finished)
+        return j
 
     def _chunk(self, remaining: int, budget: int) -> int:
         if remaining <= budget:
