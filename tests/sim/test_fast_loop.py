@@ -54,14 +54,14 @@ COMMON = {"preempt", "preempt-decoding", "readmit", "reject-capacity", "idle-gap
 REQUIRED = {
     # vllm rejects requests whose recompute could not fit max_num_batched_tokens; its whole-prompt
     # prefills sample, so a preempted row always decodes.
-    "vllm": COMMON | {"reject-prefill-budget"},
+    "vllm": COMMON,
     "sarathi": COMMON | {"aligned-chunks", "reject-context", "max-num-seqs-full"},
 }
 # Paths that some seeds reach in under 3 of the default run's 90 examples (hypothesis's examples
 # change with the modules a session imports, so its seed is not fixed): required of the exhaustive
 # run, and reached by construction in the default one (test_preemption_mid_prefill,
-# test_max_num_seqs_binding, test_edge_cases["all rejected"]).
-RARE = {"vllm": {"reject-context", "max-num-seqs-full"}, "sarathi": {"preempt-mid-prefill"}}
+# test_max_num_seqs_binding, test_edge_cases["all rejected"], test_prefill_budget_rejection).
+RARE = {"vllm": {"reject-context", "max-num-seqs-full", "reject-prefill-budget"}, "sarathi": {"preempt-mid-prefill"}}
 
 
 def check(case: Case) -> set[str]:
@@ -241,6 +241,14 @@ EDGES = {
 def test_edge_cases(name, edge):
     requests, limits = EDGES[edge]
     check(Case(jaxserve.scheduler.make(name), KVConfig(64, 16), (), requests, limits))
+
+
+def test_prefill_budget_rejection():
+    """vllm rejects a request whose recompute (prompt + max_new - 1 tokens) exceeds
+    max_num_batched_tokens, and serves the others around it."""
+    requests = (req("a", 0.0, 20, 5), req("b", 0.0, 40, 20), req("c", 0.01, 30, 4))
+    taken = check(Case(jaxserve.scheduler.make("vllm", max_num_batched_tokens=50), KVConfig(64, 16), (), requests))
+    assert "reject-prefill-budget" in taken
 
 
 @pytest.mark.parametrize("name", NAMES)
