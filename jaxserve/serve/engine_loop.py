@@ -19,6 +19,7 @@ go on.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import logging
 import queue
@@ -135,7 +136,7 @@ class _Stream:
     stepped: bool = False  # has been through a step that ran without raising
 
 
-class StreamingLoop:
+class StreamingLoop(abc.ABC):
     """What every serving loop shares (``EngineLoop``, ``ClusterLoop``): a thread that owns the
     engines, a thread-safe inbox other threads ``submit`` to and ``abort`` through, admission
     (``Draining``, ``QueueFull`` past ``max_queue``), draining and stopping, and the delivery of a
@@ -167,22 +168,27 @@ class StreamingLoop:
         self._thread: Optional[threading.Thread] = None
         self.snapshot = Snapshot(0, 0, 0, 0.0, 0, 0)
 
+    # -- what a subclass provides (its engine or cluster) --------------------------------------------
     @property
+    @abc.abstractmethod
     def log(self):
-        raise NotImplementedError
+        """The event log its steps write."""
 
+    @abc.abstractmethod
     def _run(self) -> None:
-        raise NotImplementedError
+        """The loop thread's body: takes the inbox, steps, delivers, until stopped."""
 
+    @abc.abstractmethod
     def _add(self, request: Request, sink: Sink) -> None:
-        raise NotImplementedError
+        """Hands a request taken from the inbox to its engine (on the loop thread)."""
 
+    @abc.abstractmethod
     def _end(self, request_id: str, finish_reason: str, error: Optional[str]) -> None:
         """Ends a live request that did not finish by itself (and takes it out of its engine)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _publish(self) -> None:
-        raise NotImplementedError
+        """Refreshes ``snapshot`` (the counts other threads read) after a step."""
 
     # -- any thread ---------------------------------------------------------------------------------
     def now(self) -> float:

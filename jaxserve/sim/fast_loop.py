@@ -306,18 +306,15 @@ class FastReplica:
         T, bs = self.T, self.bs
         budget, need = self.budget, self.by_phase[T % bs]
         num_decodes, decoding = self.ncoh, ()
-        if self.explicit:  # explicit rows with one token left decode too (StepBuilder: remaining == 1)
-            nc, ntok, nb = self.nc, self.ntok, self.nb
+        if self.explicit:  # explicit rows with one token left decode too (StepBuilder: remaining == 1);
+            # they hold blocks for every known token (admission took the prompt's), so need none.
+            nc, ntok = self.nc, self.ntok
             decoding = [i for i in self.explicit if ntok[i] - nc[i] == 1]
-            if decoding:
-                num_decodes += len(decoding)
-                need += sum(max((nc[i] + bs) // bs - nb[i], 0) for i in decoding)
+            num_decodes += len(decoding)
         if num_decodes > budget or need > self.free:
             return self._explicit_step()  # decodes cut by the budget, or rows to preempt
         self.free -= need
         budget -= num_decodes
-        for i in decoding:
-            nb[i] = max(nb[i], (nc[i] + bs) // bs)
         chunks = []  # (request, tokens) of the ongoing prefills, in row order
         if self.explicit:
             nc, ntok, nb = self.nc, self.ntok, self.nb
@@ -431,10 +428,9 @@ class FastReplica:
             dot += n * c
             squares += n * n
             tokens += n
-            if c + n == ntok[i]:
+            if c + n == ntok[i]:  # (n >= 2: a row one token from its end decodes instead)
                 completing.append(i)
                 samples += 1
-                ones += n == 1
         for i, n, total in new:
             squares += n * n
             tokens += n
@@ -589,11 +585,9 @@ class FastReplica:
 
     # -- row orders ---------------------------------------------------------------------------------
     def _rows_array(self) -> np.ndarray:
-        version, array = self._rows_cache
-        if version != self.rows_version:
-            array = _frozen(np.array(self.row_gids, np.int64))
-            self._rows_cache = (self.rows_version, array)
-        return array
+        """Every running row's log index, in row order (rebuilt only when the rows changed)."""
+        self._rows_cache = _cached_array(self._rows_cache, self.rows_version, self.row_gids)
+        return self._rows_cache[1]
 
     def _ids_array(self, rows: list[int]) -> np.ndarray:
         """The log indices of local ``rows`` as a read-only int64 array."""
@@ -601,11 +595,9 @@ class FastReplica:
         return _frozen(np.array(rows if self.same_ids else list(map(gid.__getitem__, rows)), np.int64))
 
     def _cohort_array(self) -> np.ndarray:
-        version, array = self._cohort_cache
-        if version != self.cohort_version:
-            array = _frozen(np.array(self.cohort_gids, np.int64))
-            self._cohort_cache = (self.cohort_version, array)
-        return array
+        """The cohort rows' log indices, in row order (rebuilt only when the cohort changed)."""
+        self._cohort_cache = _cached_array(self._cohort_cache, self.cohort_version, self.cohort_gids)
+        return self._cohort_cache[1]
 
     # -- the general step -----------------------------------------------------------------------------
     def _explicit_step(self) -> int:
@@ -701,6 +693,11 @@ class FastReplica:
 
 _EMPTY = np.zeros(0, np.int64)
 _EMPTY.flags.writeable = False
+
+
+def _cached_array(cache: tuple, version: int, ids: list[int]) -> tuple:
+    """``cache`` (version, array) when it is of ``version``, else ``ids`` as a new read-only array."""
+    return cache if cache[0] == version else (version, _frozen(np.array(ids, np.int64)))
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
