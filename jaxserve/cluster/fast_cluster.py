@@ -171,7 +171,6 @@ class FastCluster:
             seen.add(rid)
             self.placements.append((now, rid, index))
             replica = members[index].replica
-            replica.now = max(replica.now, now)
             replica.add(request, now)
             self._changed.add(index)
             if replica.next_step_time != self._times[index]:
